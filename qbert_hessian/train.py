@@ -1,0 +1,115 @@
+"""Fine-tuning with transformers' ``Trainer``: the FP32 baseline every later stage analyses.
+
+The checkpoint is saved with ``save_pretrained`` (model, tokenizer, config with the label names) plus
+``metrics.json`` holding the dev metrics and the settings, so a run can be judged and reproduced from its
+folder alone. Trainer checkpoints under ``<out>/trainer`` let an interrupted run resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .artifacts import CREATED_BY, write_json
+from .config import FinetuneConfig
+from .evaluate import evaluate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .tasks import Task
+
+logger = logging.getLogger(__name__)
+METRICS_SCHEMA = "qbert_hessian.metrics/1"
+
+
+def finetune(
+    model: PreTrainedModel,
+    task: Task,
+    config: FinetuneConfig,
+    out_dir: Path | str,
+    *,
+    model_name: str = "model",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``task.train``, save it to ``out_dir`` and return its metrics.
+
+    Args:
+        model: a sequence classifier whose head matches ``task.num_labels``.
+        task: the tokenized task (subset the training split beforehand to train on less).
+        config: the training settings.
+        out_dir: where the checkpoint, tokenizer and ``metrics.json`` go.
+        model_name: the base model's name, recorded in the metrics.
+        resume: continue from the newest Trainer checkpoint in ``out_dir/trainer``.
+        progress: show the Trainer's progress bar.
+
+    Returns:
+        The content of ``metrics.json``.
+    """
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    out = Path(out_dir)
+    work = out / "trainer"
+    args = TrainingArguments(
+        output_dir=str(work),
+        num_train_epochs=config.epochs,
+        learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=200,
+        save_total_limit=1,
+        logging_steps=50,
+        report_to=[],
+        seed=config.seed,
+        disable_tqdm=not progress,
+        use_cpu=not _cuda_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=task.train,
+        data_collator=DataCollatorWithPadding(task.tokenizer),
+    )
+    start = time.perf_counter()
+    has_checkpoint = resume and any(work.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, task, split="dev")
+    model.config.architectures = [type(model).__name__]
+    # Save beside the final place, then move file by file; metrics.json comes last and marks a complete
+    # checkpoint, so an interrupted save never passes for a finished one.
+    staging = out / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    task.tokenizer.save_pretrained(staging)
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()
+    result = {
+        "schema": METRICS_SCHEMA,
+        "created_by": CREATED_BY,
+        "stage": "finetune",
+        "model": model_name,
+        "task": task.name,
+        "split": "dev",
+        "metrics": metrics,
+        "train_examples": len(task.train),
+        "train_seconds": round(seconds, 1),
+        "config": config.to_dict(),
+    }
+    write_json(out / "metrics.json", result)
+    return result
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

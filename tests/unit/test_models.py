@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qbert_hessian.errors import QBHError
+from qbert_hessian.models import BlockMap, adapter_for, load_model
+from qbert_hessian.names import expand_blocks, validate_block
+
+
+def _tiny(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                              num_attention_heads=4, intermediate_size=24))
+    if family == "roberta":
+        return tf.RobertaForSequenceClassification(tf.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                                     num_attention_heads=4, intermediate_size=24))
+    return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=4,
+                                                                      hidden_dim=24))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_block_map_covers_every_family(family):
+    model = _tiny(family)
+    bm = BlockMap(model)
+    assert bm.num_layers == 2
+    for part, shape in [("query", (16, 16)), ("attn_out", (16, 16)), ("ffn_in", (24, 16)), ("ffn_out", (16, 24))]:
+        assert bm.module(f"encoder.1.{part}").weight.shape == shape
+    layer = sum(p.numel() for p in bm.parameters("encoder.0"))
+    assert layer == sum(p.numel() for p in bm.layers[0].parameters())
+    assert bm.module("embeddings.word").weight.shape == (50, 16)
+    assert ("token_type" in bm.embedding_parts) == (family != "distilbert")
+    names = [n for n, _ in bm.named_parameters("encoder.1.value")]
+    assert all(n.endswith(("weight", "bias")) and ".1." in n for n in names)
+
+
+def test_unsupported_architecture_is_named():
+    import transformers as tf
+
+    gpt2 = tf.GPT2ForSequenceClassification(tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(QBHError, match="'gpt2' is not supported; supported families are bert, distilbert"):
+        adapter_for(gpt2)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(QBHError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    import transformers as tf
+
+    tf.GPT2Config(n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(QBHError, match="'gpt2' is not supported"):
+        load_model(str(tmp_path / "gpt2"))
+
+
+def test_load_model_switches_head_and_labels(tiny_checkpoint):
+    model, tok = load_model(str(tiny_checkpoint), num_labels=3, label_names=["a", "b", "c"])
+    assert model.classifier.out_features == 3 and model.config.id2label[2] == "c"
+    assert model.config._attn_implementation == "eager" and not model.training
+
+
+def test_names_validation_and_groups():
+    assert expand_blocks(None, 2) == ["embeddings", "encoder.0", "encoder.1"]
+    assert expand_blocks(["layers", "encoder.0", "embedding-parts"], 2, ("word", "position")) == [
+        "encoder.0", "encoder.1", "embeddings.word", "embeddings.position"]
+    assert len(expand_blocks(["linears"], 2)) == 12
+    with pytest.raises(QBHError, match="encoder.0..encoder.5"):
+        validate_block("encoder.12", 6)
+    with pytest.raises(QBHError, match="query"):
+        validate_block("encoder.1.attn", 6)
+    with pytest.raises(QBHError, match="embeddings.word, embeddings.position$"):
+        validate_block("embeddings.token_type", 6, ("word", "position"))
+    with pytest.raises(QBHError, match="a group"):
+        validate_block("decoder.0", 6)
