@@ -93,6 +93,7 @@ def finetune(
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     staging.rmdir()
+    shutil.rmtree(work, ignore_errors=True)  # Trainer checkpoints only matter while training
     result = {
         "schema": METRICS_SCHEMA,
         "created_by": CREATED_BY,
