@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=10, help="data draws (Q-BERT: 10)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches-per-draw", type=int, default=1)
-    p.add_argument("--max-iters", type=int, default=100, help="power-iteration cap")
-    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of power iteration")
-    p.add_argument("--top-k", type=int, default=1, help="eigenvalues per block and draw (deflation)")
+    p.add_argument("--method", choices=["lanczos", "power"], default="lanczos",
+                   help="eigen-solver: Lanczos (fewer products) or power iteration (Q-BERT, PyHessian)")
+    p.add_argument("--max-iters", type=int, default=100, help="cap on Hessian-vector products per eigenvalue")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative change of the eigenvalue at which to stop")
+    p.add_argument("--top-k", type=int, default=1, help="eigenvalues per block and draw")
     p.add_argument("--most-negative", action="store_true", help="also estimate the most negative eigenvalue")
     p.add_argument("--trace", choices=["block", "shared", "none"], default="block", help="Hutchinson trace mode")
     p.add_argument("--trace-samples", type=int, default=4, help="Rademacher probes per draw")
@@ -144,7 +146,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .tasks import tokenize_task
 
     config = SensitivityConfig(
-        draws=args.draws, batch_size=args.batch_size, batches_per_draw=args.batches_per_draw,
+        draws=args.draws, batch_size=args.batch_size, batches_per_draw=args.batches_per_draw, method=args.method,
         max_iters=args.max_iters, tol=args.tol, top_k=args.top_k, most_negative=args.most_negative,
         trace=args.trace, trace_samples=args.trace_samples, warm_start=not args.no_warm_start, seed=args.seed,
         max_length=args.max_length,

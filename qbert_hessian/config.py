@@ -31,6 +31,17 @@ class TraceMode(str, Enum):
     NONE = "none"
 
 
+class EigenMethod(str, Enum):
+    """How the top eigenvalue of a block is found.
+
+    ``lanczos``: Ritz values of a Lanczos run (fewer products; the most negative eigenvalue comes free).
+    ``power``: power iteration with deflation, as Q-BERT and PyHessian do.
+    """
+
+    LANCZOS = "lanczos"
+    POWER = "power"
+
+
 class _Config:
     """Shared ``to_dict`` / ``from_dict`` for the frozen config dataclasses."""
 
@@ -71,8 +82,9 @@ class SensitivityConfig(_Config):
         draws: number of data draws (Q-BERT: 10).
         batch_size: examples per batch.
         batches_per_draw: batches averaged into one draw's loss (their graphs are all kept in memory).
-        max_iters: cap on power-iteration steps per eigenvalue.
-        tol: relative change of the Rayleigh quotient at which power iteration stops.
+        method: ``lanczos`` (default) or ``power`` (see :class:`EigenMethod`).
+        max_iters: cap on Hessian-vector products per eigenvalue.
+        tol: relative change of the eigenvalue estimate between steps at which the iteration stops.
         top_k: eigenvalues per block and draw (deflation); the first one is the score.
         most_negative: also estimate the most negative eigenvalue of each block.
         trace: ``block``, ``shared`` or ``none`` (see :class:`TraceMode`).
@@ -85,6 +97,7 @@ class SensitivityConfig(_Config):
     draws: int = 10
     batch_size: int = 32
     batches_per_draw: int = 1
+    method: EigenMethod = EigenMethod.LANCZOS
     max_iters: int = 100
     tol: float = 1e-3
     top_k: int = 1
@@ -107,11 +120,17 @@ class SensitivityConfig(_Config):
             trace_samples=self.trace_samples,
             max_length=self.max_length,
         )
-        try:
-            object.__setattr__(self, "trace", TraceMode(self.trace))
-        except ValueError:
-            valid = ", ".join(m.value for m in TraceMode)
-            raise QBHError(f"unknown trace mode '{self.trace}'; choose one of {valid}") from None
+        _set_enum(self, "trace", TraceMode, "trace mode")
+        _set_enum(self, "method", EigenMethod, "eigen method")
+
+
+def _set_enum(cfg: object, field: str, enum: type[Enum], what: str) -> None:
+    value = getattr(cfg, field)
+    try:
+        object.__setattr__(cfg, field, enum(value))
+    except ValueError:
+        valid = ", ".join(m.value for m in enum)
+        raise QBHError(f"unknown {what} '{value}'; choose one of {valid}") from None
 
 
 @dataclasses.dataclass(frozen=True)

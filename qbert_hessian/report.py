@@ -87,7 +87,7 @@ def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensit
         f"- model: {m.get('family')}, {m.get('num_layers')} layers, {m.get('num_heads')} heads, "
         f"{m.get('num_params', 0):,} parameters",
         f"- protocol: {cfg['draws']} draws x {cfg['batches_per_draw']} batch(es) of {cfg['batch_size']} training "
-        f"examples; power iteration tol {cfg['tol']}, max {cfg['max_iters']} steps; trace: {cfg['trace']}; "
+        f"examples; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max {cfg['max_iters']} products; trace: {cfg['trace']}; "
         f"seed {cfg['seed']}",
         f"- status: {status}; {report.seconds:.0f} s of compute",
         "- Omega = |mean| + std of the top eigenvalue over draws (Q-BERT); higher means more sensitive "

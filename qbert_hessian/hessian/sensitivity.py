@@ -27,11 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
-from ..config import SensitivityConfig, TraceMode
+from ..config import EigenMethod, SensitivityConfig, TraceMode
 from ..errors import QBHError
 from ..models import BlockMap, use_eager_attention
 from ..names import blocks_overlap
-from .eigen import most_negative_eigenvalue, top_eigenvalues
+from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
 from .hvp import Batch, BlockHessian, LossFn, curvature_mode, grads_enabled
 from .trace import hutchinson_block_traces, hutchinson_trace, summarize
 
@@ -90,20 +90,28 @@ def _estimate_block(
     warm: list[list[torch.Tensor]] | None = None
     for batches in draws:
         hvp = BlockHessian(model, params, batches, loss_fn)
-        res = top_eigenvalues(
-            hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol,
-            init=warm if config.warm_start else None, generator=generator,
-        )
+        start = warm if config.warm_start else None
+        if config.method == EigenMethod.LANCZOS:
+            res = lanczos_eigenvalues(
+                hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol,
+                most_negative=config.most_negative, init=start[0] if start else None, generator=generator,
+            )
+            iters.append(res.iters[0])
+        else:
+            res = top_eigenvalues(hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol,
+                                  init=start, generator=generator)
+            iters.append(sum(res.iters))
+            if config.most_negative:
+                neg = most_negative_eigenvalue(hvp, params, shift=res.values[0], max_iters=config.max_iters,
+                                               tol=config.tol, generator=generator)
+                res.smallest = neg.values[0]
+                iters[-1] += neg.iters[0]
         warm = res.vectors
         eig.append(res.values[0])
         top_k.append(res.values)
-        iters.append(sum(res.iters))
         converged.append(all(res.converged))
-        if config.most_negative:
-            neg = most_negative_eigenvalue(
-                hvp, params, shift=res.values[0], max_iters=config.max_iters, tol=config.tol, generator=generator
-            )
-            negative.append(neg.values[0])
+        if res.smallest is not None:
+            negative.append(res.smallest)
         if config.trace == TraceMode.BLOCK:
             t = hutchinson_trace(
                 hvp, params, min_samples=config.trace_samples, max_samples=config.trace_samples, generator=generator
@@ -252,7 +260,7 @@ def _summarize_block(name: str, num_params: int, out: dict, config: SensitivityC
         block.trace = TraceStats(t.mean, t.stderr if math.isfinite(t.stderr) else 0.0, len(t.samples))
         block.normalized_trace = t.mean / num_params
     if not all(out["converged"]):
-        logger.warning("%s: power iteration hit max_iters=%d on %d of %d draws", name, config.max_iters,
+        logger.warning("%s: the eigen-solver hit max_iters=%d on %d of %d draws", name, config.max_iters,
                        out["converged"].count(False), len(out["converged"]))
     return block
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qbert_hessian.hessian.eigen import most_negative_eigenvalue, top_eigenvalues
+from qbert_hessian.hessian.eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
+from qbert_hessian.hessian.lanczos import lanczos
 from qbert_hessian.hessian.hvp import BlockHessian
 from qbert_hessian.models import BlockMap
 from tests.helpers import dense_block_hessian, random_batch
@@ -76,3 +77,47 @@ def test_eigen_matches_dense_hessian_of_tiny_bert(micro_bert, block):
     # The Rayleigh quotient of the returned vector agrees with the dense matrix too.
     v = torch.cat([x.reshape(-1) for x in res.vectors[0]]).double()
     assert float(v @ H.double() @ v) == pytest.approx(dominant, rel=1e-3)
+
+
+def test_lanczos_extremes_of_dense_matrix():
+    A = sym_with_spectrum([7.0, 6.5, 3.0, 1.0, 0.0, -2.0, -4.5], seed=2)
+    res = lanczos_eigenvalues(matrix_hvp(A), [torch.zeros(7, dtype=torch.float64)], k=2, tol=1e-10,
+                              most_negative=True, generator=torch.Generator().manual_seed(0))
+    assert res.values == pytest.approx([7.0, 6.5], rel=1e-8)
+    assert res.smallest == pytest.approx(-4.5, rel=1e-8)
+    # A 7-dimensional space is exhausted within 7 steps: the Ritz values are then exact.
+    assert res.iters[0] <= 7 and res.converged[0]
+    v = res.vectors[0][0]
+    assert torch.allclose(A @ v, 7.0 * v, atol=1e-6)
+
+
+def test_lanczos_needs_fewer_products_than_power_iteration():
+    values = [10.0, 9.5, 9.0] + [float(x) for x in torch.linspace(-3, 8, 197)]
+    A = sym_with_spectrum(values, seed=3)
+    params = [torch.zeros(200, dtype=torch.float64)]
+    power = top_eigenvalues(matrix_hvp(A), params, tol=1e-6, max_iters=5000, generator=torch.Generator().manual_seed(0))
+    lanc = lanczos_eigenvalues(matrix_hvp(A), params, tol=1e-6, max_iters=200, generator=torch.Generator().manual_seed(0))
+    assert lanc.values[0] == pytest.approx(10.0, rel=1e-5)
+    assert lanc.iters[0] < power.iters[0] / 3
+
+
+def test_lanczos_recurrence_reproduces_tridiagonal():
+    A = sym_with_spectrum([5.0, 2.0, 1.0, -1.0, 0.5], seed=4)
+    res = lanczos(matrix_hvp(A), [torch.ones(5, dtype=torch.float64)], max_steps=4)
+    Q = torch.stack([q[0] for q in res.basis], 1)
+    T = Q.T @ A @ Q
+    assert torch.allclose(Q.T @ Q, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(torch.diag(T), torch.tensor(res.alpha), atol=1e-10)
+    assert torch.allclose(torch.diag(T, 1), torch.tensor(res.beta), atol=1e-10)
+
+
+@pytest.mark.parametrize("block", ["encoder.0", "embeddings"])
+def test_lanczos_matches_dense_hessian_of_tiny_bert(micro_bert, block):
+    batch = random_batch(micro_bert.config.vocab_size, num_labels=3, seq_len=6)
+    params = BlockMap(micro_bert).parameters(block)
+    exact = torch.linalg.eigvalsh(dense_block_hessian(micro_bert, params, batch).double())
+    dominant = float(exact[exact.abs().argmax()])
+    res = lanczos_eigenvalues(BlockHessian(micro_bert, params, [batch]), params, tol=1e-8, max_iters=300,
+                              most_negative=True, generator=torch.Generator().manual_seed(0))
+    assert res.values[0] == pytest.approx(dominant, rel=1e-3)
+    assert res.smallest == pytest.approx(float(exact[0]), rel=1e-3)

@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "qbert_hessian"
 LAYERS = {
     "errors": 0, "names": 0, "config": 0, "artifacts": 0,
-    "hessian.vec": 1, "hessian.hvp": 1, "hessian.eigen": 1, "hessian.trace": 1, "hessian.density": 1,
+    "hessian.vec": 1, "hessian.hvp": 1, "hessian.lanczos": 1, "hessian.eigen": 1, "hessian.trace": 1, "hessian.density": 1,
     "quant.functional": 1,
     "models": 2, "tasks": 2, "quant.modules": 2,
     "hessian.sensitivity": 3, "allocate": 3, "quant.apply": 3, "export": 3, "evaluate": 3, "landscape": 3,

@@ -38,6 +38,16 @@ def test_sensitivity_omega_is_abs_mean_plus_std(model_task):
     )
 
 
+def test_power_and_lanczos_agree_on_converged_blocks(model_task):
+    model, task = model_task
+    tight = dataclasses.replace(FAST, draws=2, tol=1e-6, max_iters=400, trace="none")
+    a = estimate_sensitivity(model, task, tight, blocks=["embeddings"], progress=False)
+    b = estimate_sensitivity(model, task, dataclasses.replace(tight, method="power"), blocks=["embeddings"],
+                             progress=False)
+    assert all(a.blocks[0].converged) and all(b.blocks[0].converged)
+    assert a.blocks[0].eigenvalues == pytest.approx(b.blocks[0].eigenvalues, rel=1e-3)
+
+
 def test_sensitivity_is_reproducible_and_resumes(model_task):
     model, task = model_task
     seen = []
@@ -61,9 +71,11 @@ def test_resume_refuses_other_settings(model_task):
                              progress=False)
 
 
-def test_sensitivity_options_topk_negative_shared(model_task):
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_sensitivity_options_topk_negative_shared(model_task, method):
     model, task = model_task
-    cfg = dataclasses.replace(FAST, draws=2, top_k=2, most_negative=True, trace="shared", max_iters=200)
+    cfg = dataclasses.replace(FAST, draws=2, top_k=2, most_negative=True, trace="shared", max_iters=200,
+                              method=method)
     report = estimate_sensitivity(model, task, cfg, blocks=["embeddings.word", "encoder.0.query", "encoder.1"],
                                   progress=False)
     assert any(all(b.converged) for b in report.blocks)
