@@ -70,9 +70,7 @@ def read_json(path: Path | str, schema: str) -> dict[str, Any]:
     if not isinstance(found, str) or found.rpartition("/")[0] != kind:
         raise QBHError(f"'{path}' is not a {kind} artifact (schema {found!r}); pass a file written by qbert-hessian")
     if found.rpartition("/")[2] != major:
-        raise QBHError(
-            f"'{path}' has schema {found}, this version reads {schema}; regenerate it with this version"
-        )
+        raise QBHError(f"'{path}' has schema {found}, this version reads {schema}; regenerate it with this version")
     return data
 
 

@@ -57,9 +57,7 @@ class _Config:
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise QBHError(
-                f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys are {', '.join(names)}"
-            )
+            raise QBHError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys are {', '.join(names)}")
         return cls(**data)
 
 
@@ -158,8 +156,9 @@ class FinetuneConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive("FinetuneConfig", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                  max_length=self.max_length)
+        _positive(
+            "FinetuneConfig", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_length=self.max_length
+        )
         if self.max_train_samples is not None:
             _positive("FinetuneConfig", max_train_samples=self.max_train_samples)
         if not 0 <= self.warmup_ratio < 1:

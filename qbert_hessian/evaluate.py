@@ -26,8 +26,9 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, *, split: str = "dev", batch_size: int = 64,
-             progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, task: Task, *, split: str = "dev", batch_size: int = 64, progress: bool = False
+) -> dict[str, float]:
     """Evaluate ``model`` on ``task``'s ``split`` in eval mode (its previous mode is restored).
 
     Returns:
@@ -49,5 +50,8 @@ def evaluate(model: nn.Module, task: Task, *, split: str = "dev", batch_size: in
     finally:
         model.train(was_training)
     pred, lab = np.concatenate(preds), np.concatenate(labels)
-    return {**classification_metrics(pred, lab, task.num_labels), "loss": loss_sum / len(lab),
-            "num_examples": int(len(lab))}
+    return {
+        **classification_metrics(pred, lab, task.num_labels),
+        "loss": loss_sum / len(lab),
+        "num_examples": int(len(lab)),
+    }

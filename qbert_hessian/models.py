@@ -197,7 +197,9 @@ def load_config(name_or_path: str) -> Any:
     path = resolve_model_path(name_or_path)
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
-        raise QBHError(f"model folder '{path}' does not exist; pass a folder holding config.json, a hub name, or minilm-l6")
+        raise QBHError(
+            f"model folder '{path}' does not exist; pass a folder holding config.json, a hub name, or minilm-l6"
+        )
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -243,8 +245,11 @@ def load_model(
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         if getattr(cfg, "num_labels", None) != num_labels and is_classifier(name_or_path):
-            logger.warning("checkpoint has %s labels, the task %s: the classifier head is re-initialised",
-                           cfg.num_labels, num_labels)
+            logger.warning(
+                "checkpoint has %s labels, the task %s: the classifier head is re-initialised",
+                cfg.num_labels,
+                num_labels,
+            )
             kwargs["ignore_mismatched_sizes"] = True
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))

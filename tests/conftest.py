@@ -23,9 +23,17 @@ def tiny_bert_config():
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2, attn_implementation="eager",
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+        attn_implementation="eager",
     )
 
 
@@ -43,9 +51,17 @@ def micro_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(
-        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
-        max_position_embeddings=16, type_vocab_size=2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3, attn_implementation="eager",
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        attn_implementation="eager",
     )
     torch.manual_seed(1)
     model = BertForSequenceClassification(cfg).eval()

@@ -35,8 +35,9 @@ def dense_block_hessian(model: nn.Module, params: Sequence[nn.Parameter], batch:
     return H.detach()
 
 
-def random_batch(vocab_size: int, batch_size: int = 6, seq_len: int = 7, num_labels: int = 2,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def random_batch(
+    vocab_size: int, batch_size: int = 6, seq_len: int = 7, num_labels: int = 2, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, vocab_size, (batch_size, seq_len), generator=g)
     mask = torch.ones_like(input_ids)
@@ -55,8 +56,9 @@ def write_vocab(path: Path) -> Path:
     return path
 
 
-def make_tiny_checkpoint(out: Path, *, num_labels: int = 2, seed: int = 0, hidden: int = 16, layers: int = 2,
-                         heads: int = 4) -> Path:
+def make_tiny_checkpoint(
+    out: Path, *, num_labels: int = 2, seed: int = 0, hidden: int = 16, layers: int = 2, heads: int = 4
+) -> Path:
     """A saved tiny BERT classifier with its own WordPiece tokenizer (no download)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -64,9 +66,16 @@ def make_tiny_checkpoint(out: Path, *, num_labels: int = 2, seed: int = 0, hidde
     vocab = write_vocab(out / "vocab.txt")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=2 * hidden + 5, max_position_embeddings=64, type_vocab_size=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=num_labels,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden + 5,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

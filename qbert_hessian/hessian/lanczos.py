@@ -95,8 +95,11 @@ def lanczos(
         evals, evecs = tridiagonal_eigh(alpha, beta)
         if watch is not None and tol > 0:
             current = watch(evals)
-            if (previous is not None and previous.shape == current.shape
-                    and np.all(np.abs(current - previous) <= tol * np.abs(current))):
+            if (
+                previous is not None
+                and previous.shape == current.shape
+                and np.all(np.abs(current - previous) <= tol * np.abs(current))
+            ):
                 converged = True
                 break
             previous = current
@@ -108,8 +111,9 @@ def lanczos(
             q = vec.scale(1.0 / b, w)
             basis.append(q)
     steps = len(alpha)
-    return LanczosResult(evals, evecs, np.asarray(alpha), np.asarray(beta[: steps - 1]), basis[:steps], steps,
-                         converged)
+    return LanczosResult(
+        evals, evecs, np.asarray(alpha), np.asarray(beta[: steps - 1]), basis[:steps], steps, converged
+    )
 
 
 def randn_start(params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:

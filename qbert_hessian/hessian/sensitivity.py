@@ -47,9 +47,7 @@ def draw_indices(num_examples: int, config: SensitivityConfig) -> list[list[int]
     """Example indices of every draw: ``batch_size * batches_per_draw`` rows sampled with seed (seed, draw)."""
     size = config.batch_size * config.batches_per_draw
     if size > num_examples:
-        raise QBHError(
-            f"a draw needs {size} training examples but the task has {num_examples}; lower --batch-size"
-        )
+        raise QBHError(f"a draw needs {size} training examples but the task has {num_examples}; lower --batch-size")
     return [
         sorted(np.random.default_rng([config.seed, d]).choice(num_examples, size=size, replace=False).tolist())
         for d in range(config.draws)
@@ -93,17 +91,25 @@ def _estimate_block(
         start = warm if config.warm_start else None
         if config.method == EigenMethod.LANCZOS:
             res = lanczos_eigenvalues(
-                hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol,
-                most_negative=config.most_negative, init=start[0] if start else None, generator=generator,
+                hvp,
+                params,
+                k=config.top_k,
+                max_iters=config.max_iters,
+                tol=config.tol,
+                most_negative=config.most_negative,
+                init=start[0] if start else None,
+                generator=generator,
             )
             iters.append(res.iters[0])
         else:
-            res = top_eigenvalues(hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol,
-                                  init=start, generator=generator)
+            res = top_eigenvalues(
+                hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
+            )
             iters.append(sum(res.iters))
             if config.most_negative:
-                neg = most_negative_eigenvalue(hvp, params, shift=res.values[0], max_iters=config.max_iters,
-                                               tol=config.tol, generator=generator)
+                neg = most_negative_eigenvalue(
+                    hvp, params, shift=res.values[0], max_iters=config.max_iters, tol=config.tol, generator=generator
+                )
                 res.smallest = neg.values[0]
                 iters[-1] += neg.iters[0]
         warm = res.vectors
@@ -119,8 +125,14 @@ def _estimate_block(
             trace_samples.extend(t.samples)
         hvp.free()
         progress.update(1)
-    return {"eig": eig, "top_k": top_k, "negative": negative, "iters": iters, "converged": converged,
-            "trace_samples": trace_samples}
+    return {
+        "eig": eig,
+        "top_k": top_k,
+        "negative": negative,
+        "iters": iters,
+        "converged": converged,
+        "trace_samples": trace_samples,
+    }
 
 
 def _shared_traces(
@@ -190,8 +202,9 @@ def estimate_sensitivity(
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 if blocks_overlap(a, b):
-                    raise QBHError(f"trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; "
-                                   "use --trace block")
+                    raise QBHError(
+                        f"trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; use --trace block"
+                    )
     indices = draw_indices(len(task.train), config)
     report = SensitivityReport(
         model=block_map.describe(model_name),
@@ -220,8 +233,9 @@ def estimate_sensitivity(
                 out = _estimate_block(
                     model, params, draws, config, _block_generator(config, names.index(name)), loss_fn, bar
                 )
-            report.blocks.append(_summarize_block(name, block_map.num_params(name), out, config,
-                                                  time.perf_counter() - start))
+            report.blocks.append(
+                _summarize_block(name, block_map.num_params(name), out, config, time.perf_counter() - start)
+            )
             report.seconds += time.perf_counter() - start
             report.pending.remove(name)
             report.blocks.sort(key=lambda b: names.index(b.name))
@@ -240,7 +254,9 @@ def estimate_sensitivity(
     return report
 
 
-def _summarize_block(name: str, num_params: int, out: dict, config: SensitivityConfig, seconds: float) -> BlockSensitivity:
+def _summarize_block(
+    name: str, num_params: int, out: dict, config: SensitivityConfig, seconds: float
+) -> BlockSensitivity:
     mean, std = _mean_std(out["eig"])
     block = BlockSensitivity(
         name=name,
@@ -260,8 +276,13 @@ def _summarize_block(name: str, num_params: int, out: dict, config: SensitivityC
         block.trace = TraceStats(t.mean, t.stderr if math.isfinite(t.stderr) else 0.0, len(t.samples))
         block.normalized_trace = t.mean / num_params
     if not all(out["converged"]):
-        logger.warning("%s: the eigen-solver hit max_iters=%d on %d of %d draws", name, config.max_iters,
-                       out["converged"].count(False), len(out["converged"]))
+        logger.warning(
+            "%s: the eigen-solver hit max_iters=%d on %d of %d draws",
+            name,
+            config.max_iters,
+            out["converged"].count(False),
+            len(out["converged"]),
+        )
     return block
 
 
@@ -278,5 +299,6 @@ def _check_resumable(old: SensitivityReport, new: SensitivityReport) -> None:
     if diffs:
         raise QBHError(
             "cannot resume: the existing report was made with other settings ("
-            + "; ".join(diffs[:4]) + "); rerun with the same settings, or --force to start over"
+            + "; ".join(diffs[:4])
+            + "); rerun with the same settings, or --force to start over"
         )

@@ -12,22 +12,40 @@ import pytest
 
 from qbert_hessian.cli import main
 
-SENS = ["--task", "sst2", "--draws", "2", "--batch-size", "8", "--max-iters", "10", "--max-length", "16",
-        "--trace-samples", "2", "--quiet"]
+SENS = [
+    "--task",
+    "sst2",
+    "--draws",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-iters",
+    "10",
+    "--max-length",
+    "16",
+    "--trace-samples",
+    "2",
+    "--quiet",
+]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "qbert_hessian.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qbert_hessian.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_sensitivity_cli_writes_the_four_files(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "report"
     proc = run_cli("sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["sensitivity.csv", "sensitivity.json", "sensitivity.md",
-                                                     "sensitivity.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sensitivity.csv",
+        "sensitivity.json",
+        "sensitivity.md",
+        "sensitivity.png",
+    ]
     data = json.loads((out / "sensitivity.json").read_text())
     assert data["schema"] == "qbert_hessian.sensitivity/1" and data["complete"] and data["task"] == "sst2"
     assert [b["name"] for b in data["blocks"]] == ["embeddings", "encoder.0", "encoder.1"]
@@ -68,8 +86,9 @@ def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data
 )
 def test_sensitivity_cli_bad_input(tiny_checkpoint, tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
-    rc = main(["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out),
-               *extra])
+    rc = main(
+        ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out), *extra]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -112,8 +131,24 @@ def test_usage_error_exits_2():
 
 def test_finetune_cli_on_tiny_model(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "ft"
-    args = ["finetune", "--model", str(tiny_checkpoint), "--task", "sst2", "--data", str(tiny_data), "--epochs", "1",
-            "--batch-size", "16", "--max-length", "16", "--out", str(out), "--quiet"]
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_checkpoint),
+        "--task",
+        "sst2",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["schema"] == "qbert_hessian.metrics/1" and metrics["metrics"]["num_examples"] == 24

@@ -32,15 +32,62 @@ def sst2_sample(tmp_path_factory):
 @needs
 def test_finetune_then_sensitivity_on_minilm(sst2_sample, tmp_path):
     ckpt = tmp_path / "ckpt"
-    assert main(["finetune", "--model", "minilm-l6", "--task", "sst2", "--data", str(sst2_sample), "--epochs", "1",
-                 "--batch-size", "32", "--lr", "1e-4", "--max-length", "32", "--out", str(ckpt), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                "minilm-l6",
+                "--task",
+                "sst2",
+                "--data",
+                str(sst2_sample),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--lr",
+                "1e-4",
+                "--max-length",
+                "32",
+                "--out",
+                str(ckpt),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((ckpt / "metrics.json").read_text())["metrics"]
     assert metrics["num_examples"] == 128 and metrics["accuracy"] > 0.55  # learned something from 512 sentences
 
     out = tmp_path / "sens"
-    assert main(["sensitivity", "--model", str(ckpt), "--task", "sst2", "--data", str(sst2_sample), "--draws", "2",
-                 "--batch-size", "16", "--max-length", "32", "--max-iters", "20", "--trace-samples", "2",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                "--model",
+                str(ckpt),
+                "--task",
+                "sst2",
+                "--data",
+                str(sst2_sample),
+                "--draws",
+                "2",
+                "--batch-size",
+                "16",
+                "--max-length",
+                "32",
+                "--max-iters",
+                "20",
+                "--trace-samples",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "sensitivity.json").read_text())
     assert report["complete"] and report["model"]["family"] == "bert" and report["model"]["num_layers"] == 6
     names = [b["name"] for b in report["blocks"]]

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from qbert_hessian.artifacts import (BlockSensitivity, SensitivityReport, TraceStats, atomic_write, read_json,
-                                     write_json)
+from qbert_hessian.artifacts import BlockSensitivity, SensitivityReport, TraceStats, atomic_write, read_json, write_json
 from qbert_hessian.config import FinetuneConfig, SensitivityConfig, TraceMode
 from qbert_hessian.errors import QBHError
 from qbert_hessian.report import sensitivity_csv, sensitivity_markdown, write_sensitivity
@@ -14,12 +13,29 @@ from qbert_hessian.report import sensitivity_csv, sensitivity_markdown, write_se
 
 def _report(pending=()):
     blocks = [
-        BlockSensitivity("encoder.0", 100, [2.0, 4.0], 3.0, 1.4142, 4.4142, [5, 3], [True, True], 1.0,
-                         trace=TraceStats(50.0, 2.0, 8), normalized_trace=0.5),
+        BlockSensitivity(
+            "encoder.0",
+            100,
+            [2.0, 4.0],
+            3.0,
+            1.4142,
+            4.4142,
+            [5, 3],
+            [True, True],
+            1.0,
+            trace=TraceStats(50.0, 2.0, 8),
+            normalized_trace=0.5,
+        ),
         BlockSensitivity("embeddings", 300, [-1.0, -3.0], -2.0, 1.4142, 3.4142, [9, 9], [True, False], 2.0),
     ]
-    return SensitivityReport({"name": "m", "family": "bert", "num_layers": 1, "num_heads": 2, "num_params": 400},
-                             "sst2", SensitivityConfig(draws=2).to_dict(), [{"draw": 0}], blocks, list(pending))
+    return SensitivityReport(
+        {"name": "m", "family": "bert", "num_layers": 1, "num_heads": 2, "num_params": 400},
+        "sst2",
+        SensitivityConfig(draws=2).to_dict(),
+        [{"draw": 0}],
+        blocks,
+        list(pending),
+    )
 
 
 def test_report_round_trips(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qbert_hessian.hessian.eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
-from qbert_hessian.hessian.lanczos import lanczos
 from qbert_hessian.hessian.hvp import BlockHessian
+from qbert_hessian.hessian.lanczos import lanczos
 from qbert_hessian.models import BlockMap
 from tests.helpers import dense_block_hessian, random_batch
 
@@ -24,16 +24,27 @@ def sym_with_spectrum(values: list[float], seed: int = 0) -> torch.Tensor:
 
 def test_eigen_finds_largest_magnitude_with_sign():
     A = sym_with_spectrum([-9.0, 4.0, 2.0, 1.0, 0.5, -0.3])
-    res = top_eigenvalues(matrix_hvp(A), [torch.zeros(6, dtype=torch.float64)], tol=1e-10, max_iters=2000,
-                          generator=torch.Generator().manual_seed(0))
+    res = top_eigenvalues(
+        matrix_hvp(A),
+        [torch.zeros(6, dtype=torch.float64)],
+        tol=1e-10,
+        max_iters=2000,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert res.values[0] == pytest.approx(-9.0, rel=1e-6)
     assert res.converged == [True]
 
 
 def test_eigen_deflation_gives_top_k_in_magnitude_order():
     A = sym_with_spectrum([10.0, -7.0, 5.0, 1.0, 0.2])
-    res = top_eigenvalues(matrix_hvp(A), [torch.zeros(5, dtype=torch.float64)], k=3, tol=1e-12, max_iters=5000,
-                          generator=torch.Generator().manual_seed(1))
+    res = top_eigenvalues(
+        matrix_hvp(A),
+        [torch.zeros(5, dtype=torch.float64)],
+        k=3,
+        tol=1e-12,
+        max_iters=5000,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert res.values == pytest.approx([10.0, -7.0, 5.0], rel=1e-6)
     v = torch.stack([x[0] for x in res.vectors])
     assert torch.allclose(v @ v.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
@@ -50,8 +61,13 @@ def test_eigen_warm_start_converges_in_few_steps():
 
 def test_eigen_iteration_cap_reports_not_converged():
     A = sym_with_spectrum([1.0, 0.999, 0.5])
-    res = top_eigenvalues(matrix_hvp(A), [torch.zeros(3, dtype=torch.float64)], tol=1e-14, max_iters=3,
-                          generator=torch.Generator().manual_seed(0))
+    res = top_eigenvalues(
+        matrix_hvp(A),
+        [torch.zeros(3, dtype=torch.float64)],
+        tol=1e-14,
+        max_iters=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert res.iters == [3] and res.converged == [False]
 
 
@@ -59,8 +75,14 @@ def test_most_negative_eigenvalue_by_shift():
     A = sym_with_spectrum([6.0, 3.0, 0.5, -1.5, -2.0])
     params = [torch.zeros(5, dtype=torch.float64)]
     top = top_eigenvalues(matrix_hvp(A), params, tol=1e-12, max_iters=5000, generator=torch.Generator().manual_seed(0))
-    neg = most_negative_eigenvalue(matrix_hvp(A), params, shift=top.values[0], tol=1e-12, max_iters=5000,
-                                   generator=torch.Generator().manual_seed(0))
+    neg = most_negative_eigenvalue(
+        matrix_hvp(A),
+        params,
+        shift=top.values[0],
+        tol=1e-12,
+        max_iters=5000,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert neg.values[0] == pytest.approx(-2.0, rel=1e-5)
 
 
@@ -81,8 +103,14 @@ def test_eigen_matches_dense_hessian_of_tiny_bert(micro_bert, block):
 
 def test_lanczos_extremes_of_dense_matrix():
     A = sym_with_spectrum([7.0, 6.5, 3.0, 1.0, 0.0, -2.0, -4.5], seed=2)
-    res = lanczos_eigenvalues(matrix_hvp(A), [torch.zeros(7, dtype=torch.float64)], k=2, tol=1e-10,
-                              most_negative=True, generator=torch.Generator().manual_seed(0))
+    res = lanczos_eigenvalues(
+        matrix_hvp(A),
+        [torch.zeros(7, dtype=torch.float64)],
+        k=2,
+        tol=1e-10,
+        most_negative=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert res.values == pytest.approx([7.0, 6.5], rel=1e-8)
     assert res.smallest == pytest.approx(-4.5, rel=1e-8)
     # A 7-dimensional space is exhausted within 7 steps: the Ritz values are then exact.
@@ -96,7 +124,9 @@ def test_lanczos_needs_fewer_products_than_power_iteration():
     A = sym_with_spectrum(values, seed=3)
     params = [torch.zeros(200, dtype=torch.float64)]
     power = top_eigenvalues(matrix_hvp(A), params, tol=1e-6, max_iters=5000, generator=torch.Generator().manual_seed(0))
-    lanc = lanczos_eigenvalues(matrix_hvp(A), params, tol=1e-6, max_iters=200, generator=torch.Generator().manual_seed(0))
+    lanc = lanczos_eigenvalues(
+        matrix_hvp(A), params, tol=1e-6, max_iters=200, generator=torch.Generator().manual_seed(0)
+    )
     assert lanc.values[0] == pytest.approx(10.0, rel=1e-5)
     assert lanc.iters[0] < power.iters[0] / 3
 
@@ -117,7 +147,13 @@ def test_lanczos_matches_dense_hessian_of_tiny_bert(micro_bert, block):
     params = BlockMap(micro_bert).parameters(block)
     exact = torch.linalg.eigvalsh(dense_block_hessian(micro_bert, params, batch).double())
     dominant = float(exact[exact.abs().argmax()])
-    res = lanczos_eigenvalues(BlockHessian(micro_bert, params, [batch]), params, tol=1e-8, max_iters=300,
-                              most_negative=True, generator=torch.Generator().manual_seed(0))
+    res = lanczos_eigenvalues(
+        BlockHessian(micro_bert, params, [batch]),
+        params,
+        tol=1e-8,
+        max_iters=300,
+        most_negative=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert res.values[0] == pytest.approx(dominant, rel=1e-3)
     assert res.smallest == pytest.approx(float(exact[0]), rel=1e-3)

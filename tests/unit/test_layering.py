@@ -9,13 +9,30 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "qbert_hessian"
 LAYERS = {
-    "errors": 0, "names": 0, "config": 0, "artifacts": 0,
-    "hessian.vec": 1, "hessian.hvp": 1, "hessian.lanczos": 1, "hessian.eigen": 1, "hessian.trace": 1, "hessian.density": 1,
+    "errors": 0,
+    "names": 0,
+    "config": 0,
+    "artifacts": 0,
+    "hessian.vec": 1,
+    "hessian.hvp": 1,
+    "hessian.lanczos": 1,
+    "hessian.eigen": 1,
+    "hessian.trace": 1,
+    "hessian.density": 1,
     "quant.functional": 1,
-    "models": 2, "tasks": 2, "quant.modules": 2,
-    "hessian.sensitivity": 3, "allocate": 3, "quant.apply": 3, "export": 3, "evaluate": 3, "landscape": 3,
-    "train": 4, "report": 4,
-    "pipeline": 5, "cli": 5,
+    "models": 2,
+    "tasks": 2,
+    "quant.modules": 2,
+    "hessian.sensitivity": 3,
+    "allocate": 3,
+    "quant.apply": 3,
+    "export": 3,
+    "evaluate": 3,
+    "landscape": 3,
+    "train": 4,
+    "report": 4,
+    "pipeline": 5,
+    "cli": 5,
 }
 ORDER = list(LAYERS)
 
@@ -56,6 +73,9 @@ def test_imports_go_down_the_layers(path):
 
 @pytest.mark.parametrize("path", [p for p in MODULES if p.stem != "cli"], ids=_module_name)
 def test_library_code_does_not_print(path):
-    calls = [n for n in ast.walk(ast.parse(path.read_text()))
-             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+    calls = [
+        n
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"
+    ]
     assert not calls, f"{_module_name(path)} calls print; use logging"

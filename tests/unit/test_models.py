@@ -13,13 +13,20 @@ def _tiny(family: str):
 
     torch.manual_seed(0)
     if family == "bert":
-        return tf.BertForSequenceClassification(tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                                              num_attention_heads=4, intermediate_size=24))
+        return tf.BertForSequenceClassification(
+            tf.BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24
+            )
+        )
     if family == "roberta":
-        return tf.RobertaForSequenceClassification(tf.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                                                     num_attention_heads=4, intermediate_size=24))
-    return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=4,
-                                                                      hidden_dim=24))
+        return tf.RobertaForSequenceClassification(
+            tf.RobertaConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24
+            )
+        )
+    return tf.DistilBertForSequenceClassification(
+        tf.DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=4, hidden_dim=24)
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
@@ -64,7 +71,11 @@ def test_load_model_switches_head_and_labels(tiny_checkpoint):
 def test_names_validation_and_groups():
     assert expand_blocks(None, 2) == ["embeddings", "encoder.0", "encoder.1"]
     assert expand_blocks(["layers", "encoder.0", "embedding-parts"], 2, ("word", "position")) == [
-        "encoder.0", "encoder.1", "embeddings.word", "embeddings.position"]
+        "encoder.0",
+        "encoder.1",
+        "embeddings.word",
+        "embeddings.position",
+    ]
     assert len(expand_blocks(["linears"], 2)) == 12
     with pytest.raises(QBHError, match="encoder.0..encoder.5"):
         validate_block("encoder.12", 6)

@@ -33,17 +33,16 @@ def test_sensitivity_omega_is_abs_mean_plus_std(model_task):
         assert b.omega == pytest.approx(abs(b.mean) + b.std)
         assert b.trace is not None and b.trace.samples == 9
         assert b.normalized_trace == pytest.approx(b.trace.mean / b.num_params)
-    assert report.block("encoder.0").num_params == sum(
-        p.numel() for p in model.bert.encoder.layer[0].parameters()
-    )
+    assert report.block("encoder.0").num_params == sum(p.numel() for p in model.bert.encoder.layer[0].parameters())
 
 
 def test_power_and_lanczos_agree_on_converged_blocks(model_task):
     model, task = model_task
     tight = dataclasses.replace(FAST, draws=2, tol=1e-6, max_iters=400, trace="none")
     a = estimate_sensitivity(model, task, tight, blocks=["embeddings"], progress=False)
-    b = estimate_sensitivity(model, task, dataclasses.replace(tight, method="power"), blocks=["embeddings"],
-                             progress=False)
+    b = estimate_sensitivity(
+        model, task, dataclasses.replace(tight, method="power"), blocks=["embeddings"], progress=False
+    )
     assert all(a.blocks[0].converged) and all(b.blocks[0].converged)
     assert a.blocks[0].eigenvalues == pytest.approx(b.blocks[0].eigenvalues, rel=1e-3)
 
@@ -67,17 +66,18 @@ def test_resume_refuses_other_settings(model_task):
     model, task = model_task
     report = estimate_sensitivity(model, task, FAST, blocks=["encoder.1"], progress=False)
     with pytest.raises(QBHError, match="cannot resume.*draws"):
-        estimate_sensitivity(model, task, dataclasses.replace(FAST, draws=2), blocks=["encoder.1"], resume=report,
-                             progress=False)
+        estimate_sensitivity(
+            model, task, dataclasses.replace(FAST, draws=2), blocks=["encoder.1"], resume=report, progress=False
+        )
 
 
 @pytest.mark.parametrize("method", ["lanczos", "power"])
 def test_sensitivity_options_topk_negative_shared(model_task, method):
     model, task = model_task
-    cfg = dataclasses.replace(FAST, draws=2, top_k=2, most_negative=True, trace="shared", max_iters=200,
-                              method=method)
-    report = estimate_sensitivity(model, task, cfg, blocks=["embeddings.word", "encoder.0.query", "encoder.1"],
-                                  progress=False)
+    cfg = dataclasses.replace(FAST, draws=2, top_k=2, most_negative=True, trace="shared", max_iters=200, method=method)
+    report = estimate_sensitivity(
+        model, task, cfg, blocks=["embeddings.word", "encoder.0.query", "encoder.1"], progress=False
+    )
     assert any(all(b.converged) for b in report.blocks)
     for b in report.blocks:
         assert len(b.top_k) == 2 and [x[0] for x in b.top_k] == b.eigenvalues
@@ -93,8 +93,13 @@ def test_sensitivity_errors(model_task):
     with pytest.raises(QBHError, match="encoder.7.*encoder.0..encoder.1"):
         estimate_sensitivity(model, task, FAST, blocks=["encoder.7"], progress=False)
     with pytest.raises(QBHError, match="overlap"):
-        estimate_sensitivity(model, task, dataclasses.replace(FAST, trace="shared"),
-                             blocks=["encoder.0", "encoder.0.key"], progress=False)
+        estimate_sensitivity(
+            model,
+            task,
+            dataclasses.replace(FAST, trace="shared"),
+            blocks=["encoder.0", "encoder.0.key"],
+            progress=False,
+        )
     with pytest.raises(QBHError, match="training examples"):
         draw_indices(10, dataclasses.replace(FAST, batch_size=16))
 

@@ -21,7 +21,7 @@ def test_glue_tsv_reads_as_is(tmp_path):
 def test_csv_jsonl_and_string_labels_with_pairs(tmp_path):
     rows = [{"a": "x y", "b": "z", "y": "pos"}, {"a": "u", "b": "v w", "y": "neg"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "validation.csv").write_text("a,b,y\n\"p, q\",r,neg\n")
+    (tmp_path / "validation.csv").write_text('a,b,y\n"p, q",r,neg\n')
     raw = load_raw_task(str(tmp_path), text_columns=["a", "b"], label_column="y")
     assert raw.label_names == ["neg", "pos"] and raw.train_labels == [1, 0]
     assert raw.dev_texts == [["p, q"], ["r"]]

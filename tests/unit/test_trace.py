@@ -21,8 +21,13 @@ def test_trace_of_tiny_bert_block_within_three_stderr(micro_bert):
     batch = random_batch(micro_bert.config.vocab_size, num_labels=3)
     params = BlockMap(micro_bert).parameters("encoder.0")
     exact = float(torch.trace(dense_block_hessian(micro_bert, params, batch)))
-    res = hutchinson_trace(BlockHessian(micro_bert, params, [batch]), params, min_samples=64, max_samples=64,
-                           generator=torch.Generator().manual_seed(0))
+    res = hutchinson_trace(
+        BlockHessian(micro_bert, params, [batch]),
+        params,
+        min_samples=64,
+        max_samples=64,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(res.samples) == 64
     assert abs(res.mean - exact) <= 3 * res.stderr
 
@@ -40,8 +45,13 @@ def test_shared_block_traces_within_three_stderr(micro_bert):
     blocks = [bm.parameters(n) for n in names]
     params = blocks[0] + blocks[1]
     slices = [slice(0, len(blocks[0])), slice(len(blocks[0]), len(params))]
-    results = hutchinson_block_traces(BlockHessian(micro_bert, params, [batch]), params, slices, num_samples=96,
-                                      generator=torch.Generator().manual_seed(0))
+    results = hutchinson_block_traces(
+        BlockHessian(micro_bert, params, [batch]),
+        params,
+        slices,
+        num_samples=96,
+        generator=torch.Generator().manual_seed(0),
+    )
     for p, res in zip(blocks, results):
         exact = float(torch.trace(dense_block_hessian(micro_bert, p, batch)))
         assert abs(res.mean - exact) <= 3 * res.stderr
