@@ -221,8 +221,8 @@ Command (after the fine-tune in the script's docstring): `{command}`
 
 Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}
 ({torch.get_num_threads()} threads), Python {platform.python_version()}. Model: MiniLM-L6 (all-MiniLM-L6-v2)
-fine-tuned on an 8,000-sentence SST-2 subset (dev accuracy in the checkpoint's metrics.json). Protocol (Q-BERT's): blocks {", ".join(names)}; {cfg.draws}
-draws of {cfg.batch_size} SST-2 training sentences (max length {cfg.max_length}, dynamic padding), the same batches
+fine-tuned on an 8,000-sentence SST-2 subset (dev accuracy in the checkpoint's metrics.json).
+Protocol (Q-BERT's): blocks {", ".join(names)}; {cfg.draws} draws of {cfg.batch_size} SST-2 training sentences (max length {cfg.max_length}, dynamic padding), the same batches
 for all three; stop when the top eigenvalue changes by at most {cfg.tol} (relative) between steps, at most
 {cfg.max_iters} products; eigenvalues only. PyHessian is applied to one block at a time by freezing all other
 parameters; it starts every draw from a random vector.
