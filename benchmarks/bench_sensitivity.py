@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -35,20 +37,6 @@ from qbert_hessian.models import BlockMap, load_model
 from qbert_hessian.tasks import load_task
 
 HERE = Path(__file__).resolve().parent
-
-
-def fix_malloc() -> None:
-    """Make every allocation above 64 KiB its own mmap, returned to the OS on free.
-
-    Otherwise glibc raises its mmap threshold after the first large frees and serves later tensors from a heap
-    that never shrinks, so the resident size would measure the history of the process, not each phase.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024)
 
 
 class PeakRSS:
@@ -132,6 +120,50 @@ def run_pyhessian(model, block_map, names, batches, cfg):
     return eig
 
 
+def setup(args):
+    model, tok = load_model(args.model, num_labels=2, eager=True)
+    task = load_task("sst2", tok, data_dir=args.data, max_length=args.max_length)
+    cfg = SensitivityConfig(
+        draws=args.draws, batch_size=args.batch_size, trace="none", max_iters=100, tol=1e-3, max_length=args.max_length
+    )
+    return model, task, cfg
+
+
+def memory_probe(args) -> None:
+    """Child process: peak resident memory of one engine over 2 draws of the protocol, above the loaded state."""
+    model, task, cfg = setup(args)
+    cfg = dataclasses.replace(cfg, draws=2)
+    bm = BlockMap(model)
+    with PeakRSS() as mem:
+        if args.memory_probe == "pyhessian":
+            batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
+            with curvature_mode(model):
+                run_pyhessian(model, bm, bm.expand(None), batches, cfg)
+        else:
+            estimate_sensitivity(model, task, dataclasses.replace(cfg, method=args.memory_probe), progress=False)
+    print(json.dumps({"peak_mib": mem.mib}))
+
+
+def probe(engine: str, args) -> float:
+    """Run :func:`memory_probe` in a fresh process, so one engine's heap growth is not charged to the next."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-probe",
+        engine,
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
 def time_it(fn, reps: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
@@ -148,31 +180,28 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--memory-probe", choices=["pyhessian", "power", "lanczos"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not Path(args.model, "config.json").exists():
         sys.exit(f"no fine-tuned checkpoint at {args.model}; make it with the command in this file's docstring")
 
-    fix_malloc()
-    model, tok = load_model(args.model, num_labels=2, eager=True)
-    task = load_task("sst2", tok, data_dir=args.data, max_length=args.max_length)
-    cfg = SensitivityConfig(
-        draws=args.draws, batch_size=args.batch_size, trace="none", max_iters=100, tol=1e-3, max_length=args.max_length
-    )
+    if args.memory_probe:
+        return memory_probe(args)
+    model, task, cfg = setup(args)
     bm = BlockMap(model)
     names = bm.expand(None)
     batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
 
     runs = {}
-    with PeakRSS() as mem, curvature_mode(model):
+    with curvature_mode(model):
         t0 = time.perf_counter()
         pyh = run_pyhessian(model, bm, names, batches, cfg)
-        runs["PyHessian 0.1"] = (time.perf_counter() - t0, mem, run_pyhessian.products, pyh)
+        runs["PyHessian 0.1"] = (time.perf_counter() - t0, probe("pyhessian", args), run_pyhessian.products, pyh)
     for label, method in (("qbert_hessian, power iteration", "power"), ("qbert_hessian, Lanczos (default)", "lanczos")):
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            rep = estimate_sensitivity(model, task, dataclasses.replace(cfg, method=method), model_name=args.model)
-            eig = {b.name: b.eigenvalues for b in rep.blocks}
-            runs[label] = (time.perf_counter() - t0, mem, sum(sum(b.iterations) for b in rep.blocks), eig)
+        t0 = time.perf_counter()
+        rep = estimate_sensitivity(model, task, dataclasses.replace(cfg, method=method), model_name=args.model)
+        eig = {b.name: b.eigenvalues for b in rep.blocks}
+        runs[label] = (time.perf_counter() - t0, probe(method, args), sum(sum(b.iterations) for b in rep.blocks), eig)
 
     # HVP cost relative to one forward+backward, on the first draw's batch.
     batch = batches[0]
@@ -197,7 +226,7 @@ def main() -> None:
 
     t_ref = runs["PyHessian 0.1"][0]
     summary = [
-        f"| {label} | {t:.1f} s | {t_ref / t:.2f}x | {n} | {m.mib:.0f} MiB |" for label, (t, m, n, _) in runs.items()
+        f"| {label} | {t:.1f} s | {t_ref / t:.2f}x | {n} | {m:.0f} MiB |" for label, (t, m, n, _) in runs.items()
     ]
     agree, rows = [], []
     for name in names:
@@ -227,7 +256,7 @@ for all three; stop when the top eigenvalue changes by at most {cfg.tol} (relati
 {cfg.max_iters} products; eigenvalues only. PyHessian is applied to one block at a time by freezing all other
 parameters; it starts every draw from a random vector.
 
-| engine | wall time | speed-up vs PyHessian | Hessian-vector products | peak memory above start (RSS) |
+| engine | wall time | speed-up vs PyHessian | Hessian-vector products | peak memory above the loaded model (RSS, fresh process, 2 draws) |
 |---|---:|---:|---:|---:|
 {chr(10).join(summary)}
 
