@@ -48,6 +48,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the device follows the model)")
 
 
+def _add_run_control(p: argparse.ArgumentParser, *, resume: str, force: str) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--force", action="store_true", help=force)
+    _add_common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qbert-hessian",
@@ -68,10 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the last Trainer checkpoint in OUT")
-    p.add_argument("--force", action="store_true", help="overwrite a finished checkpoint in OUT")
-    _add_common(p)
+    _add_run_control(
+        p, resume="continue from the last Trainer checkpoint in OUT", force="overwrite a finished checkpoint in OUT"
+    )
 
     p = sub.add_parser(
         "sensitivity",
@@ -106,10 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", choices=["block", "shared", "none"], default="block", help="Hutchinson trace mode")
     p.add_argument("--trace-samples", type=int, default=4, help="Rademacher probes per draw")
     p.add_argument("--no-warm-start", action="store_true", help="random start vector on every draw")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="keep the finished blocks of OUT/sensitivity.json")
-    p.add_argument("--force", action="store_true", help="overwrite an existing report in OUT")
-    _add_common(p)
+    _add_run_control(
+        p, resume="keep the finished blocks of OUT/sensitivity.json", force="overwrite an existing report in OUT"
+    )
 
     p = sub.add_parser(
         "demo",
