@@ -30,6 +30,20 @@ _EXPORTS = {
     "evaluate": "evaluate",
     "finetune": "train",
     "write_sensitivity": "report",
+    "BitPlan": "artifacts",
+    "Budget": "allocate",
+    "AllocConfig": "allocate",
+    "allocate_bits": "allocate",
+    "uniform_plan": "allocate",
+    "frontier": "allocate",
+    "QuantSpec": "quant.functional",
+    "quantize_model": "quant.apply",
+    "calibrate_activations": "quant.apply",
+    "quant_profile": "quant.apply",
+    "QuantLinear": "quant.modules",
+    "QuantEmbedding": "quant.modules",
+    "save_packed": "export",
+    "load_packed": "export",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -125,6 +125,8 @@ class SensitivityReport:
     ``model`` describes the model (name, family, num_layers, num_heads), ``config`` is the resolved
     :class:`~qbert_hessian.config.SensitivityConfig`, ``draws`` lists each draw's seed and example indices,
     ``blocks`` the finished blocks in order, ``pending`` the blocks still to do (empty when ``complete``).
+    ``quantization`` is the weight-perturbation profile the allocator reads (sizes and ||Q_b(W) - W||^2 per
+    block, bit width and grouping; see :func:`~qbert_hessian.quant.apply.quant_profile`).
     """
 
     model: dict[str, Any]
@@ -134,6 +136,7 @@ class SensitivityReport:
     blocks: list[BlockSensitivity]
     pending: list[str]
     seconds: float = 0.0
+    quantization: dict[str, Any] | None = None
     schema: str = SENSITIVITY_SCHEMA
     created_by: str = CREATED_BY
 
@@ -159,6 +162,7 @@ class SensitivityReport:
             "draws": self.draws,
             "blocks": [b.to_dict() for b in self.blocks],
             "pending": self.pending,
+            **({"quantization": self.quantization} if self.quantization is not None else {}),
         }
 
     @classmethod
@@ -172,6 +176,7 @@ class SensitivityReport:
                 blocks=[BlockSensitivity.from_dict(b) for b in data["blocks"]],
                 pending=list(data.get("pending", [])),
                 seconds=float(data.get("seconds", 0.0)),
+                quantization=data.get("quantization"),
                 schema=data["schema"],
                 created_by=data.get("created_by", "unknown"),
             )
@@ -184,3 +189,72 @@ class SensitivityReport:
     @classmethod
     def load(cls, path: Path | str) -> SensitivityReport:
         return cls.from_dict(read_json(path, SENSITIVITY_SCHEMA))
+
+
+PLAN_SCHEMA = "qbert_hessian.plan/1"
+PACKED_SCHEMA = "qbert_hessian.packed/1"
+METRICS_SCHEMA = "qbert_hessian.metrics/1"
+
+
+@dataclasses.dataclass
+class BitPlan:
+    """Bits and grouping per block (``plan.json``): what :func:`~qbert_hessian.quant.apply.quantize_model` applies.
+
+    ``blocks`` maps canonical block names to ``{"bits": b, "groups": g}``; a block that is absent stays FP32
+    (the classifier head always does). A finer block (``encoder.3.query``) overrides its layer's entry.
+    ``act_bits`` is the activation width on every quantized linear's input (None: FP32 activations).
+    ``model`` describes the model the plan was made for (name, family, num_layers, num_heads, hidden_size);
+    ``predicted`` the sizes the allocator promised (bytes, MiB, compression, average encoder bits, objective).
+    """
+
+    model: dict[str, Any]
+    blocks: dict[str, dict[str, Any]]
+    act_bits: int | None = 8
+    symmetric: bool = True
+    method: str = "manual"
+    budget: dict[str, Any] = dataclasses.field(default_factory=dict)
+    measure: str | None = None
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    predicted: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    schema: str = PLAN_SCHEMA
+    created_by: str = CREATED_BY
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blocks, dict):
+            raise QBHError("plan 'blocks' must map block names to {bits, groups}; regenerate the plan")
+        for name, entry in self.blocks.items():
+            if not isinstance(entry, dict) or "bits" not in entry:
+                raise QBHError(f"plan block '{name}' needs a 'bits' entry, e.g. {{\"bits\": 4, \"groups\": 128}}")
+            unknown = sorted(set(entry) - {"bits", "groups"})
+            if unknown:
+                raise QBHError(f"plan block '{name}' has unknown key(s) {', '.join(unknown)}; valid: bits, groups")
+            bits = entry["bits"]
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise QBHError(
+                    f"plan block '{name}' has bits {bits!r}; use an integer from 2 to 8 (omit a block to keep FP32)"
+                )
+        if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits not in range(2, 17)):
+            raise QBHError(f"plan act_bits {self.act_bits!r} is out of range; use 2..16, or null for FP32 activations")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {"schema": out.pop("schema"), "created_by": out.pop("created_by"), **out}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BitPlan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise QBHError(f"plan has unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise QBHError(f"plan is malformed ({exc}); regenerate it with qbert-hessian plan") from None
+
+    def save(self, path: Path | str) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path | str) -> BitPlan:
+        return cls.from_dict(read_json(path, PLAN_SCHEMA))

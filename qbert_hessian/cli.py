@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the commands so ``--help`` is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -115,6 +116,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_control(
         p, resume="keep the finished blocks of OUT/sensitivity.json", force="overwrite an existing report in OUT"
     )
+
+    p = sub.add_parser(
+        "plan",
+        help="bits per block under a memory budget (exact MILP), from a sensitivity report",
+        description="Allocate bits per encoder block under one budget. Example: qbert-hessian plan "
+        "--report runs/sst2/sensitivity --avg-bits 2.5 --out runs/sst2/plans/mixed-2.5.json",
+    )
+    p.add_argument("--report", type=Path, required=True, help="sensitivity.json or the folder holding it")
+    p.add_argument("--out", type=Path, required=True, help="plan file to write (plan.md and plots go beside it)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-mb", type=float, help="whole-model size limit in MiB")
+    budget.add_argument("--ratio", type=float, help="compression ratio vs FP32 to reach at least")
+    budget.add_argument("--avg-bits", type=float, help="average bits per encoder weight")
+    budget.add_argument("--uniform", type=int, metavar="BITS", help="every encoder block at BITS (no budget)")
+    p.add_argument("--bits", type=_csv, default=["2", "3", "4", "8"], help="candidate widths (default 2,3,4,8)")
+    p.add_argument("--groups", default="128", help="grouping of encoder matrices: 1, heads, an integer G, channel")
+    p.add_argument("--measure", choices=["omega", "trace"], default="omega", help="sensitivity: Omega or trace/#params")
+    p.add_argument("--method", choices=["milp", "rank"], default="milp", help="exact MILP or Q-BERT's rank rule")
+    p.add_argument("--embedding-bits", type=int, default=8, help="word-embedding width (Q-BERT: 8)")
+    p.add_argument("--position-bits", type=int, default=None, help="position-embedding width (default: as word)")
+    p.add_argument("--embedding-groups", default="channel", help="embedding grouping: channel (per row), 1 or G")
+    p.add_argument("--act-bits", type=int, default=8, help="activation width on quantized linears")
+    p.add_argument("--no-act-quant", action="store_true", help="keep activations in FP32")
+    p.add_argument("--model", default=None, help="the report's model, to measure ||Q(W)-W||^2 if the report lacks it")
+    p.add_argument("--frontier", action="store_true", help="also sweep budgets: frontier.json and frontier.png")
+    p.add_argument("--force", action="store_true", help="overwrite an existing plan")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "quantize",
+        help="apply a plan (direct quantization) and write a packed checkpoint",
+        description="Quantize a fine-tuned model with a plan and write the bit-packed checkpoint. Example: "
+        "qbert-hessian quantize --model runs/sst2/checkpoint --plan plan.json --task sst2 "
+        "--data ../shared/data/sst2 --out runs/sst2/packed",
+    )
+    p.add_argument("--model", required=True, help="the FP32 fine-tuned classifier")
+    p.add_argument("--plan", type=Path, required=True, help="plan.json from qbert-hessian plan")
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="packed checkpoint folder to write")
+    p.add_argument("--calibration-batches", type=int, default=8, help="training batches that set activation ranges")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing packed checkpoint")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="task metric of an FP32 model, its direct quantization under plans, and packed checkpoints",
+        description="Evaluate on the dev split. Example: qbert-hessian evaluate --model runs/sst2/checkpoint "
+        "--task sst2 --data ../shared/data/sst2 --plan plan.json --packed runs/sst2/packed",
+    )
+    p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
+    _add_data_args(p)
+    p.add_argument("--plan", type=Path, action="append", default=[], help="also evaluate direct quantization (repeat)")
+    p.add_argument("--packed", type=Path, action="append", default=[], help="also evaluate a packed folder (repeat)")
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="metrics.json to write")
+    _add_common(p)
 
     p = sub.add_parser(
         "demo",
@@ -231,9 +292,190 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; the finished blocks are in {existing}; rerun with --resume to continue", file=sys.stderr)
         return 130
+    if report.complete and report.quantization is None:
+        from .quant.apply import profile_units, quant_profile
+
+        report.quantization = quant_profile(model, profile_units(BlockMap(model), [b.name for b in report.blocks]))
     write_sensitivity(report, args.out)
     print((args.out / "sensitivity.md").read_text(encoding="utf-8"))
     print(f"report in {args.out}")
+    return 0
+
+
+def _report_path(path: Path) -> Path:
+    return path / "sensitivity.json" if path.is_dir() else path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
+    from .artifacts import SensitivityReport, write_json, write_text
+    from .config import parse_groups
+    from .report import plan_markdown, plot_frontier
+
+    out = args.out if args.out.suffix == ".json" else args.out / "plan.json"
+    if out.exists() and not args.force:
+        raise QBHError(f"'{out}' exists; pass --force to overwrite it")
+    report_path = _report_path(args.report)
+    report = SensitivityReport.load(report_path)
+    if not report.complete:
+        raise QBHError(f"'{report_path}' is partial ({', '.join(report.pending)} pending); finish it with --resume")
+    try:
+        bits = tuple(int(b) for b in args.bits)
+    except ValueError:
+        raise QBHError(f"--bits {','.join(args.bits)} is not a list of integers; e.g. --bits 2,3,4,8") from None
+    config = AllocConfig(
+        bits=(args.uniform,) if args.uniform is not None else bits,
+        groups=args.groups,
+        measure=args.measure,
+        method=args.method,
+        embedding_bits=args.embedding_bits,
+        position_bits=args.position_bits,
+        embedding_groups=args.embedding_groups,
+        act_bits=None if args.no_act_quant else args.act_bits,
+    )
+    if args.model is not None:
+        _ensure_profile(report, report_path, args.model, config, parse_groups)
+    source = {"sensitivity": str(report_path), "sha256": _sha256(report_path)}
+    if args.uniform is not None:
+        plan = uniform_plan(report, args.uniform, config, source=source)
+    else:
+        budget = Budget(max_mb=args.budget_mb, ratio=args.ratio, avg_bits=args.avg_bits)
+        plan = allocate_bits(report, budget, config, source=source)
+    front = frontier(report, dataclasses.replace(config, method="milp")) if args.frontier else None
+    plan.save(out)
+    md = write_text(out.with_suffix(".md"), plan_markdown(plan))
+    if front is not None:
+        write_json(out.parent / "frontier.json", front)
+        plot_frontier(front, out.parent / "frontier.png", plan)
+    print(md.read_text(encoding="utf-8"))
+    print(f"plan in {out}" + (f"; frontier in {out.parent / 'frontier.png'}" if front else ""))
+    return 0
+
+
+def _ensure_profile(report, report_path: Path, model_name: str, config, parse_groups) -> None:
+    """Measure ||Q(W)-W||^2 on the model when the report lacks the grouping or widths the plan needs."""
+    from .models import BlockMap, load_model
+    from .quant.apply import DEFAULT_PROFILE_GROUPS, profile_units, quant_profile
+
+    prof = report.quantization or {}
+    unit = next((b.name for b in report.blocks if b.name.startswith("encoder.")), None)
+    have = prof.get("units", {}).get(unit, {}).get("groups", {}) if unit else {}
+    needed = {str(config.groups)} - set(have) - set(prof.get("units", {}).get(unit, {}).get("unavailable", {}))
+    if prof and not needed:
+        return
+    model, _ = load_model(model_name, eager=False)
+    block_map = BlockMap(model)
+    if report.model.get("num_layers") != block_map.num_layers:
+        raise QBHError(f"--model {model_name} is not the report's model ({report.model.get('name')}); pass that one")
+    groups = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, parse_groups(config.groups)]))
+    logger.info("measuring quantization errors of %s (groups %s)", model_name, groups)
+    report.quantization = quant_profile(model, profile_units(block_map, [b.name for b in report.blocks]), groups=groups)
+    report.save(report_path)
+
+
+def _calibration(task, args: argparse.Namespace):
+    from .quant.apply import calibration_batches
+
+    return calibration_batches(task, args.calibration_batches, args.batch_size, args.seed)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .allocate import MIB
+    from .artifacts import BitPlan, write_json
+    from .export import file_sizes, fp32_safetensors_bytes, save_packed
+    from .models import load_model
+    from .quant.apply import calibrate_activations, quantize_model
+    from .tasks import tokenize_task
+
+    if args.out.exists() and not args.force:
+        raise QBHError(f"'{args.out}' exists; pass --force to overwrite it")
+    plan = BitPlan.load(args.plan)
+    raw = _raw_task(args)
+    model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=False, device=args.device)
+    qmodel = quantize_model(model, plan)  # validates the plan against the model before anything is written
+    if plan.act_bits:
+        task = tokenize_task(raw, tokenizer, max_length=args.max_length)
+        calibrate_activations(qmodel, _calibration(task, args))
+    weights = save_packed(qmodel, args.out, tokenizer=tokenizer)
+    sizes = file_sizes(args.out)
+    fp32 = fp32_safetensors_bytes(model)
+    predicted = plan.predicted.get("bytes")
+    size = {
+        "packed_bytes": sizes["weights_bytes"],
+        "packed_mib": sizes["weights_bytes"] / MIB,
+        "folder_bytes": sizes["folder_bytes"],
+        "fp32_safetensors_bytes": fp32,
+        "fp32_mib": fp32 / MIB,
+        "compression": fp32 / sizes["weights_bytes"],
+        "predicted_bytes": predicted,
+        "predicted_error": (sizes["weights_bytes"] - predicted) / predicted if predicted else None,
+    }
+    write_json(args.out / "size.json", size)
+    print(
+        f"packed checkpoint {weights}: {size['packed_mib']:.3f} MiB on disk vs FP32 safetensors {size['fp32_mib']:.3f} "
+        f"MiB ({size['compression']:.2f}x smaller)"
+        + (f"; plan predicted {predicted / MIB:.3f} MiB ({100 * size['predicted_error']:+.2f}%)" if predicted else "")
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .allocate import MIB
+    from .artifacts import METRICS_SCHEMA, BitPlan, write_json
+    from .evaluate import evaluate
+    from .export import file_sizes, is_packed, load_packed
+    from .models import load_model
+    from .quant.apply import calibrate_activations, quantize_model
+    from .tasks import tokenize_task
+
+    raw = _raw_task(args)
+    rows = []
+    packed = list(args.packed)
+    plans = [(p, BitPlan.load(p)) for p in args.plan]  # refuse bad plans before any work
+    for p in packed:
+        if not is_packed(p):
+            raise QBHError(f"'{p}' is not a packed checkpoint (no quantization.json); export one with quantize")
+    if is_packed(args.model):
+        packed.insert(0, Path(args.model))
+        if plans:
+            raise QBHError("--plan needs an FP32 --model; pass the fine-tuned checkpoint, not a packed one")
+    else:
+        model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=False, device=args.device)
+        task = tokenize_task(raw, tokenizer, max_length=args.max_length)
+        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        rows.append({"name": "fp32", "kind": "fp32", "size_mib": state_bytes / MIB, **evaluate(model, task)})
+        for path, plan in plans:
+            qmodel = quantize_model(model, plan)
+            if plan.act_bits:
+                calibrate_activations(qmodel, _calibration(task, args))
+            rows.append(
+                {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
+            )
+    for p in packed:
+        from transformers import AutoTokenizer
+
+        qmodel = load_packed(p, device=args.device)
+        task = tokenize_task(raw, AutoTokenizer.from_pretrained(p), max_length=args.max_length)
+        rows.append(
+            {
+                "name": str(p),
+                "kind": "packed",
+                "size_mib": file_sizes(p)["weights_bytes"] / MIB,
+                **evaluate(qmodel, task),
+            }
+        )
+    print("| model | kind | size MiB | accuracy | macro-F1 | loss |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        size = f"{r['size_mib']:.3f}" if r["size_mib"] is not None else "-"
+        print(f"| {r['name']} | {r['kind']} | {size} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['loss']:.4f} |")
+    if args.out:
+        write_json(args.out, {"schema": METRICS_SCHEMA, "task": args.task, "results": rows})
     return 0
 
 
@@ -286,7 +528,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
-COMMANDS = {"finetune": cmd_finetune, "sensitivity": cmd_sensitivity, "demo": cmd_demo}
+COMMANDS = {
+    "finetune": cmd_finetune,
+    "sensitivity": cmd_sensitivity,
+    "plan": cmd_plan,
+    "quantize": cmd_quantize,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,29 @@ from typing import Any, TypeVar
 from .errors import QBHError
 
 C = TypeVar("C", bound="_Config")
+Groups = int | str  # 1, an integer G, "heads" or "channel"
+MIN_BITS, MAX_BITS = 2, 8
+GROUP_WORDS = ("heads", "channel")
+
+
+def parse_groups(value: object) -> Groups:
+    """``1``, ``"128"``, ``128``, ``"heads"``, ``"channel"`` -> the canonical grouping (int or word)."""
+    if isinstance(value, str) and value.strip().lower() in GROUP_WORDS:
+        return value.strip().lower()
+    try:
+        g = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        g = 0
+    if g < 1 or (isinstance(value, float) and value != g):
+        raise QBHError(f"groups '{value}' is not valid; use 1, a positive integer G, heads or channel")
+    return g
+
+
+def check_bits(bits: object, what: str = "bits") -> int:
+    """``bits`` as an int in 2..8, else a :class:`QBHError`."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise QBHError(f"{what} {bits!r} is out of range; use an integer from {MIN_BITS} to {MAX_BITS}")
+    return bits
 
 
 class TraceMode(str, Enum):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
-from .artifacts import SensitivityReport, atomic_write, write_text
+from .artifacts import BitPlan, SensitivityReport, atomic_write, write_text
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -169,3 +170,84 @@ def write_sensitivity(report: SensitivityReport, out_dir: Path | str) -> dict[st
     if report.blocks:
         paths["png"] = plot_sensitivity(report, out / "sensitivity.png")
     return paths
+
+
+def plan_markdown(plan: BitPlan) -> str:
+    """The plan as a person reads it: budget, predicted size, and one row per block."""
+    p = plan.predicted
+    budget = ", ".join(f"{k}={v}" for k, v in plan.budget.items()) or "-"
+    lines = [
+        f"# Bit plan: {plan.model.get('name')} ({plan.method}, {budget})",
+        "",
+        f"- predicted size: **{_fmt(p.get('mib'))} MiB** ({p.get('bytes', 0):,} bytes) vs FP32 "
+        f"{_fmt(p.get('fp32_mib'))} MiB: **{_fmt(p.get('compression'), 3)}x** smaller",
+        f"- encoder average: {_fmt(p.get('encoder_avg_bits'), 3)} bits; activations: "
+        f"{plan.act_bits or 'FP32'} bits; {'symmetric' if plan.symmetric else 'asymmetric'} ranges",
+        f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
+    ]
+    lines += [f"- note: {n}" for n in plan.notes]
+    per_block = p.get("per_block", {})
+    lines += [
+        "",
+        "| block | bits | groups | sensitivity | ||Q(W)-W||^2 | loss term | bytes |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, entry in plan.blocks.items():
+        pb = per_block.get(name, {})
+        lines.append(
+            f"| `{name}` | {entry['bits']} | {entry.get('groups', 1)} | {_fmt(pb.get('sensitivity'))} | "
+            f"{_fmt(pb.get('error'))} | {_fmt(pb.get('loss'))} | {pb['bytes']:,} |"
+            if pb
+            else f"| `{name}` | {entry['bits']} | {entry.get('groups', 1)} | - | - | - | - |"
+        )
+    lines.append("| everything else (LayerNorm, biases, token types, pooler, classifier) | 32 | - | - | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(front: dict[str, Any], path: Path | str, plan: BitPlan | None = None) -> Path:
+    """Size vs objective: the MILP frontier, Q-BERT's rank rule, the uniform plans and the chosen plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    pts = front["points"]
+    ax.plot([q["mib"] for q in pts], [q["objective"] for q in pts], "-o", ms=3, label="MILP (exact)")
+    rank = [q for q in pts if q.get("rank_mib") is not None]
+    if rank:
+        ax.scatter(
+            [q["rank_mib"] for q in rank],
+            [q["rank_objective"] for q in rank],
+            marker="x",
+            color="tab:orange",
+            label="rank rule (Q-BERT)",
+            zorder=3,
+        )
+    for u in front["uniform"]:
+        ax.scatter([u["mib"]], [u["objective"]], marker="s", color="tab:red", zorder=4)
+        ax.annotate(
+            f"{u['bits']}-bit", (u["mib"], u["objective"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
+    if plan is not None:
+        ax.scatter(
+            [plan.predicted["mib"]],
+            [plan.predicted["objective"]],
+            marker="*",
+            s=160,
+            color="tab:green",
+            zorder=5,
+            label="chosen plan",
+        )
+    positive = [q["objective"] for q in pts if q["objective"] > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("model size (MiB)")
+    ax.set_ylabel(f"sum of {front['measure']} x ||Q(W)-W||^2")
+    ax.set_title(f"bits {','.join(map(str, front['bits']))}, groups {front['groups']} (uniform plans: squares)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

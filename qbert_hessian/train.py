@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import CREATED_BY, write_json
+from .artifacts import CREATED_BY, METRICS_SCHEMA, write_json
 from .config import FinetuneConfig
 from .evaluate import evaluate
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 logger = logging.getLogger(__name__)
-METRICS_SCHEMA = "qbert_hessian.metrics/1"
 
 
 def finetune(

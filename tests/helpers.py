@@ -64,7 +64,7 @@ def make_tiny_checkpoint(
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(out / "vocab.txt")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

@@ -128,9 +128,9 @@ def most_negative_eigenvalue(
         An :class:`EigenResult` with one entry.
     """
     if shift <= 0:
-        start = init if init is not None else vec.randn_like(params, generator)
-        v = vec.normalize(start)
-        return EigenResult([vec.dot(v, hvp(v))], [v], [1], [True])
+        # The largest-magnitude eigenvalue is negative, so it is the most negative one: no products needed.
+        v = vec.normalize(init if init is not None else vec.randn_like(params, generator))
+        return EigenResult([shift], [v], [0], [True])
     shifted: HVP = lambda v: vec.axpy(-shift, v, hvp(v))  # noqa: E731  (H - sigma I) v
     start = init if init is not None else vec.randn_like(params, generator)
     mu, v, it, ok = _power_iteration(shifted, start, [], max_iters, tol)

@@ -108,7 +108,13 @@ def _estimate_block(
             iters.append(sum(res.iters))
             if config.most_negative:
                 neg = most_negative_eigenvalue(
-                    hvp, params, shift=res.values[0], max_iters=config.max_iters, tol=config.tol, generator=generator
+                    hvp,
+                    params,
+                    shift=res.values[0],
+                    max_iters=config.max_iters,
+                    tol=config.tol,
+                    init=res.vectors[0] if res.values[0] <= 0 else None,
+                    generator=generator,
                 )
                 res.smallest = neg.values[0]
                 iters[-1] += neg.iters[0]

@@ -86,6 +86,14 @@ def test_most_negative_eigenvalue_by_shift():
     assert neg.values[0] == pytest.approx(-2.0, rel=1e-5)
 
 
+def test_most_negative_is_the_top_one_when_that_is_negative():
+    A = sym_with_spectrum([-9.0, 4.0, 2.0, -3.0])
+    params = [torch.zeros(4, dtype=torch.float64)]
+    calls = []
+    neg = most_negative_eigenvalue(lambda v: calls.append(1) or matrix_hvp(A)(v), params, shift=-9.0)
+    assert neg.values == [-9.0] and not calls
+
+
 @pytest.mark.parametrize("block", ["encoder.0", "embeddings", "encoder.0.query", "embeddings.word"])
 def test_eigen_matches_dense_hessian_of_tiny_bert(micro_bert, block):
     batch = random_batch(micro_bert.config.vocab_size, num_labels=3, seq_len=6)

@@ -82,7 +82,8 @@ def test_sensitivity_options_topk_negative_shared(model_task, method):
     for b in report.blocks:
         assert len(b.top_k) == 2 and [x[0] for x in b.top_k] == b.eigenvalues
         for topk, neg, ok in zip(b.top_k, b.most_negative, b.converged):
-            if ok:  # the ordering holds for converged eigenpairs (dense checks are in test_eigen)
+            # The ordering holds for converged eigenpairs above float32 noise (dense checks are in test_eigen).
+            if ok and abs(topk[0]) > 1e-5:
                 assert abs(topk[0]) >= abs(topk[1]) * (1 - 1e-2)
                 assert neg <= topk[0] + 1e-6
         assert b.trace.samples == 6

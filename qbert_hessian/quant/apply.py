@@ -1,0 +1,244 @@
+"""A bit plan applied to an HF model: module swap by canonical block name, activation calibration, and the
+quantization profile (sizes and ||Q_b(W) - W||^2 per block, width and grouping) that the allocator reads.
+
+The plan speaks in canonical blocks (``encoder.3``, ``encoder.3.query``, ``embeddings.word``); ``models.py``
+translates them into module paths, so one plan works for BERT, RoBERTa, DistilBERT and MiniLM alike. A plan
+that cannot be honoured (a grouping that does not divide a matrix, a block the model lacks) raises and names
+the block; nothing is ever skipped silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..artifacts import BitPlan
+from ..errors import QBHError
+from ..models import BlockMap
+from ..names import LINEAR_PARTS
+from .functional import Kind, QuantSpec, group_layout, parse_groups, quant_error
+from .modules import QUANT_MODULES, ActQuant, QuantEmbedding, QuantLinear
+
+if TYPE_CHECKING:
+    from ..tasks import Task
+
+DEFAULT_PROFILE_BITS = (2, 3, 4, 5, 6, 7, 8)
+DEFAULT_PROFILE_GROUPS: tuple[int | str, ...] = (1, "heads", 128, "channel")
+EMBEDDING_UNITS = ("embeddings.word", "embeddings.position", "embeddings.token_type")
+
+
+def linear_kind(part: str) -> Kind:
+    """The grouping kind of a linear part: per-head rows (q/k/v), per-head columns (attn_out) or FFN."""
+    return "qkv" if part in ("query", "key", "value") else "attn_out" if part == "attn_out" else "ffn"
+
+
+def num_heads_of(model: nn.Module) -> int:
+    cfg = model.config  # type: ignore[attr-defined]
+    return int(getattr(cfg, "num_attention_heads", None) or cfg.n_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One module to quantize: its canonical block, module path, kind and weight spec."""
+
+    block: str
+    path: str
+    kind: Kind
+    spec: QuantSpec
+
+
+def block_modules(block_map: BlockMap, block: str) -> list[tuple[str, str, Kind]]:
+    """``(canonical name, module path, kind)`` of every quantizable module inside ``block``.
+
+    ``embeddings`` means the word and position tables (token types stay FP32 unless named, as Q-BERT);
+    ``encoder.i`` its six linears.
+    """
+    block_map.module_path(block)  # raises for a block this model does not have, naming the valid ones
+    parts = block.split(".")
+    if parts[0] == "embeddings":
+        names = (
+            [block] if len(parts) == 2 else [f"embeddings.{p}" for p in block_map.embedding_parts if p != "token_type"]
+        )
+        return [(n, block_map.module_path(n), "embedding") for n in names]
+    names = [block] if len(parts) == 3 else [f"{block}.{p}" for p in LINEAR_PARTS]
+    return [(n, block_map.module_path(n), linear_kind(n.split(".")[2])) for n in names]
+
+
+def check_plan_matches(plan: BitPlan, block_map: BlockMap) -> None:
+    """Refuse a plan made for a model of another shape."""
+    have = block_map.describe("model")
+    for key in ("num_layers", "num_heads", "hidden_size"):
+        want = plan.model.get(key)
+        if want is not None and have.get(key) is not None and int(want) != int(have[key]):
+            raise QBHError(
+                f"plan was made for another model ({key}={want}, this model has {have[key]}); "
+                "make a plan from this model's sensitivity report"
+            )
+
+
+def plan_targets(model: nn.Module, plan: BitPlan) -> list[Target]:
+    """Resolve a plan into per-module targets; finer blocks override their layer's entry.
+
+    Raises:
+        QBHError: an unknown block, a plan for another model, or a grouping that does not divide a matrix.
+    """
+    block_map = BlockMap(model)
+    check_plan_matches(plan, block_map)
+    heads = num_heads_of(model)
+    by_path: dict[str, Target] = {}
+    # Coarse blocks first, so encoder.3.query overrides encoder.3.
+    for block in sorted(plan.blocks, key=lambda b: b.count(".")):
+        entry = plan.blocks[block]
+        spec = QuantSpec(entry["bits"], entry.get("groups", 1), plan.symmetric)
+        for name, path, kind in block_modules(block_map, block):
+            weight = model.get_submodule(path).weight
+            shape = (weight.shape[0], weight.shape[1])
+            group_layout(shape, spec.groups, kind=kind, num_heads=heads, name=name)  # raises, naming the block
+            by_path[path] = Target(name, path, kind, spec)
+    return list(by_path.values())
+
+
+def quantize_model(model: nn.Module, plan: BitPlan, *, inplace: bool = False) -> nn.Module:
+    """Swap the plan's Linear/Embedding modules for fake-quant ones (FP32 master weights, trainable).
+
+    Args:
+        model: an HF encoder classifier.
+        plan: the bit plan; absent blocks and the classifier head stay FP32.
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The quantized model; ``model.qbh_plan`` holds the plan as a dict (what export saves).
+    """
+    targets = plan_targets(model, plan)
+    if not inplace:
+        model = copy.deepcopy(model)
+    heads = num_heads_of(model)
+    for t in targets:
+        parent_path, _, attr = t.path.rpartition(".")
+        parent, module = model.get_submodule(parent_path), model.get_submodule(t.path)
+        if isinstance(module, QUANT_MODULES):
+            raise QBHError(f"block {t.block} is already quantized; quantize the FP32 model")
+        grid = group_layout(tuple(module.weight.shape), t.spec.groups, kind=t.kind, num_heads=heads, name=t.block)
+        if t.kind == "embedding":
+            new: nn.Module = QuantEmbedding.from_module(module, t.spec, grid)
+        else:
+            new = QuantLinear.from_module(module, t.spec, grid, t.kind, plan.act_bits)
+        new.qbh_block = t.block
+        setattr(parent, attr, new)
+    model.qbh_plan = plan.to_dict()  # type: ignore[assignment]
+    return model
+
+
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear | QuantEmbedding]]:
+    """``(module path, module)`` of every fake-quant module."""
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_MODULES):
+            yield name, module
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> int:
+    """Set the EMA activation ranges from a few batches (eval mode, no gradients); returns the batch count."""
+    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = 0
+    try:
+        for m in acts:
+            m.observing = True
+        for batch in batches:
+            model(**{k: v.to(device) for k, v in batch.items()})
+            n += 1
+    finally:
+        for m in acts:
+            m.observing = False
+        model.train(was_training)
+    if acts and n == 0:
+        raise QBHError("calibration got no batches; pass at least one batch of training data")
+    return n
+
+
+def calibration_batches(task: Task, num_batches: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``num_batches`` seeded batches of training examples for :func:`calibrate_activations`."""
+    n = len(task.train)
+    order = np.random.default_rng([seed, 7]).permutation(n)[: num_batches * batch_size].tolist()
+    return [task.batch("train", order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def _unit_matrices(block_map: BlockMap, unit: str) -> list[tuple[str, torch.Tensor, Kind]]:
+    return [(n, block_map.model.get_submodule(p).weight, k) for n, p, k in block_modules(block_map, unit)]
+
+
+def quant_profile(
+    model: nn.Module,
+    units: Sequence[str],
+    *,
+    bits: Sequence[int] = DEFAULT_PROFILE_BITS,
+    groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS,
+    symmetric: bool = True,
+) -> dict[str, Any]:
+    """Sizes and weight perturbations ||Q_b(W) - W||^2 of every unit, for every width and grouping.
+
+    This is what ``sensitivity.json`` carries under ``quantization``, so the allocator needs neither torch nor
+    the model. A grouping that does not divide some matrix of a unit is listed under ``unavailable`` with the
+    reason.
+
+    Returns:
+        ``{"symmetric", "bits", "state_bytes", "num_tensors", "name_bytes", "num_linears", "units": {unit:
+        {"matrices": [numel ...], "num_weights", "linears", "groups": {g: {"num_scales", "error": {b: e}}},
+        "unavailable": {g: reason}}}}``.
+    """
+    block_map = BlockMap(model)
+    heads = num_heads_of(model)
+    state = model.state_dict()
+    units_out: dict[str, Any] = {}
+    for unit in units:
+        mats = _unit_matrices(block_map, unit)
+        entry: dict[str, Any] = {
+            "matrices": [int(w.numel()) for _, w, _ in mats],
+            "num_weights": int(sum(w.numel() for _, w, _ in mats)),
+            "linears": sum(k != "embedding" for _, _, k in mats),
+            "name_bytes": sum(len(f"{block_map.module_path(n)}.weight") for n, _, _ in mats),
+            "groups": {},
+            "unavailable": {},
+        }
+        for g in map(parse_groups, groups):
+            try:
+                grids = [group_layout((w.shape[0], w.shape[1]), g, kind=k, num_heads=heads, name=n) for n, w, k in mats]
+            except QBHError as exc:
+                entry["unavailable"][str(g)] = str(exc)
+                continue
+            entry["groups"][str(g)] = {
+                "num_scales": sum(r * c for r, c in grids),
+                "error": {
+                    str(b): sum(quant_error(w, b, grid, symmetric) for (_, w, _), grid in zip(mats, grids))
+                    for b in bits
+                },
+            }
+        units_out[unit] = entry
+    return {
+        "symmetric": symmetric,
+        "bits": list(bits),
+        "state_bytes": int(sum(t.numel() * t.element_size() for t in state.values())),
+        "num_tensors": len(state),
+        "name_bytes": int(sum(len(k) for k in state)),
+        "num_linears": len(block_map.layers) * len(LINEAR_PARTS),
+        "units": units_out,
+    }
+
+
+def profile_units(block_map: BlockMap, report_blocks: Sequence[str]) -> list[str]:
+    """The allocation units of a report: its encoder blocks (which must not overlap), plus the embedding tables."""
+    enc = [b for b in report_blocks if b.startswith("encoder.")]
+    for i, a in enumerate(enc):
+        for b in enc[i + 1 :]:
+            if a.startswith(b + ".") or b.startswith(a + "."):
+                raise QBHError(f"report blocks {a} and {b} overlap; score either layers or linears, not both")
+    return enc + [u for u in EMBEDDING_UNITS if u.split(".")[1] in block_map.embedding_parts]

@@ -1,0 +1,178 @@
+"""Uniform group-wise quantization: the one definition of rounding and grouping (Q-BERT, Q8BERT).
+
+A weight W (out, in) is cut into a grid of ``row_groups x col_groups`` blocks; each block g gets its own scale
+s_g (and, asymmetric, a zero point z_g):
+
+    symmetric:   s_g = max|W_g| / ((2^b - 1) / 2),   q = clamp(round(W / s_g), -2^(b-1), 2^(b-1) - 1)
+    asymmetric:  s_g = (max W_g - min W_g) / (2^b - 1), z_g = round(-min W_g / s_g),
+                 q = clamp(round(W / s_g) + z_g, 0, 2^b - 1)
+    Q(W) = (q - z_g) * s_g
+
+Scales are rounded *up* to the nearest float16, the precision they are stored in, so the fake-quantized
+weight, the packed checkpoint and its reload are bit-for-bit the same, and no weight inside the range moves
+by more than s_g / 2.
+
+Groupings (Shen et al. 2020, Q-BERT Sec. 3.3): ``1`` one scale per matrix; ``heads`` one per attention head
+(query/key/value: the rows of each head; attention output: the input columns of each head; FFN matrices:
+``num_heads`` contiguous output-row buckets, so every matrix of a layer has as many groups); an integer G
+(G groups per matrix as contiguous output-row buckets; for the attention output, when num_heads divides G,
+G / num_heads row buckets inside each head's columns); ``channel`` one scale per output row.
+
+Activations (Zafrir et al. 2019, Q8BERT): symmetric b-bit with the range taken from an EMA of max|x|.
+The straight-through estimator passes gradients unchanged inside the clipping range and zeroes them outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..config import Groups, check_bits, parse_groups
+from ..errors import QBHError
+
+Kind = Literal["qkv", "attn_out", "ffn", "embedding"]
+# Smallest normal float16: a scale below it would lose precision when stored.
+_MIN_SCALE = 2.0**-14
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one weight is quantized: ``bits`` (2..8), ``groups`` and symmetric or asymmetric ranges."""
+
+    bits: int
+    groups: Groups = 1
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        object.__setattr__(self, "groups", parse_groups(self.groups))
+
+
+def group_layout(
+    shape: tuple[int, int], groups: Groups, *, kind: Kind, num_heads: int | None = None, name: str = "weight"
+) -> tuple[int, int]:
+    """The ``(row_groups, col_groups)`` grid of a weight of ``shape`` (out, in) under ``groups``.
+
+    Example: query (384, 384), 12 heads, ``heads`` -> (12, 1); attention output -> (1, 12); ``128`` -> (128, 1);
+    ``channel`` -> (384, 1).
+
+    Raises:
+        QBHError: the grouping does not divide the matrix, or ``heads`` without heads.
+    """
+    out_f, in_f = shape
+    groups = parse_groups(groups)
+    if groups == "channel":
+        return out_f, 1
+    if groups == "heads":
+        if kind == "embedding" or not num_heads:
+            raise QBHError(f"{name}: groups 'heads' needs attention heads; use 1, an integer or channel")
+        grid = (1, num_heads) if kind == "attn_out" else (num_heads, 1)
+    elif kind == "attn_out" and num_heads and groups % num_heads == 0 and groups > 1:
+        grid = (groups // num_heads, num_heads)
+    else:
+        grid = (int(groups), 1)
+    if out_f % grid[0] or in_f % grid[1]:
+        raise QBHError(
+            f"{name}: groups={groups} do not divide its {out_f}x{in_f} weight into a {grid[0]}x{grid[1]} grid; "
+            "choose a divisor of the matrix size, heads or channel"
+        )
+    return grid
+
+
+def to_groups(w: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(out, in) -> (row_groups * col_groups, group size), one row per group."""
+    rg, cg = grid
+    out_f, in_f = w.shape
+    # (rg, out/rg, cg, in/cg) -> (rg, cg, out/rg, in/cg)
+    return w.reshape(rg, out_f // rg, cg, in_f // cg).permute(0, 2, 1, 3).reshape(rg * cg, -1)
+
+
+def from_groups(g: Tensor, shape: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`to_groups`."""
+    rg, cg = grid
+    out_f, in_f = shape
+    return g.reshape(rg, cg, out_f // rg, in_f // cg).permute(0, 2, 1, 3).reshape(out_f, in_f)
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)``: [-2^(b-1), 2^(b-1)-1] symmetric, [0, 2^b-1] asymmetric."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def _fp16_up(scale: Tensor) -> Tensor:
+    """Round a float32 scale up to a float16-representable value (as float32)."""
+    s = scale.clamp(min=_MIN_SCALE, max=60000.0)
+    h = s.half()
+    h = torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.float()
+
+
+@dataclasses.dataclass
+class Quantized:
+    """Integer codes of a grouped weight and what it takes to rebuild it.
+
+    ``codes`` (groups, group size) int16; ``scale`` (groups,) float32 holding float16 values; ``zero``
+    (groups,) int16 or None (symmetric); ``shape`` and ``grid`` of the original weight.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    bits: int
+    shape: tuple[int, int]
+    grid: tuple[int, int]
+
+    def dequantize(self) -> Tensor:
+        q = self.codes.float()
+        if self.zero is not None:
+            q = q - self.zero.float()[:, None]
+        return from_groups(q * self.scale[:, None], self.shape, self.grid)
+
+
+def quantize(w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True) -> Quantized:
+    """Quantize ``w`` (out, in) with one scale per cell of ``grid``; no gradient."""
+    w = w.detach().float()
+    g = to_groups(w, grid)
+    qmin, qmax = code_range(bits, symmetric)
+    if symmetric:
+        scale = _fp16_up(g.abs().amax(dim=1) / ((2**bits - 1) / 2))
+        codes = torch.clamp(torch.round(g / scale[:, None]), qmin, qmax)
+        zero = None
+    else:
+        lo, hi = g.amin(dim=1).clamp(max=0), g.amax(dim=1).clamp(min=0)
+        scale = _fp16_up((hi - lo) / (2**bits - 1))
+        zero = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+        codes = torch.clamp(torch.round(g / scale[:, None]) + zero[:, None], qmin, qmax)
+        zero = zero.to(torch.int16)
+    return Quantized(codes.to(torch.int16), scale, zero, bits, tuple(w.shape), grid)  # type: ignore[arg-type]
+
+
+def fake_quantize(w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True) -> Tensor:
+    """Q(w) in the forward pass, identity gradient in the backward pass (straight-through estimator).
+
+    The scales come from the weight itself (its max), so nothing is clipped and every gradient passes.
+    """
+    q = quantize(w, bits, grid, symmetric).dequantize().to(w.dtype)
+    return w + (q - w).detach()
+
+
+def quant_error(w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True) -> float:
+    """||Q(w) - w||^2, the perturbation the allocator weighs by sensitivity (HAWQ-V3)."""
+    with torch.no_grad():
+        return float((quantize(w, bits, grid, symmetric).dequantize() - w.float()).pow(2).sum())
+
+
+def fake_quantize_activation(x: Tensor, amax: Tensor, bits: int = 8) -> Tensor:
+    """Symmetric fake quantization of an activation with range [-amax, amax] (Q8BERT).
+
+    Values beyond the range are clipped; the straight-through estimator zeroes their gradient.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = amax.clamp(min=1e-8) / qmax
+    q = torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    inside = x.abs() <= amax
+    x_ste = torch.where(inside, x, x.detach())
+    return x_ste + (q - x_ste).detach()

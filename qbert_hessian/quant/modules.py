@@ -1,0 +1,207 @@
+"""Fake-quant drop-ins for ``nn.Linear`` and ``nn.Embedding`` that keep FP32 master weights (optimum-quanto's
+``QLinear`` idea without tensor subclasses), and the Q8BERT activation quantizer.
+
+``QuantLinear`` *is* an ``nn.Linear`` (same forward signature, same ``weight`` and ``bias``), so HF code, the
+Trainer and ``save_pretrained`` keep working. Its forward uses Q(W) with the straight-through estimator, so
+QAT trains the master weight. After :meth:`~_QuantWeight.set_quantized` (what loading a packed checkpoint does)
+the module holds Q(W) itself and its stored scales, and uses them as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import QBHError
+from .functional import Kind, Quantized, QuantSpec, fake_quantize, fake_quantize_activation, quantize
+
+
+class ActQuant(nn.Module):
+    """Symmetric ``bits``-bit fake quantization of an activation with an EMA range (Q8BERT).
+
+    The range ``amax`` follows an exponential moving average of max|x| (``momentum``) while the module is in
+    training mode or ``observing`` (calibration); in evaluation it is fixed. ``amax`` is saved with the model.
+    """
+
+    def __init__(self, bits: int = 8, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.bits = bits
+        self.momentum = momentum
+        self.observing = False
+        self.noise = 0.0
+        self.register_buffer("amax", torch.zeros(()))
+        self.register_buffer("num_observed", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.amax > 0)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        current = x.detach().abs().amax().float()
+        if self.num_observed == 0 and not self.calibrated:
+            self.amax.copy_(current)
+        else:
+            self.amax.mul_(self.momentum).add_((1 - self.momentum) * current)
+        self.num_observed += 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or self.observing:
+            self.observe(x)
+        if not self.calibrated:
+            raise QBHError(
+                "activation ranges are not calibrated; run calibrate_activations(model, batches) "
+                "(or train the model) before evaluating it"
+            )
+        return fake_quantize_activation(x, self.amax, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, momentum={self.momentum}"
+
+
+class _QuantWeight:
+    """What QuantLinear and QuantEmbedding share: the weight's spec, grid, fake quantization and cache."""
+
+    weight: nn.Parameter
+    spec: QuantSpec
+    grid: tuple[int, int]
+    kind: Kind
+    training: bool
+
+    def _init_quant(self, spec: QuantSpec, grid: tuple[int, int], kind: Kind) -> None:
+        self.spec, self.grid, self.kind = spec, grid, kind
+        self.noise = 0.0  # Quant-Noise: share of groups left in FP32 per training forward (Fan et al. 2020)
+        self._frozen: Quantized | None = None
+        self._frozen_version: tuple[int, int] | None = None
+        self._cache: tuple[Any, Tensor] | None = None
+
+    def quantized(self) -> Quantized:
+        """Integer codes and scales of the current weight (the stored ones after ``set_quantized``)."""
+        if self._frozen is not None and self._frozen_key() == self._frozen_version:
+            return self._frozen
+        return quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric)
+
+    def set_quantized(self, q: Quantized) -> None:
+        """Hold ``q``: the weight becomes Q(W), and forward uses it as is (a loaded packed checkpoint)."""
+        with torch.no_grad():
+            self.weight.copy_(q.dequantize().to(self.weight.dtype))
+        self._frozen = q
+        self._frozen_version = self._frozen_key()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # Moving the module (``.to(device)``) must keep the stored codes, not re-quantize Q(W).
+        valid = self._frozen is not None and self._frozen_key() == self._frozen_version
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        if valid and self._frozen is not None:
+            q, dev = self._frozen, self.weight.device
+            q.codes, q.scale = q.codes.to(dev), q.scale.to(dev)
+            q.zero = q.zero.to(dev) if q.zero is not None else None
+            self._frozen_version = self._frozen_key()
+        return out
+
+    def _frozen_key(self) -> tuple[int, int]:
+        return (self.weight._version, self.weight.data_ptr())
+
+    def qweight(self) -> Tensor:
+        """The weight the forward pass uses: Q(W), with the straight-through gradient to W."""
+        if self._frozen is not None and self._frozen_key() == self._frozen_version:
+            return self.weight
+        if self.training and torch.is_grad_enabled():
+            self._cache = None
+            q = fake_quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric)
+            if self.noise > 0:
+                q = self._quant_noise(q)
+            return q
+        key = (self._frozen_key(), self.weight.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                q = quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric)
+                self._cache = (key, q.dequantize().to(self.weight.dtype))
+        return self._cache[1]
+
+    def _quant_noise(self, q: Tensor) -> Tensor:
+        """Keep a random share ``noise`` of the groups in FP32 for this forward (Quant-Noise)."""
+        from .functional import from_groups, to_groups
+
+        rows = to_groups(q, self.grid).shape[0]
+        keep_fp = (torch.rand(rows, 1, device=q.device) < self.noise).to(q.dtype)
+        w_g, q_g = to_groups(self.weight, self.grid), to_groups(q, self.grid)
+        return from_groups(keep_fp * w_g + (1 - keep_fp) * q_g, tuple(q.shape), self.grid)  # type: ignore[arg-type]
+
+
+class QuantLinear(_QuantWeight, nn.Linear):
+    """``nn.Linear`` with group-wise fake-quantized weights and, optionally, 8-bit fake-quantized inputs."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        spec: QuantSpec,
+        grid: tuple[int, int],
+        kind: Kind,
+        act_bits: int | None = 8,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(spec, grid, kind)
+        self.act = ActQuant(act_bits) if act_bits else None
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Linear, spec: QuantSpec, grid: tuple[int, int], kind: Kind, act_bits: int | None
+    ) -> QuantLinear:
+        """A QuantLinear sharing ``module``'s weight and bias parameters."""
+        q = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            spec=spec,
+            grid=grid,
+            kind=kind,
+            act_bits=act_bits,
+            device="meta",
+        )
+        q.weight, q.bias = module.weight, module.bias
+        if q.act is not None:
+            q.act.to(module.weight.device)
+        q.train(module.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        return F.linear(x, self.qweight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.spec.bits}, groups={self.spec.groups}, grid={self.grid}"
+
+
+class QuantEmbedding(_QuantWeight, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (its own bits; rows grouped per ``spec.groups``)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, spec: QuantSpec, grid: tuple[int, int]) -> QuantEmbedding:
+        q = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+        q.weight = module.weight
+        q.max_norm, q.norm_type = module.max_norm, module.norm_type
+        q.scale_grad_by_freq, q.sparse = module.scale_grad_by_freq, module.sparse
+        q._init_quant(spec, grid, "embedding")
+        q.train(module.training)
+        return q
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Embedding's signature)
+        return F.embedding(
+            input, self.qweight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.spec.bits}, groups={self.spec.groups}"
+
+
+QUANT_MODULES = (QuantLinear, QuantEmbedding)

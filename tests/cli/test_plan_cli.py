@@ -1,0 +1,204 @@
+"""plan -> quantize -> evaluate as typed, on the tiny checkpoint; bad plans exit 2 and write nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qbert_hessian.cli import main
+
+DATA = ["--task", "sst2", "--max-length", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_checkpoint, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sens") / "report"
+    args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *DATA, "--out", str(out)]
+    assert main([*args, "--draws", "2", "--batch-size", "8", "--max-iters", "10", "--trace-samples", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def plan_file(report_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    rc = main(
+        [
+            "plan",
+            "--report",
+            str(report_dir),
+            "--avg-bits",
+            "3",
+            "--bits",
+            "2,3,4",
+            "--groups",
+            "channel",
+            "--frontier",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_sensitivity_report_carries_the_quantization_profile(report_dir):
+    data = json.loads((report_dir / "sensitivity.json").read_text())
+    prof = data["quantization"]
+    assert set(prof["units"]) == {
+        "encoder.0",
+        "encoder.1",
+        "embeddings.word",
+        "embeddings.position",
+        "embeddings.token_type",
+    }
+    assert set(prof["units"]["encoder.0"]["groups"]) == {"1", "channel"}  # 37-row FFN: no heads, no 128
+    assert set(prof["units"]["encoder.0"]["unavailable"]) == {"heads", "128"}
+
+
+def test_plan_writes_plan_markdown_and_frontier(plan_file, capsys):
+    plan = json.loads(plan_file.read_text())
+    assert plan["schema"] == "qbert_hessian.plan/1" and plan["method"] == "milp"
+    assert plan["budget"] == {"avg_bits": 3.0}
+    assert plan["predicted"]["encoder_avg_bits"] <= 3.0 + 1e-9
+    assert {b: e["bits"] for b, e in plan["blocks"].items()}.keys() >= {"encoder.0", "encoder.1", "embeddings.word"}
+    assert len(plan["source"]["sha256"]) == 64
+    names = sorted(p.name for p in plan_file.parent.iterdir())
+    assert names == ["frontier.json", "frontier.png", "plan.json", "plan.md"]
+    assert "| `encoder.0` |" in (plan_file.parent / "plan.md").read_text()
+
+
+def test_quantize_then_evaluate_fp32_direct_and_packed(tiny_checkpoint, tiny_data, plan_file, tmp_path, capsys):
+    packed = tmp_path / "packed"
+    rc = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_checkpoint),
+            "--plan",
+            str(plan_file),
+            "--data",
+            str(tiny_data),
+            *DATA,
+            "--batch-size",
+            "8",
+            "--calibration-batches",
+            "2",
+            "--out",
+            str(packed),
+        ]
+    )
+    assert rc == 0
+    assert {"model.safetensors", "quantization.json", "config.json", "size.json", "tokenizer.json"} <= {
+        p.name for p in packed.iterdir()
+    }
+    size = json.loads((packed / "size.json").read_text())
+    assert abs(size["predicted_error"]) < 0.01 and size["compression"] > 1.5
+    metrics = tmp_path / "metrics.json"
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_checkpoint),
+            "--plan",
+            str(plan_file),
+            "--packed",
+            str(packed),
+            "--data",
+            str(tiny_data),
+            *DATA,
+            "--batch-size",
+            "8",
+            "--calibration-batches",
+            "2",
+            "--out",
+            str(metrics),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(metrics.read_text())["results"]
+    assert [r["kind"] for r in rows] == ["fp32", "direct", "packed"]
+    direct, from_file = rows[1], rows[2]
+    assert direct["accuracy"] == from_file["accuracy"] and direct["loss"] == pytest.approx(from_file["loss"], abs=1e-6)
+    assert "| fp32 | fp32 |" in capsys.readouterr().out
+
+
+def _write_plan(path, plan_file, **changes):
+    plan = json.loads(plan_file.read_text())
+    for key, value in changes.items():
+        if key == "blocks":
+            plan["blocks"].update(value)
+        else:
+            plan[key] = value
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"blocks": {"encoder.9": {"bits": 4, "groups": 1}}}, "block 'encoder.9' does not exist"),
+        ({"blocks": {"encoder.0": {"bits": 1, "groups": 1}}}, "bits 1; use an integer from 2 to 8"),
+        ({"blocks": {"encoder.0": {"bits": 9, "groups": 1}}}, "bits 9; use an integer from 2 to 8"),
+        ({"blocks": {"encoder.0": {"bits": 4, "groups": "heads"}}}, "groups=heads do not divide"),
+        ({"model": {"num_layers": 12, "num_heads": 12, "hidden_size": 768}}, "plan was made for another model"),
+        ({"schema": "qbert_hessian.plan/2"}, "this version reads qbert_hessian.plan/1"),
+        ("malformed", "is not valid JSON"),
+    ],
+    ids=["unknown-block", "bits-1", "bits-9", "bad-groups", "other-model", "schema", "malformed"],
+)
+def test_quantize_refuses_bad_plans_and_writes_nothing(
+    tiny_checkpoint, tiny_data, plan_file, tmp_path, capsys, change, message
+):
+    bad = tmp_path / "bad.json"
+    if change == "malformed":
+        bad.write_text('{"schema": "qbert_hessian.plan/1", "blocks": {')
+    else:
+        _write_plan(bad, plan_file, **change)
+    out = tmp_path / "packed"
+    rc = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_checkpoint),
+            "--plan",
+            str(bad),
+            "--data",
+            str(tiny_data),
+            *DATA,
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "packed.saving").exists()
+
+
+def test_plan_refuses_infeasible_budget_and_partial_reports(report_dir, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = main(
+        [
+            "plan",
+            "--report",
+            str(report_dir),
+            "--budget-mb",
+            "0.001",
+            "--groups",
+            "channel",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 2 and "infeasible: the smallest plan with bits 2,3,4,8 is" in capsys.readouterr().err
+    assert not out.exists()
+    rc = main(
+        ["plan", "--report", str(report_dir), "--avg-bits", "3", "--groups", "heads", "--out", str(out), "--quiet"]
+    )
+    assert rc == 2 and "groups=heads do not divide" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--report", str(report_dir), "--out", str(out)])
+    assert exc.value.code == 2
+    assert not out.exists()

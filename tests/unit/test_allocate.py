@@ -1,0 +1,206 @@
+"""allocate.py on synthetic reports (no torch, no model): MILP = brute force, monotone in the budget, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qbert_hessian.allocate import (
+    MIB,
+    AllocConfig,
+    Budget,
+    allocate_bits,
+    build_problem,
+    frontier,
+    solve_brute_force,
+    solve_milp,
+    solve_rank,
+    uniform_plan,
+)
+from qbert_hessian.artifacts import BitPlan, BlockSensitivity, SensitivityReport
+from qbert_hessian.errors import QBHError
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def synthetic_report(num_blocks: int = 5, seed: int = 0, *, sizes=None) -> SensitivityReport:
+    """A report whose profile has random sizes, sensitivities and errors that fall with the width."""
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [int(rng.integers(1, 40)) * 96 for _ in range(num_blocks)]
+    blocks, units = [], {}
+    for i, n in enumerate(sizes):
+        name = f"encoder.{i}"
+        omega = float(rng.uniform(0.1, 50))
+        blocks.append(
+            BlockSensitivity(name, n, [omega], omega, 0.0, omega, [5], [True], 0.1, normalized_trace=omega / 10)
+        )
+        base = float(rng.uniform(0.5, 2.0)) * n
+        units[name] = {
+            "matrices": [n // 2, n // 2],
+            "num_weights": n,
+            "linears": 2,
+            "name_bytes": 60,
+            "groups": {"1": {"num_scales": 2, "error": {str(b): base * 4.0 ** (-b) for b in BITS}}},
+            "unavailable": {"128": f"{name}.query: groups=128 do not divide"},
+        }
+    units["embeddings.word"] = {
+        "matrices": [640],
+        "num_weights": 640,
+        "linears": 0,
+        "name_bytes": 40,
+        "groups": {
+            "channel": {"num_scales": 20, "error": {str(b): 1.0 for b in BITS}},
+            "1": {"num_scales": 1, "error": {str(b): 1.0 for b in BITS}},
+        },
+        "unavailable": {},
+    }
+    total = sum(sizes) + 640 + 1000
+    profile = {
+        "symmetric": True,
+        "bits": list(BITS),
+        "state_bytes": 4 * total,
+        "num_tensors": 20,
+        "name_bytes": 600,
+        "num_linears": 2 * num_blocks,
+        "units": units,
+    }
+    return SensitivityReport(
+        model={"name": "synthetic", "num_layers": num_blocks, "num_heads": 4, "hidden_size": 32},
+        task="t",
+        config={},
+        draws=[],
+        blocks=blocks,
+        pending=[],
+        quantization=profile,
+    )
+
+
+CFG = AllocConfig(bits=(2, 4, 8), groups=1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("avg_bits", [2.0, 2.7, 3.5, 5.0, 8.0])
+def test_milp_equals_brute_force(seed, avg_bits):
+    problem, _ = build_problem(synthetic_report(5, seed), CFG)
+    budget = Budget(avg_bits=avg_bits)
+    milp, brute = solve_milp(problem, budget), solve_brute_force(problem, budget)
+    assert problem.objective(milp) == pytest.approx(problem.objective(brute), rel=1e-9, abs=1e-12)
+    assert problem.avg_bits(milp) <= avg_bits + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_milp_equals_brute_force_under_a_size_budget(seed):
+    report = synthetic_report(5, seed)
+    problem, _ = build_problem(report, CFG)
+    lo, hi = problem.size([0] * 5), problem.size([2] * 5)
+    for frac in (0.0, 0.2, 0.5, 0.9):
+        budget = Budget(max_mb=(lo + frac * (hi - lo)) / MIB)
+        milp, brute = solve_milp(problem, budget), solve_brute_force(problem, budget)
+        assert problem.objective(milp) == pytest.approx(problem.objective(brute), rel=1e-9, abs=1e-12)
+        assert problem.size(milp) <= budget.max_mb * MIB
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_objective_never_rises_as_the_budget_grows(seed):
+    report = synthetic_report(6, seed)
+    objectives = [allocate_bits(report, Budget(avg_bits=a), CFG).predicted["objective"] for a in np.linspace(2, 8, 13)]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(objectives, objectives[1:]))
+    assert objectives[-1] < objectives[0]
+
+
+def test_rank_rule_is_monotone_in_sensitivity_and_never_beats_milp():
+    report = synthetic_report(6, 3)
+    problem, _ = build_problem(report, CFG)
+    budget = Budget(avg_bits=3.4)
+    rank, milp = solve_rank(problem, budget), solve_milp(problem, budget)
+    order = np.argsort(problem.sensitivity)
+    widths = [problem.bits[rank[b]] for b in order]
+    assert widths == sorted(widths)
+    assert problem.objective(milp) <= problem.objective(rank) + 1e-12
+
+
+def test_predicted_size_adds_up():
+    report = synthetic_report(3, 1, sizes=[960, 960, 1920])
+    plan = uniform_plan(report, 4, CFG)
+    problem, _ = build_problem(report, AllocConfig(bits=(4,), groups=1))
+    codes = sum(n // 2 * 4 // 8 * 2 for n in (960, 960, 1920))
+    scales = 2 * 2 * 3
+    assert problem.cost.sum() == codes + scales
+    assert plan.predicted["bytes"] == problem.size([0, 0, 0])
+    assert plan.predicted["encoder_avg_bits"] == 4.0
+    assert plan.blocks["encoder.2"] == {"bits": 4, "groups": 1}
+    assert plan.blocks["embeddings.word"] == {"bits": 8, "groups": "channel"}
+
+
+def test_infeasible_budget_names_the_smallest_reachable_size():
+    report = synthetic_report(4, 0)
+    with pytest.raises(QBHError, match=r"infeasible: the smallest plan with bits 2,4,8 is [0-9.]+ MiB"):
+        allocate_bits(report, Budget(avg_bits=1.5), CFG)
+    with pytest.raises(QBHError, match="infeasible"):
+        allocate_bits(report, Budget(max_mb=1e-6), CFG)
+
+
+def test_budget_above_fp32_gives_the_widest_plan_with_a_note():
+    report = synthetic_report(4, 0)
+    plan = allocate_bits(report, Budget(ratio=0.5), CFG)
+    assert all(e["bits"] == 8 for b, e in plan.blocks.items() if b.startswith("encoder."))
+    assert any("every block at 8 bits" in n for n in plan.notes)
+
+
+def test_budget_needs_exactly_one_value():
+    with pytest.raises(QBHError, match="exactly one budget"):
+        Budget()
+    with pytest.raises(QBHError, match="exactly one budget"):
+        Budget(max_mb=3, avg_bits=3)
+    with pytest.raises(QBHError, match="must be positive"):
+        Budget(ratio=-2)
+
+
+def test_unavailable_grouping_is_reported_with_its_reason():
+    with pytest.raises(QBHError, match="groups=128 do not divide"):
+        build_problem(synthetic_report(3, 0), AllocConfig(groups=128))
+    with pytest.raises(QBHError, match="no quantization errors for groups=heads"):
+        build_problem(synthetic_report(3, 0), AllocConfig(groups="heads"))
+
+
+def test_trace_measure_needs_the_trace():
+    report = synthetic_report(3, 0)
+    report.blocks[1].normalized_trace = None
+    with pytest.raises(QBHError, match="no trace"):
+        allocate_bits(report, Budget(avg_bits=3), AllocConfig(groups=1, measure="trace"))
+
+
+def test_report_without_profile_is_refused():
+    report = synthetic_report(3, 0)
+    report.quantization = None
+    with pytest.raises(QBHError, match="no quantization profile; rerun plan with --model"):
+        allocate_bits(report, Budget(avg_bits=3), CFG)
+
+
+def test_frontier_is_monotone_and_marks_uniform_plans():
+    front = frontier(synthetic_report(5, 2), CFG, num_points=9)
+    objs = [p["objective"] for p in front["points"]]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(objs, objs[1:]))
+    assert [u["bits"] for u in front["uniform"]] == [2, 4, 8]
+    assert front["points"][0]["objective"] == pytest.approx(front["uniform"][0]["objective"])
+
+
+def test_plan_round_trips_and_refuses_bad_entries():
+    plan = allocate_bits(synthetic_report(3, 0), Budget(avg_bits=3), CFG)
+    assert BitPlan.from_dict(plan.to_dict()) == plan
+    for bad, msg in [
+        ({"encoder.0": {"bits": 9}}, "bits 9"),
+        ({"encoder.0": {"bits": 1}}, "bits 1"),
+        ({"encoder.0": {"groups": 4}}, "needs a 'bits'"),
+        ({"encoder.0": {"bits": 4, "group": 4}}, "unknown key"),
+    ]:
+        with pytest.raises(QBHError, match=msg):
+            BitPlan(model={}, blocks=bad)
+
+
+def test_brute_force_covers_every_combination():
+    problem, _ = build_problem(synthetic_report(3, 0), CFG)
+    assert len(list(itertools.product(range(3), repeat=3))) == 27
+    assert solve_brute_force(problem, Budget(avg_bits=8)) == [2, 2, 2]
