@@ -251,3 +251,129 @@ def plot_frontier(front: dict[str, Any], path: Path | str, plan: BitPlan | None 
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
+
+
+def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
+    """``(w-bits, e-bits, a-bits, groups)`` of a plan as the results table shows them."""
+    enc = [e for b, e in plan.blocks.items() if b.startswith("encoder.")]
+    widths = sorted({e["bits"] for e in enc})
+    w = "/".join(map(str, widths)) if widths else "32"
+    if len(widths) > 1:
+        w += f" (avg {plan.predicted.get('encoder_avg_bits', float('nan')):.2f})"
+    emb = plan.blocks.get("embeddings.word", {}).get("bits", 32)
+    groups = sorted({str(e.get("groups", 1)) for e in enc})
+    return w, str(emb), str(plan.act_bits or 32), "/".join(groups) or "-"
+
+
+def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The results table of a run folder, from its JSON artifacts alone."""
+    from .artifacts import METRICS_SCHEMA, read_json
+
+    run = Path(run_dir)
+    base = read_json(run / "results" / "fp32.json", METRICS_SCHEMA)
+    fp32_bytes = base["bytes"]
+    rows = [
+        {
+            "method": "FP32 baseline",
+            "plan": "-",
+            "w_bits": "32",
+            "e_bits": "32",
+            "a_bits": "32",
+            "groups": "-",
+            "accuracy": base["metrics"]["accuracy"],
+            "macro_f1": base["metrics"]["macro_f1"],
+            "mib": fp32_bytes / 2**20,
+            "compression": 1.0,
+        }
+    ]
+    config = read_json(run / "run.json", "qbert_hessian.run/1")["config"]
+    for spec in config["plans"]:
+        name = spec["name"]
+        path = run / "results" / name / "metrics.json"
+        if not path.exists():
+            continue
+        res = read_json(path, METRICS_SCHEMA)
+        plan = BitPlan.load(run / "plans" / f"{name}.json")
+        w, e, a, g = _bits_text(plan)
+        common = {
+            "plan": name,
+            "w_bits": w,
+            "e_bits": e,
+            "a_bits": a,
+            "groups": g,
+            "mib": res["bytes"] / 2**20,
+            "compression": fp32_bytes / res["bytes"],
+        }
+        kind = "uniform" if plan.method == "uniform" else f"mixed ({plan.method})"
+        rows.append(
+            {
+                "method": f"direct, {kind}",
+                **common,
+                "accuracy": res["direct"]["accuracy"],
+                "macro_f1": res["direct"]["macro_f1"],
+            }
+        )
+        if res.get("qat"):
+            rows.append(
+                {
+                    "method": f"QAT, {kind}",
+                    **common,
+                    "accuracy": res["metrics"]["accuracy"],
+                    "macro_f1": res["metrics"]["macro_f1"],
+                }
+            )
+    return rows
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | plan | w-bits | e-bits | a-bits | groups | accuracy | macro-F1 | size MiB | compression |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['plan']} | {r['w_bits']} | {r['e_bits']} | {r['a_bits']} | {r['groups']} | "
+            f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['mib']:.2f} | {r['compression']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def write_run_report(run_dir: Path | str) -> Path:
+    """``report.md`` of a run folder: the results table, the sensitivity plot, the plans and the frontier."""
+    from .artifacts import read_json
+
+    run = Path(run_dir)
+    config = read_json(run / "run.json", "qbert_hessian.run/1")["config"]
+    m = config["model"]
+    rows = results_rows(run)
+    lines = [
+        f"# Compression run: {m['name']} on {m['task']}",
+        "",
+        "Accuracy on the dev split; packed sizes are bytes of `model.safetensors` on disk, compression is against "
+        "the FP32 weights. Quantized rows are evaluated from their packed checkpoint (QAT rows) or by direct "
+        "(post-training) quantization of the FP32 model.",
+        "",
+        results_table(rows),
+        "",
+        "## Sensitivity",
+        "",
+        "![sensitivity](sensitivity/sensitivity.png)",
+        "",
+        "Table: [sensitivity/sensitivity.md](sensitivity/sensitivity.md).",
+        "",
+        "## Plans",
+        "",
+    ]
+    for spec in config["plans"]:
+        path = run / "plans" / f"{spec['name']}.json"
+        if path.exists():
+            plan = BitPlan.load(path)
+            enc = ", ".join(
+                f"{b.split('.', 1)[1]}:{e['bits']}" for b, e in plan.blocks.items() if b.startswith("encoder.")
+            )
+            lines.append(
+                f"- [{spec['name']}](plans/{spec['name']}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
+            )
+    if (run / "plans" / "frontier.png").exists():
+        lines += ["", "![frontier](plans/frontier.png)"]
+    return write_text(run / "report.md", "\n".join(lines) + "\n")

@@ -69,7 +69,7 @@ def finetune(
         report_to=[],
         seed=config.seed,
         disable_tqdm=not progress,
-        use_cpu=not _cuda_available(),
+        use_cpu=not cuda_available(),
     )
     trainer = Trainer(
         model=model,
@@ -109,7 +109,7 @@ def finetune(
     return result
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()

@@ -43,7 +43,7 @@ def test_finetune_then_sensitivity_on_minilm(sst2_sample, tmp_path):
                 "--data",
                 str(sst2_sample),
                 "--epochs",
-                "1",
+                "3",
                 "--batch-size",
                 "32",
                 "--lr",
@@ -101,3 +101,22 @@ def test_finetune_then_sensitivity_on_minilm(sst2_sample, tmp_path):
     assert md.count("| `") == 7 and "Omega" in md
     assert (out / "sensitivity.png").stat().st_size > 10_000
     assert len((out / "sensitivity.csv").read_text().splitlines()) == 8
+
+    # Bit plan at Q-BERT's 2/3-bit setting, direct quantization, packed checkpoint, evaluation from the file.
+    plan = tmp_path / "plan.json"
+    assert (
+        main(["plan", "--report", str(out), "--avg-bits", "2.5", "--bits", "2,3", "--out", str(plan), "--quiet"]) == 0
+    )
+    p = json.loads(plan.read_text())
+    enc = [e["bits"] for b, e in p["blocks"].items() if b.startswith("encoder.")]
+    assert sorted(enc) == [2, 2, 2, 3, 3, 3] and p["blocks"]["embeddings.word"]["bits"] == 8
+    data = ["--task", "sst2", "--data", str(sst2_sample), "--max-length", "32", "--quiet"]
+    packed = tmp_path / "packed"
+    assert main(["quantize", "--model", str(ckpt), "--plan", str(plan), *data, "--out", str(packed)]) == 0
+    size = json.loads((packed / "size.json").read_text())
+    assert abs(size["predicted_error"]) < 0.01 and size["compression"] > 5
+    metrics = tmp_path / "metrics.json"
+    cmd = ["evaluate", "--model", str(ckpt), "--plan", str(plan), "--packed", str(packed), *data, "--out", str(metrics)]
+    assert main(cmd) == 0
+    fp32, direct, from_file = json.loads(metrics.read_text())["results"]
+    assert direct["accuracy"] == from_file["accuracy"] and fp32["num_examples"] == 128

@@ -30,6 +30,7 @@ LAYERS = {
     "evaluate": 3,
     "landscape": 3,
     "train": 4,
+    "qat": 4,
     "report": 4,
     "pipeline": 5,
     "cli": 5,
