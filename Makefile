@@ -31,11 +31,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sensitivity.py
 
 style: $(STAMP)
-	$(VENV)/bin/ruff format qbert_hessian tests benchmarks
-	$(VENV)/bin/ruff check --fix qbert_hessian tests benchmarks
+	$(VENV)/bin/ruff format qbert_hessian tests benchmarks experiments notebooks
+	$(VENV)/bin/ruff check --fix qbert_hessian tests benchmarks experiments notebooks
 
 check: $(STAMP)
-	$(VENV)/bin/ruff check qbert_hessian tests benchmarks
+	$(VENV)/bin/ruff check qbert_hessian tests benchmarks experiments notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

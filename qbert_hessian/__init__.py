@@ -27,7 +27,6 @@ _EXPORTS = {
     "hutchinson_trace": "hessian.trace",
     "hutchinson_block_traces": "hessian.trace",
     "estimate_sensitivity": "hessian.sensitivity",
-    "evaluate": "evaluate",
     "finetune": "train",
     "write_sensitivity": "report",
     "BitPlan": "artifacts",

@@ -383,16 +383,16 @@ def allocate_bits(
     Example:
         >>> plan = allocate_bits(report, Budget(avg_bits=2.5))  # doctest: +SKIP
     """
+    if config.method == Method.UNIFORM:
+        raise QBHError("use uniform_plan(report, bits, config) for a uniform plan; it takes no budget")
     problem, emb = build_problem(report, config)
     notes: list[str] = []
     row, rhs, _ = _constraint(problem, budget)
     top = len(problem.bits) - 1
-    if row.reshape(problem.cost.shape)[:, top].sum() <= rhs and config.method != Method.UNIFORM:
+    if row.reshape(problem.cost.shape)[:, top].sum() <= rhs:
         notes.append(
             f"the budget admits every block at {problem.bits[top]} bits (the widest candidate): nothing to trade off"
         )
-    if config.method == Method.UNIFORM:
-        raise QBHError("use uniform_plan(report, bits, config) for a uniform plan; it takes no budget")
     choice = solve_milp(problem, budget) if config.method == Method.MILP else solve_rank(problem, budget)
     return _plan(
         report,

@@ -19,9 +19,6 @@ from .errors import QBHError
 
 logger = logging.getLogger("qbert_hessian")
 
-DEMO_MODEL = "minilm-l6"
-DEMO_TASK = "bbc-news"
-
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -178,13 +175,75 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "landscape",
+        help="1-D/2-D loss surfaces of blocks along Hessian eigenvectors, random or gradient directions",
+        description="Loss on a grid around a block's weights. Example: qbert-hessian landscape --model "
+        "runs/sst2/checkpoint --task sst2 --data ../shared/data/sst2 --block encoder.0,encoder.5 "
+        "--directions eigen --grid 21 --out runs/sst2/landscape",
+    )
+    p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
+    _add_data_args(p)
+    p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model' for all weights")
+    p.add_argument("--directions", choices=["eigen", "random", "gradient"], default="eigen")
+    p.add_argument("--dims", type=int, choices=[1, 2], default=2)
+    p.add_argument("--grid", type=int, default=21, help="points per axis (Q-BERT: 21)")
+    p.add_argument("--range", dest="radius", type=float, default=0.4, help="axes run over [-R, R] (Q-BERT: 0.4)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=2, help="fixed batches averaged at every grid point")
+    p.add_argument("--split", choices=["train", "dev"], default="train")
+    p.add_argument("--out", type=Path, required=True, help="folder: <block>/landscape.{json,png} and panels.png")
+    _add_run_control(p, resume="keep the finished rows of existing landscapes", force="overwrite existing landscapes")
+
+    p = sub.add_parser(
+        "density",
+        help="Hessian eigenvalue density of blocks by stochastic Lanczos quadrature",
+        description="Eigenvalue density of a block's Hessian. Example: qbert-hessian density --model "
+        "runs/sst2/checkpoint --task sst2 --data ../shared/data/sst2 --block encoder.0 --out runs/sst2/density",
+    )
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model'")
+    p.add_argument("--steps", type=int, default=80, help="Lanczos steps per probe (memory: this many vectors)")
+    p.add_argument("--probes", type=int, default=1, help="Rademacher probes averaged")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, required=True, help="folder for density.json and density.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing density.json")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "run",
+        help="the whole pipeline from a TOML config: finetune, sensitivity, plans, quantization, QAT, report",
+        description="Run every stage; finished stages are skipped, so an interrupted run continues where it "
+        "stopped. Example: qbert-hessian run experiments/sst2_minilm.toml --set qat.epochs=1",
+    )
+    p.add_argument(
+        "config", type=Path, help="TOML file: [model], [finetune], [sensitivity], [allocate], [[plans]], [qat], [run]"
+    )
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: the config's 'out')")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set sensitivity.draws=5 (repeatable)",
+    )
+    p.add_argument("--model", default=None, help="override [model] name")
+    p.add_argument("--task", default=None, help="override [model] task")
+    p.add_argument("--data", default=None, help="override [model] data")
+    p.add_argument("--force", action="store_true", help="recompute every stage")
+    _add_common(p)
+
+    p = sub.add_parser(
         "demo",
-        help="the offline default: fine-tune MiniLM-L6 on BBC News, then its sensitivity",
-        description="Run the main job on the offline default (MiniLM-L6, BBC News). Finished stages "
-        "are reused; the path of the report is printed at the end.",
+        help="the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 10 minutes on 2 cores)",
+        description="Fine-tune MiniLM-L6 on BBC News, score its layers, plan 2/3/4-bit models, quantize, "
+        "recover with QAT, export packed checkpoints and write report.md. Finished stages are reused.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="recompute every stage")
     _add_common(p)
     return parser
 
@@ -479,53 +538,169 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Fine-tune (once) and score MiniLM-L6 on BBC News; sized for 2 CPU cores."""
-    ckpt = args.out / "checkpoint"
-    common = ["--task", DEMO_TASK, "--max-length", "128"] + (["--quiet"] if args.quiet else [])
-    if not (ckpt / "metrics.json").exists():
-        print(f"[demo] fine-tuning {DEMO_MODEL} on {DEMO_TASK} -> {ckpt}")
-        rc = main(
-            [
-                "finetune",
-                "--model",
-                DEMO_MODEL,
-                *common,
-                "--out",
-                str(ckpt),
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--lr",
-                "1e-4",
-                "--resume",
-            ]
+def _load_any(args: argparse.Namespace, raw, *, eager: bool = True):
+    """An FP32 checkpoint or a packed one, with the tokenized task."""
+    from transformers import AutoTokenizer
+
+    from .export import is_packed, load_packed
+    from .models import load_model
+    from .tasks import tokenize_task
+
+    if is_packed(args.model):
+        model, tokenizer = (
+            load_packed(args.model, eager=eager, device=args.device),
+            AutoTokenizer.from_pretrained(args.model),
         )
-        if rc:
-            return rc
     else:
-        print(f"[demo] reusing the fine-tuned checkpoint in {ckpt}")
-    sens = args.out / "sensitivity"
-    print(f"[demo] Hessian sensitivity -> {sens}")
-    rc = main(
-        [
-            "sensitivity",
-            "--model",
-            str(ckpt),
-            *common,
-            "--out",
-            str(sens),
-            "--draws",
-            str(args.draws),
-            "--batch-size",
-            "16",
-            "--resume",
-        ]
+        model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=eager, device=args.device)
+    return model, tokenize_task(raw, tokenizer, max_length=args.max_length)
+
+
+def _check_blocks(model, blocks: list[str]) -> None:
+    from .landscape import WHOLE_MODEL
+    from .models import BlockMap
+
+    block_map = BlockMap(model)
+    for b in blocks:
+        if b != WHOLE_MODEL:
+            block_map.module_path(b)
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from .landscape import Landscape, LandscapeConfig, loss_landscape
+    from .report import plot_landscapes
+
+    config = LandscapeConfig(
+        directions=args.directions,
+        dims=args.dims,
+        grid=args.grid,
+        radius=args.radius,
+        batch_size=args.batch_size,
+        num_batches=args.batches,
+        split=args.split,
+        seed=args.seed,
     )
-    if rc == 0:
-        print(f"[demo] done: {sens / 'sensitivity.md'}")
-    return rc
+    for b in args.block:
+        path = args.out / b / "landscape.json"
+        if path.exists() and not (args.resume or args.force):
+            raise QBHError(f"'{path}' exists; pass --resume to continue it or --force to overwrite it")
+    raw = _raw_task(args)
+    model, task = _load_any(args, raw)
+    _check_blocks(model, args.block)
+    done = []
+    for b in args.block:
+        path = args.out / b / "landscape.json"
+        resume = Landscape.load(path) if path.exists() and args.resume else None
+        if resume is not None and resume.complete and resume.config == config.to_dict():
+            done.append(resume)
+            continue
+
+        def save(ls: Landscape, path: Path = path) -> None:
+            ls.save(path)
+
+        try:
+            ls = loss_landscape(
+                model, task, config, block=b, model_name=args.model, resume=resume, on_row=save, progress=not args.quiet
+            )
+        except KeyboardInterrupt:
+            print(f"interrupted; finished rows are in {path}; rerun with --resume to continue", file=sys.stderr)
+            return 130
+        ls.save(path)
+        plot_landscapes([ls.to_dict()], path.with_suffix(".png"))
+        done.append(ls)
+        print(
+            f"{b}: loss {ls.center_loss:.4f} at the weights, {min(min(r) for r in ls.loss):.4f} .. "
+            f"{max(max(r) for r in ls.loss):.4f} on the grid; {path}"
+        )
+    if len(done) > 1:
+        plot_landscapes([ls.to_dict() for ls in done], args.out / "panels.png")
+        print(f"side by side: {args.out / 'panels.png'}")
+    return 0
+
+
+def cmd_density(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifacts import write_json
+    from .hessian.density import slq_density
+    from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+    from .landscape import block_parameters
+    from .report import plot_density
+
+    out = args.out / "density.json"
+    if out.exists() and not args.force:
+        raise QBHError(f"'{out}' exists; pass --force to overwrite it")
+    raw = _raw_task(args)
+    model, task = _load_any(args, raw)
+    _check_blocks(model, args.block)
+    n = min(args.batch_size, len(task.train))
+    batch = task.batch("train", list(range(n)))
+    results = []
+    generator = torch.Generator().manual_seed(args.seed)
+    with curvature_mode(model):
+        for b in args.block:
+            params = block_parameters(model, b)
+            with grads_enabled(params):
+                hvp = BlockHessian(model, params, [batch])
+                res = slq_density(hvp, params, steps=args.steps, num_probes=args.probes, generator=generator)
+                hvp.free()
+            lo, hi = res.extremes
+            results.append({"block": b, "num_params": sum(p.numel() for p in params), **res.to_dict()})
+            print(f"{b}: Ritz values from {lo:.4g} to {hi:.4g}; mean eigenvalue (trace/n) {res.moment(1):.4g}")
+    write_json(
+        out,
+        {
+            "schema": "qbert_hessian.density/1",
+            "model": args.model,
+            "task": args.task,
+            "batch_size": n,
+            "probes": args.probes,
+            "densities": results,
+        },
+    )
+    plot_density(results, args.out / "density.png")
+    print(f"density in {out} and {args.out / 'density.png'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import Run, load_run_config
+
+    overrides = list(args.overrides)
+    overrides += [f"model.{k}={_toml_str(v)}" for k in ("model", "task", "data") if (v := getattr(args, k))]
+    overrides = [o.replace("model.model=", "model.name=") for o in overrides]
+    config = load_run_config(args.config, overrides)
+    out = args.out or (Path(config.out) if config.out else None)
+    if out is None:
+        raise QBHError("the run has no output folder; pass --out DIR or set out = '...' in the config")
+    return _execute(Run(config, out, force=args.force, progress=not args.quiet))
+
+
+def _toml_str(value: str) -> str:
+    import json
+
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def _execute(run) -> int:
+    try:
+        report = run.execute()
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; finished stages are kept in {run.out}; rerun the same command to continue", file=sys.stderr
+        )
+        return 130
+    print(report.read_text(encoding="utf-8"))
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on the offline default (MiniLM-L6, BBC News), sized for 2 CPU cores."""
+    from .pipeline import DEMO_CONFIG, Run, apply_overrides, parse_run_config
+
+    config = parse_run_config(apply_overrides(DEMO_CONFIG, args.overrides))
+    return _execute(Run(config, args.out, force=args.force, progress=not args.quiet))
 
 
 COMMANDS = {
@@ -534,6 +709,9 @@ COMMANDS = {
     "plan": cmd_plan,
     "quantize": cmd_quantize,
     "evaluate": cmd_evaluate,
+    "landscape": cmd_landscape,
+    "density": cmd_density,
+    "run": cmd_run,
     "demo": cmd_demo,
 }
 

@@ -28,7 +28,7 @@ import tomllib
 
 from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
 from .artifacts import METRICS_SCHEMA, BitPlan, SensitivityReport, read_json, write_json, write_text
-from .config import FinetuneConfig, SensitivityConfig
+from .config import FinetuneConfig, SensitivityConfig, check_bits
 from .errors import QBHError
 from .qat import QATConfig
 
@@ -132,6 +132,10 @@ def parse_run_config(data: Mapping[str, Any]) -> RunConfig:
         kinds = [k for k in ("uniform", "avg_bits", "budget_mb", "ratio") if k in p]
         if len(kinds) != 1:
             raise QBHError(f"plan '{p['name']}' needs exactly one of uniform, avg_bits, budget_mb, ratio")
+        if "uniform" in p:
+            check_bits(p["uniform"], f"plan '{p['name']}': uniform bits")
+        else:
+            Budget(max_mb=p.get("budget_mb"), ratio=p.get("ratio"), avg_bits=p.get("avg_bits"))
         AllocConfig.from_dict({**alloc, **{k: v for k, v in p.items() if k in AllocConfig.__dataclass_fields__}})
     run = {"qat": True, "calibration_batches": 8, "batch_size": 32, "seed": 0, "frontier": True, **data.get("run", {})}
     _check_keys("run", run, RUN_KEYS)
@@ -377,3 +381,20 @@ class Run:
             qat = bool(spec.get("qat", self.config.run["qat"]))
             self.evaluate_plan(spec["name"], plans[spec["name"]], qat)
         return write_run_report(self.out)
+
+
+# The offline default behind `qbert-hessian demo` / `make demo`: MiniLM-L6 on BBC News (5 topics, 1,780 training
+# and 445 dev articles), sized to finish in about ten minutes on 2 CPU cores.
+DEMO_CONFIG: dict[str, Any] = {
+    "model": {"name": "minilm-l6", "task": "bbc-news", "max_length": 96},
+    "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-4},
+    "sensitivity": {"draws": 3, "batch_size": 16, "trace_samples": 2},
+    "allocate": {"groups": 128, "bits": [2, 3, 4, 8]},
+    "plans": [
+        {"name": "uniform-4", "uniform": 4, "qat": False},
+        {"name": "uniform-2", "uniform": 2},
+        {"name": "mixed-2.5", "avg_bits": 2.5, "bits": [2, 3]},
+    ],
+    "qat": {"epochs": 1, "batch_size": 16, "lr": 1e-4, "distill": True},
+    "run": {"calibration_batches": 4, "batch_size": 16},
+}

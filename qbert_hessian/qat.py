@@ -74,9 +74,11 @@ class QATConfig(_Config):
         _positive("QATConfig", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, temperature=self.temperature)
         if self.eval_steps < 0:
             raise QBHError(f"QATConfig.eval_steps must be >= 0, got {self.eval_steps}")
-        for name in ("alpha", "quant_noise", "warmup_ratio"):
-            if not 0 <= getattr(self, name) < 1 + (name == "alpha"):
-                raise QBHError(f"QATConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.alpha <= 1:
+            raise QBHError(f"QATConfig.alpha must lie in [0, 1], got {self.alpha}")
+        for name in ("quant_noise", "warmup_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise QBHError(f"QATConfig.{name} must lie in [0, 1), got {getattr(self, name)}")
 
 
 def distillation_loss(
@@ -173,7 +175,6 @@ def train_qat(
         load_best_model_at_end=True,
         metric_for_best_model="accuracy",
         greater_is_better=True,
-        save_safetensors=True,
         logging_steps=max(1, min(50, eval_steps)),
         report_to=[],
         seed=config.seed,

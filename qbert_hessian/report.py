@@ -377,3 +377,90 @@ def write_run_report(run_dir: Path | str) -> Path:
     if (run / "plans" / "frontier.png").exists():
         lines += ["", "![frontier](plans/frontier.png)"]
     return write_text(run / "report.md", "\n".join(lines) + "\n")
+
+
+def _landscape_axes(ls: dict[str, Any]) -> tuple[str, str]:
+    kind = ls["directions"].get("kind", "?")
+    if kind == "eigen":
+        ev = ls["directions"].get("eigenvalues", [])
+        names = [f"eigenvector {i + 1} (lambda={v:.3g})" for i, v in enumerate(ev)]
+        return (names + ["", ""])[0], (names + ["", ""])[1]
+    return f"{kind} direction 1", f"{kind} direction 2"
+
+
+def _draw_landscape(ax: Any, ls: dict[str, Any], kind: str) -> None:
+    import numpy as np
+
+    a, b = np.asarray(ls["alphas"]), np.asarray(ls["betas"])
+    z = np.asarray([[np.nan if x is None else x for x in row] for row in ls["loss"]], dtype=float)
+    xlabel, ylabel = _landscape_axes(ls)
+    title = f"{ls['block']}" + ("" if np.isfinite(z).all() else " (partial)")
+    if len(b) == 1:
+        ax.plot(a, z[0], "-o", ms=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss")
+    elif kind == "surface":
+        A, B = np.meshgrid(a, b)
+        ax.plot_surface(A, B, np.ma.masked_invalid(z), cmap="viridis", linewidth=0, antialiased=True)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("beta")
+        ax.set_zlabel("loss")
+    else:
+        cs = ax.contourf(a, b, np.ma.masked_invalid(z), levels=20, cmap="viridis")
+        ax.contour(a, b, np.ma.masked_invalid(z), levels=10, colors="k", linewidths=0.4)
+        ax.figure.colorbar(cs, ax=ax, label="loss")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title)
+
+
+def plot_landscapes(landscapes: list[dict[str, Any]], path: Path | str, *, titles: list[str] | None = None) -> Path:
+    """One panel per landscape: a line (1-D), or a contour above a 3-D surface (2-D); side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(landscapes)
+    two_d = any(len(ls["betas"]) > 1 for ls in landscapes)
+    fig = plt.figure(figsize=(5.0 * n, 8.6 if two_d else 3.8))
+    for i, ls in enumerate(landscapes):
+        if two_d:
+            ax = fig.add_subplot(2, n, i + 1)
+            _draw_landscape(ax, ls, "contour")
+            ax3 = fig.add_subplot(2, n, n + i + 1, projection="3d")
+            _draw_landscape(ax3, ls, "surface")
+        else:
+            ax = fig.add_subplot(1, n, i + 1)
+            _draw_landscape(ax, ls, "line")
+        if titles:
+            ax.set_title(titles[i])
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_density(densities: list[dict[str, Any]], path: Path | str, *, labels: list[str] | None = None) -> Path:
+    """Eigenvalue densities (stochastic Lanczos quadrature) on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, d in enumerate(densities):
+        y = np.maximum(np.asarray(d["density"]), 1e-12)
+        ax.semilogy(d["grid"], y, label=(labels[i] if labels else d.get("block")))
+    ax.set_ylim(bottom=1e-6)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title("Hessian eigenvalue density (stochastic Lanczos quadrature)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

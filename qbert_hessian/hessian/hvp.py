@@ -114,7 +114,7 @@ class BlockHessian:
 
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
         """H v for a vector shaped like ``params``."""
-        out = [torch.zeros_like(p) for p in self.params]
+        out: list[Tensor | None] = [None] * len(self.params)
         for w, grads in zip(self.weights, self.grads):
             idx = [i for i, g in enumerate(grads) if g is not None]
             if not idx:
@@ -126,9 +126,13 @@ class BlockHessian:
                 retain_graph=True,
                 allow_unused=True,
             )
-            out = [o if h is None else o + w * h.detach() for o, h in zip(out, hv)]
+            for i, h in enumerate(hv):
+                if h is not None:
+                    h = h.detach()
+                    h = h if w == 1.0 else h.mul_(w)
+                    out[i] = h if out[i] is None else out[i].add_(h)
         self.num_products += 1
-        return out
+        return [torch.zeros_like(p) if o is None else o for p, o in zip(self.params, out)]
 
     def free(self) -> None:
         """Drop the graphs (their memory is released once no other reference holds them)."""

@@ -24,23 +24,30 @@ Select = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass
 class LanczosResult:
-    """Ritz values of the final T_m (ascending), the tridiagonal itself, the basis, and the steps taken."""
+    """Ritz values of the final T_m (ascending), the tridiagonal itself, the basis, and the steps taken.
+
+    The basis is kept flat, one row per Lanczos vector: ``Q`` (m, n), so re-orthogonalisation and Ritz
+    vectors are matrix-vector products rather than loops over the basis.
+    """
 
     ritz_values: np.ndarray
     ritz_vectors: np.ndarray  # (m, m): eigenvectors of T_m, columns
     alpha: np.ndarray
     beta: np.ndarray
-    basis: list[list[Tensor]]
+    Q: Tensor  # (m, n)
+    like: list[Tensor]
     steps: int
     converged: bool
 
+    @property
+    def basis(self) -> list[list[Tensor]]:
+        """The Lanczos vectors q_1..q_m, shaped like the parameters."""
+        return [vec.unflatten(q, self.like) for q in self.Q]
+
     def vector(self, j: int) -> list[Tensor]:
         """The Ritz vector Q_m y_j of the j-th Ritz value (unit norm)."""
-        y = self.ritz_vectors[:, j]
-        out = vec.scale(float(y[0]), self.basis[0])
-        for coef, q in zip(y[1:], self.basis[1:]):
-            out = vec.axpy(float(coef), q, out)
-        return vec.normalize(out)
+        y = torch.as_tensor(self.ritz_vectors[:, j], dtype=self.Q.dtype, device=self.Q.device)
+        return vec.normalize(vec.unflatten(self.Q.T @ y, self.like))
 
 
 def tridiagonal_eigh(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -75,23 +82,27 @@ def lanczos(
     Returns:
         A :class:`LanczosResult`.
     """
-    q = vec.normalize(start)
-    basis: list[list[Tensor]] = [q]
+    like = list(start)
+    q = vec.flatten(vec.normalize(start))
+    # A growing buffer of basis rows (doubling), so the basis is one matrix without a copy per step.
+    Q = torch.empty((min(max_steps, 8), q.numel()), dtype=q.dtype, device=q.device)
+    Q[0] = q
+    m = 1
     alpha: list[float] = []
     beta: list[float] = []
     previous: np.ndarray | None = None
     converged = False
     evals, evecs = np.zeros(0), np.zeros((0, 0))
     for step in range(1, max_steps + 1):
-        w = hvp(q)
-        a = vec.dot(q, w)
+        w = vec.flatten(hvp(vec.unflatten(q, like)))
+        a = float(torch.dot(q, w))
         alpha.append(a)
-        w = vec.axpy(-a, q, w)
-        if len(basis) > 1:
-            w = vec.axpy(-beta[-1], basis[-2], w)
-        # Full re-orthogonalisation (twice is enough: Giraud et al. 2005) keeps ghost eigenvalues away.
-        w = vec.orthogonalize(vec.orthogonalize(w, basis), basis)
-        b = vec.norm(w)
+        # Full re-orthogonalisation against the whole basis, twice (classical Gram-Schmidt twice is as
+        # accurate as modified Gram-Schmidt: Giraud et al. 2005); it subsumes the three-term recurrence.
+        basis = Q[:m]
+        for _ in range(2):
+            w -= basis.T @ (basis @ w)
+        b = float(torch.linalg.vector_norm(w))
         evals, evecs = tridiagonal_eigh(alpha, beta)
         if watch is not None and tol > 0:
             current = watch(evals)
@@ -108,11 +119,16 @@ def lanczos(
             break
         if step < max_steps:
             beta.append(b)
-            q = vec.scale(1.0 / b, w)
-            basis.append(q)
+            q = w / b
+            if m == Q.shape[0]:
+                grown = torch.empty((min(max_steps, 2 * m), Q.shape[1]), dtype=Q.dtype, device=Q.device)
+                grown[:m] = Q
+                Q = grown
+            Q[m] = q
+            m += 1
     steps = len(alpha)
     return LanczosResult(
-        evals, evecs, np.asarray(alpha), np.asarray(beta[: steps - 1]), basis[:steps], steps, converged
+        evals, evecs, np.asarray(alpha), np.asarray(beta[: steps - 1]), Q[:steps], like, steps, converged
     )
 
 

@@ -5,6 +5,7 @@ A "vector" is ``list[Tensor]`` shaped like a block's parameters; all functions a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +15,8 @@ Vec = list[Tensor]
 
 
 def dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> float:
-    """Inner product sum_i <x_i, y_i>, accumulated in float64."""
-    return float(sum(torch.sum(a.double() * b.double()) for a, b in zip(x, y, strict=True)))
+    """Inner product sum_i <x_i, y_i>: one BLAS dot per tensor (no copies), the partial sums added in float64."""
+    return math.fsum(float(torch.dot(a.reshape(-1), b.reshape(-1))) for a, b in zip(x, y, strict=True))
 
 
 def norm(x: Sequence[Tensor]) -> float:
@@ -25,7 +26,7 @@ def norm(x: Sequence[Tensor]) -> float:
 
 def axpy(alpha: float, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vec:
     """alpha * x + y."""
-    return [alpha * a + b for a, b in zip(x, y, strict=True)]
+    return [torch.add(b, a, alpha=alpha) for a, b in zip(x, y, strict=True)]
 
 
 def scale(alpha: float, x: Sequence[Tensor]) -> Vec:

@@ -70,52 +70,25 @@ def test_plan_writes_plan_markdown_and_frontier(plan_file, capsys):
 
 
 def test_quantize_then_evaluate_fp32_direct_and_packed(tiny_checkpoint, tiny_data, plan_file, tmp_path, capsys):
-    packed = tmp_path / "packed"
-    rc = main(
-        [
-            "quantize",
-            "--model",
-            str(tiny_checkpoint),
-            "--plan",
-            str(plan_file),
-            "--data",
-            str(tiny_data),
-            *DATA,
-            "--batch-size",
-            "8",
-            "--calibration-batches",
-            "2",
-            "--out",
-            str(packed),
-        ]
-    )
-    assert rc == 0
+    packed, metrics = tmp_path / "packed", tmp_path / "metrics.json"
+    common = [
+        "--plan",
+        str(plan_file),
+        "--data",
+        str(tiny_data),
+        *DATA,
+        "--batch-size",
+        "8",
+        "--calibration-batches",
+        "2",
+    ]
+    assert main(["quantize", "--model", str(tiny_checkpoint), *common, "--out", str(packed)]) == 0
     assert {"model.safetensors", "quantization.json", "config.json", "size.json", "tokenizer.json"} <= {
         p.name for p in packed.iterdir()
     }
     size = json.loads((packed / "size.json").read_text())
     assert abs(size["predicted_error"]) < 0.01 and size["compression"] > 1.5
-    metrics = tmp_path / "metrics.json"
-    rc = main(
-        [
-            "evaluate",
-            "--model",
-            str(tiny_checkpoint),
-            "--plan",
-            str(plan_file),
-            "--packed",
-            str(packed),
-            "--data",
-            str(tiny_data),
-            *DATA,
-            "--batch-size",
-            "8",
-            "--calibration-batches",
-            "2",
-            "--out",
-            str(metrics),
-        ]
-    )
+    rc = main(["evaluate", "--model", str(tiny_checkpoint), *common, "--packed", str(packed), "--out", str(metrics)])
     assert rc == 0
     rows = json.loads(metrics.read_text())["results"]
     assert [r["kind"] for r in rows] == ["fp32", "direct", "packed"]
@@ -202,3 +175,25 @@ def test_plan_refuses_infeasible_budget_and_partial_reports(report_dir, tmp_path
         main(["plan", "--report", str(report_dir), "--out", str(out)])
     assert exc.value.code == 2
     assert not out.exists()
+
+
+def test_landscape_and_density_commands(tiny_checkpoint, tiny_data, tmp_path, capsys):
+    out = tmp_path / "ls"
+    common = ["--model", str(tiny_checkpoint), "--data", str(tiny_data), *DATA, "--batch-size", "8"]
+    args = ["landscape", *common, "--block", "encoder.0,encoder.1", "--grid", "3", "--batches", "1", "--out", str(out)]
+    assert main(args) == 0
+    for b in ("encoder.0", "encoder.1"):
+        data = json.loads((out / b / "landscape.json").read_text())
+        assert data["schema"] == "qbert_hessian.landscape/1" and len(data["loss"]) == 3 and None not in data["loss"][0]
+        assert (out / b / "landscape.png").stat().st_size > 5000
+    assert (out / "panels.png").is_file()
+    assert main(args) == 2 and "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # finished landscapes are kept as they are
+    assert main(["landscape", *common, "--block", "encoder.9", "--out", str(tmp_path / "x")]) == 2
+    assert "encoder.9" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+    dens = tmp_path / "dens"
+    assert main(["density", *common, "--block", "encoder.1.ffn_out", "--steps", "12", "--out", str(dens)]) == 0
+    data = json.loads((dens / "density.json").read_text())
+    assert data["densities"][0]["steps"] == 12 and len(data["densities"][0]["nodes"][0]) == 12
+    assert (dens / "density.png").is_file()

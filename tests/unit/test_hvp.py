@@ -68,3 +68,14 @@ def test_grads_enabled_on_frozen_block(micro_bert):
     assert vec.norm(hv) > 0
     for p in params:
         p.requires_grad_(True)
+
+
+def test_hvp_of_a_parameter_without_curvature_is_zero():
+    """A bias feeding the loss linearly has a constant gradient: its rows of H are zero, and so is its Hv."""
+    w, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    model = torch.nn.Module()
+    loss_fn = lambda m, batch: (batch["x"] @ w) ** 2 + batch["x"].sum() * b.sum()  # noqa: E731
+    H = BlockHessian(model, [w, b], [{"x": torch.tensor([1.0, 2.0, 3.0])}], loss_fn)
+    hv = H([torch.ones(3), torch.ones(3)])
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(hv[0], 2 * x * x.sum()) and torch.equal(hv[1], torch.zeros(3))

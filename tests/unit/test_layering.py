@@ -80,3 +80,11 @@ def test_library_code_does_not_print(path):
         if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"
     ]
     assert not calls, f"{_module_name(path)} calls print; use logging"
+
+
+def test_every_public_name_resolves_to_what_it_names():
+    import qbert_hessian
+
+    for name in qbert_hessian.__all__:
+        obj = getattr(qbert_hessian, name)
+        assert not isinstance(obj, type(qbert_hessian)), f"qbert_hessian.{name} is a module, not the object"

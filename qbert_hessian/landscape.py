@@ -1,0 +1,313 @@
+"""Loss landscapes: the task loss on a 1-D line or 2-D plane through the weights of one block (or the model).
+
+    L(alpha, beta) = L(w + alpha d_1 + beta d_2)         on fixed batches, the other parameters held fixed
+
+Directions (``d_1``, ``d_2``):
+- ``eigen``: the top Hessian eigenvectors of the block (unit norm; the second deflated against the first), as
+  Q-BERT's Figure 2, so the axes show the sharpest directions;
+- ``random``: Gaussian directions, filter-normalised (Li et al. 2018): each row of a matrix is rescaled to the
+  norm of the same row of the weights, vectors (biases, LayerNorm) are left at zero;
+- ``gradient``: the loss gradient, filter-normalised, then a filter-normalised random second direction
+  orthogonalised against it.
+
+The loss at every grid point averages the same fixed batches. Rows of the grid are written as they finish, so
+an interrupted run resumes without recomputing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .artifacts import CREATED_BY, read_json, write_json
+from .config import _Config, _positive, _set_enum
+from .errors import QBHError
+from .hessian import vec
+from .hessian.eigen import top_eigenvalues
+from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled, model_loss
+from .models import BlockMap, use_eager_attention
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .tasks import Task
+
+logger = logging.getLogger(__name__)
+LANDSCAPE_SCHEMA = "qbert_hessian.landscape/1"
+WHOLE_MODEL = "model"
+
+
+class Direction(str, Enum):
+    EIGEN = "eigen"
+    RANDOM = "random"
+    GRADIENT = "gradient"
+
+
+@dataclasses.dataclass(frozen=True)
+class LandscapeConfig(_Config):
+    """Settings of a loss surface.
+
+    Args:
+        directions: ``eigen``, ``random`` or ``gradient``.
+        dims: 1 (a line) or 2 (a plane).
+        grid: points per axis (Q-BERT: 21).
+        radius: the axes run over [-radius, radius] (Q-BERT: 0.4).
+        batch_size: examples per batch.
+        num_batches: fixed batches averaged at every point.
+        split: ``train`` or ``dev``.
+        max_iters: cap on products for the eigenvectors.
+        tol: relative tolerance of the eigenvectors' power iteration.
+        seed: seeds the batches and the random directions.
+    """
+
+    directions: Direction = Direction.EIGEN
+    dims: int = 2
+    grid: int = 21
+    radius: float = 0.4
+    batch_size: int = 32
+    num_batches: int = 2
+    split: str = "train"
+    max_iters: int = 50
+    tol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(
+            "LandscapeConfig",
+            grid=self.grid,
+            radius=self.radius,
+            batch_size=self.batch_size,
+            num_batches=self.num_batches,
+            max_iters=self.max_iters,
+            tol=self.tol,
+        )
+        if self.dims not in (1, 2):
+            raise QBHError(f"LandscapeConfig.dims must be 1 or 2, got {self.dims}")
+        if self.split not in ("train", "dev"):
+            raise QBHError(f"LandscapeConfig.split must be train or dev, got {self.split!r}")
+        _set_enum(self, "directions", Direction, "direction kind")
+
+
+@dataclasses.dataclass
+class Landscape:
+    """A loss surface (``landscape.json``): ``loss[j][i]`` at (alphas[i], betas[j]); NaN where not yet computed."""
+
+    model: dict[str, Any]
+    task: str
+    block: str
+    num_params: int
+    directions: dict[str, Any]
+    alphas: list[float]
+    betas: list[float]
+    loss: list[list[float]]
+    config: dict[str, Any]
+    center_loss: float
+    seconds: float = 0.0
+    schema: str = LANDSCAPE_SCHEMA
+    created_by: str = CREATED_BY
+
+    @property
+    def complete(self) -> bool:
+        return all(math.isfinite(x) for row in self.loss for x in row)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["loss"] = [[x if math.isfinite(x) else None for x in row] for row in self.loss]
+        return {"schema": out.pop("schema"), "created_by": out.pop("created_by"), **out}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Landscape:
+        data = dict(data)
+        data["loss"] = [[math.nan if x is None else float(x) for x in row] for row in data["loss"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, path) -> Any:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> Landscape:
+        return cls.from_dict(read_json(path, LANDSCAPE_SCHEMA))
+
+
+def filter_normalized(params: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """A random direction whose every row has the norm of the same row of ``params``; vectors get zero."""
+    out = []
+    for p in params:
+        d = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        if p.dim() <= 1:
+            out.append(torch.zeros_like(p))
+            continue
+        rows_d, rows_p = d.reshape(p.shape[0], -1), p.detach().reshape(p.shape[0], -1)
+        scale = rows_p.norm(dim=1, keepdim=True) / rows_d.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        out.append((rows_d * scale).reshape(p.shape))
+    return out
+
+
+def _filter_scale(d: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rescale each row of ``d`` to the norm of the matching row of ``params`` (vectors -> zero)."""
+    out = []
+    for x, p in zip(d, params):
+        if p.dim() <= 1:
+            out.append(torch.zeros_like(p))
+            continue
+        rx, rp = x.reshape(p.shape[0], -1), p.detach().reshape(p.shape[0], -1)
+        out.append((rx * rp.norm(dim=1, keepdim=True) / rx.norm(dim=1, keepdim=True).clamp(min=1e-12)).reshape(p.shape))
+    return out
+
+
+def _batches(task: Task, config: LandscapeConfig) -> list[dict[str, torch.Tensor]]:
+    data = task.train if config.split == "train" else task.dev
+    n = config.batch_size * config.num_batches
+    if n > len(data):
+        raise QBHError(
+            f"the landscape needs {n} {config.split} examples but the split has {len(data)}; lower --batch-size"
+        )
+    idx = sorted(np.random.default_rng([config.seed, 11]).choice(len(data), size=n, replace=False).tolist())
+    return [task.batch(config.split, idx[i : i + config.batch_size]) for i in range(0, n, config.batch_size)]
+
+
+def block_parameters(model: nn.Module, block: str) -> list[torch.nn.Parameter]:
+    """The parameters of a canonical block, or of the whole model for ``model``."""
+    if block == WHOLE_MODEL:
+        return [p for p in model.parameters()]
+    return BlockMap(model).parameters(block)
+
+
+def directions_for(
+    model: nn.Module,
+    params: list[torch.nn.Parameter],
+    batches: list[dict[str, torch.Tensor]],
+    config: LandscapeConfig,
+    generator: torch.Generator,
+) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
+    """The ``dims`` directions and their description (kind, eigenvalues or norms)."""
+    kind = config.directions
+    if kind == Direction.RANDOM:
+        dirs = [filter_normalized(params, generator) for _ in range(config.dims)]
+        return dirs, {"kind": kind.value, "normalization": "filter"}
+    if kind == Direction.EIGEN:
+        with grads_enabled(params):
+            hvp = BlockHessian(model, params, batches)
+            res = top_eigenvalues(
+                hvp, params, k=config.dims, max_iters=config.max_iters, tol=config.tol, generator=generator
+            )
+            hvp.free()
+        desc = {"kind": "eigen", "eigenvalues": res.values, "iterations": res.iters, "converged": res.converged}
+        return [[t.detach() for t in v] for v in res.vectors], desc
+    device = params[0].device
+    total = sum(len(b["labels"]) for b in batches)
+    grads = [torch.zeros_like(p) for p in params]
+    with grads_enabled(params):
+        for b in batches:
+            loss = model_loss(model, {k: v.to(device) for k, v in b.items()}) * (len(b["labels"]) / total)
+            for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    acc += g
+    g_dir = _filter_scale(grads, params)
+    dirs = [g_dir]
+    if config.dims == 2:
+        r = filter_normalized(params, generator)
+        coef = vec.dot(r, g_dir) / max(vec.dot(g_dir, g_dir), 1e-30)
+        dirs.append(vec.axpy(-coef, g_dir, r))
+    return dirs, {"kind": "gradient", "normalization": "filter", "gradient_norm": vec.norm(grads)}
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    total = sum(len(b["labels"]) for b in batches)
+    return math.fsum(
+        float(model_loss(model, {k: v.to(device) for k, v in b.items()})) * len(b["labels"]) / total for b in batches
+    )
+
+
+def loss_landscape(
+    model: nn.Module,
+    task: Task,
+    config: LandscapeConfig = LandscapeConfig(),
+    *,
+    block: str = "encoder.0",
+    model_name: str = "model",
+    resume: Landscape | None = None,
+    on_row: Callable[[Landscape], None] | None = None,
+    progress: bool = True,
+) -> Landscape:
+    """The loss on a grid around the current weights of ``block`` (``model`` for all parameters).
+
+    Args:
+        model: an HF classifier; weights are restored afterwards, its train/eval mode too.
+        task: the tokenized task (batches from ``config.split``).
+        config: directions, grid and data settings.
+        block: a canonical block name or ``model``.
+        model_name: how the model is named in the artifact.
+        resume: a partial landscape of the same settings: its finished rows are kept (and its directions
+            recomputed identically from the seed).
+        on_row: called with the partial landscape after every finished row.
+        progress: show a tqdm bar over grid points.
+
+    Raises:
+        QBHError: an unknown block, too little data, or a ``resume`` made with other settings.
+    """
+    use_eager_attention(model)
+    params = block_parameters(model, block)
+    device = params[0].device
+    batches = _batches(task, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    alphas = np.linspace(-config.radius, config.radius, config.grid).tolist()
+    betas = np.linspace(-config.radius, config.radius, config.grid).tolist() if config.dims == 2 else [0.0]
+    with curvature_mode(model):
+        dirs, desc = directions_for(model, params, batches, config, generator)
+        center = _mean_loss(model, batches, device)
+        loss = [[math.nan] * len(alphas) for _ in betas]
+        if resume is not None:
+            if resume.config != config.to_dict() or resume.block != block:
+                raise QBHError("cannot resume a landscape made with other settings or for another block; use --force")
+            loss = [list(row) for row in resume.loss]
+        ls = Landscape(
+            model=BlockMap(model).describe(model_name),
+            task=task.name,
+            block=block,
+            num_params=sum(p.numel() for p in params),
+            directions=desc,
+            alphas=alphas,
+            betas=betas,
+            loss=loss,
+            config=config.to_dict(),
+            center_loss=center,
+            seconds=resume.seconds if resume else 0.0,
+        )
+        w0 = [p.detach().clone() for p in params]
+        todo = sum(1 for row in loss for x in row if not math.isfinite(x))
+        bar = tqdm(total=todo, desc=f"landscape {block}", disable=not progress)
+        try:
+            for j, b in enumerate(betas):
+                if all(math.isfinite(x) for x in loss[j]):
+                    continue
+                for i, a in enumerate(alphas):
+                    if math.isfinite(loss[j][i]):
+                        continue
+                    with torch.no_grad():
+                        for p, w, d1, d2 in zip(params, w0, dirs[0], dirs[-1]):
+                            p.copy_(w + a * d1 + (b * d2 if config.dims == 2 else 0.0))
+                    loss[j][i] = _mean_loss(model, batches, device)
+                    bar.update(1)
+                ls.seconds = (resume.seconds if resume else 0.0) + time.perf_counter() - start
+                if on_row is not None:
+                    on_row(ls)
+        finally:
+            bar.close()
+            with torch.no_grad():
+                for p, w in zip(params, w0):
+                    p.copy_(w)
+    ls.seconds = (resume.seconds if resume else 0.0) + time.perf_counter() - start
+    return ls

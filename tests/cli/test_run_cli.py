@@ -1,0 +1,147 @@
+"""`qbert-hessian run` on the tiny model end to end: every artifact, the report table, reuse, bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qbert_hessian.cli import main
+from qbert_hessian.errors import QBHError
+from qbert_hessian.pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
+
+CONFIG = """
+[model]
+name = "{model}"
+task = "sst2"
+data = "{data}"
+max_length = 16
+
+[sensitivity]
+draws = 2
+batch_size = 8
+max_iters = 10
+trace_samples = 2
+
+[allocate]
+groups = "channel"
+
+[qat]
+epochs = 2
+batch_size = 16
+lr = 1e-3
+distill = true
+
+[run]
+calibration_batches = 2
+batch_size = 8
+
+[[plans]]
+name = "uniform-4"
+uniform = 4
+qat = false
+
+[[plans]]
+name = "mixed-3"
+avg_bits = 3.0
+bits = [2, 4]
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_checkpoint, tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    cfg = root / "run.toml"
+    cfg.write_text(CONFIG.format(model=tiny_checkpoint, data=tiny_data))
+    assert main(["run", str(cfg), "--out", str(root / "out"), "--quiet"]) == 0
+    return root
+
+
+def test_run_writes_every_artifact(run_dir):
+    out = run_dir / "out"
+    for path in [
+        "run.json",
+        "report.md",
+        "sensitivity/sensitivity.json",
+        "sensitivity/sensitivity.png",
+        "plans/uniform-4.json",
+        "plans/uniform-4.md",
+        "plans/mixed-3.json",
+        "plans/frontier.png",
+        "plans/frontier.json",
+        "results/fp32.json",
+        "results/uniform-4/direct.json",
+        "results/uniform-4/metrics.json",
+        "results/uniform-4/packed/model.safetensors",
+        "results/mixed-3/qat.json",
+        "results/mixed-3/packed/quantization.json",
+        "results/mixed-3/metrics.json",
+    ]:
+        assert (out / path).is_file(), path
+    assert not (out / "checkpoint").exists()  # the tiny checkpoint already is a classifier: no fine-tuning
+    assert not (out / "results/uniform-4/qat.json").exists()
+    mixed = json.loads((out / "results/mixed-3/metrics.json").read_text())
+    assert mixed["qat"] and mixed["stage"] == "qat" and mixed["metrics"]["num_examples"] == 24
+    assert abs(mixed["bytes"] - mixed["predicted_bytes"]) / mixed["predicted_bytes"] < 0.01
+
+
+def test_run_report_table(run_dir):
+    report = (run_dir / "out" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| FP32 baseline",
+        "| direct, uniform",
+        "| direct, mixed (milp)",
+        "| QAT, mixed (milp)",
+    ]
+    assert "| mixed-3 | 2/4 (avg 3.00) | 8 | 8 | channel |" in report or "| mixed-3 | 4 | 8 | 8 | channel |" in report
+    assert "![sensitivity](sensitivity/sensitivity.png)" in report and "![frontier](plans/frontier.png)" in report
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert 0 <= float(cells[6]) <= 1 and float(cells[8]) > 0 and cells[9].endswith("x")
+
+
+def test_run_again_reuses_every_stage(run_dir, capsys):
+    out = run_dir / "out"
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "run.json"}
+    assert main(["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "| FP32 baseline |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[model]\nname = 'x'\n", "needs 'task'"),
+        ("[model]\nname = 'x'\ntask = 'sst2'\n", "no [[plans]]"),
+        ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\n", "exactly one of uniform, avg_bits"),
+        (
+            "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\n[[plans]]\nname='a'\nuniform=2\n",
+            "used twice",
+        ),
+        ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nbitz=3\n", "unknown key(s) bitz"),
+        ("[model]\nname='x'\ntask='sst2'\n[sensitivty]\n", "unknown key(s) sensitivty"),
+        ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=9\n", "uniform bits 9 is out of range"),
+        ("[model\n", "not valid TOML"),
+    ],
+    ids=["no-task", "no-plans", "no-budget", "duplicate", "plan-key", "section", "bits", "toml"],
+)
+def test_run_refuses_bad_configs(tmp_path, capsys, text, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_and_the_demo_config():
+    cfg = parse_run_config(
+        apply_overrides(DEMO_CONFIG, ["sensitivity.draws=2", "qat.distill=false", "model.max_length=64"])
+    )
+    assert cfg.sensitivity.draws == 2 and not cfg.qat.distill and cfg.sensitivity.max_length == 64
+    assert [p["name"] for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
+    with pytest.raises(QBHError, match="section.key=value"):
+        apply_overrides(DEMO_CONFIG, ["draws=2"])
+    with pytest.raises(QBHError, match="unknown section"):
+        apply_overrides(DEMO_CONFIG, ["plans.name=x"])
