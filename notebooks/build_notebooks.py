@@ -207,20 +207,20 @@ Image(plot_landscapes([s.to_dict() for s in surfaces], figures / "landscapes.png
         C("""\
 import torch
 
-from qbert_hessian.hessian.density import slq_density
+from qbert_hessian.hessian.density import slq_density, smooth_alike
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
 from qbert_hessian.report import plot_density
 
 batch = task.batch("train", list(range(ws["batch_size"])))
-densities = []
+results = {}
 for name in (sharp, flat):
     params = BlockMap(model).parameters(name)
     with curvature_mode(model), grads_enabled(params):
-        res = slq_density(BlockHessian(model, params, [batch]), params, steps=20 if TINY else 60,
-                          generator=torch.Generator().manual_seed(0))
-    densities.append({"block": name, **res.to_dict()})
-    print(f"{name}: eigenvalues from {res.extremes[0]:.3g} to {res.extremes[1]:.3g}")
-Image(plot_density(densities, figures / "density.png"))"""),
+        results[name] = slq_density(BlockHessian(model, params, [batch]), params, steps=20 if TINY else 60,
+                                    generator=torch.Generator().manual_seed(0))
+    print(f"{name}: eigenvalues from {results[name].extremes[0]:.3g} to {results[name].extremes[1]:.3g}")
+smooth_alike(list(results.values()))  # one kernel width for both curves
+Image(plot_density([{"block": n, **r.to_dict()} for n, r in results.items()], figures / "density.png"))"""),
         "Most of the mass sits near zero: the Hessian of a fine-tuned BERT layer is nearly flat in almost every "
         "direction, with a few large outliers (and some negative eigenvalues). The outliers decide the top "
         "eigenvalue and the sensitivity score.",

@@ -622,7 +622,7 @@ def cmd_density(args: argparse.Namespace) -> int:
     import torch
 
     from .artifacts import write_json
-    from .hessian.density import slq_density
+    from .hessian.density import slq_density, smooth_alike
     from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled
     from .landscape import block_parameters
     from .report import plot_density
@@ -635,7 +635,7 @@ def cmd_density(args: argparse.Namespace) -> int:
     _check_blocks(model, args.block)
     n = min(args.batch_size, len(task.train))
     batch = task.batch("train", list(range(n)))
-    results = []
+    found = []
     generator = torch.Generator().manual_seed(args.seed)
     with curvature_mode(model):
         for b in args.block:
@@ -644,9 +644,11 @@ def cmd_density(args: argparse.Namespace) -> int:
                 hvp = BlockHessian(model, params, [batch])
                 res = slq_density(hvp, params, steps=args.steps, num_probes=args.probes, generator=generator)
                 hvp.free()
+            found.append((b, sum(p.numel() for p in params), res))
             lo, hi = res.extremes
-            results.append({"block": b, "num_params": sum(p.numel() for p in params), **res.to_dict()})
             print(f"{b}: Ritz values from {lo:.4g} to {hi:.4g}; mean eigenvalue (trace/n) {res.moment(1):.4g}")
+    smooth_alike([r for _, _, r in found])  # one kernel width, so the curves compare
+    results = [{"block": b, "num_params": n, **r.to_dict()} for b, n, r in found]
     write_json(
         out,
         {

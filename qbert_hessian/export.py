@@ -121,7 +121,9 @@ def save_packed(model: nn.Module, out_dir: Path | str, *, tokenizer: PreTrainedT
         model.config.save_pretrained(tmp)  # type: ignore[attr-defined]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / MANIFEST_FILE, {"schema": PACKED_SCHEMA, "plan": plan.to_dict(), "tensors": entries})
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"  # type: ignore[attr-defined]
+        manifest = {"schema": PACKED_SCHEMA, "plan": plan.to_dict(), "attn_implementation": attn, "tensors": entries}
+        write_json(tmp / MANIFEST_FILE, manifest)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -150,7 +152,7 @@ def _check_manifest(model: nn.Module, entries: dict[str, Any]) -> None:
         raise QBHError(f"packed checkpoint does not match its model: {'; '.join(problems[:3])}; re-export it")
 
 
-def load_packed(path: Path | str, *, device: str = "cpu", eager: bool = False) -> nn.Module:
+def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = None) -> nn.Module:
     """Rebuild a runnable HF model from a packed checkpoint (quantized modules hold the stored codes).
 
     Raises:
@@ -167,7 +169,10 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool = False) -
     manifest = read_json(path / MANIFEST_FILE, PACKED_SCHEMA)
     plan = BitPlan.from_dict(manifest["plan"])
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager" if eager else "sdpa")
+    # The attention kernel the model was saved with, unless asked otherwise: eager and SDPA differ in the last
+    # float bits, which can flip a borderline prediction.
+    attn = manifest.get("attn_implementation", "sdpa") if eager is None else ("eager" if eager else "sdpa")
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
     model = quantize_model(model, plan, inplace=True)
     _check_manifest(model, manifest["tensors"])
     state = load_file(str(path / WEIGHTS_FILE))

@@ -108,3 +108,13 @@ def slq_density(
         weights.append(np.asarray(res.ritz_vectors[0, :], dtype=np.float64) ** 2)
     grid, density, sigma = gaussian_density(nodes, weights, num_points=num_points, sigma=sigma)
     return DensityResult(nodes, weights, grid, density, sigma, steps)
+
+
+def smooth_alike(results: Sequence[DensityResult], *, fraction: float = 1 / 200, num_points: int = 1000) -> None:
+    """Re-smooth several densities with one kernel width (``fraction`` of their joint spectrum's width), in place,
+    so their curves can be compared on one plot."""
+    lo = min(r.extremes[0] for r in results)
+    hi = max(r.extremes[1] for r in results)
+    sigma = max(hi - lo, 1e-12) * fraction
+    for r in results:
+        r.grid, r.density, r.sigma = gaussian_density(r.nodes, r.weights, num_points=num_points, sigma=sigma)

@@ -123,3 +123,16 @@ def test_save_packed_needs_a_quantized_calibrated_model(tiny_checkpoint, tmp_pat
     with pytest.raises(QBHError, match="not calibrated"):
         save_packed(q, tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+def test_reload_keeps_the_attention_kernel_it_was_saved_with(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, attn_implementation="eager").eval()
+    q = quantize_model(model, BitPlan(model={}, blocks={"encoder.1": {"bits": 3, "groups": 1}}, act_bits=None))
+    save_packed(q, tmp_path / "p")
+    reloaded = load_packed(tmp_path / "p")
+    assert reloaded.config._attn_implementation == "eager"
+    batch = random_batch(model.config.vocab_size, batch_size=3, seq_len=5)
+    assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
+    assert load_packed(tmp_path / "p", eager=False).config._attn_implementation == "sdpa"

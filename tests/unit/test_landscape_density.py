@@ -146,3 +146,23 @@ def test_landscape_config_checks():
         LandscapeConfig(dims=3)
     with pytest.raises(QBHError, match="unknown direction kind 'hessian'"):
         LandscapeConfig(directions="hessian")
+
+
+def test_smooth_alike_gives_every_density_one_kernel_width():
+    from qbert_hessian.hessian.density import smooth_alike
+
+    narrow, wide = sym([0.0, 0.1, 0.2, 0.3]), sym([-5.0, 0.0, 1.0, 20.0], seed=1)
+    res = [
+        slq_density(
+            lambda v, A=A: [A @ v[0]],
+            [torch.zeros(4, dtype=torch.float64)],
+            steps=4,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for A in (narrow, wide)
+    ]
+    assert res[0].sigma != res[1].sigma
+    smooth_alike(res)
+    assert res[0].sigma == res[1].sigma == pytest.approx(25.0 / 200)
+    for r in res:
+        assert np.trapezoid(r.density, r.grid) == pytest.approx(1.0, abs=1e-3)
