@@ -15,6 +15,16 @@ from typing import Any
 from .artifacts import BitPlan, SensitivityReport, atomic_write, write_text
 
 
+def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "-"
@@ -150,13 +160,7 @@ def plot_sensitivity(report: SensitivityReport, path: Path | str) -> Path:
     axes[-1, 0].set_xticklabels([b.name for b in blocks], rotation=30, ha="right")
     fig.tight_layout()
 
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, dpi=120, format="png")
-
-    try:
-        return atomic_write(path, save)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path, dpi=120)
 
 
 def write_sensitivity(report: SensitivityReport, out_dir: Path | str) -> dict[str, Path]:
@@ -247,10 +251,7 @@ def plot_frontier(front: dict[str, Any], path: Path | str, plan: BitPlan | None 
     ax.set_title(f"bits {','.join(map(str, front['bits']))}, groups {front['groups']} (uniform plans: squares)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path, dpi=120)
 
 
 def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
@@ -436,10 +437,7 @@ def plot_landscapes(landscapes: list[dict[str, Any]], path: Path | str, *, title
         if titles:
             ax.set_title(titles[i])
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path, dpi=110)
 
 
 def plot_density(densities: list[dict[str, Any]], path: Path | str, *, labels: list[str] | None = None) -> Path:
@@ -460,7 +458,4 @@ def plot_density(densities: list[dict[str, Any]], path: Path | str, *, labels: l
     ax.set_title("Hessian eigenvalue density (stochastic Lanczos quadrature)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path, dpi=120)
