@@ -373,9 +373,8 @@ class Run:
         """Every stage, then ``report.md``; returns the report's path."""
         from .report import write_run_report
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.baseline()  # loads the model and the data first: bad input fails before anything is written
         write_json(self.out / "run.json", {"schema": RUN_SCHEMA, "config": self.config.to_dict()})
-        self.baseline()
         plans = self.plans()
         for spec in self.config.plans:
             qat = bool(spec.get("qat", self.config.run["qat"]))

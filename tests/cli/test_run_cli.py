@@ -145,3 +145,11 @@ def test_overrides_and_the_demo_config():
         apply_overrides(DEMO_CONFIG, ["draws=2"])
     with pytest.raises(QBHError, match="unknown section"):
         apply_overrides(DEMO_CONFIG, ["plans.name=x"])
+
+
+def test_run_with_a_missing_model_exits_2_and_writes_nothing(tiny_data, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(CONFIG.format(model=tmp_path / "nope", data=tiny_data))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
