@@ -89,9 +89,24 @@ def test_report_files(tmp_path):
     assert "partial" in sensitivity_markdown(_report(pending=["encoder.1"]))
 
 
-@pytest.mark.parametrize("cls", [SensitivityConfig, FinetuneConfig])
-def test_configs_round_trip_and_reject_unknown_keys(cls):
-    cfg = cls()
+def _configs():
+    from qbert_hessian.allocate import AllocConfig, Budget
+    from qbert_hessian.landscape import LandscapeConfig
+    from qbert_hessian.qat import QATConfig
+
+    return [
+        SensitivityConfig(),
+        FinetuneConfig(),
+        AllocConfig(groups="heads", measure="trace"),
+        Budget(avg_bits=2.5),
+        QATConfig(distill=True, quant_noise=0.1),
+        LandscapeConfig(directions="random", dims=1),
+    ]
+
+
+@pytest.mark.parametrize("cfg", _configs(), ids=lambda c: type(c).__name__)
+def test_configs_round_trip_and_reject_unknown_keys(cfg):
+    cls = type(cfg)
     assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(QBHError, match="unknown .* key\\(s\\) bogus; valid keys are"):
         cls.from_dict({**cfg.to_dict(), "bogus": 1})
