@@ -194,6 +194,8 @@ class SensitivityReport:
 PLAN_SCHEMA = "qbert_hessian.plan/1"
 PACKED_SCHEMA = "qbert_hessian.packed/1"
 METRICS_SCHEMA = "qbert_hessian.metrics/1"
+RUN_SCHEMA = "qbert_hessian.run/1"
+QAT_SCHEMA = "qbert_hessian.qat/1"
 
 
 @dataclasses.dataclass

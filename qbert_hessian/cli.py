@@ -352,9 +352,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         print(f"interrupted; the finished blocks are in {existing}; rerun with --resume to continue", file=sys.stderr)
         return 130
     if report.complete and report.quantization is None:
-        from .quant.apply import profile_units, quant_profile
+        from .quant.apply import report_profile
 
-        report.quantization = quant_profile(model, profile_units(BlockMap(model), [b.name for b in report.blocks]))
+        report.quantization = report_profile(model, [b.name for b in report.blocks])
     write_sensitivity(report, args.out)
     print((args.out / "sensitivity.md").read_text(encoding="utf-8"))
     print(f"report in {args.out}")
@@ -420,7 +420,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _ensure_profile(report, report_path: Path, model_name: str, config, parse_groups) -> None:
     """Measure ||Q(W)-W||^2 on the model when the report lacks the grouping or widths the plan needs."""
     from .models import BlockMap, load_model
-    from .quant.apply import DEFAULT_PROFILE_GROUPS, profile_units, quant_profile
+    from .quant.apply import DEFAULT_PROFILE_GROUPS, report_profile
 
     prof = report.quantization or {}
     unit = next((b.name for b in report.blocks if b.name.startswith("encoder.")), None)
@@ -434,14 +434,17 @@ def _ensure_profile(report, report_path: Path, model_name: str, config, parse_gr
         raise QBHError(f"--model {model_name} is not the report's model ({report.model.get('name')}); pass that one")
     groups = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, parse_groups(config.groups)]))
     logger.info("measuring quantization errors of %s (groups %s)", model_name, groups)
-    report.quantization = quant_profile(model, profile_units(block_map, [b.name for b in report.blocks]), groups=groups)
+    report.quantization = report_profile(model, [b.name for b in report.blocks], groups=groups)
     report.save(report_path)
 
 
-def _calibration(task, args: argparse.Namespace):
-    from .quant.apply import calibration_batches
+def _direct(model, plan, task, args: argparse.Namespace):
+    """The plan applied to ``model`` with its activation ranges calibrated (direct quantization)."""
+    from .quant.apply import quantize_calibrated
 
-    return calibration_batches(task, args.calibration_batches, args.batch_size, args.seed)
+    return quantize_calibrated(
+        model, plan, task, num_batches=args.calibration_batches, batch_size=args.batch_size, seed=args.seed
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -449,7 +452,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .artifacts import BitPlan, write_json
     from .export import file_sizes, fp32_safetensors_bytes, save_packed
     from .models import load_model
-    from .quant.apply import calibrate_activations, quantize_model
     from .tasks import tokenize_task
 
     if args.out.exists() and not args.force:
@@ -457,10 +459,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     plan = BitPlan.load(args.plan)
     raw = _raw_task(args)
     model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=False, device=args.device)
-    qmodel = quantize_model(model, plan)  # validates the plan against the model before anything is written
-    if plan.act_bits:
-        task = tokenize_task(raw, tokenizer, max_length=args.max_length)
-        calibrate_activations(qmodel, _calibration(task, args))
+    task = tokenize_task(raw, tokenizer, max_length=args.max_length)
+    qmodel = _direct(model, plan, task, args)  # validates the plan against the model before anything is written
     weights = save_packed(qmodel, args.out, tokenizer=tokenizer)
     sizes = file_sizes(args.out)
     fp32 = fp32_safetensors_bytes(model)
@@ -490,7 +490,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .export import file_sizes, is_packed, load_packed
     from .models import load_model
-    from .quant.apply import calibrate_activations, quantize_model
     from .tasks import tokenize_task
 
     raw = _raw_task(args)
@@ -510,9 +509,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         rows.append({"name": "fp32", "kind": "fp32", "size_mib": state_bytes / MIB, **evaluate(model, task)})
         for path, plan in plans:
-            qmodel = quantize_model(model, plan)
-            if plan.act_bits:
-                calibrate_activations(qmodel, _calibration(task, args))
+            qmodel = _direct(model, plan, task, args)
             rows.append(
                 {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
             )

@@ -195,8 +195,6 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
             f"packed checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "re-export it"
         )
-    for _, module in quant_modules(model):
-        module.set_quantized(module._frozen)  # type: ignore[arg-type]  # re-key after load_state_dict
     return model.to(device).eval()
 
 

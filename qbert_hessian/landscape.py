@@ -141,16 +141,8 @@ class Landscape:
 
 def filter_normalized(params: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """A random direction whose every row has the norm of the same row of ``params``; vectors get zero."""
-    out = []
-    for p in params:
-        d = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-        if p.dim() <= 1:
-            out.append(torch.zeros_like(p))
-            continue
-        rows_d, rows_p = d.reshape(p.shape[0], -1), p.detach().reshape(p.shape[0], -1)
-        scale = rows_p.norm(dim=1, keepdim=True) / rows_d.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        out.append((rows_d * scale).reshape(p.shape))
-    return out
+    noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    return _filter_scale(noise, params)
 
 
 def _filter_scale(d: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

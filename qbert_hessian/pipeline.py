@@ -27,15 +27,22 @@ from typing import Any
 import tomllib
 
 from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
-from .artifacts import METRICS_SCHEMA, BitPlan, SensitivityReport, read_json, write_json, write_text
+from .artifacts import (
+    METRICS_SCHEMA,
+    QAT_SCHEMA,
+    RUN_SCHEMA,
+    BitPlan,
+    SensitivityReport,
+    read_json,
+    write_json,
+    write_text,
+)
 from .config import FinetuneConfig, SensitivityConfig, check_bits
 from .errors import QBHError
 from .qat import QATConfig
 
 logger = logging.getLogger(__name__)
 
-RUN_SCHEMA = "qbert_hessian.run/1"
-QAT_SCHEMA = "qbert_hessian.qat/1"
 SECTIONS = ("out", "model", "finetune", "sensitivity", "allocate", "plans", "qat", "run")
 MODEL_KEYS = ("name", "task", "data", "text_columns", "label_column", "max_length")
 PLAN_KEYS = (
@@ -231,8 +238,7 @@ class Run:
 
     def sensitivity(self) -> SensitivityReport:
         from .hessian.sensitivity import estimate_sensitivity
-        from .models import BlockMap
-        from .quant.apply import profile_units, quant_profile
+        from .quant.apply import report_profile
         from .report import write_sensitivity
 
         out = self.out / "sensitivity"
@@ -253,9 +259,7 @@ class Run:
         )
         groups = {1, "heads", 128, "channel", self.config.allocate.get("groups", 128)}
         groups |= {p["groups"] for p in self.config.plans if "groups" in p}
-        report.quantization = quant_profile(
-            model, profile_units(BlockMap(model), [b.name for b in report.blocks]), groups=sorted(groups, key=str)
-        )
+        report.quantization = report_profile(model, [b.name for b in report.blocks], groups=sorted(groups, key=str))
         write_sensitivity(report, out)
         return report
 
@@ -291,14 +295,13 @@ class Run:
         return plans
 
     def _calibrated(self, plan: BitPlan):
-        from .quant.apply import calibrate_activations, calibration_batches, quantize_model
+        from .quant.apply import quantize_calibrated
 
         model, task = self.fp32()
-        q = quantize_model(model, plan)
-        if plan.act_bits:
-            r = self.config.run
-            calibrate_activations(q, calibration_batches(task, r["calibration_batches"], r["batch_size"], r["seed"]))
-        return q
+        r = self.config.run
+        return quantize_calibrated(
+            model, plan, task, num_batches=r["calibration_batches"], batch_size=r["batch_size"], seed=r["seed"]
+        )
 
     def baseline(self) -> dict[str, Any]:
         from .evaluate import evaluate
@@ -324,16 +327,18 @@ class Run:
             return read_json(final, METRICS_SCHEMA)
         model, task = self.fp32()
         direct_path = out / "direct.json"
+        q = None  # the directly quantized model, built once and reused by QAT and export
         if direct_path.exists():
             direct = read_json(direct_path, METRICS_SCHEMA)["metrics"]
         else:
             logger.info("stage direct quantization: %s", name)
-            direct = evaluate(self._calibrated(plan), task)
+            q = self._calibrated(plan)
+            direct = evaluate(q, task)
             write_json(direct_path, {"schema": METRICS_SCHEMA, "stage": "direct", "metrics": direct})
         packed = out / "packed"
         training = None
         if not (packed / "quantization.json").exists():
-            q = self._calibrated(plan)
+            q = q if q is not None else self._calibrated(plan)
             if qat:
                 logger.info("stage QAT: %s", name)
                 from .tasks import subset, tokenize_task

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .artifacts import BitPlan, SensitivityReport, atomic_write, write_text
+from .artifacts import RUN_SCHEMA, BitPlan, SensitivityReport, atomic_write, write_text
 
 
 def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
@@ -287,7 +287,7 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "compression": 1.0,
         }
     ]
-    config = read_json(run / "run.json", "qbert_hessian.run/1")["config"]
+    config = read_json(run / "run.json", RUN_SCHEMA)["config"]
     for spec in config["plans"]:
         name = spec["name"]
         path = run / "results" / name / "metrics.json"
@@ -344,7 +344,7 @@ def write_run_report(run_dir: Path | str) -> Path:
     from .artifacts import read_json
 
     run = Path(run_dir)
-    config = read_json(run / "run.json", "qbert_hessian.run/1")["config"]
+    config = read_json(run / "run.json", RUN_SCHEMA)["config"]
     m = config["model"]
     rows = results_rows(run)
     lines = [

@@ -172,6 +172,17 @@ def calibration_batches(task: Task, num_batches: int, batch_size: int, seed: int
     return [task.batch("train", order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
+def quantize_calibrated(
+    model: nn.Module, plan: BitPlan, task: Task, *, num_batches: int = 8, batch_size: int = 32, seed: int = 0
+) -> nn.Module:
+    """:func:`quantize_model` (a copy), then its activation ranges from seeded training batches when the plan
+    quantizes activations: the direct (post-training) quantization every stage evaluates and exports."""
+    qmodel = quantize_model(model, plan)
+    if plan.act_bits:
+        calibrate_activations(qmodel, calibration_batches(task, num_batches, batch_size, seed))
+    return qmodel
+
+
 def _unit_matrices(block_map: BlockMap, unit: str) -> list[tuple[str, torch.Tensor, Kind]]:
     return [(n, block_map.model.get_submodule(p).weight, k) for n, p, k in block_modules(block_map, unit)]
 
@@ -232,6 +243,13 @@ def quant_profile(
         "num_linears": len(block_map.layers) * len(LINEAR_PARTS),
         "units": units_out,
     }
+
+
+def report_profile(
+    model: nn.Module, report_blocks: Sequence[str], groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS
+) -> dict[str, Any]:
+    """The quantization profile of a sensitivity report's units (its encoder blocks and the embedding tables)."""
+    return quant_profile(model, profile_units(BlockMap(model), report_blocks), groups=groups)
 
 
 def profile_units(block_map: BlockMap, report_blocks: Sequence[str]) -> list[str]:

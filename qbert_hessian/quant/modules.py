@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import QBHError
-from .functional import Kind, Quantized, QuantSpec, fake_quantize, fake_quantize_activation, quantize
+from .functional import (
+    Kind,
+    Quantized,
+    QuantSpec,
+    fake_quantize,
+    fake_quantize_activation,
+    from_groups,
+    quantize,
+    to_groups,
+)
 
 
 class ActQuant(nn.Module):
@@ -124,8 +133,6 @@ class _QuantWeight:
 
     def _quant_noise(self, q: Tensor) -> Tensor:
         """Keep a random share ``noise`` of the groups in FP32 for this forward (Quant-Noise)."""
-        from .functional import from_groups, to_groups
-
         rows = to_groups(q, self.grid).shape[0]
         keep_fp = (torch.rand(rows, 1, device=q.device) < self.noise).to(q.dtype)
         w_g, q_g = to_groups(self.weight, self.grid), to_groups(q, self.grid)
