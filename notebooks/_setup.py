@@ -61,8 +61,13 @@ def _tiny() -> dict:
     }
 
 
+def _relative(path: Path) -> Path:
+    """``path`` relative to the working directory (the notebooks' folder), so outputs hold no machine paths."""
+    return Path(os.path.relpath(path))
+
+
 def _real() -> dict:
-    run = ROOT / "runs" / "sst2_minilm"
+    run = _relative(ROOT / "runs" / "sst2_minilm")
     if not (run / "checkpoint" / "metrics.json").exists():
         raise FileNotFoundError(
             f"{run} has no fine-tuned checkpoint; run `qbert-hessian run experiments/sst2_minilm.toml` first "
@@ -71,7 +76,7 @@ def _real() -> dict:
     return {
         "model": str(run / "checkpoint"),
         "task": "sst2",
-        "data": str(ROOT.parent / "shared" / "data" / "sst2"),
+        "data": str(_relative(ROOT.parent / "shared" / "data" / "sst2")),
         "max_length": 64,
         "groups": 128,
         "run_dir": run,

@@ -26,9 +26,12 @@ SETUP = C("""\
 # QBH_TINY=1 switches to a tiny random BERT and toy data (what the test suite runs); otherwise the
 # MiniLM-L6 artifacts of `qbert-hessian run experiments/sst2_minilm.toml` are used.
 import tempfile
+import warnings
 from pathlib import Path
 
 from IPython.display import Image, Markdown
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: plain bars
 
 from _setup import TINY, workspace
 

@@ -624,6 +624,8 @@ def cmd_density(args: argparse.Namespace) -> int:
     from .landscape import block_parameters
     from .report import plot_density
 
+    if args.steps < 1 or args.probes < 1:
+        raise QBHError(f"--steps {args.steps} and --probes {args.probes} must both be at least 1")
     out = args.out / "density.json"
     if out.exists() and not args.force:
         raise QBHError(f"'{out}' exists; pass --force to overwrite it")

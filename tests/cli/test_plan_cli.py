@@ -193,6 +193,8 @@ def test_landscape_and_density_commands(tiny_checkpoint, tiny_data, tmp_path, ca
     assert "encoder.9" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
     dens = tmp_path / "dens"
+    assert main(["density", *common, "--block", "encoder.1", "--steps", "0", "--out", str(dens)]) == 2
+    assert "--steps 0" in capsys.readouterr().err and not dens.exists()
     assert main(["density", *common, "--block", "encoder.1.ffn_out", "--steps", "12", "--out", str(dens)]) == 0
     data = json.loads((dens / "density.json").read_text())
     assert data["densities"][0]["steps"] == 12 and len(data["densities"][0]["nodes"][0]) == 12
