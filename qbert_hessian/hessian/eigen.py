@@ -10,9 +10,9 @@ The most negative eigenvalue is the dominant eigenvalue of the shifted operator 
 top (positive) eigenvalue: its spectrum lies in [lam_min - sigma, 0], so power iteration finds
 lam_min - sigma, and lam_min follows.
 
-:func:`lanczos_eigenvalues` answers the same questions from the Ritz values of a Lanczos run, with the same
-stopping rule (relative change of the wanted values between steps <= tol) but far fewer products; it gives
-the most negative eigenvalue from the same run.
+:func:`lanczos_eigenvalues` answers the same questions from the Ritz values of a Lanczos run, in far fewer
+products; it stops when the residual-based error estimate of the wanted values is at most tol relative
+(:mod:`.lanczos`), and gives the most negative eigenvalue from the same run.
 
 The functions take an ``hvp(v) -> H v`` callable and never see a model or a batch.
 """
@@ -150,16 +150,17 @@ def lanczos_eigenvalues(
 ) -> EigenResult:
     """The ``k`` largest-magnitude eigenvalues (and optionally the smallest) from one Lanczos run.
 
-    The run stops when each watched Ritz value (the ``k`` of largest magnitude, plus the smallest when
-    ``most_negative``) changed by at most ``tol`` relative to its magnitude since the previous step, or after
-    ``max_iters`` products. The returned vectors are the Ritz vectors (unit norm), fit for a warm start.
+    The run stops when the error estimate of each watched Ritz value (the ``k`` of largest magnitude, plus the
+    smallest when ``most_negative``) is at most ``tol`` relative to its magnitude
+    (:func:`~qbert_hessian.hessian.lanczos.ritz_errors`), or after ``max_iters`` products. The returned
+    vectors are the Ritz vectors (unit norm), fit for a warm start.
 
     Args:
         hvp: ``v -> H v`` over ``params``.
         params: tensors giving the shapes of the vectors.
         k: number of largest-magnitude eigenvalues.
         max_iters: cap on products (and on the basis kept in memory).
-        tol: relative change at which the watched Ritz values are accepted.
+        tol: relative error estimate at which the watched Ritz values are accepted.
         most_negative: also return the smallest eigenvalue in ``EigenResult.smallest``.
         init: start vector (e.g. last draw's top eigenvector); random otherwise.
         generator: seeds the random start vector.
@@ -170,8 +171,7 @@ def lanczos_eigenvalues(
 
     def top_k(evals: np.ndarray) -> np.ndarray:
         order = np.argsort(-np.abs(evals), kind="stable")[:k]
-        picked = evals[order]
-        return np.append(picked, evals[0]) if most_negative else picked
+        return np.union1d(order, [0]) if most_negative else order
 
     start = list(init) if init is not None else randn_start(params, generator)
     res = lanczos(hvp, start, max_steps=max_iters, tol=tol, watch=top_k)

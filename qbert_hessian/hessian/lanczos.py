@@ -5,6 +5,14 @@ T_m = Q_m^T H Q_m (diagonal alpha, off-diagonal beta). The eigenvalues of T_m (R
 extreme eigenvalues far faster than power iteration at the same number of products: the error decays like
 a Chebyshev polynomial in the gap rather than like |lam_2 / lam_1|^m (Kaniel-Paige theory). Every new
 vector is re-orthogonalised against the whole basis, so memory grows as m vectors of the block's size.
+
+When to stop: the Ritz pair (theta_j, y_j = Q_m s_j) has the residual ||H y_j - theta_j y_j|| = beta_m |s_mj|
+(beta_m is the norm of the next Lanczos vector before normalising), so some eigenvalue of H lies within that
+residual of theta_j, and within residual^2 / gap when theta_j is at distance ``gap`` from the rest of the
+spectrum (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, Sec. 11.7). The run stops when that error
+estimate, with the gap read off the other Ritz values, is at most ``tol`` times |theta_j| for every watched
+value. The estimate costs nothing (it comes from T_m) and, unlike "the value moved less than tol since the
+last step", it does not ask for one more product once the value has already converged.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from torch import Tensor
 from . import vec
 from .hvp import HVP
 
-Select = Callable[[np.ndarray], np.ndarray]
+Select = Callable[[np.ndarray], np.ndarray]  # ascending Ritz values -> indices of the watched ones
 
 
 @dataclasses.dataclass
@@ -38,6 +46,12 @@ class LanczosResult:
     like: list[Tensor]
     steps: int
     converged: bool
+    next_beta: float = 0.0  # the norm of the next Lanczos vector before normalising (beta_m)
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """||H y_j - theta_j y_j|| of every Ritz pair: beta_m |s_mj|, read off T_m without a product."""
+        return np.abs(self.next_beta * self.ritz_vectors[-1, :])
 
     @property
     def basis(self) -> list[list[Tensor]]:
@@ -60,6 +74,18 @@ def tridiagonal_eigh(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np.
     return np.linalg.eigh(T)
 
 
+def ritz_errors(evals: np.ndarray, evecs: np.ndarray, beta: float, which: np.ndarray) -> np.ndarray:
+    """Error estimates of the Ritz values ``evals[which]``: min(r, r^2 / gap) with r = beta |s_mj| and the
+    gap to the nearest other Ritz value (r alone while there is no other Ritz value)."""
+    out = np.empty(len(which))
+    for i, j in enumerate(which):
+        r = abs(beta * evecs[-1, j])
+        others = np.delete(evals, j)
+        gap = float(np.min(np.abs(others - evals[j]))) if others.size else 0.0
+        out[i] = min(r, r * r / gap) if gap > 0 else r
+    return out
+
+
 def lanczos(
     hvp: HVP,
     start: Sequence[Tensor],
@@ -74,10 +100,10 @@ def lanczos(
         hvp: ``v -> H v``.
         start: the start vector (normalised here); a good guess of the wanted eigenvector shortens the run.
         max_steps: cap on products.
-        tol: stop once every watched Ritz value changed by at most ``tol`` times its magnitude since the
-            previous step (0: run all steps, as stochastic Lanczos quadrature wants).
-        watch: picks the watched Ritz values from the ascending array (default: none, so only the cap or
-            an invariant subspace stops the run).
+        tol: stop once the error estimate (:func:`ritz_errors`) of every watched Ritz value is at most
+            ``tol`` times its magnitude (0: run all steps, as stochastic Lanczos quadrature wants).
+        watch: picks the indices of the watched Ritz values in the ascending array (default: none, so only
+            the cap or an invariant subspace stops the run).
 
     Returns:
         A :class:`LanczosResult`.
@@ -90,7 +116,6 @@ def lanczos(
     m = 1
     alpha: list[float] = []
     beta: list[float] = []
-    previous: np.ndarray | None = None
     converged = False
     evals, evecs = np.zeros(0), np.zeros((0, 0))
     for step in range(1, max_steps + 1):
@@ -104,19 +129,14 @@ def lanczos(
             w -= basis.T @ (basis @ w)
         b = float(torch.linalg.vector_norm(w))
         evals, evecs = tridiagonal_eigh(alpha, beta)
-        if watch is not None and tol > 0:
-            current = watch(evals)
-            if (
-                previous is not None
-                and previous.shape == current.shape
-                and np.all(np.abs(current - previous) <= tol * np.abs(current))
-            ):
-                converged = True
-                break
-            previous = current
         if b <= 1e-10 * max(1.0, abs(a)):  # the Krylov space is invariant: the Ritz values are exact
             converged = True
             break
+        if watch is not None and tol > 0:
+            which = watch(evals)
+            if np.all(ritz_errors(evals, evecs, b, which) <= tol * np.abs(evals[which])):
+                converged = True
+                break
         if step < max_steps:
             beta.append(b)
             q = w / b
@@ -128,7 +148,7 @@ def lanczos(
             m += 1
     steps = len(alpha)
     return LanczosResult(
-        evals, evecs, np.asarray(alpha), np.asarray(beta[: steps - 1]), Q[:steps], like, steps, converged
+        evals, evecs, np.asarray(alpha), np.asarray(beta[: steps - 1]), Q[:steps], like, steps, converged, b
     )
 
 

@@ -165,3 +165,31 @@ def test_lanczos_matches_dense_hessian_of_tiny_bert(micro_bert, block):
     )
     assert res.values[0] == pytest.approx(dominant, rel=1e-3)
     assert res.smallest == pytest.approx(float(exact[0]), rel=1e-3)
+
+
+def test_ritz_residuals_are_the_true_residuals():
+    """beta_m |s_mj| (no product needed) equals ||A y_j - theta_j y_j|| computed with A."""
+    A = sym_with_spectrum([9.0, 4.0, 3.0, 1.0, -2.0, 0.5, 0.25, -1.5], seed=5)
+    res = lanczos(matrix_hvp(A), [torch.ones(8, dtype=torch.float64)], max_steps=4)
+    for j, theta in enumerate(res.ritz_values):
+        y = res.vector(j)[0]
+        assert torch.linalg.vector_norm(A @ y - theta * y).item() == pytest.approx(res.residuals[j], rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lanczos_stops_within_tol_of_the_top_eigenvalue(seed):
+    """The error-estimate rule stops early but inside the tolerance, on spectra with small and large gaps."""
+    g = torch.Generator().manual_seed(seed)
+    bulk = (torch.rand(150, generator=g, dtype=torch.float64) * 2 - 1).tolist()
+    top = 1.0 + 0.02 * (seed + 1)  # relative gaps 2% .. 16%
+    A = sym_with_spectrum([top, 1.0, *bulk], seed=seed)
+    for tol in (1e-2, 1e-3, 1e-4):
+        res = lanczos_eigenvalues(
+            matrix_hvp(A),
+            [torch.zeros(152, dtype=torch.float64)],
+            tol=tol,
+            max_iters=150,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        assert res.converged[0] and res.iters[0] < 150
+        assert abs(res.values[0] - top) <= tol * top
