@@ -104,12 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="eigen-solver: Lanczos (fewer products) or power iteration (Q-BERT, PyHessian)",
     )
     p.add_argument("--max-iters", type=int, default=100, help="cap on Hessian-vector products per eigenvalue")
-    p.add_argument("--tol", type=float, default=1e-3, help="relative change of the eigenvalue at which to stop")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-3,
+        help="relative accuracy at which to stop (Lanczos: error estimate; power: change per step)",
+    )
     p.add_argument("--top-k", type=int, default=1, help="eigenvalues per block and draw")
     p.add_argument("--most-negative", action="store_true", help="also estimate the most negative eigenvalue")
     p.add_argument("--trace", choices=["block", "shared", "none"], default="block", help="Hutchinson trace mode")
     p.add_argument("--trace-samples", type=int, default=4, help="Rademacher probes per draw")
     p.add_argument("--no-warm-start", action="store_true", help="random start vector on every draw")
+    p.add_argument(
+        "--length-buckets",
+        type=int,
+        default=4,
+        help="cut each batch into at most this many length-sorted micro-batches (same loss, less padding; 1: off)",
+    )
     _add_run_control(
         p, resume="keep the finished blocks of OUT/sensitivity.json", force="overwrite an existing report in OUT"
     )
@@ -314,6 +325,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         trace=args.trace,
         trace_samples=args.trace_samples,
         warm_start=not args.no_warm_start,
+        length_buckets=args.length_buckets,
         seed=args.seed,
         max_length=args.max_length,
     )

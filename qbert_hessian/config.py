@@ -105,12 +105,15 @@ class SensitivityConfig(_Config):
         batches_per_draw: batches averaged into one draw's loss (their graphs are all kept in memory).
         method: ``lanczos`` (default) or ``power`` (see :class:`EigenMethod`).
         max_iters: cap on Hessian-vector products per eigenvalue.
-        tol: relative change of the eigenvalue estimate between steps at which the iteration stops.
+        tol: when to stop: Lanczos stops when the residual-based error estimate of the eigenvalue is at most
+            ``tol`` relative, power iteration when the estimate moved by at most ``tol`` relative in one step.
         top_k: eigenvalues per block and draw (deflation); the first one is the score.
         most_negative: also estimate the most negative eigenvalue of each block.
         trace: ``block``, ``shared`` or ``none`` (see :class:`TraceMode`).
         trace_samples: Rademacher probes per draw for the trace; pooled over draws.
         warm_start: start each draw's power iteration from the previous draw's eigenvector.
+        length_buckets: cut each batch into at most this many micro-batches of similar length for the
+            products (the same loss on less padding; 1: never).
         seed: seeds the data draws and the random start vectors.
         max_length: tokenizer truncation length.
     """
@@ -126,6 +129,7 @@ class SensitivityConfig(_Config):
     trace: TraceMode = TraceMode.BLOCK
     trace_samples: int = 4
     warm_start: bool = True
+    length_buckets: int = 4
     seed: int = 0
     max_length: int = 128
 
@@ -139,6 +143,7 @@ class SensitivityConfig(_Config):
             tol=self.tol,
             top_k=self.top_k,
             trace_samples=self.trace_samples,
+            length_buckets=self.length_buckets,
             max_length=self.max_length,
         )
         _set_enum(self, "trace", TraceMode, "trace mode")

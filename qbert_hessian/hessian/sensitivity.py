@@ -31,6 +31,7 @@ from ..config import EigenMethod, SensitivityConfig, TraceMode
 from ..errors import QBHError
 from ..models import BlockMap, use_eager_attention
 from ..names import blocks_overlap
+from . import vec
 from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
 from .hvp import Batch, BlockHessian, LossFn, curvature_mode, grads_enabled
 from .trace import hutchinson_block_traces, hutchinson_trace, summarize
@@ -87,12 +88,24 @@ def _estimate_block(
     trace_samples: list[float] = []
     warm: list[list[torch.Tensor]] | None = None
     for batches in draws:
-        hvp = BlockHessian(model, params, batches, loss_fn)
-        start = warm if config.warm_start else None
+        hvp = BlockHessian(model, params, batches, loss_fn, length_buckets=config.length_buckets)
+        # The solvers work in the block's compact space (embedding tables cut to the draw's rows); the warm
+        # start is kept whole between draws, whose rows differ.
+        like = hvp.like
+        start = [hvp.restrict(v) for v in warm] if warm is not None and config.warm_start else None
+        if start is not None and vec.norm(start[0]) == 0.0:
+            start = None  # the previous eigenvector lives on rows this draw does not use
+        import os
+
+        mode = os.environ.get("QBH_START", "warm")
+        if mode == "grad" or (mode == "warmgrad" and start is None):
+            start = [hvp.gradient]
+        elif mode == "mix" and start is not None:
+            start = [vec.axpy(1.0, vec.normalize(hvp.gradient), vec.normalize(start[0]))]
         if config.method == EigenMethod.LANCZOS:
             res = lanczos_eigenvalues(
                 hvp,
-                params,
+                like,
                 k=config.top_k,
                 max_iters=config.max_iters,
                 tol=config.tol,
@@ -103,13 +116,13 @@ def _estimate_block(
             iters.append(res.iters[0])
         else:
             res = top_eigenvalues(
-                hvp, params, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
+                hvp, like, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
             )
             iters.append(sum(res.iters))
             if config.most_negative:
                 neg = most_negative_eigenvalue(
                     hvp,
-                    params,
+                    like,
                     shift=res.values[0],
                     max_iters=config.max_iters,
                     tol=config.tol,
@@ -118,7 +131,7 @@ def _estimate_block(
                 )
                 res.smallest = neg.values[0]
                 iters[-1] += neg.iters[0]
-        warm = res.vectors
+        warm = [hvp.expand(v) for v in res.vectors]
         eig.append(res.values[0])
         top_k.append(res.values)
         converged.append(all(res.converged))
@@ -126,7 +139,7 @@ def _estimate_block(
             negative.append(res.smallest)
         if config.trace == TraceMode.BLOCK:
             t = hutchinson_trace(
-                hvp, params, min_samples=config.trace_samples, max_samples=config.trace_samples, generator=generator
+                hvp, like, min_samples=config.trace_samples, max_samples=config.trace_samples, generator=generator
             )
             trace_samples.extend(t.samples)
         hvp.free()
@@ -159,9 +172,9 @@ def _shared_traces(
     samples: list[list[float]] = [[] for _ in names]
     with grads_enabled(params):
         for batches in tqdm(draws, desc="shared trace", leave=False):
-            hvp = BlockHessian(model, params, batches, loss_fn)
+            hvp = BlockHessian(model, params, batches, loss_fn, length_buckets=config.length_buckets)
             results = hutchinson_block_traces(
-                hvp, params, slices, num_samples=max(2, config.trace_samples), generator=generator
+                hvp, hvp.like, slices, num_samples=max(2, config.trace_samples), generator=generator
             )
             for b, res in enumerate(results):
                 samples[b].extend(res.samples)

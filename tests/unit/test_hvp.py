@@ -5,7 +5,8 @@ import torch
 
 from qbert_hessian.errors import QBHError
 from qbert_hessian.hessian import vec
-from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+from qbert_hessian.hessian.eigen import lanczos_eigenvalues
+from qbert_hessian.hessian.hvp import BlockHessian, _best_cuts, curvature_mode, grads_enabled, split_by_length
 from qbert_hessian.models import BlockMap
 from tests.helpers import dense_block_hessian, random_batch
 
@@ -79,3 +80,120 @@ def test_hvp_of_a_parameter_without_curvature_is_zero():
     hv = H([torch.ones(3), torch.ones(3)])
     x = torch.tensor([1.0, 2.0, 3.0])
     assert torch.allclose(hv[0], 2 * x * x.sum()) and torch.equal(hv[1], torch.zeros(3))
+
+
+def ragged_batch(vocab_size: int, lengths: list[int], *, left: bool = False, seed: int = 0) -> dict:
+    """Rows of the given lengths, padded (right, or left) to the longest, with per-example labels."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(5, vocab_size, (len(lengths), width), generator=g)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    if left:
+        mask = mask.flip(1)
+    return {
+        "input_ids": ids * mask,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": torch.randint(0, 3, (len(lengths),), generator=g),
+    }
+
+
+@pytest.mark.parametrize("block", ["encoder.0", "embeddings"])
+def test_length_split_keeps_the_batch_hessian(micro_bert, block):
+    """Micro-batches of similar length, trimmed, give the padded batch's exact Hessian on fewer tokens."""
+    lengths = [3, 9, 2, 12, 4, 11, 3, 10]
+    batch = ragged_batch(micro_bert.config.vocab_size, lengths)
+    parts = split_by_length(batch, max_parts=3, overhead=0)
+    assert len(parts) == 3
+    assert sorted(r for p in parts for r in p["attention_mask"].sum(1).tolist()) == sorted(lengths)
+    for p in parts:  # each part is trimmed to its own longest row
+        assert p["input_ids"].shape[1] == int(p["attention_mask"].sum(1).max())
+    assert sum(p["input_ids"].numel() for p in parts) < batch["input_ids"].numel()
+    params = BlockMap(micro_bert).parameters(block)
+    H = dense_block_hessian(micro_bert, params, batch)
+    v = vec.randn_like(params, torch.Generator().manual_seed(1))
+    split = BlockHessian(micro_bert, params, parts, length_buckets=1)
+    assert torch.allclose(vec.flatten(split(v)), H @ vec.flatten(v), rtol=1e-4, atol=1e-5)
+    whole = BlockHessian(micro_bert, params, [batch], length_buckets=1)
+    assert split.loss == pytest.approx(whole.loss, rel=1e-5)
+
+
+def test_length_split_leaves_batches_it_cannot_split_whole(micro_bert):
+    batch = ragged_batch(micro_bert.config.vocab_size, [2, 9, 3, 10])
+    assert len(split_by_length(batch, max_parts=3, overhead=2)) == 2  # [2, 3] and [9, 10]
+    assert split_by_length(batch, max_parts=1) == [batch]
+    no_mask = {k: v for k, v in batch.items() if k != "attention_mask"}
+    assert split_by_length(no_mask, overhead=0) == [no_mask]
+    token_labels = {**batch, "labels": torch.zeros_like(batch["input_ids"])}  # a token-level loss: keep rows
+    assert split_by_length(token_labels, overhead=0) == [token_labels]
+    holes = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    holes["attention_mask"][1, 0] = 0  # not one run of ones then padding
+    assert split_by_length(holes, overhead=0) == [holes]
+    left = ragged_batch(micro_bert.config.vocab_size, [2, 9, 3, 10], left=True)  # trimming would move positions
+    assert split_by_length(left, overhead=0) == [left]
+    full = ragged_batch(micro_bert.config.vocab_size, [6, 6, 6])
+    assert split_by_length(full) == [full]  # nothing to trim
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_cuts_equal_brute_force(seed):
+    import itertools
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 40, size=9))
+    overhead, max_parts = int(rng.integers(0, 30)), 4
+
+    def cost(cuts):
+        return sum((hi - lo) * lengths[hi - 1] + overhead for lo, hi in zip(cuts[:-1], cuts[1:]))
+
+    best = min(
+        cost([0, *inner, len(lengths)])
+        for k in range(max_parts)
+        for inner in itertools.combinations(range(1, len(lengths)), k)
+    )
+    assert cost(_best_cuts(lengths, max_parts, overhead)) == best
+
+
+def few_token_batch(vocab_size: int) -> dict:
+    """Rows that use only token ids 5..9, so most rows of the word table are never looked up."""
+    batch = ragged_batch(vocab_size, [4, 6, 3, 6])
+    batch["input_ids"] = (batch["input_ids"] % 5 + 5) * batch["attention_mask"]
+    return batch
+
+
+def test_embedding_tables_are_cut_to_the_rows_looked_up(micro_bert):
+    batch = few_token_batch(micro_bert.config.vocab_size)
+    params = BlockMap(micro_bert).parameters("embeddings")
+    H = dense_block_hessian(micro_bert, params, batch)
+    hvp = BlockHessian(micro_bert, params, [batch])
+    word = [i for i, p in enumerate(params) if p is micro_bert.bert.embeddings.word_embeddings.weight][0]
+    assert hvp.rows[word].tolist() == sorted(set(batch["input_ids"].flatten().tolist()))
+    assert hvp.like[word].shape == (hvp.rows[word].numel(), micro_bert.config.hidden_size)
+    v = vec.randn_like(params, torch.Generator().manual_seed(2))
+    exact = vec.unflatten(H @ vec.flatten(v), params)
+    # whole vectors in, whole vectors out: the exact product
+    assert torch.allclose(vec.flatten(hvp(v)), vec.flatten(exact), rtol=1e-4, atol=1e-5)
+    # compact vectors: the same product on the rows looked up; nothing lives off them
+    compact = hvp(hvp.restrict(v))
+    assert [c.shape for c in compact] == [c.shape for c in hvp.like]
+    assert torch.allclose(vec.flatten(compact), vec.flatten(hvp.restrict(exact)), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(vec.flatten(hvp.expand(hvp.restrict(exact))), vec.flatten(exact), atol=1e-5)
+    # so the compact operator has the block's extreme eigenvalue
+    top = torch.linalg.eigvalsh(H.double())
+    top = top[top.abs().argmax()].item()
+    res = lanczos_eigenvalues(hvp, hvp.like, max_iters=60, tol=1e-6, generator=torch.Generator().manual_seed(0))
+    assert res.values[0] == pytest.approx(top, rel=1e-3)
+
+
+def test_a_table_used_elsewhere_stays_whole(micro_bert):
+    """A table whose gradient reaches rows no lookup used (here a weight penalty, as tied weights do) is not cut."""
+    batch = few_token_batch(micro_bert.config.vocab_size)
+    table = micro_bert.bert.embeddings.word_embeddings.weight
+
+    def loss_fn(model, b):
+        return model(**b).loss + 1e-2 * (table**2).sum()
+
+    hvp = BlockHessian(micro_bert, [table], [batch], loss_fn)
+    assert hvp.rows == [None] and hvp.like[0].shape == table.shape
