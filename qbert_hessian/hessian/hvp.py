@@ -123,6 +123,8 @@ def split_by_length(batch: Batch, max_parts: int = 4, overhead: int = 64) -> lis
         return [batch]
     n, width = mask.shape
     lengths = mask.sum(1)
+    if n * width - int(lengths.sum()) <= overhead:  # the padding is worth less than one more pass
+        return [batch]
     order = torch.argsort(lengths, stable=True)
     sorted_lengths = lengths[order].cpu().numpy()
     cuts = _best_cuts(sorted_lengths, min(max_parts, n), overhead)
@@ -164,6 +166,16 @@ def _record_lookups(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterato
             h.remove()
 
 
+def pass_overhead(device: torch.device) -> int:
+    """The fixed cost of one more micro-batch, in padded tokens, for :func:`split_by_length` on ``device``.
+
+    On a CPU a pass is compute-bound: a few dozen tokens. On a GPU a small batch is bound by kernel launches;
+    on an H100 a 32 x 38 batch cut into three parts made each product three times slower
+    (benchmarks/RESULTS_GPU.md), so there only batches with thousands of padded positions to save are cut.
+    """
+    return 64 if device.type == "cpu" else 8192
+
+
 class BlockHessian:
     """The Hessian of the batch-averaged loss restricted to ``params``, as a callable ``v -> H v``.
 
@@ -174,7 +186,8 @@ class BlockHessian:
         loss_fn: ``loss_fn(model, batch) -> scalar``, a mean over the batch's examples; defaults to the
             model's own loss.
         length_buckets: split every batch into at most this many micro-batches of similar length
-            (:func:`split_by_length`; 1: never split). The products are the same, computed on less padding.
+            (:func:`split_by_length`, with the device's :func:`pass_overhead`; 1: never split). The products
+            are the same, computed on less padding.
 
     Raises:
         QBHError: if a batch's loss is not finite.
@@ -201,7 +214,8 @@ class BlockHessian:
         self.params = list(params)
         loss_fn = loss_fn or model_loss
         device = self.params[0].device
-        batches = [part for batch in batches for part in split_by_length(batch, length_buckets)]
+        overhead = pass_overhead(device)
+        batches = [part for batch in batches for part in split_by_length(batch, length_buckets, overhead)]
         sizes = [_batch_size(b) for b in batches]
         total = float(sum(sizes))
         self.weights = [n / total for n in sizes]

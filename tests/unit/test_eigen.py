@@ -193,3 +193,15 @@ def test_lanczos_stops_within_tol_of_the_top_eigenvalue(seed):
         )
         assert res.converged[0] and res.iters[0] < 150
         assert abs(res.values[0] - top) <= tol * top
+
+
+def test_power_iteration_does_not_accept_a_start_whose_estimates_merely_agree():
+    """With eigenvalues +1 and -1 every iterate of (0.8, 0.6) has Rayleigh quotient 0.28: the change rule
+    alone would accept 0.28 after two products; the residual (0.96) says it is no eigenvector."""
+    A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    start = [[torch.tensor([0.8, 0.6], dtype=torch.float64)]]
+    res = top_eigenvalues(matrix_hvp(A), [torch.zeros(2, dtype=torch.float64)], init=start, tol=1e-3, max_iters=20)
+    assert not res.converged[0] and res.iters[0] == 20
+    B = torch.diag(torch.tensor([1.0, -0.9], dtype=torch.float64))  # a gap: converges to the true top, not 0.28
+    res = top_eigenvalues(matrix_hvp(B), [torch.zeros(2, dtype=torch.float64)], init=start, tol=1e-6, max_iters=500)
+    assert res.converged[0] and res.values[0] == pytest.approx(1.0, rel=1e-5)
