@@ -84,6 +84,31 @@ def pack(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]], 1), batch["labels"]
 
 
+def clock(device: str) -> float:
+    """A wall-clock reading after the device's queued work is done."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class PeakCUDA:
+    """Peak GPU memory allocated above the level at entry."""
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
 def run_pyhessian(model, block_map, names, batches, cfg):
     from pyhessian import hessian
 
@@ -110,7 +135,7 @@ def run_pyhessian(model, block_map, names, batches, cfg):
         for batch in batches:
             for p in all_params:
                 p.grad = None
-            comp = hessian(wrapper, criterion, data=pack(batch), cuda=False)
+            comp = hessian(wrapper, criterion, data=pack(batch), cuda=next(model.parameters()).is_cuda)
             values, _ = comp.eigenvalues(maxIter=cfg.max_iters, tol=cfg.tol, top_n=1)
             eig[name].append(float(values[0]))
             del comp
@@ -123,6 +148,7 @@ def run_pyhessian(model, block_map, names, batches, cfg):
 
 def setup(args):
     model, tok = load_model(args.model, num_labels=2, eager=True)
+    model = model.float().to(args.device)
     task = load_task("sst2", tok, data_dir=args.data, max_length=args.max_length)
     cfg = SensitivityConfig(
         draws=args.draws, batch_size=args.batch_size, trace="none", max_iters=100, tol=1e-3, max_length=args.max_length
@@ -143,7 +169,7 @@ def memory_probe(args) -> None:
     model, task, cfg = setup(args)
     cfg = dataclasses.replace(cfg, draws=2)
     bm = BlockMap(model)
-    with PeakRSS() as mem:
+    with PeakCUDA() if args.device == "cuda" else PeakRSS() as mem:
         if args.memory_probe == "pyhessian":
             batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
             with curvature_mode(model):
@@ -169,17 +195,19 @@ def probe(engine: str, args) -> float:
         str(args.batch_size),
         "--max-length",
         str(args.max_length),
+        "--device",
+        args.device,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def time_it(fn, reps: int) -> float:
+def time_it(fn, reps: int, device: str) -> float:
     fn()  # warm-up
-    start = time.perf_counter()
+    start = clock(device)
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - start) / reps
+    return (clock(device) - start) / reps
 
 
 def main() -> None:
@@ -189,6 +217,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--memory-probe", choices=["pyhessian", *ENGINES], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -202,27 +231,32 @@ def main() -> None:
     names = bm.expand(None)
     batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
 
+    dev = args.device
     runs = {}
     with curvature_mode(model):
-        t0 = time.perf_counter()
+        t0 = clock(dev)
         pyh = run_pyhessian(model, bm, names, batches, cfg)
-        runs["PyHessian 0.1"] = (time.perf_counter() - t0, probe("pyhessian", args), run_pyhessian.products, pyh)
+        runs["PyHessian 0.1"] = (clock(dev) - t0, probe("pyhessian", args), run_pyhessian.products, pyh)
     for key, (label, overrides) in ENGINES.items():
-        t0 = time.perf_counter()
+        t0 = clock(dev)
         rep = estimate_sensitivity(model, task, dataclasses.replace(cfg, **overrides), model_name=args.model)
-        seconds = time.perf_counter() - t0
+        seconds = clock(dev) - t0
         eig = {b.name: b.eigenvalues for b in rep.blocks}
         runs[label] = (seconds, probe(key, args), sum(sum(b.iterations) for b in rep.blocks), eig)
 
+    # A converged reference for every block-draw: Lanczos run to a 1000x tighter tolerance (not timed).
+    ref_cfg = dataclasses.replace(cfg, method="lanczos", tol=cfg.tol / 1000)
+    reference = {b.name: b.eigenvalues for b in estimate_sensitivity(model, task, ref_cfg, progress=False).blocks}
+
     # HVP cost relative to one forward+backward, on the first draw's batch.
-    batch = batches[0]
+    batch = {k: v.to(dev) for k, v in batches[0].items()}
     with curvature_mode(model):
 
         def fwd_bwd():
             model.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
 
-        t_fb = time_it(fwd_bwd, 5)
+        t_fb = time_it(fwd_bwd, 5, dev)
         model.zero_grad(set_to_none=True)
         hvp_rows = []
         for name in ["encoder.0", "encoder.5", None]:
@@ -230,10 +264,10 @@ def main() -> None:
             v = randn_like(params, torch.Generator().manual_seed(0))
             row = [name or "all parameters"]
             for buckets in (1, cfg.length_buckets):
-                t0 = time.perf_counter()
+                t0 = clock(dev)
                 hvp = BlockHessian(model, params, [batch], length_buckets=buckets)
-                row.append(time.perf_counter() - t0)
-                row.append(time_it(lambda hvp=hvp, v=v: hvp(v), 5))
+                row.append(clock(dev) - t0)
+                row.append(time_it(lambda hvp=hvp, v=v: hvp(v), 5, dev))
                 hvp.free()
             hvp_rows.append(row)
 
@@ -258,6 +292,20 @@ def main() -> None:
         rel = np.concatenate([r for lab, r in agree if lab == label])
         lines.append(f"- {label}: mean {100 * rel.mean():.2f}%, max {100 * rel.max():.2f}% over {rel.size} block-draws")
     agreement = "\n".join(lines)
+    errors = []
+    for label, (_, _, _, eig) in runs.items():
+        rel = np.concatenate([np.abs(np.array(eig[n]) - reference[n]) / np.abs(reference[n]) for n in names])
+        errors.append(f"- {label}: mean {100 * rel.mean():.3f}%, max {100 * rel.max():.3f}%")
+    errors = "\n".join(errors)
+    if dev == "cuda":
+        machine = f"{torch.cuda.get_device_name()} GPU, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+        memory = "peak GPU memory allocated above the loaded model (fresh process, 2 draws)"
+    else:
+        machine = (
+            f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)"
+        )
+        memory = "peak memory above the loaded model (RSS, fresh process, 2 draws)"
     command = "python benchmarks/bench_sensitivity.py " + " ".join(sys.argv[1:])
     lengths = [int(b["attention_mask"].sum()) for b in batches]
     padded = [b["attention_mask"].numel() for b in batches]
@@ -266,8 +314,7 @@ def main() -> None:
 
 Command (after the fine-tune in the script's docstring): `{command}`
 
-Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}
-({torch.get_num_threads()} threads), Python {platform.python_version()}. Model: MiniLM-L6 (all-MiniLM-L6-v2)
+Machine: {machine}, Python {platform.python_version()}. Model: MiniLM-L6 (all-MiniLM-L6-v2)
 fine-tuned on an 8,000-sentence SST-2 subset (dev accuracy in the checkpoint's metrics.json).
 Protocol (Q-BERT's): blocks {", ".join(names)}; {cfg.draws} draws of {cfg.batch_size} SST-2 training sentences (max length {cfg.max_length}, dynamic padding), the same batches
 for every engine; tolerance {cfg.tol}, at most {cfg.max_iters} products; eigenvalues only. PyHessian is applied to one block at a time
@@ -275,12 +322,15 @@ by freezing all other parameters; it starts every draw from a random vector and 
 the tolerance (relative) in one step. Our power iteration stops by the same rule; our Lanczos stops when its residual-based
 error estimate is at most the tolerance (relative).
 
-| engine | wall time | speed-up vs PyHessian | Hessian-vector products | peak memory above the loaded model (RSS, fresh process, 2 draws) |
+| engine | wall time | speed-up vs PyHessian | Hessian-vector products | {memory} |
 |---|---:|---:|---:|---:|
 {chr(10).join(summary)}
 
 Agreement of the per-draw top eigenvalue with PyHessian's (relative difference):
 {agreement}
+
+Error of each engine against a converged reference (our Lanczos at tolerance {ref_cfg.tol:g}, same draws):
+{errors}
 
 | block | PyHessian mean top eig | power (ours) | max rel. diff | Lanczos (ours) | max rel. diff |
 |---|---:|---:|---:|---:|---:|

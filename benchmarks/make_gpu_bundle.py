@@ -1,0 +1,49 @@
+"""Pack what the GPU benchmark needs into runs/gpu, for a machine with PyTorch and transformers but no network.
+
+    python benchmarks/make_gpu_bundle.py            # here: runs/gpu (about 50 MB, git-ignored)
+    # there, in the repository root, with runs/gpu beside it:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site runs/gpu/whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/bench_sensitivity.py --model runs/gpu/checkpoint \\
+        --data runs/gpu/sst2 --device cuda --out benchmarks/RESULTS_GPU.md
+
+The fine-tuned checkpoint travels with float16 weights (half the size; the benchmark runs them in float32), the
+SST-2 files are copied, and datasets (with dill and multiprocess) and PyHessian travel as wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+WHEELS = ["datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "pyhessian==0.1"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/sst2/checkpoint")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
+    ap.add_argument("--out", default="runs/gpu")
+    ap.add_argument("--python-version", default="3.12", help="the Python of the GPU machine")
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    for f in Path(args.model).iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out / "checkpoint" / f.name)
+    weights = load_file(Path(args.model) / "model.safetensors")
+    half = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(half, out / "checkpoint" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(args.data, out / "sst2", dirs_exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(out / "whl")]
+    pip += ["--python-version", args.python_version, "--implementation", "cp"]
+    subprocess.run(pip + WHEELS, check=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
