@@ -89,7 +89,8 @@ def top_eigenvalues(
         params: tensors giving the shapes of the vectors.
         k: number of eigenpairs (deflation after each).
         max_iters: cap on products per eigenvalue.
-        tol: relative change of the Rayleigh quotient at which an eigenvalue is accepted.
+        tol: relative change of the Rayleigh quotient between steps at which an eigenvalue is accepted (its
+            residual must also be at most sqrt(tol) times its magnitude).
         init: optional start vectors (e.g. last draw's eigenvectors: a warm start); random ones otherwise.
         generator: seeds the random start vectors.
 
