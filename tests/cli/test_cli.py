@@ -81,8 +81,9 @@ def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data
         (["--text-columns", "text"], "column(s) text not in"),
         (["--draws", "0"], "draws must be positive"),
         (["--batch-size", "500"], "a draw needs 500 training examples"),
+        (["--length-buckets", "0"], "length_buckets must be positive"),
     ],
-    ids=["unknown-block", "missing-column", "bad-draws", "too-little-data"],
+    ids=["unknown-block", "missing-column", "bad-draws", "too-little-data", "bad-length-buckets"],
 )
 def test_sensitivity_cli_bad_input(tiny_checkpoint, tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
