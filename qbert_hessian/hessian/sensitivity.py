@@ -95,13 +95,6 @@ def _estimate_block(
         start = [hvp.restrict(v) for v in warm] if warm is not None and config.warm_start else None
         if start is not None and vec.norm(start[0]) == 0.0:
             start = None  # the previous eigenvector lives on rows this draw does not use
-        import os
-
-        mode = os.environ.get("QBH_START", "warm")
-        if mode == "grad" or (mode == "warmgrad" and start is None):
-            start = [hvp.gradient]
-        elif mode == "mix" and start is not None:
-            start = [vec.axpy(1.0, vec.normalize(hvp.gradient), vec.normalize(start[0]))]
         if config.method == EigenMethod.LANCZOS:
             res = lanczos_eigenvalues(
                 hvp,
