@@ -72,10 +72,10 @@ def _batch_size(batch: Batch) -> int:
     return int(first.shape[0])
 
 
-def _right_padded(mask: Tensor) -> bool:
-    """Whether every row of the 0/1 mask is a run of ones followed by padding."""
+def _right_padded(mask: Tensor, lengths: Tensor) -> bool:
+    """Whether every row of the 0/1 mask is a run of ``lengths`` ones followed by padding."""
     positions = torch.arange(mask.shape[1], device=mask.device)
-    return torch.equal(mask.bool(), positions < mask.sum(1, keepdim=True))
+    return torch.equal(mask.bool(), positions < lengths[:, None])
 
 
 def _best_cuts(lengths: np.ndarray, max_parts: int, overhead: int) -> list[int]:
@@ -119,10 +119,10 @@ def split_by_length(batch: Batch, max_parts: int = 4, overhead: int = 64) -> lis
     labels = batch.get("labels")
     if max_parts <= 1 or mask is None or mask.dim() != 2 or (labels is not None and labels.dim() != 1):
         return [batch]
-    if not _right_padded(mask):
+    lengths = mask.sum(1)
+    if not _right_padded(mask, lengths):
         return [batch]
     n, width = mask.shape
-    lengths = mask.sum(1)
     if n * width - int(lengths.sum()) <= overhead:  # the padding is worth less than one more pass
         return [batch]
     order = torch.argsort(lengths, stable=True)
