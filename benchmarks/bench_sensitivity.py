@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--memory-probe", choices=["pyhessian", *ENGINES], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not Path(args.model, "config.json").exists():
-        sys.exit(f"no fine-tuned checkpoint at {args.model}; make it with the command in this file's docstring")
+        ap.error(f"no fine-tuned checkpoint at {args.model}; make it with the command in this file's docstring")
 
     if args.memory_probe:
         return memory_probe(args)

@@ -30,6 +30,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/gpu")
     ap.add_argument("--python-version", default="3.12", help="the Python of the GPU machine")
     args = ap.parse_args()
+    # Check the inputs before writing anything.
+    if not (Path(args.model) / "model.safetensors").is_file():
+        ap.error(f"no model.safetensors in {args.model}; fine-tune first (see bench_sensitivity.py's docstring)")
+    if not (Path(args.data) / "train.tsv").is_file():
+        ap.error(f"no train.tsv in {args.data}; pass --data with the SST-2 folder (../shared/data/sst2)")
     out = Path(args.out)
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     for f in Path(args.model).iterdir():
