@@ -5,7 +5,8 @@ packed checkpoint, against the FP32 baseline. Writes benchmarks/DIRECT_QUANT.md.
     python benchmarks/direct_quantization.py --model runs/sst2/checkpoint --report runs/sst2/sensitivity \
         --task sst2 --data ../shared/data/sst2 --max-length 64
 
-The report must carry its quantization profile (``qbert-hessian plan --model ...`` adds it once).
+The report's folder must hold its cost table, profile.json (``qbert-hessian sensitivity`` writes it;
+``qbert-hessian plan --model ...`` measures it for an older report).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qbert_hessian.allocate import MIB, AllocConfig, Budget, allocate_bits, uniform_plan
-from qbert_hessian.artifacts import SensitivityReport, write_text
+from qbert_hessian.artifacts import QuantProfile, SensitivityReport, write_text
 from qbert_hessian.evaluate import evaluate
 from qbert_hessian.export import file_sizes, fp32_safetensors_bytes, load_packed, save_packed
 from qbert_hessian.models import load_model
@@ -41,6 +42,7 @@ def main() -> None:
 
     report_path = args.report / "sensitivity.json" if args.report.is_dir() else args.report
     report = SensitivityReport.load(report_path)
+    profile = QuantProfile.load(report_path.parent / "profile.json")
     raw = load_raw_task(args.task, data_dir=args.data)
     model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=False)
     task = tokenize_task(raw, tokenizer, max_length=args.max_length)
@@ -63,19 +65,19 @@ def main() -> None:
 
     for groups in ("1", "128"):
         for bits in (8, 4, 3, 2):
-            run(f"direct, uniform {bits}-bit", uniform_plan(report, bits, AllocConfig(groups=groups)), groups)
-    mixed = allocate_bits(report, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3), groups=128))
+            run(f"direct, uniform {bits}-bit", uniform_plan(report, profile, bits, AllocConfig(groups=groups)), groups)
+    mixed = allocate_bits(report, profile, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3), groups=128))
     run("direct, mixed 2/3 (MILP, Omega)", mixed, "128")
-    rank = allocate_bits(report, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3), groups=128, method="rank"))
+    rank = allocate_bits(report, profile, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3), groups=128, method="rank"))
     run("direct, mixed 2/3 (Q-BERT rank rule)", rank, "128")
-    mixed4 = allocate_bits(report, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3, 4, 8), groups=128))
+    mixed4 = allocate_bits(report, profile, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3, 4, 8), groups=128))
     run("direct, mixed 2/3/4/8 at avg 2.5 (MILP)", mixed4, "128")
 
     # The mixed 2/3 plan as a real packed checkpoint, reloaded and evaluated from the file.
     q = quantize_model(model, mixed)
     calibrate_activations(q, calib)
     with tempfile.TemporaryDirectory() as tmp:
-        save_packed(q, Path(tmp) / "packed", tokenizer=tokenizer)
+        save_packed(q, Path(tmp) / "packed", plan=mixed, tokenizer=tokenizer)
         disk = file_sizes(Path(tmp) / "packed")["weights_bytes"]
         reloaded = load_packed(Path(tmp) / "packed")
         acc_packed = evaluate(reloaded, task)["accuracy"]

@@ -48,15 +48,15 @@ print(f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.p
       f"{len(task.train):,} training and {len(task.dev):,} dev examples")""")
 
 REPORT = C("""\
-from qbert_hessian import SensitivityConfig, SensitivityReport, estimate_sensitivity
-from qbert_hessian.models import BlockMap
-from qbert_hessian.quant.apply import profile_units, quant_profile
+from qbert_hessian import (BlockMap, QuantProfile, SensitivityConfig, SensitivityReport, estimate_sensitivity,
+                           measure_profile, profile_units)
 
-if TINY:  # a quick report on the spot: 3 draws
+if TINY:  # a quick report on the spot: 3 draws, and the allocator's cost table of the same blocks
     report = estimate_sensitivity(model, task, SensitivityConfig(draws=3, batch_size=16, max_iters=20), progress=False)
-    report.quantization = quant_profile(model, profile_units(BlockMap(model), [b.name for b in report.blocks]))
-else:  # the experiment's report: 10 draws of 32 sentences (Q-BERT's protocol)
-    report = SensitivityReport.load(Path(ws["run_dir"]) / "sensitivity" / "sensitivity.json")""")
+    profile = measure_profile(model, profile_units(BlockMap(model), [b.name for b in report.blocks]))
+else:  # the experiment's report: 10 draws of 32 sentences (Q-BERT's protocol), and its cost table
+    report = SensitivityReport.load(Path(ws["run_dir"]) / "sensitivity" / "sensitivity.json")
+    profile = QuantProfile.load(Path(ws["run_dir"]) / "sensitivity" / "profile.json")""")
 
 NOTEBOOKS = {
     "01_sensitivity.ipynb": [
@@ -117,7 +117,7 @@ from qbert_hessian import AllocConfig, Budget, allocate_bits, uniform_plan
 from qbert_hessian.report import plan_markdown
 
 config = AllocConfig(bits=(2, 3), groups=ws["groups"])
-plan = allocate_bits(report, Budget(avg_bits=2.5), config)
+plan = allocate_bits(report, profile, Budget(avg_bits=2.5), config)
 Markdown(plan_markdown(plan))"""),
         "## What each budget buys\n\nThe frontier sweeps average-bit budgets with candidates 2, 3, 4 and 8 "
         "bits; the squares are the uniform plans, the crosses Q-BERT's rank rule (bits monotone in Omega).",
@@ -125,8 +125,8 @@ Markdown(plan_markdown(plan))"""),
 from qbert_hessian import frontier
 from qbert_hessian.report import plot_frontier
 
-front = frontier(report, AllocConfig(groups=ws["groups"]), num_points=13)
-Image(plot_frontier(front, figures / "frontier.png", plan))"""),
+front = frontier(report, profile, AllocConfig(groups=ws["groups"]), num_points=13)
+Image(plot_frontier(front.to_dict(), figures / "frontier.png", plan))"""),
         "## Apply the plan and write the packed checkpoint\n\nThe plan swaps the Linear and Embedding modules "
         "for fake-quant ones (FP32 master weights), 8-bit activation ranges are calibrated on a few batches, "
         "and `save_packed` writes the integer codes bit-packed at their width with fp16 scales. Its size on "
@@ -139,7 +139,7 @@ from qbert_hessian.quant.apply import calibration_batches
 
 qmodel = quantize_model(model, plan)
 calibrate_activations(qmodel, calibration_batches(task, 4, ws["batch_size"]))
-save_packed(qmodel, figures / "packed", tokenizer=tokenizer)
+save_packed(qmodel, figures / "packed", plan=plan, tokenizer=tokenizer)
 disk, fp32 = file_sizes(figures / "packed")["weights_bytes"], fp32_safetensors_bytes(model)
 print(f"packed {disk:,} bytes on disk (plan: {plan.predicted['bytes']:,}); FP32 {fp32:,} bytes: {fp32 / disk:.2f}x smaller")
 acc = {"FP32": evaluate(model, task)["accuracy"], "direct 2/3-bit": evaluate(qmodel, task)["accuracy"],

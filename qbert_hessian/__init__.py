@@ -10,39 +10,61 @@ from typing import Any
 
 from .artifacts import __version__
 
+# The workflow in order (DESIGN.md): load -> fine-tune -> sensitivity -> cost table -> plan -> quantize -> QAT
+# -> export -> evaluate -> pictures. Each name maps to the module that defines it.
 _EXPORTS = {
     "QBHError": "errors",
-    "SensitivityConfig": "config",
-    "FinetuneConfig": "config",
-    "TraceMode": "config",
-    "SensitivityReport": "artifacts",
-    "BlockSensitivity": "artifacts",
+    # models and tasks
     "load_model": "models",
+    "load_tokenizer": "models",
     "BlockMap": "models",
     "load_task": "tasks",
     "load_raw_task": "tasks",
+    "tokenize_task": "tasks",
+    "subset": "tasks",
+    # fine-tuning
+    "FinetuneConfig": "config",
+    "finetune": "train",
+    # sensitivity
+    "SensitivityConfig": "config",
+    "TraceMode": "config",
+    "estimate_sensitivity": "hessian.sensitivity",
+    "SensitivityReport": "artifacts",
+    "BlockSensitivity": "artifacts",
     "BlockHessian": "hessian.hvp",
     "top_eigenvalues": "hessian.eigen",
     "most_negative_eigenvalue": "hessian.eigen",
     "hutchinson_trace": "hessian.trace",
     "hutchinson_block_traces": "hessian.trace",
-    "estimate_sensitivity": "hessian.sensitivity",
-    "finetune": "train",
     "write_sensitivity": "report",
-    "BitPlan": "artifacts",
-    "Budget": "allocate",
-    "AllocConfig": "allocate",
+    # the allocator's cost table and plans
+    "measure_profile": "quant.profile",
+    "profile_units": "quant.profile",
+    "QuantProfile": "artifacts",
+    "AllocConfig": "config",
+    "Budget": "config",
+    "PlanSpec": "config",
     "allocate_bits": "allocate",
     "uniform_plan": "allocate",
     "frontier": "allocate",
+    "BitPlan": "artifacts",
+    # quantization, QAT, export, evaluation
     "QuantSpec": "quant.functional",
     "quantize_model": "quant.apply",
     "calibrate_activations": "quant.apply",
-    "quant_profile": "quant.apply",
+    "calibration_batches": "quant.apply",
+    "quantize_calibrated": "quant.apply",
     "QuantLinear": "quant.modules",
     "QuantEmbedding": "quant.modules",
+    "QATConfig": "qat",
+    "train_qat": "qat",
     "save_packed": "export",
     "load_packed": "export",
+    # pictures
+    "LandscapeConfig": "config",
+    "loss_landscape": "landscape",
+    "DensityConfig": "config",
+    "slq_density": "hessian.density",
 }
 __all__ = ["__version__", *_EXPORTS]
 

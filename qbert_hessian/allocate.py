@@ -12,7 +12,9 @@ perturbation). The embedding tables get their own fixed widths (Q-BERT: 8 bits);
 ``scipy.optimize.milp`` (HiGHS) solves it to optimality with a zero gap. Q-BERT's rank rule (bits monotone
 in Omega) and uniform plans are here for comparison.
 
-Everything runs on the ``quantization`` profile inside ``sensitivity.json``: no torch, no model.
+Everything runs on the report and its cost table (:class:`~qbert_hessian.artifacts.QuantProfile`, made by
+``quant/profile.py``): no torch, no model. Sizes come from ``packed_format.py``, the format export writes, so a
+plan's predicted size is the packed file's size to the byte.
 """
 
 from __future__ import annotations
@@ -21,115 +23,49 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from enum import Enum
 from typing import Any
 
 import numpy as np
 
-from .artifacts import BitPlan, SensitivityReport
-from .config import _Config, _set_enum, check_bits, parse_groups
+from .artifacts import BitPlan, Frontier, QuantProfile, SensitivityReport
+from .config import AllocConfig, Budget, Measure, Method, check_bits
 from .errors import QBHError
+from .names import LINEAR_PARTS
+from .packed_format import QuantizedWeight, TensorSpec, file_bytes, packed_bytes, packed_specs
 
 MIB = 2**20
-SCALE_BYTES = 2  # float16 scale per group
-ZERO_BYTES = 1  # uint8 zero point per group (asymmetric only)
-ACT_BYTES = 4  # float32 activation range per quantized linear
-# safetensors JSON header per tensor, besides its name: '"":{"dtype":"F32","shape":[..],"data_offsets":[a,b]},'
-# is 48 fixed characters, the shape (~4 on average) and two offsets of about as many digits as the file has.
-HEADER_FIXED_PER_TENSOR = 52
-
-
-class Measure(str, Enum):
-    """The sensitivity s_b that weighs each block's perturbation: Q-BERT's Omega or the average trace."""
-
-    OMEGA = "omega"
-    TRACE = "trace"
-
-
-class Method(str, Enum):
-    """``milp``: exact optimum; ``rank``: Q-BERT's rule (bits monotone in sensitivity); ``uniform``."""
-
-    MILP = "milp"
-    RANK = "rank"
-    UNIFORM = "uniform"
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget(_Config):
-    """Exactly one of: ``max_mb`` (whole model, MiB), ``ratio`` (compression vs FP32), ``avg_bits`` (encoder)."""
-
-    max_mb: float | None = None
-    ratio: float | None = None
-    avg_bits: float | None = None
-
-    def __post_init__(self) -> None:
-        given = {k: v for k, v in self.to_dict().items() if v is not None}
-        if len(given) != 1:
-            raise QBHError("give exactly one budget: --budget-mb, --ratio or --avg-bits")
-        ((key, value),) = given.items()
-        if not value > 0:
-            raise QBHError(f"budget {key}={value} must be positive")
-
-
-@dataclasses.dataclass(frozen=True)
-class AllocConfig(_Config):
-    """Allocator settings.
-
-    Args:
-        bits: candidate widths for the encoder blocks (Q-BERT: 2, 3, 4, 8).
-        groups: grouping of every encoder matrix (1, heads, an integer, channel; Q-BERT: 128).
-        measure: ``omega`` or ``trace``.
-        method: ``milp``, ``rank`` or ``uniform``.
-        embedding_bits: width of the word-embedding table (Q-BERT: 8).
-        position_bits: width of the position table (default: ``embedding_bits``).
-        embedding_groups: grouping of the embedding tables (``channel``: one scale per row).
-        act_bits: activation width on quantized linears (None: FP32 activations).
-    """
-
-    bits: tuple[int, ...] = (2, 3, 4, 8)
-    groups: int | str = 128
-    measure: Measure = Measure.OMEGA
-    method: Method = Method.MILP
-    embedding_bits: int = 8
-    position_bits: int | None = None
-    embedding_groups: int | str = "channel"
-    act_bits: int | None = 8
-
-    def __post_init__(self) -> None:
-        bits = tuple(sorted({check_bits(int(b)) for b in self.bits}))
-        if not bits:
-            raise QBHError("give at least one candidate bit width, e.g. --bits 2,3,4,8")
-        object.__setattr__(self, "bits", bits)
-        object.__setattr__(self, "groups", parse_groups(self.groups))
-        object.__setattr__(self, "embedding_groups", parse_groups(self.embedding_groups))
-        check_bits(self.embedding_bits, "embedding bits")
-        if self.position_bits is not None:
-            check_bits(self.position_bits, "position bits")
-        if self.act_bits is not None:
-            check_bits(self.act_bits, "activation bits")
-        _set_enum(self, "measure", Measure, "sensitivity measure")
-        _set_enum(self, "method", Method, "allocation method")
 
 
 @dataclasses.dataclass
 class Problem:
-    """The knapsack over the report: per unit the cost (bytes) and loss of each candidate width."""
+    """The knapsack over the report: per unit the cost (bytes) and loss of each candidate width.
+
+    ``cost`` counts each unit's tensor data (packed codes, fp16 scales, zeros, activation ranges);
+    ``fixed_bytes`` everything else with the largest header any choice can need, so a plan within the
+    budget under this cost is within it on disk. :meth:`file_bytes` is the exact size of one choice.
+    """
 
     units: list[str]
     bits: tuple[int, ...]
     sensitivity: np.ndarray  # (B,)
     error: np.ndarray  # (B, K) ||Q_k(W_b) - W_b||^2
-    cost: np.ndarray  # (B, K) bytes of unit b at width k, scales included
+    cost: np.ndarray  # (B, K) data bytes of unit b at width k
     weights: np.ndarray  # (B,) number of weights per unit
-    fixed_bytes: int  # embeddings, FP32 tensors, activation ranges, header
-    fp32_bytes: int
+    fixed_bytes: int  # embeddings, FP32 tensors, the header (its largest size over all choices)
+    fp32_bytes: int  # the FP32 safetensors file
+    layout: Any = None  # (choice) -> the packed file's tensor specs
 
     @property
     def loss(self) -> np.ndarray:
         return self.sensitivity[:, None] * self.error
 
     def size(self, choice: Sequence[int]) -> int:
+        """The budget's view of a choice's size (an upper bound on :meth:`file_bytes`, tight to the header)."""
         return int(self.fixed_bytes + sum(self.cost[b, k] for b, k in enumerate(choice)))
+
+    def file_bytes(self, choice: Sequence[int]) -> int:
+        """The exact size of the packed ``model.safetensors`` of a choice."""
+        return file_bytes(self.layout(choice))
 
     def objective(self, choice: Sequence[int]) -> float:
         return float(sum(self.loss[b, k] for b, k in enumerate(choice)))
@@ -141,93 +77,112 @@ class Problem:
 def _sensitivity(report: SensitivityReport, unit: str, measure: Measure) -> float:
     block = report.block(unit)
     if measure == Measure.OMEGA:
-        return float(block.omega)
+        omega = block.omega
+        if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not math.isfinite(omega) or omega < 0:
+            raise QBHError(
+                f"block {unit} has Omega {omega!r} in the report; Omega = |mean| + std is a finite number >= 0: "
+                "regenerate the report with qbert-hessian sensitivity"
+            )
+        return float(omega)
     if block.normalized_trace is None:
         raise QBHError(f"block {unit} has no trace in the report; rerun sensitivity with --trace block or use omega")
+    if not math.isfinite(block.normalized_trace):
+        raise QBHError(f"block {unit} has a non-finite trace in the report; regenerate the report")
     # A negative trace estimate (noise around a flat block) must not reward perturbation.
     return max(float(block.normalized_trace), 0.0)
 
 
-def _group_entry(profile: Mapping[str, Any], unit: str, groups: int | str) -> dict[str, Any]:
-    units = profile["units"]
-    if unit not in units:
-        raise QBHError(f"the report's quantization profile has no unit {unit}; rerun plan with --model to rebuild it")
-    entry = units[unit]
-    key = str(groups)
-    if key not in entry["groups"]:
-        why = entry.get("unavailable", {}).get(key)
-        if why:
-            raise QBHError(why)
+def _check_coverage(report: SensitivityReport, profile: QuantProfile, units: Sequence[str]) -> None:
+    """Every encoder layer scored (as a layer or as all six linears), every scored block known to the profile."""
+    if not report.complete:
+        raise QBHError(f"the sensitivity report is partial ({', '.join(report.pending)} pending); finish it first")
+    unknown = [b.name for b in report.blocks if b.name.startswith("encoder.") and b.name not in profile.units]
+    if unknown:
         raise QBHError(
-            f"the report has no quantization errors for groups={groups}; pass --model so plan can measure them"
+            f"the report scores {', '.join(unknown)}, which the quantization profile lacks; measure the profile "
+            "from this report (plan --model MODEL) or use the report it was made with"
         )
-    return entry["groups"][key]
-
-
-def unit_bytes(profile: Mapping[str, Any], unit: str, bits: int, groups: int | str) -> int:
-    """Bytes of one unit at ``bits``: bit-packed codes per matrix, fp16 scales (and zeros) per group."""
-    entry = profile["units"][unit]
-    g = _group_entry(profile, unit, groups)
-    per_group = SCALE_BYTES + (0 if profile.get("symmetric", True) else ZERO_BYTES)
-    return sum(math.ceil(n * bits / 8) for n in entry["matrices"]) + g["num_scales"] * per_group
-
-
-def _fixed_bytes(profile: Mapping[str, Any], units: Sequence[str], emb: Mapping[str, int], config: AllocConfig) -> int:
-    """Everything but the encoder units: FP32 tensors, quantized embeddings, activation ranges, header."""
-    quantized = [*units, *emb]
-    fp32_rest = profile["state_bytes"] - 4 * sum(profile["units"][u]["num_weights"] for u in quantized)
-    emb_bytes = sum(unit_bytes(profile, u, b, config.embedding_groups) for u, b in emb.items())
-    linears = sum(profile["units"][u]["linears"] for u in units)
-    act_tensors = linears if config.act_bits else 0  # one float32 range per quantized linear
-    symmetric = profile.get("symmetric", True)
-    # Header names: each quantized weight "W" becomes "W.codes" and "W.scale" (and "W.zero"); each range is
-    # "<module>.act.amax" (the weight's name, less ".weight", plus ".act.amax").
-    names = profile.get("name_bytes", 0)
-    tensors = profile["num_tensors"] + act_tensors
-    for u in quantized:
-        n_mat, w_names = len(profile["units"][u]["matrices"]), profile["units"][u].get("name_bytes", 0)
-        names += w_names + 12 * n_mat + (w_names + 5 * n_mat if not symmetric else 0)
-        tensors += n_mat * (1 if symmetric else 2)
-    names += (
-        sum(profile["units"][u].get("name_bytes", 0) + 2 * profile["units"][u]["linears"] for u in units)
-        if act_tensors
-        else 0
-    )
-    act = ACT_BYTES * act_tensors
-    digits = len(str(profile["state_bytes"] // 8))  # a packed file is of the order of FP32 / 8
-    header = 8 + names + (HEADER_FIXED_PER_TENSOR + 2 * digits) * tensors + 80  # + the metadata entry
-    return int(fp32_rest + emb_bytes + act + header)
-
-
-def build_problem(report: SensitivityReport, config: AllocConfig) -> tuple[Problem, dict[str, int]]:
-    """The knapsack of ``report`` under ``config``, and the embedding widths it fixes."""
-    profile = report.quantization
-    if not profile:
+    layers = profile.model.get("num_layers") or report.model.get("num_layers")
+    covered = set(units)
+    missing = [
+        f"encoder.{i}"
+        for i in range(int(layers or 0))
+        if f"encoder.{i}" not in covered and not all(f"encoder.{i}.{p}" in covered for p in LINEAR_PARTS)
+    ]
+    if missing:
         raise QBHError(
-            "the sensitivity report has no quantization profile; rerun plan with --model MODEL to measure it"
+            f"the report does not score {', '.join(missing)}, which a plan would leave in FP32; run sensitivity "
+            "on every layer (the default blocks, or --blocks layers / linears)"
         )
-    units = [b.name for b in report.blocks if b.name.startswith("encoder.") and b.name in profile["units"]]
+
+
+def build_problem(
+    report: SensitivityReport, profile: QuantProfile, config: AllocConfig
+) -> tuple[Problem, dict[str, int]]:
+    """The knapsack of ``report`` and its cost table ``profile`` under ``config``, and the embedding widths."""
+    if not isinstance(profile, QuantProfile):
+        raise QBHError(
+            "allocate needs the quantization profile: measure_profile(model, profile_units(...)) or profile.json"
+        )
+    units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
     if not units:
         raise QBHError("the sensitivity report scores no encoder blocks; run sensitivity on the default blocks")
-    measured = _group_entry(profile, units[0], config.groups)["error"]
+    _check_coverage(report, profile, units)
+    measured = profile.unit(units[0]).cost(config.groups).error
     missing = [str(b) for b in config.bits if str(b) not in measured]
     if missing:
-        raise QBHError(f"the report's profile has no errors at bits {', '.join(missing)}; pass --model to measure them")
+        raise QBHError(f"the profile has no errors at bits {', '.join(missing)}; pass --model to measure them")
     emb = {"embeddings.word": config.embedding_bits}
-    if "embeddings.position" in profile["units"]:
+    if "embeddings.position" in profile.units:
         emb["embeddings.position"] = config.position_bits or config.embedding_bits
-    emb = {u: b for u, b in emb.items() if u in profile["units"]}
-    error = np.array([[_group_entry(profile, u, config.groups)["error"][str(b)] for b in config.bits] for u in units])
-    cost = np.array([[unit_bytes(profile, u, b, config.groups) for b in config.bits] for u in units])
+    emb = {u: b for u, b in emb.items() if u in profile.units}
+    act = config.act_bits is not None
+    scale_bytes = 2 + (0 if profile.symmetric else 1)
+
+    def data_bytes(unit: str, bits: int, groups: object) -> int:
+        u = profile.unit(unit)
+        codes = sum(packed_bytes(r * c, bits) for r, c in u.shapes)
+        return codes + u.cost(groups).num_scales * scale_bytes + (4 * u.num_linears if act else 0)
+
+    def quantized(unit: str, bits: int, groups: object) -> dict[str, QuantizedWeight]:
+        u = profile.unit(unit)
+        scales = u.cost(groups).scales
+        return {
+            k: QuantizedWeight(bits, r * c, n, profile.symmetric) for k, (r, c), n in zip(u.weights, u.shapes, scales)
+        }
+
+    fp32 = [TensorSpec(n, d, tuple(s)) for n, d, s in profile.tensors]
+    emb_q: dict[str, QuantizedWeight] = {}
+    for u, b in emb.items():
+        emb_q |= quantized(u, b, config.embedding_groups)
+
+    def layout(choice: Sequence[int]) -> list[TensorSpec]:
+        q = dict(emb_q)
+        for u, k in zip(units, choice):
+            q |= quantized(u, config.bits[k], config.groups)
+        acts = (
+            [w for u in units for w, lin in zip(profile.unit(u).weights, profile.unit(u).linear) if lin] if act else []
+        )
+        return packed_specs(fp32, q, acts)
+
+    error = np.array([[profile.unit(u).cost(config.groups).error[str(b)] for b in config.bits] for u in units])
+    cost = np.array([[data_bytes(u, b, config.groups) for b in config.bits] for u in units])
+    quantized_keys = {w for u in [*units, *emb] for w in profile.unit(u).weights}
+    rest = sum(t.nbytes for t in fp32 if t.name not in quantized_keys)
+    emb_bytes = sum(data_bytes(u, b, config.embedding_groups) for u, b in emb.items())
+    # The header's largest size: every unit at the widest candidate gives the longest shapes and offsets.
+    widest = layout([len(config.bits) - 1] * len(units))
+    header = file_bytes(widest) - sum(t.nbytes for t in widest)
     problem = Problem(
         units=units,
         bits=config.bits,
         sensitivity=np.array([_sensitivity(report, u, config.measure) for u in units]),
         error=error,
         cost=cost,
-        weights=np.array([profile["units"][u]["num_weights"] for u in units], dtype=np.float64),
-        fixed_bytes=_fixed_bytes(profile, units, emb, config),
-        fp32_bytes=int(profile["state_bytes"]),
+        weights=np.array([profile.unit(u).num_weights for u in units], dtype=np.float64),
+        fixed_bytes=int(rest + emb_bytes + header),
+        fp32_bytes=file_bytes(fp32, {"format": "pt"}),
+        layout=layout,
     )
     return problem, emb
 
@@ -246,7 +201,7 @@ def _check_feasible(problem: Problem, budget: Budget) -> None:
     row, rhs, what = _constraint(problem, budget)
     if row.reshape(problem.cost.shape)[:, 0].sum() <= rhs + 1e-9:
         return
-    size = problem.size(smallest)
+    size = problem.file_bytes(smallest)
     raise QBHError(
         f"budget {what} is infeasible: the smallest plan with bits {','.join(map(str, problem.bits))} is "
         f"{size / MIB:.3f} MiB (average {problem.avg_bits(smallest):.2f} bits, ratio "
@@ -314,6 +269,7 @@ def solve_brute_force(problem: Problem, budget: Budget) -> list[int]:
 
 def _plan(
     report: SensitivityReport,
+    profile: QuantProfile,
     problem: Problem,
     emb: Mapping[str, int],
     choice: Sequence[int],
@@ -326,12 +282,12 @@ def _plan(
 ) -> BitPlan:
     blocks: dict[str, dict[str, Any]] = {u: {"bits": b, "groups": config.embedding_groups} for u, b in emb.items()}
     blocks.update({u: {"bits": problem.bits[k], "groups": config.groups} for u, k in zip(problem.units, choice)})
-    size = problem.size(choice)
+    size = problem.file_bytes(choice)
     return BitPlan(
         model={k: report.model.get(k) for k in ("name", "family", "num_layers", "num_heads", "hidden_size")},
         blocks=blocks,
         act_bits=config.act_bits,
-        symmetric=bool(report.quantization.get("symmetric", True)),  # type: ignore[union-attr]
+        symmetric=profile.symmetric,
         method=method,
         budget=budget,
         measure=config.measure.value,
@@ -360,6 +316,7 @@ def _plan(
 
 def allocate_bits(
     report: SensitivityReport,
+    profile: QuantProfile,
     budget: Budget,
     config: AllocConfig = AllocConfig(),
     *,
@@ -368,7 +325,8 @@ def allocate_bits(
     """The bit plan of least predicted loss within ``budget``.
 
     Args:
-        report: a sensitivity report carrying its ``quantization`` profile.
+        report: a complete sensitivity report scoring every encoder layer (as layers or linears).
+        profile: the cost table of the report's model (:func:`~qbert_hessian.quant.profile.measure_profile`).
         budget: ``Budget(max_mb=...)``, ``Budget(ratio=...)`` or ``Budget(avg_bits=...)``.
         config: candidate widths, grouping, measure, method, embedding and activation widths.
         source: provenance stored in the plan (report path and sha256).
@@ -377,15 +335,15 @@ def allocate_bits(
         The :class:`BitPlan` with its predicted size, compression, average bits and objective.
 
     Raises:
-        QBHError: an infeasible budget (the message gives the smallest reachable size), a report without the
-            profile or trace the measure needs.
+        QBHError: an infeasible budget (the message gives the smallest reachable size), a partial report, a
+            layer left unscored, a profile without the grouping or widths, a missing trace or a bad Omega.
 
     Example:
-        >>> plan = allocate_bits(report, Budget(avg_bits=2.5))  # doctest: +SKIP
+        >>> plan = allocate_bits(report, profile, Budget(avg_bits=2.5))  # doctest: +SKIP
     """
     if config.method == Method.UNIFORM:
-        raise QBHError("use uniform_plan(report, bits, config) for a uniform plan; it takes no budget")
-    problem, emb = build_problem(report, config)
+        raise QBHError("use uniform_plan(report, profile, bits, config) for a uniform plan; it takes no budget")
+    problem, emb = build_problem(report, profile, config)
     notes: list[str] = []
     row, rhs, _ = _constraint(problem, budget)
     top = len(problem.bits) - 1
@@ -396,6 +354,7 @@ def allocate_bits(
     choice = solve_milp(problem, budget) if config.method == Method.MILP else solve_rank(problem, budget)
     return _plan(
         report,
+        profile,
         problem,
         emb,
         choice,
@@ -409,26 +368,27 @@ def allocate_bits(
 
 def uniform_plan(
     report: SensitivityReport,
+    profile: QuantProfile,
     bits: int,
     config: AllocConfig = AllocConfig(),
     *,
     source: Mapping[str, Any] | None = None,
 ) -> BitPlan:
     """Every encoder block at ``bits`` (embeddings and activations as ``config``), with its predicted size."""
-    config = dataclasses.replace(config, bits=(bits,))
-    problem, emb = build_problem(report, config)
+    config = dataclasses.replace(config, bits=(check_bits(bits, "uniform bits"),))
+    problem, emb = build_problem(report, profile, config)
     choice = [0] * len(problem.units)
-    return _plan(report, problem, emb, choice, config, method="uniform", budget={"bits": bits}, source=source, notes=[])
+    return _plan(
+        report, profile, problem, emb, choice, config, method="uniform", budget={"bits": bits}, source=source, notes=[]
+    )
 
 
-def frontier(report: SensitivityReport, config: AllocConfig = AllocConfig(), *, num_points: int = 25) -> dict[str, Any]:
-    """The size/objective Pareto frontier: MILP plans over a sweep of average-bit budgets, and uniform plans.
-
-    Returns:
-        ``{"schema", "groups", "measure", "bits", "points": [{avg_bits_budget, mib, objective, bits: {unit: b}}],
-        "uniform": [{bits, mib, objective}], "rank": [...]}``.
-    """
-    problem, _ = build_problem(report, config)
+def frontier(
+    report: SensitivityReport, profile: QuantProfile, config: AllocConfig = AllocConfig(), *, num_points: int = 25
+) -> Frontier:
+    """The size/objective Pareto frontier: MILP plans over a sweep of average-bit budgets, uniform plans, and
+    Q-BERT's rank rule at each budget (sizes are the packed files' exact sizes)."""
+    problem, _ = build_problem(report, profile, config)
     lo, hi = min(problem.bits), max(problem.bits)
     points, seen = [], set()
     for a in np.linspace(lo, hi, num_points):
@@ -440,10 +400,10 @@ def frontier(report: SensitivityReport, config: AllocConfig = AllocConfig(), *, 
             {
                 "avg_bits_budget": float(a),
                 "avg_bits": problem.avg_bits(choice),
-                "mib": problem.size(choice) / MIB,
+                "mib": problem.file_bytes(choice) / MIB,
                 "objective": problem.objective(choice),
                 "bits": {u: problem.bits[k] for u, k in zip(problem.units, choice)},
-                "rank_mib": problem.size(rank) / MIB if rank else None,
+                "rank_mib": problem.file_bytes(rank) / MIB if rank else None,
                 "rank_objective": problem.objective(rank) if rank else None,
                 "new": key not in seen,
             }
@@ -452,17 +412,16 @@ def frontier(report: SensitivityReport, config: AllocConfig = AllocConfig(), *, 
     uniform = [
         {
             "bits": b,
-            "mib": problem.size([k] * len(problem.units)) / MIB,
+            "mib": problem.file_bytes([k] * len(problem.units)) / MIB,
             "objective": problem.objective([k] * len(problem.units)),
         }
         for k, b in enumerate(problem.bits)
     ]
-    return {
-        "schema": "qbert_hessian.frontier/1",
-        "groups": str(config.groups),
-        "measure": config.measure.value,
-        "bits": list(problem.bits),
-        "fp32_mib": problem.fp32_bytes / MIB,
-        "points": points,
-        "uniform": uniform,
-    }
+    return Frontier(
+        groups=str(config.groups),
+        measure=config.measure.value,
+        bits=list(problem.bits),
+        fp32_mib=problem.fp32_bytes / MIB,
+        points=points,
+        uniform=uniform,
+    )

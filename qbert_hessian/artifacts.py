@@ -8,14 +8,18 @@ interruption never leaves a half-written artifact.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+from .config import check_bits
 from .errors import QBHError
+from .packed_format import PACKED_SCHEMA
 
 __version__ = "0.1.0"
 CREATED_BY = f"qbert_hessian {__version__}"
@@ -74,6 +78,82 @@ def read_json(path: Path | str, schema: str) -> dict[str, Any]:
     return data
 
 
+class Artifact:
+    """Shared JSON handling of the artifact dataclasses: ``SCHEMA`` names the kind and major version.
+
+    One policy for every reader: the schema must match (kind and major version), and a key the class does
+    not know is refused with its name (a file from another version or a hand edit), never dropped silently.
+    """
+
+    SCHEMA: ClassVar[str]
+    LEGACY_KEYS: ClassVar[tuple[str, ...]] = ()  # keys older writers added that are now derived or dropped
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"schema": self.SCHEMA}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls: type[A], data: Mapping[str, Any], *, where: str = "") -> A:
+        what = where or cls.SCHEMA.rpartition("/")[0].rpartition(".")[2]
+        data = {k: v for k, v in data.items() if k not in ("schema", *cls.LEGACY_KEYS)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise QBHError(
+                f"{what} has unknown key(s) {', '.join(unknown)}; it was written by another version or edited "
+                "by hand: regenerate it"
+            )
+        try:
+            return cls(**{k: cls._field_from_json(k, v) for k, v in data.items()})
+        except QBHError:
+            raise
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise QBHError(f"{what} is malformed ({exc}); regenerate it") from None
+
+    @classmethod
+    def _field_from_json(cls, name: str, value: Any) -> Any:
+        return value
+
+    def save(self, path: Path | str) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[A], path: Path | str) -> A:
+        return cls.from_dict(read_json(path, cls.SCHEMA), where=f"'{path}'")
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, enums and tuples as JSON-ready values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+A = TypeVar("A", bound=Artifact)
+
+
+def sha256_file(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(data: Any) -> str:
+    """A short, stable hash of JSON-ready data (configs, inputs)."""
+    return hashlib.sha256(json.dumps(_plain(data), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass
 class TraceStats:
     """A Hutchinson trace estimate: mean of v^T H v over ``samples`` probes, and its standard error."""
@@ -119,15 +199,19 @@ class BlockSensitivity:
 
 
 @dataclasses.dataclass
-class SensitivityReport:
+class SensitivityReport(Artifact):
     """The output of the sensitivity stage (``sensitivity.json``).
 
     ``model`` describes the model (name, family, num_layers, num_heads), ``config`` is the resolved
     :class:`~qbert_hessian.config.SensitivityConfig`, ``draws`` lists each draw's seed and example indices,
     ``blocks`` the finished blocks in order, ``pending`` the blocks still to do (empty when ``complete``).
-    ``quantization`` is the weight-perturbation profile the allocator reads (sizes and ||Q_b(W) - W||^2 per
-    block, bit width and grouping; see :func:`~qbert_hessian.quant.apply.quant_profile`).
+    ``inputs`` fingerprints what the report was computed from (model weights, data, settings), so a resume
+    or a cached stage can tell a report of other inputs. The allocator's cost table is a separate artifact,
+    :class:`QuantProfile` (``profile.json``).
     """
+
+    SCHEMA: ClassVar[str] = SENSITIVITY_SCHEMA
+    LEGACY_KEYS: ClassVar[tuple[str, ...]] = ("complete", "quantization")
 
     model: dict[str, Any]
     task: str
@@ -136,8 +220,7 @@ class SensitivityReport:
     blocks: list[BlockSensitivity]
     pending: list[str]
     seconds: float = 0.0
-    quantization: dict[str, Any] | None = None
-    schema: str = SENSITIVITY_SCHEMA
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     created_by: str = CREATED_BY
 
     @property
@@ -151,55 +234,30 @@ class SensitivityReport:
         raise QBHError(f"block '{name}' is not in this report; it has {', '.join(b.name for b in self.blocks)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "created_by": self.created_by,
-            "model": self.model,
-            "task": self.task,
-            "config": self.config,
-            "complete": self.complete,
-            "seconds": self.seconds,
-            "draws": self.draws,
-            "blocks": [b.to_dict() for b in self.blocks],
-            "pending": self.pending,
-            **({"quantization": self.quantization} if self.quantization is not None else {}),
-        }
+        return {**super().to_dict(), "complete": self.complete}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SensitivityReport:
-        try:
-            return cls(
-                model=data["model"],
-                task=data["task"],
-                config=data["config"],
-                draws=data["draws"],
-                blocks=[BlockSensitivity.from_dict(b) for b in data["blocks"]],
-                pending=list(data.get("pending", [])),
-                seconds=float(data.get("seconds", 0.0)),
-                quantization=data.get("quantization"),
-                schema=data["schema"],
-                created_by=data.get("created_by", "unknown"),
-            )
-        except (KeyError, TypeError) as exc:
-            raise QBHError(f"sensitivity report is malformed (missing or bad field {exc}); regenerate it") from None
-
-    def save(self, path: Path | str) -> Path:
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: Path | str) -> SensitivityReport:
-        return cls.from_dict(read_json(path, SENSITIVITY_SCHEMA))
+    def _field_from_json(cls, name: str, value: Any) -> Any:
+        if name == "blocks":
+            return [BlockSensitivity.from_dict(b) for b in value]
+        if name == "seconds":
+            return float(value)
+        return value
 
 
 PLAN_SCHEMA = "qbert_hessian.plan/1"
-PACKED_SCHEMA = "qbert_hessian.packed/1"
 METRICS_SCHEMA = "qbert_hessian.metrics/1"
 RUN_SCHEMA = "qbert_hessian.run/1"
 QAT_SCHEMA = "qbert_hessian.qat/1"
+PROFILE_SCHEMA = "qbert_hessian.profile/1"
+SIZE_SCHEMA = "qbert_hessian.size/1"
+FRONTIER_SCHEMA = "qbert_hessian.frontier/1"
+DENSITY_SCHEMA = "qbert_hessian.density/1"
+EVALUATION_SCHEMA = "qbert_hessian.evaluation/1"
 
 
 @dataclasses.dataclass
-class BitPlan:
+class BitPlan(Artifact):
     """Bits and grouping per block (``plan.json``): what :func:`~qbert_hessian.quant.apply.quantize_model` applies.
 
     ``blocks`` maps canonical block names to ``{"bits": b, "groups": g}``; a block that is absent stays FP32
@@ -208,6 +266,8 @@ class BitPlan:
     ``model`` describes the model the plan was made for (name, family, num_layers, num_heads, hidden_size);
     ``predicted`` the sizes the allocator promised (bytes, MiB, compression, average encoder bits, objective).
     """
+
+    SCHEMA: ClassVar[str] = PLAN_SCHEMA
 
     model: dict[str, Any]
     blocks: dict[str, dict[str, Any]]
@@ -219,7 +279,6 @@ class BitPlan:
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     predicted: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
-    schema: str = PLAN_SCHEMA
     created_by: str = CREATED_BY
 
     def __post_init__(self) -> None:
@@ -231,32 +290,225 @@ class BitPlan:
             unknown = sorted(set(entry) - {"bits", "groups"})
             if unknown:
                 raise QBHError(f"plan block '{name}' has unknown key(s) {', '.join(unknown)}; valid: bits, groups")
-            bits = entry["bits"]
-            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-                raise QBHError(
-                    f"plan block '{name}' has bits {bits!r}; use an integer from 2 to 8 (omit a block to keep FP32)"
-                )
-        if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits not in range(2, 17)):
-            raise QBHError(f"plan act_bits {self.act_bits!r} is out of range; use 2..16, or null for FP32 activations")
+            role = "embedding" if name.startswith("embeddings") else "weight"
+            check_bits(entry["bits"], f"plan block '{name}': bits", role=role)
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "plan act_bits", role="activation")
+        if not isinstance(self.symmetric, bool):
+            raise QBHError(f"plan 'symmetric' must be true or false, got {self.symmetric!r}; regenerate the plan")
+
+
+@dataclasses.dataclass
+class GroupCost:
+    """One grouping of a unit: scales per matrix and ||Q_b(W) - W||^2 of the whole unit per width (``"2"``...)."""
+
+    scales: list[int]
+    error: dict[str, float]
+
+    @property
+    def num_scales(self) -> int:
+        return sum(self.scales)
+
+
+@dataclasses.dataclass
+class UnitProfile:
+    """An allocation unit (an encoder layer or linear, an embedding table) and what quantizing it costs.
+
+    ``weights`` are the state-dict keys of its matrices, ``shapes`` their shapes, ``linear`` whether each is a
+    linear layer's weight (it then gets an activation range); ``groups`` maps a grouping (``"128"``,
+    ``"heads"`` ...) to its cost, ``unavailable`` a grouping that does not fit to the reason.
+    """
+
+    weights: list[str]
+    shapes: list[list[int]]
+    linear: list[bool]
+    groups: dict[str, GroupCost]
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_weights(self) -> int:
+        return sum(r * c for r, c in self.shapes)
+
+    @property
+    def num_linears(self) -> int:
+        return sum(self.linear)
+
+    def cost(self, groups: object) -> GroupCost:
+        key = str(groups)
+        if key in self.groups:
+            return self.groups[key]
+        why = self.unavailable.get(key)
+        raise QBHError(
+            why or f"the quantization profile has no errors for groups={groups}; pass --model so it is measured"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        return {"schema": out.pop("schema"), "created_by": out.pop("created_by"), **out}
+        return {
+            "weights": self.weights,
+            "shapes": self.shapes,
+            "linear": self.linear,
+            "groups": {g: dataclasses.asdict(c) for g, c in self.groups.items()},
+            "unavailable": self.unavailable,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BitPlan:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise QBHError(f"plan has unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise QBHError(f"plan is malformed ({exc}); regenerate it with qbert-hessian plan") from None
+    def from_dict(cls, data: Mapping[str, Any]) -> UnitProfile:
+        groups = {g: GroupCost(**c) for g, c in data["groups"].items()}
+        return cls(data["weights"], data["shapes"], data["linear"], groups, dict(data.get("unavailable", {})))
 
-    def save(self, path: Path | str) -> Path:
-        return write_json(path, self.to_dict())
+
+@dataclasses.dataclass
+class QuantProfile(Artifact):
+    """The allocator's cost table (``profile.json``): per unit, width and grouping the weight perturbation
+    ||Q_b(W) - W||^2, and every tensor of the FP32 state dict (name, dtype, shape), so the allocator predicts
+    the packed file's size byte for byte without torch. Made by :func:`~qbert_hessian.quant.profile.measure_profile`.
+    """
+
+    SCHEMA: ClassVar[str] = PROFILE_SCHEMA
+
+    model: dict[str, Any]
+    symmetric: bool
+    bits: list[int]
+    tensors: list[list[Any]]  # [name, dtype, shape]
+    units: dict[str, UnitProfile]
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created_by: str = CREATED_BY
 
     @classmethod
-    def load(cls, path: Path | str) -> BitPlan:
-        return cls.from_dict(read_json(path, PLAN_SCHEMA))
+    def _field_from_json(cls, name: str, value: Any) -> Any:
+        if name == "units":
+            return {u: UnitProfile.from_dict(e) for u, e in value.items()}
+        return value
+
+    def unit(self, name: str) -> UnitProfile:
+        if name not in self.units:
+            raise QBHError(
+                f"the quantization profile has no unit {name} (it has {', '.join(self.units)}); "
+                "measure it from the report's model (plan --model MODEL)"
+            )
+        return self.units[name]
+
+    @property
+    def state_bytes(self) -> int:
+        from .packed_format import TensorSpec
+
+        return sum(TensorSpec(n, d, tuple(s)).nbytes for n, d, s in self.tensors)
+
+
+@dataclasses.dataclass
+class StageResult(Artifact):
+    """Task metrics of one model of a run (``results/fp32.json``, ``direct.json``, ``metrics.json``).
+
+    ``stage`` is ``fp32``, ``direct`` (post-training quantization) or ``qat``; ``metrics`` the task metrics;
+    ``bytes`` the weights file on disk (the packed file for quantized rows); ``inputs`` what made it.
+    """
+
+    SCHEMA: ClassVar[str] = METRICS_SCHEMA
+
+    stage: str
+    metrics: dict[str, Any]
+    bytes: int | None = None
+    plan: str | None = None
+    direct: dict[str, Any] | None = None
+    predicted_bytes: int | None = None
+    qat: bool | None = None
+    train_seconds: float | None = None
+    examples_seen: int | None = None
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class QATLog(Artifact):
+    """What QAT did (``qat.json``): wall time, steps, best dev metric, the Trainer's log and the config."""
+
+    SCHEMA: ClassVar[str] = QAT_SCHEMA
+
+    train_seconds: float
+    steps: int
+    best_metric: float | None
+    log_history: list[dict[str, Any]]
+    config: dict[str, Any]
+    examples_seen: int | None = None
+
+
+@dataclasses.dataclass
+class RunRecord(Artifact):
+    """``run.json``: the resolved configuration of a run and the inputs of every stage it holds."""
+
+    SCHEMA: ClassVar[str] = RUN_SCHEMA
+
+    config: dict[str, Any]
+    stages: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SizeReport(Artifact):
+    """``size.json`` beside a packed checkpoint: bytes on disk against the FP32 safetensors file and the plan."""
+
+    SCHEMA: ClassVar[str] = SIZE_SCHEMA
+
+    packed_bytes: int
+    folder_bytes: int
+    fp32_safetensors_bytes: int
+    predicted_bytes: int | None
+
+    @property
+    def compression(self) -> float:
+        return self.fp32_safetensors_bytes / self.packed_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "compression": self.compression}
+
+    LEGACY_KEYS: ClassVar[tuple[str, ...]] = ("compression",)
+
+
+@dataclasses.dataclass
+class Frontier(Artifact):
+    """``frontier.json``: MILP plans over a sweep of average-bit budgets, uniform plans, Q-BERT's rank rule."""
+
+    SCHEMA: ClassVar[str] = FRONTIER_SCHEMA
+
+    groups: str
+    measure: str
+    bits: list[int]
+    fp32_mib: float
+    points: list[dict[str, Any]]
+    uniform: list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class DensityReport(Artifact):
+    """``density.json``: the Hessian eigenvalue density of each block (stochastic Lanczos quadrature)."""
+
+    SCHEMA: ClassVar[str] = DENSITY_SCHEMA
+
+    model: str
+    task: str
+    batch_size: int
+    probes: int
+    densities: list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Evaluation(Artifact):
+    """``evaluate --out``: one row per evaluated model (FP32, direct quantization, packed checkpoints)."""
+
+    SCHEMA: ClassVar[str] = EVALUATION_SCHEMA
+
+    task: str
+    results: list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class PackedManifest(Artifact):
+    """``quantization.json`` of a packed checkpoint: the plan, the attention kernel, one entry per weight."""
+
+    SCHEMA: ClassVar[str] = PACKED_SCHEMA
+
+    plan: BitPlan
+    attn_implementation: str
+    tensors: dict[str, dict[str, Any]]
+
+    @classmethod
+    def _field_from_json(cls, name: str, value: Any) -> Any:
+        return BitPlan.from_dict(value, where="the packed plan") if name == "plan" else value

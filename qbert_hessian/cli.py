@@ -8,14 +8,26 @@ Heavy imports (torch, transformers) happen inside the commands so ``--help`` is 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .allocate import MIB
+from .config import (
+    AllocConfig,
+    CalibrationConfig,
+    DensityConfig,
+    FinetuneConfig,
+    LandscapeConfig,
+    PlanSpec,
+    SensitivityConfig,
+)
 from .errors import QBHError
+
+SC, AC, LC = SensitivityConfig, AllocConfig, LandscapeConfig
 
 logger = logging.getLogger("qbert_hessian")
 
@@ -24,7 +36,25 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _add_data_args(p: argparse.ArgumentParser, *, max_length: int = 128) -> None:
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use an integer >= 0")
+    return value
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=CalibrationConfig.calibration_batches,
+        help="training batches that set the activation ranges",
+    )
+    p.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size, help="examples per batch")
+    p.add_argument("--seed", type=_non_negative, default=CalibrationConfig.seed, help="seeds the calibration batches")
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, max_length: int = SensitivityConfig.max_length) -> None:
     p.add_argument(
         "--task",
         required=True,
@@ -42,14 +72,18 @@ def _add_data_args(p: argparse.ArgumentParser, *, max_length: int = 128) -> None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the device follows the model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
 
 
 def _add_run_control(p: argparse.ArgumentParser, *, resume: str, force: str) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative, default=0, help="seeds data draws, probes and training")
     p.add_argument("--resume", action="store_true", help=resume)
     p.add_argument("--force", action="store_true", help=force)
+    _add_device(p)
     _add_common(p)
 
 
@@ -59,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hessian-guided ultra-low-bit compression of BERT-family models (Q-BERT and beyond).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # type: ignore[method-assign]
 
     p = sub.add_parser(
         "finetune",
@@ -69,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="minilm-l6, a local folder, or a hub name")
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=FinetuneConfig.epochs, help="passes over the training split")
+    p.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="peak learning rate (linear schedule)")
+    p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size, help="training batch size")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
     _add_run_control(
         p, resume="continue from the last Trainer checkpoint in OUT", force="overwrite a finished checkpoint in OUT"
@@ -94,31 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated blocks or groups: default, layers, embedding-parts, linears, "
         "embeddings[.word|.position|.token_type], encoder.N[.query|.key|.value|.attn_out|.ffn_in|.ffn_out]",
     )
-    p.add_argument("--draws", type=int, default=10, help="data draws (Q-BERT: 10)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches-per-draw", type=int, default=1)
+    p.add_argument("--draws", type=int, default=SC.draws, help="data draws (Q-BERT: 10)")
+    p.add_argument("--batch-size", type=int, default=SC.batch_size, help="examples per batch")
+    p.add_argument("--batches-per-draw", type=int, default=SC.batches_per_draw, help="batches averaged per draw")
     p.add_argument(
         "--method",
         choices=["lanczos", "power"],
-        default="lanczos",
+        default=SC.method.value,
         help="eigen-solver: Lanczos (fewer products) or power iteration (Q-BERT, PyHessian)",
     )
-    p.add_argument("--max-iters", type=int, default=100, help="cap on Hessian-vector products per eigenvalue")
+    p.add_argument("--max-iters", type=int, default=SC.max_iters, help="cap on Hessian-vector products per eigenvalue")
     p.add_argument(
         "--tol",
         type=float,
-        default=1e-3,
+        default=SC.tol,
         help="relative accuracy at which to stop (Lanczos: error estimate; power: change per step)",
     )
-    p.add_argument("--top-k", type=int, default=1, help="eigenvalues per block and draw")
+    p.add_argument("--top-k", type=int, default=SC.top_k, help="eigenvalues per block and draw")
     p.add_argument("--most-negative", action="store_true", help="also estimate the most negative eigenvalue")
-    p.add_argument("--trace", choices=["block", "shared", "none"], default="block", help="Hutchinson trace mode")
-    p.add_argument("--trace-samples", type=int, default=4, help="Rademacher probes per draw")
+    p.add_argument("--trace", choices=["block", "shared", "none"], default=SC.trace.value, help="Hutchinson trace mode")
+    p.add_argument("--trace-samples", type=int, default=SC.trace_samples, help="Rademacher probes per draw")
     p.add_argument("--no-warm-start", action="store_true", help="random start vector on every draw")
     p.add_argument(
         "--length-buckets",
         type=int,
-        default=4,
+        default=SC.length_buckets,
         help="cut each batch into at most this many length-sorted micro-batches (same loss, less padding; 1: off)",
     )
     _add_run_control(
@@ -138,16 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, help="compression ratio vs FP32 to reach at least")
     budget.add_argument("--avg-bits", type=float, help="average bits per encoder weight")
     budget.add_argument("--uniform", type=int, metavar="BITS", help="every encoder block at BITS (no budget)")
-    p.add_argument("--bits", type=_csv, default=["2", "3", "4", "8"], help="candidate widths (default 2,3,4,8)")
-    p.add_argument("--groups", default="128", help="grouping of encoder matrices: 1, heads, an integer G, channel")
-    p.add_argument("--measure", choices=["omega", "trace"], default="omega", help="sensitivity: Omega or trace/#params")
-    p.add_argument("--method", choices=["milp", "rank"], default="milp", help="exact MILP or Q-BERT's rank rule")
-    p.add_argument("--embedding-bits", type=int, default=8, help="word-embedding width (Q-BERT: 8)")
+    p.add_argument("--bits", type=_csv, default=[str(b) for b in AC.bits], help="candidate widths, comma-separated")
+    p.add_argument(
+        "--groups", default=str(AC.groups), help="grouping of encoder matrices: 1, heads, an integer G, channel"
+    )
+    p.add_argument("--measure", choices=["omega", "trace"], default=AC.measure.value, help="Omega or trace/#params")
+    p.add_argument(
+        "--method", choices=["milp", "rank"], default=AC.method.value, help="exact MILP or Q-BERT's rank rule"
+    )
+    p.add_argument("--embedding-bits", type=int, default=AC.embedding_bits, help="word-embedding width (Q-BERT: 8)")
     p.add_argument("--position-bits", type=int, default=None, help="position-embedding width (default: as word)")
-    p.add_argument("--embedding-groups", default="channel", help="embedding grouping: channel (per row), 1 or G")
-    p.add_argument("--act-bits", type=int, default=8, help="activation width on quantized linears")
+    p.add_argument(
+        "--embedding-groups", default=AC.embedding_groups, help="embedding grouping: channel (per row), 1 or G"
+    )
+    p.add_argument("--act-bits", type=int, default=AC.act_bits, help="activation width on quantized linears")
     p.add_argument("--no-act-quant", action="store_true", help="keep activations in FP32")
-    p.add_argument("--model", default=None, help="the report's model, to measure ||Q(W)-W||^2 if the report lacks it")
+    p.add_argument("--model", default=None, help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it")
     p.add_argument("--frontier", action="store_true", help="also sweep budgets: frontier.json and frontier.png")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan")
     _add_common(p)
@@ -163,10 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, required=True, help="plan.json from qbert-hessian plan")
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, help="packed checkpoint folder to write")
-    p.add_argument("--calibration-batches", type=int, default=8, help="training batches that set activation ranges")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite an existing packed checkpoint")
+    _add_calibration(p)
+    p.add_argument("--force", action="store_true", help="replace an existing packed checkpoint in OUT")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -179,10 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--plan", type=Path, action="append", default=[], help="also evaluate direct quantization (repeat)")
     p.add_argument("--packed", type=Path, action="append", default=[], help="also evaluate a packed folder (repeat)")
-    p.add_argument("--calibration-batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="metrics.json to write")
+    _add_calibration(p)
+    p.add_argument("--out", type=Path, default=None, help="evaluation JSON file to write")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -195,13 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
     _add_data_args(p)
     p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model' for all weights")
-    p.add_argument("--directions", choices=["eigen", "random", "gradient"], default="eigen")
-    p.add_argument("--dims", type=int, choices=[1, 2], default=2)
-    p.add_argument("--grid", type=int, default=21, help="points per axis (Q-BERT: 21)")
-    p.add_argument("--range", dest="radius", type=float, default=0.4, help="axes run over [-R, R] (Q-BERT: 0.4)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=2, help="fixed batches averaged at every grid point")
-    p.add_argument("--split", choices=["train", "dev"], default="train")
+    p.add_argument(
+        "--directions",
+        choices=["eigen", "random", "gradient"],
+        default=LC.directions.value,
+        help="top Hessian eigenvectors, random filter-normalised, or the gradient",
+    )
+    p.add_argument("--dims", type=int, choices=[1, 2], default=LC.dims, help="a line or a plane")
+    p.add_argument("--grid", type=int, default=LC.grid, help="points per axis (Q-BERT: 21)")
+    p.add_argument("--range", dest="radius", type=float, default=LC.radius, help="axes run over [-R, R] (Q-BERT: 0.4)")
+    p.add_argument("--batch-size", type=int, default=LC.batch_size, help="examples per batch")
+    p.add_argument("--batches", type=int, default=LC.num_batches, help="fixed batches averaged at every grid point")
+    p.add_argument("--split", choices=["train", "dev"], default=LC.split, help="which split the batches come from")
     p.add_argument("--out", type=Path, required=True, help="folder: <block>/landscape.{json,png} and panels.png")
     _add_run_control(p, resume="keep the finished rows of existing landscapes", force="overwrite existing landscapes")
 
@@ -211,15 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Eigenvalue density of a block's Hessian. Example: qbert-hessian density --model "
         "runs/sst2/checkpoint --task sst2 --data ../shared/data/sst2 --block encoder.0 --out runs/sst2/density",
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
     _add_data_args(p)
     p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model'")
-    p.add_argument("--steps", type=int, default=80, help="Lanczos steps per probe (memory: this many vectors)")
-    p.add_argument("--probes", type=int, default=1, help="Rademacher probes averaged")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=DensityConfig.steps, help="Lanczos steps per probe (memory: vectors)")
+    p.add_argument("--probes", type=int, default=DensityConfig.probes, help="Rademacher probes averaged")
+    p.add_argument("--batch-size", type=int, default=DensityConfig.batch_size, help="examples in the analysed batch")
     p.add_argument("--out", type=Path, required=True, help="folder for density.json and density.png")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative, default=0, help="seeds the probes")
     p.add_argument("--force", action="store_true", help="overwrite an existing density.json")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -244,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="override [model] task")
     p.add_argument("--data", default=None, help="override [model] data")
     p.add_argument("--force", action="store_true", help="recompute every stage")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -255,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--force", action="store_true", help="recompute every stage")
+    _add_device(p)
     _add_common(p)
     return parser
 
@@ -275,15 +322,38 @@ def _raw_task(args: argparse.Namespace):
     return load_raw_task(args.task, data_dir=data, text_columns=args.text_columns, label_column=args.label_column)
 
 
+def _config(cls, **values):
+    """A stage config from flags; its own validation turns bad values into one-line errors."""
+    return cls(**values)
+
+
+def _check_out_dir(path: Path, flag: str = "--out") -> None:
+    """An output folder must be creatable and writable before any work starts."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QBHError(f"{flag} '{path}' lies under the file '{parent}'; choose a folder path")
+            if not os.access(parent, os.W_OK):
+                raise QBHError(f"{flag} '{path}' is not writable ('{parent}' is read-only); choose another folder")
+            return
+
+
+def _check_out_file(path: Path, flag: str = "--out") -> None:
+    if path.is_dir():
+        raise QBHError(f"{flag} '{path}' is a folder; give a file path, e.g. {path / 'result.json'}")
+    _check_out_dir(path.parent, flag)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .config import FinetuneConfig
     from .models import load_model
     from .tasks import subset, tokenize_task
     from .train import finetune
 
+    _check_out_dir(args.out)
     if (args.out / "metrics.json").exists() and not (args.force or args.resume):
         raise QBHError(f"'{args.out}' already holds a fine-tuned checkpoint; pass --force to overwrite it")
-    config = FinetuneConfig(
+    config = _config(
+        FinetuneConfig,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -293,7 +363,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     raw = subset(_raw_task(args), config.max_train_samples, config.seed)
     model, tokenizer = load_model(
-        args.model, num_labels=len(raw.label_names), label_names=raw.label_names, eager=False, device=args.device
+        args.model,
+        num_labels=len(raw.label_names),
+        label_names=raw.label_names,
+        eager=False,
+        device=args.device,
+        new_head=True,
     )
     task = tokenize_task(raw, tokenizer, max_length=config.max_length)
     result = finetune(model, task, config, args.out, model_name=args.model, resume=args.resume, progress=not args.quiet)
@@ -306,14 +381,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from . import stages
     from .artifacts import SensitivityReport
-    from .config import SensitivityConfig
-    from .hessian.sensitivity import estimate_sensitivity
-    from .models import is_classifier, load_model
-    from .report import write_sensitivity
-    from .tasks import tokenize_task
+    from .models import BlockMap, is_classifier
 
-    config = SensitivityConfig(
+    config = _config(
+        SensitivityConfig,
         draws=args.draws,
         batch_size=args.batch_size,
         batches_per_draw=args.batches_per_draw,
@@ -329,6 +402,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_length=args.max_length,
     )
+    _check_out_dir(args.out)
     existing = args.out / "sensitivity.json"
     resume = None
     if existing.exists():
@@ -337,71 +411,63 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         elif not args.force:
             raise QBHError(f"'{existing}' exists; pass --resume to continue it or --force to overwrite it")
     raw = _raw_task(args)
-    model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=True, device=args.device)
     if not is_classifier(args.model):
-        logger.warning(
-            "'%s' has no trained classifier head; fine-tune it first (qbert-hessian finetune) "
-            "or the curvature describes a random head",
-            args.model,
+        raise QBHError(
+            f"'{args.model}' has no trained classifier head, so its curvature would describe a random head; "
+            "fine-tune it first (qbert-hessian finetune)"
         )
-    task = tokenize_task(raw, tokenizer, max_length=config.max_length)
-    # Validate the blocks before any output is written.
-    from .models import BlockMap
-
-    BlockMap(model).expand(args.blocks)
+    model, task = stages.load_for_task(args.model, raw, max_length=config.max_length, device=args.device)
+    BlockMap(model).expand(args.blocks)  # unknown blocks fail before any output is written
+    inputs = {"model": stages.model_fingerprint(args.model), "data": stages.data_fingerprint(raw)}
     try:
-        report = estimate_sensitivity(
+        stages.sensitivity(
             model,
             task,
             config,
+            args.out,
             blocks=args.blocks,
             model_name=args.model,
+            inputs=inputs,
             resume=resume,
-            on_block=lambda r: write_sensitivity(r, args.out),
             progress=not args.quiet,
         )
     except KeyboardInterrupt:
         print(f"interrupted; the finished blocks are in {existing}; rerun with --resume to continue", file=sys.stderr)
         return 130
-    if report.complete and report.quantization is None:
-        from .quant.apply import report_profile
-
-        report.quantization = report_profile(model, [b.name for b in report.blocks])
-    write_sensitivity(report, args.out)
     print((args.out / "sensitivity.md").read_text(encoding="utf-8"))
     print(f"report in {args.out}")
     return 0
 
 
-def _report_path(path: Path) -> Path:
-    return path / "sensitivity.json" if path.is_dir() else path
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
-    from .artifacts import SensitivityReport, write_json, write_text
-    from .config import parse_groups
-    from .report import plan_markdown, plot_frontier
+    from . import stages
+    from .artifacts import SensitivityReport
 
     out = args.out if args.out.suffix == ".json" else args.out / "plan.json"
+    _check_out_file(out)
     if out.exists() and not args.force:
         raise QBHError(f"'{out}' exists; pass --force to overwrite it")
-    report_path = _report_path(args.report)
-    report = SensitivityReport.load(report_path)
+    report_file = stages.report_path(args.report)
+    report = SensitivityReport.load(report_file)
     if not report.complete:
-        raise QBHError(f"'{report_path}' is partial ({', '.join(report.pending)} pending); finish it with --resume")
-    try:
-        bits = tuple(int(b) for b in args.bits)
-    except ValueError:
-        raise QBHError(f"--bits {','.join(args.bits)} is not a list of integers; e.g. --bits 2,3,4,8") from None
-    config = AllocConfig(
-        bits=(args.uniform,) if args.uniform is not None else bits,
+        raise QBHError(f"'{report_file}' is partial ({', '.join(report.pending)} pending); finish it with --resume")
+    bits = []
+    for b in args.bits:
+        try:
+            bits.append(int(b))
+        except ValueError:
+            raise QBHError(f"--bits {','.join(args.bits)} is not a list of integers; e.g. --bits 2,3,4,8") from None
+    spec = _config(
+        PlanSpec,
+        name=out.stem,
+        uniform=args.uniform,
+        avg_bits=args.avg_bits,
+        budget_mb=args.budget_mb,
+        ratio=args.ratio,
+    )
+    config = _config(
+        AllocConfig,
+        bits=(args.uniform,) if args.uniform is not None else tuple(bits),
         groups=args.groups,
         measure=args.measure,
         method=args.method,
@@ -410,132 +476,88 @@ def cmd_plan(args: argparse.Namespace) -> int:
         embedding_groups=args.embedding_groups,
         act_bits=None if args.no_act_quant else args.act_bits,
     )
-    if args.model is not None:
-        _ensure_profile(report, report_path, args.model, config, parse_groups)
-    source = {"sensitivity": str(report_path), "sha256": _sha256(report_path)}
-    if args.uniform is not None:
-        plan = uniform_plan(report, args.uniform, config, source=source)
-    else:
-        budget = Budget(max_mb=args.budget_mb, ratio=args.ratio, avg_bits=args.avg_bits)
-        plan = allocate_bits(report, budget, config, source=source)
-    front = frontier(report, dataclasses.replace(config, method="milp")) if args.frontier else None
-    plan.save(out)
-    md = write_text(out.with_suffix(".md"), plan_markdown(plan))
-    if front is not None:
-        write_json(out.parent / "frontier.json", front)
-        plot_frontier(front, out.parent / "frontier.png", plan)
-    print(md.read_text(encoding="utf-8"))
-    print(f"plan in {out}" + (f"; frontier in {out.parent / 'frontier.png'}" if front else ""))
+    profile = stages.load_profile(report_file, report, model=args.model, groups=config.groups)
+    source = {"sensitivity": str(report_file), "sha256": stages.sha256_file(report_file)}
+    plan = stages.make_plan(report, profile, spec, config, source=source)
+    stages.write_plan(plan, out)
+    if args.frontier:
+        stages.write_frontier(report, profile, config, out.parent, plan)
+    print(out.with_suffix(".md").read_text(encoding="utf-8"))
+    print(f"plan in {out}" + (f"; frontier in {out.parent / 'frontier.png'}" if args.frontier else ""))
     return 0
 
 
-def _ensure_profile(report, report_path: Path, model_name: str, config, parse_groups) -> None:
-    """Measure ||Q(W)-W||^2 on the model when the report lacks the grouping or widths the plan needs."""
-    from .models import BlockMap, load_model
-    from .quant.apply import DEFAULT_PROFILE_GROUPS, report_profile
-
-    prof = report.quantization or {}
-    unit = next((b.name for b in report.blocks if b.name.startswith("encoder.")), None)
-    have = prof.get("units", {}).get(unit, {}).get("groups", {}) if unit else {}
-    needed = {str(config.groups)} - set(have) - set(prof.get("units", {}).get(unit, {}).get("unavailable", {}))
-    if prof and not needed:
-        return
-    model, _ = load_model(model_name, eager=False)
-    block_map = BlockMap(model)
-    if report.model.get("num_layers") != block_map.num_layers:
-        raise QBHError(f"--model {model_name} is not the report's model ({report.model.get('name')}); pass that one")
-    groups = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, parse_groups(config.groups)]))
-    logger.info("measuring quantization errors of %s (groups %s)", model_name, groups)
-    report.quantization = report_profile(model, [b.name for b in report.blocks], groups=groups)
-    report.save(report_path)
-
-
-def _direct(model, plan, task, args: argparse.Namespace):
-    """The plan applied to ``model`` with its activation ranges calibrated (direct quantization)."""
-    from .quant.apply import quantize_calibrated
-
-    return quantize_calibrated(
-        model, plan, task, num_batches=args.calibration_batches, batch_size=args.batch_size, seed=args.seed
+def _calibration(args: argparse.Namespace):
+    return _config(
+        CalibrationConfig, calibration_batches=args.calibration_batches, batch_size=args.batch_size, seed=args.seed
     )
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .allocate import MIB
-    from .artifacts import BitPlan, write_json
-    from .export import file_sizes, fp32_safetensors_bytes, save_packed
-    from .models import load_model
-    from .tasks import tokenize_task
+    from . import stages
+    from .artifacts import BitPlan
+    from .export import is_packed
 
-    if args.out.exists() and not args.force:
-        raise QBHError(f"'{args.out}' exists; pass --force to overwrite it")
+    if args.out.exists():
+        if not is_packed(args.out):
+            raise QBHError(f"'{args.out}' exists and is not a packed checkpoint; choose a new folder for --out")
+        if not args.force:
+            raise QBHError(f"'{args.out}' exists; pass --force to replace the packed checkpoint there")
+    _check_out_dir(args.out.parent)
+    calibration = _calibration(args)
     plan = BitPlan.load(args.plan)
     raw = _raw_task(args)
-    model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=False, device=args.device)
-    task = tokenize_task(raw, tokenizer, max_length=args.max_length)
-    qmodel = _direct(model, plan, task, args)  # validates the plan against the model before anything is written
-    weights = save_packed(qmodel, args.out, tokenizer=tokenizer)
-    sizes = file_sizes(args.out)
-    fp32 = fp32_safetensors_bytes(model)
-    predicted = plan.predicted.get("bytes")
-    size = {
-        "packed_bytes": sizes["weights_bytes"],
-        "packed_mib": sizes["weights_bytes"] / MIB,
-        "folder_bytes": sizes["folder_bytes"],
-        "fp32_safetensors_bytes": fp32,
-        "fp32_mib": fp32 / MIB,
-        "compression": fp32 / sizes["weights_bytes"],
-        "predicted_bytes": predicted,
-        "predicted_error": (sizes["weights_bytes"] - predicted) / predicted if predicted else None,
-    }
-    write_json(args.out / "size.json", size)
+    model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
+    qmodel = stages.quantize_direct(model, plan, task, calibration)  # validates the plan before anything is written
+    size = stages.export(qmodel, plan, args.out, fp32=model, tokenizer=task.tokenizer)
+    predicted = size.predicted_bytes
     print(
-        f"packed checkpoint {weights}: {size['packed_mib']:.3f} MiB on disk vs FP32 safetensors {size['fp32_mib']:.3f} "
-        f"MiB ({size['compression']:.2f}x smaller)"
-        + (f"; plan predicted {predicted / MIB:.3f} MiB ({100 * size['predicted_error']:+.2f}%)" if predicted else "")
+        f"packed checkpoint {args.out / 'model.safetensors'}: {size.packed_bytes / MIB:.3f} MiB on disk vs FP32 "
+        f"safetensors {size.fp32_safetensors_bytes / MIB:.3f} MiB ({size.compression:.2f}x smaller)"
+        + (
+            f"; plan predicted {predicted / MIB:.3f} MiB ({size.packed_bytes - predicted:+d} bytes)"
+            if predicted
+            else ""
+        )
     )
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .allocate import MIB
-    from .artifacts import METRICS_SCHEMA, BitPlan, write_json
+    from . import stages
+    from .artifacts import BitPlan, Evaluation
     from .evaluate import evaluate
-    from .export import file_sizes, is_packed, load_packed
-    from .models import load_model
-    from .tasks import tokenize_task
+    from .export import file_sizes, is_packed
 
+    if args.out is not None:
+        _check_out_file(args.out)
+    calibration = _calibration(args)
     raw = _raw_task(args)
-    rows = []
-    packed = list(args.packed)
     plans = [(p, BitPlan.load(p)) for p in args.plan]  # refuse bad plans before any work
-    for p in packed:
+    for p in args.packed:
         if not is_packed(p):
             raise QBHError(f"'{p}' is not a packed checkpoint (no quantization.json); export one with quantize")
-    if is_packed(args.model):
-        packed.insert(0, Path(args.model))
-        if plans:
-            raise QBHError("--plan needs an FP32 --model; pass the fine-tuned checkpoint, not a packed one")
-    else:
-        model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=False, device=args.device)
-        task = tokenize_task(raw, tokenizer, max_length=args.max_length)
-        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        rows.append({"name": "fp32", "kind": "fp32", "size_mib": state_bytes / MIB, **evaluate(model, task)})
-        for path, plan in plans:
-            qmodel = _direct(model, plan, task, args)
-            rows.append(
-                {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
-            )
-    for p in packed:
-        from transformers import AutoTokenizer
-
-        qmodel = load_packed(p, device=args.device)
-        task = tokenize_task(raw, AutoTokenizer.from_pretrained(p), max_length=args.max_length)
+    if plans and is_packed(args.model):
+        raise QBHError("--plan needs an FP32 --model; pass the fine-tuned checkpoint, not a packed one")
+    rows = []
+    model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
+    kind = "packed" if is_packed(args.model) else "fp32"
+    size = file_sizes(args.model)["weights_bytes"] if kind == "packed" else stages.fp32_size_mib(model) * MIB
+    name = str(args.model) if kind == "packed" else "fp32"
+    rows.append({"name": name, "kind": kind, "size_mib": size / MIB, **evaluate(model, task)})
+    for path, plan in plans:
+        qmodel = stages.quantize_direct(model, plan, task, calibration)
+        rows.append(
+            {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
+        )
+    for p in args.packed:
+        qmodel, ptask = stages.load_for_task(p, raw, max_length=args.max_length, eager=False, device=args.device)
         rows.append(
             {
                 "name": str(p),
                 "kind": "packed",
                 "size_mib": file_sizes(p)["weights_bytes"] / MIB,
-                **evaluate(qmodel, task),
+                **evaluate(qmodel, ptask),
             }
         )
     print("| model | kind | size MiB | accuracy | macro-F1 | loss |\n|---|---|---:|---:|---:|---:|")
@@ -543,43 +565,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         size = f"{r['size_mib']:.3f}" if r["size_mib"] is not None else "-"
         print(f"| {r['name']} | {r['kind']} | {size} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['loss']:.4f} |")
     if args.out:
-        write_json(args.out, {"schema": METRICS_SCHEMA, "task": args.task, "results": rows})
+        Evaluation(task=args.task, results=rows).save(args.out)
     return 0
 
 
-def _load_any(args: argparse.Namespace, raw, *, eager: bool = True):
-    """An FP32 checkpoint or a packed one, with the tokenized task."""
-    from transformers import AutoTokenizer
-
-    from .export import is_packed, load_packed
-    from .models import load_model
-    from .tasks import tokenize_task
-
-    if is_packed(args.model):
-        model, tokenizer = (
-            load_packed(args.model, eager=eager, device=args.device),
-            AutoTokenizer.from_pretrained(args.model),
-        )
-    else:
-        model, tokenizer = load_model(args.model, num_labels=len(raw.label_names), eager=eager, device=args.device)
-    return model, tokenize_task(raw, tokenizer, max_length=args.max_length)
-
-
-def _check_blocks(model, blocks: list[str]) -> None:
-    from .landscape import WHOLE_MODEL
-    from .models import BlockMap
-
-    block_map = BlockMap(model)
-    for b in blocks:
-        if b != WHOLE_MODEL:
-            block_map.module_path(b)
-
-
 def cmd_landscape(args: argparse.Namespace) -> int:
-    from .landscape import Landscape, LandscapeConfig, loss_landscape
-    from .report import plot_landscapes
+    from . import stages
 
-    config = LandscapeConfig(
+    config = _config(
+        LandscapeConfig,
         directions=args.directions,
         dims=args.dims,
         grid=args.grid,
@@ -589,89 +583,54 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         split=args.split,
         seed=args.seed,
     )
+    if not args.block:
+        raise QBHError("--block names no block; e.g. --block encoder.0,encoder.5 (or 'model')")
+    _check_out_dir(args.out)
     for b in args.block:
         path = args.out / b / "landscape.json"
         if path.exists() and not (args.resume or args.force):
             raise QBHError(f"'{path}' exists; pass --resume to continue it or --force to overwrite it")
-    raw = _raw_task(args)
-    model, task = _load_any(args, raw)
-    _check_blocks(model, args.block)
-    done = []
-    for b in args.block:
-        path = args.out / b / "landscape.json"
-        resume = Landscape.load(path) if path.exists() and args.resume else None
-        if resume is not None and resume.complete and resume.config == config.to_dict():
-            done.append(resume)
-            continue
+    model, task = stages.load_for_task(args.model, _raw_task(args), max_length=args.max_length, device=args.device)
 
-        def save(ls: Landscape, path: Path = path) -> None:
-            ls.save(path)
+    def done(ls, path: Path) -> None:
+        lo, hi = min(min(r) for r in ls.loss), max(max(r) for r in ls.loss)
+        print(f"{ls.block}: loss {ls.center_loss:.4f} at the weights, {lo:.4f} .. {hi:.4f} on the grid; {path}")
 
-        try:
-            ls = loss_landscape(
-                model, task, config, block=b, model_name=args.model, resume=resume, on_row=save, progress=not args.quiet
-            )
-        except KeyboardInterrupt:
-            print(f"interrupted; finished rows are in {path}; rerun with --resume to continue", file=sys.stderr)
-            return 130
-        ls.save(path)
-        plot_landscapes([ls.to_dict()], path.with_suffix(".png"))
-        done.append(ls)
-        print(
-            f"{b}: loss {ls.center_loss:.4f} at the weights, {min(min(r) for r in ls.loss):.4f} .. "
-            f"{max(max(r) for r in ls.loss):.4f} on the grid; {path}"
+    try:
+        found = stages.landscapes(
+            model,
+            task,
+            args.block,
+            config,
+            args.out,
+            model_name=args.model,
+            resume=args.resume,
+            progress=not args.quiet,
+            on_done=done,
         )
-    if len(done) > 1:
-        plot_landscapes([ls.to_dict() for ls in done], args.out / "panels.png")
+    except KeyboardInterrupt:
+        print(f"interrupted; finished rows are in {args.out}; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    if len(found) > 1:
         print(f"side by side: {args.out / 'panels.png'}")
     return 0
 
 
 def cmd_density(args: argparse.Namespace) -> int:
-    import torch
-
-    from .artifacts import write_json
-    from .hessian.density import slq_density, smooth_alike
-    from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled
-    from .landscape import block_parameters
+    from . import stages
     from .report import plot_density
 
-    if args.steps < 1 or args.probes < 1:
-        raise QBHError(f"--steps {args.steps} and --probes {args.probes} must both be at least 1")
+    config = _config(DensityConfig, steps=args.steps, probes=args.probes, batch_size=args.batch_size, seed=args.seed)
+    _check_out_dir(args.out)
     out = args.out / "density.json"
     if out.exists() and not args.force:
         raise QBHError(f"'{out}' exists; pass --force to overwrite it")
-    raw = _raw_task(args)
-    model, task = _load_any(args, raw)
-    _check_blocks(model, args.block)
-    n = min(args.batch_size, len(task.train))
-    batch = task.batch("train", list(range(n)))
-    found = []
-    generator = torch.Generator().manual_seed(args.seed)
-    with curvature_mode(model):
-        for b in args.block:
-            params = block_parameters(model, b)
-            with grads_enabled(params):
-                hvp = BlockHessian(model, params, [batch])
-                res = slq_density(hvp, params, steps=args.steps, num_probes=args.probes, generator=generator)
-                hvp.free()
-            found.append((b, sum(p.numel() for p in params), res))
-            lo, hi = res.extremes
-            print(f"{b}: Ritz values from {lo:.4g} to {hi:.4g}; mean eigenvalue (trace/n) {res.moment(1):.4g}")
-    smooth_alike([r for _, _, r in found])  # one kernel width, so the curves compare
-    results = [{"block": b, "num_params": n, **r.to_dict()} for b, n, r in found]
-    write_json(
-        out,
-        {
-            "schema": "qbert_hessian.density/1",
-            "model": args.model,
-            "task": args.task,
-            "batch_size": n,
-            "probes": args.probes,
-            "densities": results,
-        },
-    )
-    plot_density(results, args.out / "density.png")
+    model, task = stages.load_for_task(args.model, _raw_task(args), max_length=args.max_length, device=args.device)
+    result = stages.density(model, task, args.block, config, model_name=args.model)
+    for d in result.densities:
+        print(f"{d['block']}: mean eigenvalue (trace/n) {d.get('moment1', float('nan')):.4g}")
+    result.save(out)
+    plot_density(result.densities, args.out / "density.png")
     print(f"density in {out} and {args.out / 'density.png'}")
     return 0
 
@@ -686,7 +645,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:
         raise QBHError("the run has no output folder; pass --out DIR or set out = '...' in the config")
-    return _execute(Run(config, out, force=args.force, progress=not args.quiet))
+    _check_out_dir(out)
+    return _execute(Run(config, out, force=args.force, progress=not args.quiet, device=args.device))
 
 
 def _toml_str(value: str) -> str:
@@ -713,7 +673,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import DEMO_CONFIG, Run, apply_overrides, parse_run_config
 
     config = parse_run_config(apply_overrides(DEMO_CONFIG, args.overrides))
-    return _execute(Run(config, args.out, force=args.force, progress=not args.quiet))
+    _check_out_dir(args.out)
+    return _execute(Run(config, args.out, force=args.force, progress=not args.quiet, device=args.device))
 
 
 COMMANDS = {

@@ -8,6 +8,9 @@ lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any, TypeVar
@@ -33,10 +36,17 @@ def parse_groups(value: object) -> Groups:
     return g
 
 
-def check_bits(bits: object, what: str = "bits") -> int:
-    """``bits`` as an int in 2..8, else a :class:`QBHError`."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise QBHError(f"{what} {bits!r} is out of range; use an integer from {MIN_BITS} to {MAX_BITS}")
+BIT_RANGES = {"weight": (2, 8), "embedding": (2, 8), "activation": (2, 16)}
+
+
+def check_bits(bits: object, what: str = "bits", *, role: str = "weight") -> int:
+    """``bits`` as an int in its role's range (weights and embeddings 2..8, activations 2..16), else a
+    :class:`QBHError` naming the value and the range. The one width check of the package."""
+    lo, hi = BIT_RANGES[role]
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise QBHError(f"{what} {bits!r} is not an integer; use an integer from {lo} to {hi}")
+    if not lo <= bits <= hi:
+        raise QBHError(f"{what} {bits} is out of range; use an integer from {lo} to {hi}")
     return bits
 
 
@@ -77,17 +87,67 @@ class _Config:
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build from a TOML/JSON mapping: unknown keys and values of the wrong type are refused, naming the key."""
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise QBHError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys are {', '.join(names)}")
-        return cls(**data)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(cls.__name__, k, v, hints[k]) for k, v in data.items()})
+
+
+def _typed(owner: str, key: str, value: Any, hint: Any) -> Any:
+    """``value`` if it fits the annotation ``hint`` (an int for a float is widened), else a :class:`QBHError`."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return None
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+        if isinstance(t, type) and issubclass(t, Enum) and isinstance(value, str):
+            return value  # the config's own check names the valid members
+        if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)):
+            (item,) = {a for a in typing.get_args(t) if a is not Ellipsis}
+            return tuple(_typed(owner, key, v, item) for v in value)
+    want = " or ".join(_type_name(t) for t in options)
+    raise QBHError(f"{owner}.{key} = {value!r} is not {want}; write e.g. {key} = {_example(options)}")
+
+
+def _type_name(t: Any) -> str:
+    if t is type(None):
+        return "none"
+    if typing.get_origin(t) is tuple:
+        return f"a list of {_type_name(typing.get_args(t)[0])}s"
+    if isinstance(t, type) and issubclass(t, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in t)
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(t, str(t))
+
+
+def _example(options: tuple[Any, ...]) -> str:
+    t = next(o for o in options if o is not type(None))
+    if typing.get_origin(t) is tuple:
+        return "[2, 3, 4]"
+    if isinstance(t, type) and issubclass(t, Enum):
+        return f'"{next(iter(t)).value}"'
+    return {bool: "true", int: "2", float: "0.5", str: '"text"'}.get(t, "...")
 
 
 def _positive(cls_name: str, **values: float) -> None:
     for name, value in values.items():
-        if value <= 0:
-            raise QBHError(f"{cls_name}.{name} must be positive, got {value}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise QBHError(f"{cls_name}.{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(cls_name: str, **values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise QBHError(f"{cls_name}.{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +206,7 @@ class SensitivityConfig(_Config):
             length_buckets=self.length_buckets,
             max_length=self.max_length,
         )
+        _non_negative("SensitivityConfig", seed=self.seed)
         _set_enum(self, "trace", TraceMode, "trace mode")
         _set_enum(self, "method", EigenMethod, "eigen method")
 
@@ -189,5 +250,237 @@ class FinetuneConfig(_Config):
         )
         if self.max_train_samples is not None:
             _positive("FinetuneConfig", max_train_samples=self.max_train_samples)
+        _non_negative("FinetuneConfig", seed=self.seed)
         if not 0 <= self.warmup_ratio < 1:
             raise QBHError(f"FinetuneConfig.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+
+
+class Measure(str, Enum):
+    """The sensitivity s_b that weighs each block's perturbation: Q-BERT's Omega or the average trace."""
+
+    OMEGA = "omega"
+    TRACE = "trace"
+
+
+class Method(str, Enum):
+    """``milp``: exact optimum; ``rank``: Q-BERT's rule (bits monotone in sensitivity); ``uniform``."""
+
+    MILP = "milp"
+    RANK = "rank"
+    UNIFORM = "uniform"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget(_Config):
+    """Exactly one of: ``max_mb`` (whole model, MiB), ``ratio`` (compression vs FP32), ``avg_bits`` (encoder)."""
+
+    max_mb: float | None = None
+    ratio: float | None = None
+    avg_bits: float | None = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in self.to_dict().items() if v is not None}
+        if len(given) != 1:
+            raise QBHError("give exactly one budget: --budget-mb, --ratio or --avg-bits")
+        ((key, value),) = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise QBHError(f"budget {key}={value!r} must be a positive finite number")
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocConfig(_Config):
+    """Allocator settings.
+
+    Args:
+        bits: candidate widths for the encoder blocks (Q-BERT: 2, 3, 4, 8).
+        groups: grouping of every encoder matrix (1, heads, an integer, channel; Q-BERT: 128).
+        measure: ``omega`` or ``trace``.
+        method: ``milp``, ``rank`` or ``uniform``.
+        embedding_bits: width of the word-embedding table (Q-BERT: 8).
+        position_bits: width of the position table (default: ``embedding_bits``).
+        embedding_groups: grouping of the embedding tables (``channel``: one scale per row).
+        act_bits: activation width on quantized linears (None: FP32 activations).
+    """
+
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    groups: int | str = 128
+    measure: Measure = Measure.OMEGA
+    method: Method = Method.MILP
+    embedding_bits: int = 8
+    position_bits: int | None = None
+    embedding_groups: int | str = "channel"
+    act_bits: int | None = 8
+
+    def __post_init__(self) -> None:
+        bits = tuple(sorted({check_bits(b, "candidate bits") for b in self.bits}))
+        if not bits:
+            raise QBHError("give at least one candidate bit width, e.g. --bits 2,3,4,8")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "groups", parse_groups(self.groups))
+        object.__setattr__(self, "embedding_groups", parse_groups(self.embedding_groups))
+        check_bits(self.embedding_bits, "embedding bits", role="embedding")
+        if self.position_bits is not None:
+            check_bits(self.position_bits, "position bits", role="embedding")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "activation bits", role="activation")
+        _set_enum(self, "measure", Measure, "sensitivity measure")
+        _set_enum(self, "method", Method, "allocation method")
+
+
+PLAN_KINDS = ("uniform", "avg_bits", "budget_mb", "ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpec(_Config):
+    """One plan of a run (a ``[[plans]]`` table): a name, exactly one of a uniform width or a budget, whether
+    QAT follows, and allocator settings that override ``[allocate]`` for this plan.
+
+    Args:
+        name: letters, digits, '-', '_' or '.'; names the plan's files.
+        uniform: every encoder block at this width (no budget).
+        avg_bits: average bits per encoder weight.
+        budget_mb: whole-model size limit in MiB.
+        ratio: compression ratio against FP32 to reach at least.
+        qat: QAT after direct quantization (None: the run's default).
+        bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
+            :class:`AllocConfig` (None: the run's ``[allocate]``).
+    """
+
+    name: str
+    uniform: int | None = None
+    avg_bits: float | None = None
+    budget_mb: float | None = None
+    ratio: float | None = None
+    qat: bool | None = None
+    bits: tuple[int, ...] | None = None
+    groups: int | str | None = None
+    measure: str | None = None
+    method: str | None = None
+    embedding_bits: int | None = None
+    position_bits: int | None = None
+    embedding_groups: int | str | None = None
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if (
+            not isinstance(name, str)
+            or not name
+            or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        ):
+            raise QBHError(f"every [[plans]] entry needs a name of letters, digits, '-', '_' or '.'; got {name!r}")
+        kinds = [k for k in PLAN_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise QBHError(f"plan '{name}' needs exactly one of uniform, avg_bits, budget_mb, ratio")
+        if self.uniform is not None:
+            check_bits(self.uniform, f"plan '{name}': uniform bits")
+        else:
+            Budget(max_mb=self.budget_mb, ratio=self.ratio, avg_bits=self.avg_bits)
+        if self.qat is not None and not isinstance(self.qat, bool):
+            raise QBHError(f"plan '{name}': qat must be true or false, got {self.qat!r}")
+        if self.bits is not None:
+            object.__setattr__(self, "bits", tuple(self.bits) if isinstance(self.bits, (list, tuple)) else self.bits)
+        self.alloc_config(AllocConfig())  # validates the overrides
+
+    def alloc_config(self, defaults: AllocConfig) -> AllocConfig:
+        """``defaults`` with this plan's allocator settings on top."""
+        over = {f: getattr(self, f) for f in AllocConfig.__dataclass_fields__ if getattr(self, f, None) is not None}
+        if self.uniform is not None:
+            over["bits"] = (self.uniform,)
+        return dataclasses.replace(defaults, **over)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig(_Config):
+    """How direct (post-training) quantization sets activation ranges: seeded training batches.
+
+    Args:
+        calibration_batches: batches run through the quantized model in eval mode.
+        batch_size: examples per batch.
+        seed: seeds which training examples are drawn.
+    """
+
+    calibration_batches: int = 8
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("CalibrationConfig", calibration_batches=self.calibration_batches, batch_size=self.batch_size)
+        _non_negative("CalibrationConfig", seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityConfig(_Config):
+    """Stochastic Lanczos quadrature of a block's Hessian eigenvalue density (Ghorbani et al. 2019).
+
+    Args:
+        steps: Lanczos steps per probe (memory: this many vectors).
+        probes: Rademacher probes averaged.
+        batch_size: training examples in the one batch whose loss is analysed.
+        seed: seeds the probes.
+    """
+
+    steps: int = 80
+    probes: int = 1
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("DensityConfig", steps=self.steps, probes=self.probes, batch_size=self.batch_size)
+        _non_negative("DensityConfig", seed=self.seed)
+
+
+class Direction(str, Enum):
+    EIGEN = "eigen"
+    RANDOM = "random"
+    GRADIENT = "gradient"
+
+
+@dataclasses.dataclass(frozen=True)
+class LandscapeConfig(_Config):
+    """Settings of a loss surface.
+
+    Args:
+        directions: ``eigen``, ``random`` or ``gradient``.
+        dims: 1 (a line) or 2 (a plane).
+        grid: points per axis (Q-BERT: 21).
+        radius: the axes run over [-radius, radius] (Q-BERT: 0.4).
+        batch_size: examples per batch.
+        num_batches: fixed batches averaged at every point.
+        split: ``train`` or ``dev``.
+        max_iters: cap on products for the eigenvectors.
+        tol: relative tolerance of the eigenvectors' power iteration.
+        seed: seeds the batches and the random directions.
+    """
+
+    directions: Direction = Direction.EIGEN
+    dims: int = 2
+    grid: int = 21
+    radius: float = 0.4
+    batch_size: int = 32
+    num_batches: int = 2
+    split: str = "train"
+    max_iters: int = 50
+    tol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grid < 2:
+            raise QBHError(
+                f"LandscapeConfig.grid must be at least 2 (a point each side of the weights), got {self.grid}"
+            )
+        _non_negative("LandscapeConfig", seed=self.seed)
+        _positive(
+            "LandscapeConfig",
+            grid=self.grid,
+            radius=self.radius,
+            batch_size=self.batch_size,
+            num_batches=self.num_batches,
+            max_iters=self.max_iters,
+            tol=self.tol,
+        )
+        if self.dims not in (1, 2):
+            raise QBHError(f"LandscapeConfig.dims must be 1 or 2, got {self.dims}")
+        if self.split not in ("train", "dev"):
+            raise QBHError(f"LandscapeConfig.split must be train or dev, got {self.split!r}")
+        _set_enum(self, "directions", Direction, "direction kind")

@@ -14,7 +14,6 @@ each the stored codes and scales, so its logits equal the fake-quantized model's
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -24,8 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import PACKED_SCHEMA, BitPlan, read_json, write_json
+from .artifacts import BitPlan, PackedManifest
 from .errors import QBHError
+from .packed_format import (
+    MANIFEST_FILE,
+    METADATA,
+    WEIGHTS_FILE,
+    TensorSpec,
+    codes_key,
+    file_bytes,
+    pack_bits,
+    scale_key,
+    unpack_bits,
+    zero_key,
+)
 from .quant.apply import quant_modules, quantize_model
 from .quant.functional import Quantized, code_range
 from .quant.modules import ActQuant
@@ -33,40 +44,15 @@ from .quant.modules import ActQuant
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "quantization.json"
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integers < 2^bits into bytes, ``bits`` bits each, little-endian within and across bytes.
-
-    ``n`` values take exactly ceil(n * bits / 8) bytes (3-bit codes too).
-    """
-    values = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
-    if bits == 8:
-        return values.copy()
-    if values.size and int(values.max()) >= 2**bits:
-        raise ValueError(f"a value does not fit in {bits} bits")
-    bit_matrix = np.unpackbits(values[:, None], axis=1, bitorder="little")[:, :bits]  # (n, bits)
-    return np.packbits(bit_matrix.reshape(-1), bitorder="little")
-
-
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: the first ``count`` values."""
-    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
-    if bits == 8:
-        return packed[:count].copy()
-    bit_matrix = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    padded = np.zeros((count, 8), dtype=np.uint8)
-    padded[:, :bits] = bit_matrix
-    return np.packbits(padded, axis=1, bitorder="little")[:, 0]
-
-
-def _plan_of(model: nn.Module) -> BitPlan:
-    plan = getattr(model, "qbh_plan", None)
-    if plan is None:
-        raise QBHError("model is not quantized; apply a plan with quantize_model(model, plan) first")
-    return BitPlan.from_dict(plan)
+__all__ = [
+    "save_packed",
+    "load_packed",
+    "is_packed",
+    "file_sizes",
+    "fp32_safetensors_bytes",
+    "pack_bits",
+    "unpack_bits",
+]
 
 
 def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,17 +61,19 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         if isinstance(m, ActQuant) and not m.calibrated:
             raise QBHError(f"activation range of {name} is not calibrated; calibrate or train the model first")
     quantized = dict(quant_modules(model))
+    if not quantized:
+        raise QBHError("model is not quantized; apply a plan with quantize_model(model, plan) first")
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {}
     for path, module in quantized.items():
         q = module.quantized()
         qmin, _ = code_range(q.bits, module.spec.symmetric)
-        unsigned = (q.codes.to(torch.int32) - qmin).to(torch.uint8).numpy()
+        unsigned = (q.codes.to(torch.int32) - qmin).to(torch.uint8).cpu().numpy()
         key = f"{path}.weight"
-        tensors[f"{key}.codes"] = torch.from_numpy(pack_bits(unsigned, q.bits))
-        tensors[f"{key}.scale"] = q.scale.half().contiguous()
+        tensors[codes_key(key)] = torch.from_numpy(pack_bits(unsigned, q.bits))
+        tensors[scale_key(key)] = q.scale.half().cpu().contiguous()
         if q.zero is not None:
-            tensors[f"{key}.zero"] = q.zero.to(torch.uint8).contiguous()
+            tensors[zero_key(key)] = q.zero.to(torch.uint8).cpu().contiguous()
         entries[key] = {
             "block": getattr(module, "qbh_block", None),
             "bits": q.bits,
@@ -101,8 +89,17 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, entries
 
 
-def save_packed(model: nn.Module, out_dir: Path | str, *, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+def save_packed(
+    model: nn.Module, out_dir: Path | str, *, plan: BitPlan, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
     """Write the packed checkpoint of a quantized model to ``out_dir`` (atomically: a temporary folder, renamed).
+
+    Args:
+        model: the output of :func:`~qbert_hessian.quant.apply.quantize_model`, activation ranges calibrated; on
+            any device.
+        out_dir: the folder to write; an existing packed checkpoint there is replaced, anything else is refused.
+        plan: the plan the model was quantized with (stored in the manifest, so the folder describes itself).
+        tokenizer: saved beside the weights, so the folder loads alone.
 
     Returns:
         The path of ``model.safetensors``.
@@ -110,20 +107,22 @@ def save_packed(model: nn.Module, out_dir: Path | str, *, tokenizer: PreTrainedT
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    plan = _plan_of(model)
+    if not isinstance(plan, BitPlan):
+        raise QBHError("save_packed needs plan=BitPlan (the plan the model was quantized with)")
+    if out_dir.exists() and not is_packed(out_dir):
+        raise QBHError(f"'{out_dir}' exists and is not a packed checkpoint; choose a new folder for --out")
     tensors, entries = packed_tensors(model)
     tmp = out_dir.with_name(out_dir.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qbert_hessian": PACKED_SCHEMA})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=METADATA)
         model.config.save_pretrained(tmp)  # type: ignore[attr-defined]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"  # type: ignore[attr-defined]
-        manifest = {"schema": PACKED_SCHEMA, "plan": plan.to_dict(), "attn_implementation": attn, "tensors": entries}
-        write_json(tmp / MANIFEST_FILE, manifest)
+        PackedManifest(plan=plan, attn_implementation=attn, tensors=entries).save(tmp / MANIFEST_FILE)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -166,30 +165,38 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
         raise QBHError(
             f"'{path}' is not a packed checkpoint (no {MANIFEST_FILE}); export one with qbert-hessian quantize"
         )
-    manifest = read_json(path / MANIFEST_FILE, PACKED_SCHEMA)
-    plan = BitPlan.from_dict(manifest["plan"])
+    manifest = PackedManifest.load(path / MANIFEST_FILE)
+    plan = manifest.plan
     config = AutoConfig.from_pretrained(path)
     # The attention kernel the model was saved with, unless asked otherwise: eager and SDPA differ in the last
     # float bits, which can flip a borderline prediction.
-    attn = manifest.get("attn_implementation", "sdpa") if eager is None else ("eager" if eager else "sdpa")
+    attn = manifest.attn_implementation if eager is None else ("eager" if eager else "sdpa")
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
     model = quantize_model(model, plan, inplace=True)
-    _check_manifest(model, manifest["tensors"])
-    state = load_file(str(path / WEIGHTS_FILE))
+    _check_manifest(model, manifest.tensors)
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
+        raise QBHError(f"'{path / WEIGHTS_FILE}' cannot be read ({exc}); re-export the packed checkpoint") from None
     modules = dict(quant_modules(model))
-    for key, e in manifest["tensors"].items():
+    for key, e in manifest.tensors.items():
         module = modules[key.removesuffix(".weight")]
         qmin, _ = code_range(e["bits"], e["symmetric"])
         numel = e["shape"][0] * e["shape"][1]
-        codes = torch.from_numpy(unpack_bits(state.pop(f"{key}.codes").numpy(), e["bits"], numel).astype(np.int16))
-        scale = state.pop(f"{key}.scale").float()
-        zero = state.pop(f"{key}.zero").to(torch.int16) if f"{key}.zero" in state else None
+        try:
+            packed, scale = state.pop(codes_key(key)).numpy(), state.pop(scale_key(key)).float()
+            codes = torch.from_numpy(unpack_bits(packed, e["bits"], numel).astype(np.int16))
+        except (KeyError, ValueError) as exc:
+            raise QBHError(
+                f"packed tensors of {key} are missing or truncated ({exc}); re-export the checkpoint"
+            ) from None
+        zero = state.pop(zero_key(key)).to(torch.int16) if zero_key(key) in state else None
         q = Quantized(
             (codes + qmin).reshape(len(scale), -1), scale, zero, e["bits"], tuple(e["shape"]), tuple(e["grid"])
         )
         module.set_quantized(q)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in manifest["tensors"]]
+    missing = [k for k in missing if k not in manifest.tensors]
     if missing or unexpected:
         raise QBHError(
             f"packed checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -208,17 +215,10 @@ def file_sizes(path: Path | str) -> dict[str, int]:
 
 
 def fp32_safetensors_bytes(model: nn.Module) -> int:
-    """Bytes of the FP32 model saved as safetensors (measured by writing it to a temporary file)."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        return os.path.getsize(os.path.join(tmp, WEIGHTS_FILE))
+    """Bytes of the FP32 model's state dict saved as safetensors (``save_pretrained``'s file), computed exactly."""
+    state = model.state_dict()
+    return file_bytes([TensorSpec(k, _ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in state.items()], {"format": "pt"})
 
 
-def manifest_summary(path: Path | str) -> dict[str, Any]:
-    """The manifest of a packed checkpoint (plan and tensors)."""
-    return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+_ST_DTYPES |= {torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}

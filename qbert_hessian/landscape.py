@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,12 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import CREATED_BY, read_json, write_json
-from .config import _Config, _positive, _set_enum
+from .config import Direction, LandscapeConfig
 from .errors import QBHError
 from .hessian import vec
 from .hessian.eigen import top_eigenvalues
 from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled, model_loss
-from .models import BlockMap, use_eager_attention
+from .models import BlockMap, eager_attention
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,57 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 LANDSCAPE_SCHEMA = "qbert_hessian.landscape/1"
 WHOLE_MODEL = "model"
-
-
-class Direction(str, Enum):
-    EIGEN = "eigen"
-    RANDOM = "random"
-    GRADIENT = "gradient"
-
-
-@dataclasses.dataclass(frozen=True)
-class LandscapeConfig(_Config):
-    """Settings of a loss surface.
-
-    Args:
-        directions: ``eigen``, ``random`` or ``gradient``.
-        dims: 1 (a line) or 2 (a plane).
-        grid: points per axis (Q-BERT: 21).
-        radius: the axes run over [-radius, radius] (Q-BERT: 0.4).
-        batch_size: examples per batch.
-        num_batches: fixed batches averaged at every point.
-        split: ``train`` or ``dev``.
-        max_iters: cap on products for the eigenvectors.
-        tol: relative tolerance of the eigenvectors' power iteration.
-        seed: seeds the batches and the random directions.
-    """
-
-    directions: Direction = Direction.EIGEN
-    dims: int = 2
-    grid: int = 21
-    radius: float = 0.4
-    batch_size: int = 32
-    num_batches: int = 2
-    split: str = "train"
-    max_iters: int = 50
-    tol: float = 1e-3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _positive(
-            "LandscapeConfig",
-            grid=self.grid,
-            radius=self.radius,
-            batch_size=self.batch_size,
-            num_batches=self.num_batches,
-            max_iters=self.max_iters,
-            tol=self.tol,
-        )
-        if self.dims not in (1, 2):
-            raise QBHError(f"LandscapeConfig.dims must be 1 or 2, got {self.dims}")
-        if self.split not in ("train", "dev"):
-            raise QBHError(f"LandscapeConfig.split must be train or dev, got {self.split!r}")
-        _set_enum(self, "directions", Direction, "direction kind")
 
 
 @dataclasses.dataclass
@@ -249,7 +197,6 @@ def loss_landscape(
     Raises:
         QBHError: an unknown block, too little data, or a ``resume`` made with other settings.
     """
-    use_eager_attention(model)
     params = block_parameters(model, block)
     device = params[0].device
     batches = _batches(task, config)
@@ -257,7 +204,7 @@ def loss_landscape(
     start = time.perf_counter()
     alphas = np.linspace(-config.radius, config.radius, config.grid).tolist()
     betas = np.linspace(-config.radius, config.radius, config.grid).tolist() if config.dims == 2 else [0.0]
-    with curvature_mode(model):
+    with eager_attention(model), curvature_mode(model):
         dirs, desc = directions_for(model, params, batches, config, generator)
         center = _mean_loss(model, batches, device)
         loss = [[math.nan] * len(alphas) for _ in betas]

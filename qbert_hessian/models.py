@@ -7,10 +7,11 @@ what each linear module of a layer is called, so every stage speaks in canonical
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,9 +185,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def is_classifier(name_or_path: str) -> bool:
     """True when the checkpoint was saved as a sequence classifier (so its head is trained)."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    cfg = load_config(name_or_path)
     return any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
 
 
@@ -213,6 +212,29 @@ def load_config(name_or_path: str) -> Any:
     return cfg
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer. A local folder without tokenizer files is refused: transformers would build a
+    near-empty tokenizer that maps every word to [UNK] and every result would be silently wrong."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise QBHError(
+            f"model folder '{name_or_path}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])} ...); save the "
+            "tokenizer beside the model (tokenizer.save_pretrained) or copy it from the base model"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QBHError(
+            f"could not load the tokenizer of '{name_or_path}' ({first}); save it beside the model"
+        ) from None
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -220,48 +242,72 @@ def load_model(
     label_names: Sequence[str] | None = None,
     eager: bool = True,
     device: str = "cpu",
+    new_head: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an encoder sequence classifier and its tokenizer by alias, local folder or hub name.
 
     Args:
         name_or_path: ``minilm-l6``, a folder saved with ``save_pretrained``, or a hub name.
-        num_labels: classes of the task; a checkpoint with another head size gets a new head.
+        num_labels: classes of the task. A fine-tuned classifier with another head size is refused unless
+            ``new_head`` (its trained head would be replaced by a random one).
         label_names: names of the classes, stored in the config (``id2label``).
         eager: use eager attention. PyTorch's SDPA kernels have no double backward on CPU, so every
             curvature computation needs it.
         device: where to put the model.
+        new_head: allow a fresh classifier head of ``num_labels`` (fine-tuning does; analysis never should).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
-        QBHError: unknown path, unreachable hub, or an unsupported architecture.
+        QBHError: unknown path, unreachable hub, unsupported architecture, missing tokenizer files, or a
+            trained head whose size does not fit the task.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     cfg = load_config(name_or_path)
     path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     kwargs: dict[str, Any] = {"attn_implementation": "eager" if eager else "sdpa"}
     if num_labels is not None:
+        if num_labels < 2:
+            raise QBHError(
+                f"the task has {num_labels} label value(s); a classifier needs at least 2: check the label column"
+            )
         kwargs["num_labels"] = num_labels
         if getattr(cfg, "num_labels", None) != num_labels and is_classifier(name_or_path):
-            logger.warning(
-                "checkpoint has %s labels, the task %s: the classifier head is re-initialised",
-                cfg.num_labels,
-                num_labels,
-            )
+            if not new_head:
+                raise QBHError(
+                    f"model '{name_or_path}' has a trained {cfg.num_labels}-label head but the task has {num_labels} "
+                    "labels; pass the model fine-tuned on this task (or fine-tune it with qbert-hessian finetune)"
+                )
+            logger.warning("checkpoint has %s labels, the task %s: a new head is trained", cfg.num_labels, num_labels)
             kwargs["ignore_mismatched_sizes"] = True
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise QBHError(
+            f"could not load the weights of '{name_or_path}' ({first}); check or re-save the model"
+        ) from None
     model.to(device).eval()
     adapter_for(model)
     return model, tokenizer
 
 
-def use_eager_attention(model: nn.Module) -> None:
-    """Switch an HF model to eager attention (needed for double backward on CPU)."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", "eager") != "eager":
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Run an HF model with eager attention inside the block (PyTorch's SDPA kernels have no double backward
+    on CPU), and give it back the kernel it had afterwards."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", "eager")
+    if before != "eager":
         model.set_attn_implementation("eager")  # type: ignore[operator]
+    try:
+        yield model
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)  # type: ignore[operator]

@@ -1,7 +1,7 @@
-"""``qbert-hessian run``: every stage in order, each writing its artifact and skipped when the artifact exists.
+"""``qbert-hessian run``: every stage in order, each reused only while the inputs that made it are unchanged.
 
     finetune (unless the model already is a fine-tuned classifier)  -> checkpoint/ + metrics.json
-    sensitivity                                                     -> sensitivity/sensitivity.json (+ csv, md, png)
+    sensitivity, and the allocator's cost table                     -> sensitivity/sensitivity.json, profile.json
     plans (one per requested budget or uniform width)               -> plans/<name>.json, .md; plans/frontier.*
     direct quantization, evaluated                                  -> results/<name>/direct.json
     QAT (optional), packed export                                   -> results/<name>/packed/, qat.json
@@ -10,8 +10,13 @@
 
 A run is described by a TOML file whose tables map one-to-one onto the stage configs (``[model]``,
 ``[finetune]``, ``[sensitivity]``, ``[allocate]``, ``[[plans]]``, ``[qat]``, ``[run]``); ``--set
-section.key=value`` overrides one setting. Interrupting a run loses at most the stage in progress (the
-sensitivity stage keeps its finished blocks); rerunning continues where it stopped, ``--force`` redoes all.
+section.key=value`` overrides one setting. Relative paths in the file resolve against the file's folder.
+
+Caching by inputs: ``run.json`` keeps, per stage, a fingerprint of its inputs (the settings, the model's and the
+data's fingerprints, upstream artifacts' hashes). A stage whose artifact exists and whose inputs are unchanged
+is reused; one whose inputs changed is recomputed, and so is everything downstream of it (their inputs hold its
+hash), and the log says which setting changed. Interrupting a run loses at most the stage in progress (the
+sensitivity stage keeps its finished blocks); ``--force`` redoes everything.
 """
 
 from __future__ import annotations
@@ -26,136 +31,162 @@ from typing import Any
 
 import tomllib
 
-from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
 from .artifacts import (
-    METRICS_SCHEMA,
-    QAT_SCHEMA,
-    RUN_SCHEMA,
     BitPlan,
+    QATLog,
+    QuantProfile,
+    RunRecord,
     SensitivityReport,
-    read_json,
-    write_json,
-    write_text,
+    StageResult,
+    fingerprint,
 )
-from .config import FinetuneConfig, SensitivityConfig, check_bits
+from .config import AllocConfig, CalibrationConfig, FinetuneConfig, PlanSpec, SensitivityConfig, _Config, _typed
 from .errors import QBHError
 from .qat import QATConfig
 
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("out", "model", "finetune", "sensitivity", "allocate", "plans", "qat", "run")
-MODEL_KEYS = ("name", "task", "data", "text_columns", "label_column", "max_length")
-PLAN_KEYS = (
-    "name",
-    "uniform",
-    "avg_bits",
-    "budget_mb",
-    "ratio",
-    "qat",
-    *(f.name for f in dataclasses.fields(AllocConfig)),
-)
-RUN_KEYS = ("qat", "calibration_batches", "batch_size", "seed", "frontier")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(_Config):
+    """``[model]``: the model (alias, folder or hub name), the task, its data and the tokenizer's max length."""
+
+    name: str
+    task: str
+    data: str | None = None
+    text_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise QBHError(f"[model] max_length must be at least 1, got {self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings(_Config):
+    """``[run]``: QAT by default for every plan, activation calibration, the frontier figure."""
+
+    qat: bool = True
+    calibration_batches: int = 8
+    batch_size: int = 32
+    seed: int = 0
+    frontier: bool = True
+
+    def __post_init__(self) -> None:
+        CalibrationConfig(self.calibration_batches, self.batch_size, self.seed)  # validates
+
+    @property
+    def calibration(self) -> CalibrationConfig:
+        return CalibrationConfig(self.calibration_batches, self.batch_size, self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run: the model and task, one config per stage, and the plans to make and evaluate."""
 
-    model: dict[str, Any]
+    model: ModelSpec
     finetune: FinetuneConfig
     sensitivity: SensitivityConfig
-    allocate: dict[str, Any]
-    plans: list[dict[str, Any]]
+    allocate: AllocConfig
+    plans: list[PlanSpec]
     qat: QATConfig
-    run: dict[str, Any]
+    run: RunSettings
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out": self.out,
-            "model": self.model,
+            "model": self.model.to_dict(),
             "finetune": self.finetune.to_dict(),
             "sensitivity": self.sensitivity.to_dict(),
-            "allocate": self.allocate,
-            "plans": self.plans,
+            "allocate": self.allocate.to_dict(),
+            "plans": [{k: v for k, v in p.to_dict().items() if v is not None} for p in self.plans],
             "qat": self.qat.to_dict(),
-            "run": self.run,
+            "run": self.run.to_dict(),
         }
 
 
-def _check_keys(where: str, data: Mapping[str, Any], valid: Sequence[str]) -> None:
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise QBHError(f"unknown key(s) {', '.join(unknown)} in [{where}]; valid keys are {', '.join(valid)}")
-
-
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        if not text or text[0] in "[{\"'" or text.lower() in ("true", "false"):
+            raise QBHError(f"--set '{item}': '{text}' is not a valid value; quote strings, e.g. key=\"text\"") from None
         return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``section.key=value`` settings on top of a config dict (values parsed as TOML, else strings)."""
+    """``section.key=value`` settings on top of a config dict (values parsed as TOML, else plain strings)."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
+        if not sep or not dot or not name or not value.strip():
             raise QBHError(f"--set '{item}' is not section.key=value (e.g. --set sensitivity.draws=5)")
         if section not in SECTIONS or section in ("out", "plans"):
             raise QBHError(
                 f"--set '{item}': unknown section '{section}'; use model, finetune, sensitivity, allocate, qat, run"
             )
-        data.setdefault(section, {})[name] = _parse_value(value.strip())
+        data.setdefault(section, {})[name] = _parse_value(value.strip(), item)
     return data
 
 
-def parse_run_config(data: Mapping[str, Any]) -> RunConfig:
-    """Validate a run config dict (from TOML) into a :class:`RunConfig`; errors name the bad key."""
-    _check_keys("top level", data, SECTIONS)
-    model = dict(data.get("model", {}))
-    _check_keys("model", model, MODEL_KEYS)
+def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise QBHError(f"[{name}] must be a table of settings, got {value!r}")
+    return dict(value)
+
+
+def _resolve(value: str | None, base_dir: Path | None) -> str | None:
+    """A relative path in a TOML file means a path relative to that file."""
+    if value is None or base_dir is None or Path(value).is_absolute():
+        return value
+    candidate = base_dir / value
+    return str(candidate) if candidate.exists() or value.startswith(".") else value
+
+
+def parse_run_config(data: Mapping[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Validate a run config dict (from TOML) into a :class:`RunConfig`, every value's type included, before any
+    stage runs; errors name the bad key."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise QBHError(f"unknown key(s) {', '.join(unknown)} at the top level; valid keys are {', '.join(SECTIONS)}")
+    m = _section(data, "model")
     for key in ("name", "task"):
-        if key not in model:
+        if key not in m:
             raise QBHError(f'[model] needs \'{key}\' (e.g. name = "minilm-l6", task = "sst2")')
-    model.setdefault("max_length", 128)
-    alloc = dict(data.get("allocate", {}))
-    AllocConfig.from_dict(alloc)  # validates
-    plans = [dict(p) for p in data.get("plans", [])]
+    model = ModelSpec.from_dict(m)
+    model = dataclasses.replace(model, name=_resolve(model.name, base_dir), data=_resolve(model.data, base_dir))
+    out = data.get("out")
+    if out is not None:
+        out = _resolve(_typed("run", "out", out, str | None), base_dir)
+    plans_raw = data.get("plans", [])
+    if not isinstance(plans_raw, list) or not all(isinstance(p, Mapping) for p in plans_raw):
+        raise QBHError('[[plans]] must be a list of tables, e.g. [[plans]] name = "uniform-4" uniform = 4')
+    plans = [PlanSpec.from_dict(p) for p in plans_raw]
     if not plans:
         raise QBHError('the run has no [[plans]]; add e.g. [[plans]] name = "uniform-4" uniform = 4')
-    names = set()
-    for p in plans:
-        _check_keys(f"plans.{p.get('name', '?')}", p, PLAN_KEYS)
-        if "name" not in p or not str(p["name"]).replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise QBHError(
-                f"every [[plans]] entry needs a name of letters, digits, '-', '_' or '.'; got {p.get('name')!r}"
-            )
-        if p["name"] in names:
-            raise QBHError(f"plan name '{p['name']}' is used twice; names must be unique")
-        names.add(p["name"])
-        kinds = [k for k in ("uniform", "avg_bits", "budget_mb", "ratio") if k in p]
-        if len(kinds) != 1:
-            raise QBHError(f"plan '{p['name']}' needs exactly one of uniform, avg_bits, budget_mb, ratio")
-        if "uniform" in p:
-            check_bits(p["uniform"], f"plan '{p['name']}': uniform bits")
-        else:
-            Budget(max_mb=p.get("budget_mb"), ratio=p.get("ratio"), avg_bits=p.get("avg_bits"))
-        AllocConfig.from_dict({**alloc, **{k: v for k, v in p.items() if k in AllocConfig.__dataclass_fields__}})
-    run = {"qat": True, "calibration_batches": 8, "batch_size": 32, "seed": 0, "frontier": True, **data.get("run", {})}
-    _check_keys("run", run, RUN_KEYS)
-    return RunConfig(
+    names = [p.name for p in plans]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise QBHError(f"plan name '{dup[0]}' is used twice; names must be unique")
+    config = RunConfig(
         model=model,
-        finetune=FinetuneConfig.from_dict({"max_length": model["max_length"], **data.get("finetune", {})}),
-        sensitivity=SensitivityConfig.from_dict({"max_length": model["max_length"], **data.get("sensitivity", {})}),
-        allocate=alloc,
+        finetune=FinetuneConfig.from_dict({"max_length": model.max_length, **_section(data, "finetune")}),
+        sensitivity=SensitivityConfig.from_dict({"max_length": model.max_length, **_section(data, "sensitivity")}),
+        allocate=AllocConfig.from_dict(_section(data, "allocate")),
         plans=plans,
-        qat=QATConfig.from_dict(data.get("qat", {})),
-        run=run,
-        out=data.get("out"),
+        qat=QATConfig.from_dict(_section(data, "qat")),
+        run=RunSettings.from_dict(_section(data, "run")),
+        out=out,
     )
+    for p in plans:
+        p.alloc_config(config.allocate)  # every plan's settings on top of [allocate] are valid
+    return config
 
 
 def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:
@@ -164,23 +195,76 @@ def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfi
         raise QBHError(f"config file '{path}' does not exist; pass a TOML file (see experiments/sst2_minilm.toml)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise QBHError(f"'{path}' is not valid TOML ({exc}); fix the file") from None
-    return parse_run_config(apply_overrides(data, overrides))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise QBHError(f"'{path}' is not valid TOML ({exc}); fix the file (UTF-8 text)") from None
+    return parse_run_config(apply_overrides(data, overrides), base_dir=path.parent)
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """What differs between two JSON-ready values, as ``key: old -> new`` lines."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix or 'value'}: {old!r} -> {new!r}"]
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 class Run:
-    """The stages of one run over ``out_dir``; each stage returns its artifact, computing it only if missing."""
+    """The stages of one run over ``out_dir``; each returns its artifact, computing it only when its recorded
+    inputs differ from the current ones (or it is missing)."""
 
-    def __init__(self, config: RunConfig, out_dir: Path | str, *, force: bool = False, progress: bool = True) -> None:
-        self.config, self.out, self.progress = config, Path(out_dir), progress
+    OUTPUTS = ("checkpoint", "sensitivity", "plans", "results", "report.md", "run.json")
+
+    def __init__(
+        self, config: RunConfig, out_dir: Path | str, *, force: bool = False, progress: bool = True, device: str = "cpu"
+    ) -> None:
+        self.config, self.out, self.progress, self.device = config, Path(out_dir), progress, device
+        if self.out.exists() and not self.out.is_dir():
+            raise QBHError(f"run folder '{self.out}' is a file; pass a folder with --out")
         if force and self.out.exists():
-            for child in ("checkpoint", "sensitivity", "plans", "results", "report.md"):
-                target = self.out / child
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            _remove(*(self.out / child for child in self.OUTPUTS))
+        self.record = self._load_record()
         self._raw: Any = None
         self._fp32: Any = None
         self._task: Any = None
+        self._fingerprints: dict[str, str] = {}
+        self.recomputed: list[str] = []
+
+    def _load_record(self) -> RunRecord:
+        path = self.out / "run.json"
+        if not path.exists():
+            return RunRecord(config={})
+        try:
+            return RunRecord.load(path)
+        except QBHError as exc:  # a run.json of an older version records no inputs: nothing is reused
+            logger.info("run.json records no stage inputs (%s); every stage is recomputed", exc)
+            return RunRecord(config={})
+
+    # -- the ledger ----------------------------------------------------------------------------------------
+    def _cached(self, key: str, inputs: dict[str, Any], *paths: Path) -> bool:
+        entry = self.record.stages.get(key)
+        if entry is not None and entry.get("hash") == fingerprint(inputs) and all(p.exists() for p in paths):
+            return True
+        if entry is not None:
+            changed = _changes(entry.get("inputs"), inputs)
+            logger.info("stage %s: inputs changed (%s); recomputing", key, "; ".join(changed[:4]) or "artifact missing")
+        self.recomputed.append(key)
+        return False
+
+    def _done(self, key: str, inputs: dict[str, Any]) -> None:
+        self.record.stages[key] = {"hash": fingerprint(inputs), "inputs": inputs}
+        self.record.save(self.out / "run.json")
+
+    def _fp(self, what: str, compute: Any) -> str:
+        if what not in self._fingerprints:
+            self._fingerprints[what] = compute()
+        return self._fingerprints[what]
 
     # -- shared inputs -------------------------------------------------------------------------------------
     def raw(self):
@@ -188,13 +272,19 @@ class Run:
 
         if self._raw is None:
             m = self.config.model
-            self._raw = load_raw_task(
-                m["task"],
-                data_dir=m.get("data"),
-                text_columns=m.get("text_columns"),
-                label_column=m.get("label_column"),
-            )
+            self._raw = load_raw_task(m.task, data_dir=m.data, text_columns=m.text_columns, label_column=m.label_column)
         return self._raw
+
+    def data_fp(self) -> str:
+        from .stages import data_fingerprint
+
+        return self._fp("data", lambda: data_fingerprint(self.raw()))
+
+    def model_fp(self) -> str:
+        """The fingerprint of the FP32 checkpoint every later stage uses."""
+        from .stages import model_fingerprint
+
+        return self._fp("checkpoint", lambda: model_fingerprint(self.checkpoint()))
 
     def fp32(self):
         """The fine-tuned FP32 model and its tokenized task (loaded once)."""
@@ -202,29 +292,41 @@ class Run:
         from .tasks import tokenize_task
 
         if self._fp32 is None:
-            model, tokenizer = load_model(self.checkpoint(), num_labels=len(self.raw().label_names), eager=True)
+            model, tokenizer = load_model(
+                self.checkpoint(), num_labels=len(self.raw().label_names), eager=True, device=self.device
+            )
             self._fp32 = model
-            self._task = tokenize_task(self.raw(), tokenizer, max_length=self.config.model["max_length"])
+            self._task = tokenize_task(self.raw(), tokenizer, max_length=self.config.model.max_length)
         return self._fp32, self._task
 
     # -- stages --------------------------------------------------------------------------------------------
     def checkpoint(self) -> str:
         """The FP32 baseline: the given model if it is a fine-tuned classifier, else fine-tune it once."""
         from .models import is_classifier, load_config, load_model
+        from .stages import model_fingerprint
         from .tasks import subset, tokenize_task
         from .train import finetune
 
-        name = self.config.model["name"]
+        name = self.config.model.name
         load_config(name)
         if is_classifier(name):
             return name
         ckpt = self.out / "checkpoint"
-        if (ckpt / "metrics.json").exists():
-            return str(ckpt)
-        logger.info("stage finetune: %s on %s -> %s", name, self.config.model["task"], ckpt)
         cfg = self.config.finetune
+        inputs = {
+            "model": self._fp("base", lambda: model_fingerprint(name)),
+            "data": self.data_fp(),
+            "config": cfg.to_dict(),
+        }
+        if self._cached("finetune", inputs, ckpt / "metrics.json"):
+            return str(ckpt)
+        if self.record.stages.get("finetune") is not None or (ckpt / "metrics.json").exists():
+            _remove(ckpt)  # another model, data or settings: its Trainer checkpoints must not be resumed
+        logger.info("stage finetune: %s on %s -> %s", name, self.config.model.task, ckpt)
         raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
-        model, tokenizer = load_model(name, num_labels=len(raw.label_names), label_names=raw.label_names, eager=False)
+        model, tokenizer = load_model(
+            name, num_labels=len(raw.label_names), label_names=raw.label_names, eager=False, device=self.device
+        )
         finetune(
             model,
             tokenize_task(raw, tokenizer, max_length=cfg.max_length),
@@ -234,156 +336,202 @@ class Run:
             resume=True,
             progress=self.progress,
         )
+        self._done("finetune", inputs)
         return str(ckpt)
 
-    def sensitivity(self) -> SensitivityReport:
-        from .hessian.sensitivity import estimate_sensitivity
-        from .quant.apply import report_profile
-        from .report import write_sensitivity
+    def _profile_groups(self) -> list[int | str]:
+        from .quant.profile import DEFAULT_PROFILE_GROUPS
+
+        groups = {*DEFAULT_PROFILE_GROUPS, self.config.allocate.groups}
+        groups |= {p.groups for p in self.config.plans if p.groups is not None}
+        return sorted(groups, key=str)
+
+    def sensitivity(self) -> tuple[SensitivityReport, QuantProfile]:
+        from . import stages
+        from .quant.profile import measure_profile, profile_units
 
         out = self.out / "sensitivity"
-        path = out / "sensitivity.json"
-        previous = SensitivityReport.load(path) if path.exists() else None
-        if previous is not None and previous.complete and previous.quantization is not None:
-            return previous
-        model, task = self.fp32()
-        logger.info("stage sensitivity -> %s", out)
-        report = estimate_sensitivity(
+        path, prof_path = out / "sensitivity.json", out / stages.PROFILE_FILE
+        inputs = {"model": self.model_fp(), "data": self.data_fp(), "config": self.config.sensitivity.to_dict()}
+        if self._cached("sensitivity", inputs, path):
+            report = SensitivityReport.load(path)
+        else:
+            previous = SensitivityReport.load(path) if path.exists() else None
+            if previous is not None and (previous.complete or previous.inputs != inputs):
+                previous = None  # made from other inputs: start afresh (a partial one of these inputs resumes)
+                _remove(out)
+            model, task = self.fp32()
+            logger.info("stage sensitivity -> %s", out)
+            report, profile = stages.sensitivity(
+                model,
+                task,
+                self.config.sensitivity,
+                out,
+                model_name=self.config.model.name,
+                inputs={"model": inputs["model"], "data": inputs["data"]},
+                resume=previous,
+                profile_groups=self._profile_groups(),
+                progress=self.progress,
+            )
+            self._done("sensitivity", inputs)
+            self._done("profile", {"model": inputs["model"], "groups": [str(g) for g in self._profile_groups()]})
+            return report, profile  # type: ignore[return-value]
+        p_inputs = {"model": inputs["model"], "groups": [str(g) for g in self._profile_groups()]}
+        if self._cached("profile", p_inputs, prof_path):
+            return report, QuantProfile.load(prof_path)
+        model, _ = self.fp32()
+        profile = measure_profile(
             model,
-            task,
-            self.config.sensitivity,
-            model_name=self.config.model["name"],
-            resume=previous,
-            on_block=lambda r: write_sensitivity(r, out),
-            progress=self.progress,
+            profile_units(stages.BlockMap(model), [b.name for b in report.blocks]),
+            groups=self._profile_groups(),
+            model_name=self.config.model.name,
+            inputs={"model": inputs["model"]},
         )
-        groups = {1, "heads", 128, "channel", self.config.allocate.get("groups", 128)}
-        groups |= {p["groups"] for p in self.config.plans if "groups" in p}
-        report.quantization = report_profile(model, [b.name for b in report.blocks], groups=sorted(groups, key=str))
-        write_sensitivity(report, out)
-        return report
+        profile.save(prof_path)
+        self._done("profile", p_inputs)
+        return report, profile
 
     def plans(self) -> dict[str, BitPlan]:
-        from .report import plan_markdown, plot_frontier
+        from . import stages
 
-        report = self.sensitivity()
+        report, profile = self.sensitivity()
         out = self.out / "plans"
-        source = {"sensitivity": "sensitivity/sensitivity.json"}
+        upstream = {
+            "sensitivity": stages.file_fingerprint(self.out / "sensitivity" / "sensitivity.json"),
+            "profile": stages.file_fingerprint(self.out / "sensitivity" / stages.PROFILE_FILE),
+            "allocate": self.config.allocate.to_dict(),
+        }
+        source = {"sensitivity": "sensitivity/sensitivity.json", "profile": "sensitivity/profile.json", **upstream}
         plans = {}
         for spec in self.config.plans:
-            path = out / f"{spec['name']}.json"
-            if path.exists():
-                plans[spec["name"]] = BitPlan.load(path)
+            path = out / f"{spec.name}.json"
+            inputs = {**upstream, "spec": spec.to_dict()}
+            if self._cached(f"plan:{spec.name}", inputs, path):
+                plans[spec.name] = BitPlan.load(path)
                 continue
-            cfg = AllocConfig.from_dict(
-                {**self.config.allocate, **{k: v for k, v in spec.items() if k in AllocConfig.__dataclass_fields__}}
-            )
-            if "uniform" in spec:
-                plan = uniform_plan(report, int(spec["uniform"]), cfg, source=source)
-            else:
-                budget = Budget(max_mb=spec.get("budget_mb"), ratio=spec.get("ratio"), avg_bits=spec.get("avg_bits"))
-                plan = allocate_bits(report, budget, cfg, source=source)
-            plan.save(path)
-            write_text(path.with_suffix(".md"), plan_markdown(plan))
-            plans[spec["name"]] = plan
-        if self.config.run["frontier"] and not (out / "frontier.png").exists():
-            cfg = AllocConfig.from_dict(self.config.allocate)
-            front = frontier(report, dataclasses.replace(cfg, method="milp"))
-            write_json(out / "frontier.json", front)
+            plan = stages.make_plan(report, profile, spec, self.config.allocate, source=source)
+            stages.write_plan(plan, path)
+            self._done(f"plan:{spec.name}", inputs)
+            plans[spec.name] = plan
+        if self.config.run.frontier and not self._cached("frontier", upstream, out / "frontier.png"):
             mixed = next((p for p in plans.values() if p.method == "milp"), None)
-            plot_frontier(front, out / "frontier.png", mixed)
+            stages.write_frontier(report, profile, self.config.allocate, out, mixed)
+            self._done("frontier", upstream)
         return plans
 
-    def _calibrated(self, plan: BitPlan):
-        from .quant.apply import quantize_calibrated
-
-        model, task = self.fp32()
-        r = self.config.run
-        return quantize_calibrated(
-            model, plan, task, num_batches=r["calibration_batches"], batch_size=r["batch_size"], seed=r["seed"]
-        )
-
-    def baseline(self) -> dict[str, Any]:
+    def baseline(self) -> StageResult:
         from .evaluate import evaluate
+        from .stages import fp32_size_mib
 
         path = self.out / "results" / "fp32.json"
-        if path.exists():
-            return read_json(path, METRICS_SCHEMA)
+        inputs = {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
+        if self._cached("fp32", inputs, path):
+            return StageResult.load(path)
         model, task = self.fp32()
-        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        result = {"schema": METRICS_SCHEMA, "stage": "fp32", "metrics": evaluate(model, task), "bytes": state_bytes}
-        write_json(path, result)
+        nbytes = round(fp32_size_mib(model) * 2**20)
+        result = StageResult(stage="fp32", metrics=evaluate(model, task), bytes=nbytes, inputs=inputs)
+        result.save(path)
+        self._done("fp32", inputs)
         return result
 
-    def evaluate_plan(self, name: str, plan: BitPlan, qat: bool) -> dict[str, Any]:
+    def evaluate_plan(self, spec: PlanSpec, plan: BitPlan) -> StageResult:
         """Direct quantization, then (optionally) QAT, export and evaluation from the packed file."""
+        from . import stages
         from .evaluate import evaluate
-        from .export import file_sizes, load_packed, save_packed
+        from .export import file_sizes, load_packed
         from .qat import train_qat
 
+        name = spec.name
+        qat = self.config.run.qat if spec.qat is None else spec.qat
         out = self.out / "results" / name
-        final = out / "metrics.json"
-        if final.exists():
-            return read_json(final, METRICS_SCHEMA)
-        model, task = self.fp32()
-        direct_path = out / "direct.json"
+        plan_fp = stages.file_fingerprint(self.out / "plans" / f"{name}.json")
+        base = {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
+        d_inputs = {**base, "plan": plan_fp, "calibration": self.config.run.calibration.to_dict()}
+        p_inputs = {**d_inputs, "qat": self.config.qat.to_dict() if qat else None}
+        model, task = None, None
         q = None  # the directly quantized model, built once and reused by QAT and export
-        if direct_path.exists():
-            direct = read_json(direct_path, METRICS_SCHEMA)["metrics"]
+        direct_path = out / "direct.json"
+        if self._cached(f"direct:{name}", d_inputs, direct_path):
+            direct = StageResult.load(direct_path).metrics
         else:
+            model, task = self.fp32()
             logger.info("stage direct quantization: %s", name)
-            q = self._calibrated(plan)
+            q = stages.quantize_direct(model, plan, task, self.config.run.calibration)
             direct = evaluate(q, task)
-            write_json(direct_path, {"schema": METRICS_SCHEMA, "stage": "direct", "metrics": direct})
+            StageResult(stage="direct", metrics=direct, plan=name, inputs=d_inputs).save(direct_path)
+            self._done(f"direct:{name}", d_inputs)
         packed = out / "packed"
-        training = None
-        if not (packed / "quantization.json").exists():
-            q = q if q is not None else self._calibrated(plan)
+        training: QATLog | None = None
+        if not self._cached(f"packed:{name}", p_inputs, packed / "quantization.json"):
+            model, task = self.fp32()
+            q = q if q is not None else stages.quantize_direct(model, plan, task, self.config.run.calibration)
             if qat:
                 logger.info("stage QAT: %s", name)
-                from .tasks import subset, tokenize_task
-
-                cfg = self.config.qat
-                train_task = task
-                if cfg.max_train_samples is not None:
-                    train_task = tokenize_task(
-                        subset(self.raw(), cfg.max_train_samples, cfg.seed),
-                        task.tokenizer,
-                        max_length=self.config.model["max_length"],
+                training = QATLog(
+                    **train_qat(
+                        q,
+                        self._qat_task(task),
+                        self.config.qat,
+                        work_dir=out / "trainer",
+                        teacher=model,
+                        progress=self.progress,
                     )
-                training = train_qat(
-                    q, train_task, cfg, work_dir=out / "trainer", teacher=model, progress=self.progress
                 )
-                write_json(out / "qat.json", {"schema": QAT_SCHEMA, **training})
-            save_packed(q, packed, tokenizer=task.tokenizer)
-        if training is None and (out / "qat.json").exists():
-            training = read_json(out / "qat.json", QAT_SCHEMA)
-        reloaded = load_packed(packed)
-        metrics = evaluate(reloaded, task)
-        result = {
-            "schema": METRICS_SCHEMA,
-            "stage": "qat" if qat else "direct",
-            "plan": name,
-            "metrics": metrics,
-            "direct": direct,
-            "bytes": file_sizes(packed)["weights_bytes"],
-            "predicted_bytes": plan.predicted.get("bytes"),
-            "qat": qat,
-            "train_seconds": training["train_seconds"] if training else None,
-        }
-        write_json(final, result)
+                training.save(out / "qat.json")
+            else:
+                (out / "qat.json").unlink(missing_ok=True)
+            stages.export(q, plan, packed, fp32=model, tokenizer=task.tokenizer)
+            self._done(f"packed:{name}", p_inputs)
+        if training is None and qat and (out / "qat.json").exists():
+            training = QATLog.load(out / "qat.json")
+        final = out / "metrics.json"
+        m_inputs = {**base, "packed": stages.file_fingerprint(packed / stages.WEIGHTS_FILE)}
+        if self._cached(f"metrics:{name}", m_inputs, final):
+            return StageResult.load(final)
+        if task is None:
+            _, task = self.fp32()
+        result = StageResult(
+            stage="qat" if qat else "direct",
+            plan=name,
+            metrics=evaluate(load_packed(packed, device=self.device), task),
+            direct=direct,
+            bytes=file_sizes(packed)["weights_bytes"],
+            predicted_bytes=plan.predicted.get("bytes"),
+            qat=qat,
+            train_seconds=training.train_seconds if training else None,
+            examples_seen=training.examples_seen if training else None,
+            inputs={**m_inputs, "direct": d_inputs, "export": p_inputs},
+        )
+        result.save(final)
+        self._done(f"metrics:{name}", m_inputs)
         return result
+
+    def _qat_task(self, task):
+        from .tasks import subset, tokenize_task
+
+        cfg = self.config.qat
+        if cfg.max_train_samples is None:
+            return task
+        raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
+        return tokenize_task(raw, task.tokenizer, max_length=self.config.model.max_length)
 
     def execute(self) -> Path:
         """Every stage, then ``report.md``; returns the report's path."""
         from .report import write_run_report
 
-        self.baseline()  # loads the model and the data first: bad input fails before anything is written
-        write_json(self.out / "run.json", {"schema": RUN_SCHEMA, "config": self.config.to_dict()})
+        self.raw()  # bad data fails before anything is written
+        self.checkpoint()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.record.config = self.config.to_dict()
+        self.record.save(self.out / "run.json")
+        self.baseline()
         plans = self.plans()
         for spec in self.config.plans:
-            qat = bool(spec.get("qat", self.config.run["qat"]))
-            self.evaluate_plan(spec["name"], plans[spec["name"]], qat)
+            self.evaluate_plan(spec, plans[spec.name])
+        if self.recomputed:
+            logger.info("recomputed: %s", ", ".join(self.recomputed))
+        else:
+            logger.info("every stage's inputs are unchanged; nothing was recomputed")
         return write_run_report(self.out)
 
 

@@ -12,17 +12,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .artifacts import RUN_SCHEMA, BitPlan, SensitivityReport, atomic_write, write_text
+from .artifacts import BitPlan, SensitivityReport, atomic_write, write_text
 
 
 def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    finally:
-        plt.close(fig)
+    """Write a matplotlib figure as PNG atomically (an ``Figure`` object: no pyplot state, no backend switch)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -96,7 +91,7 @@ def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensit
         "complete"
         if report.complete
         else f"**partial**: {len(report.pending)} block(s) still to do "
-        f"({', '.join(report.pending)}); rerun with `--resume`"
+        f"({', '.join(report.pending)}); rerun the same command (`sensitivity --resume`, or `run`) to finish it"
     )
     lines = [
         f"# Hessian sensitivity: {m.get('name')} on {report.task}",
@@ -119,20 +114,12 @@ def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensit
 
 def plot_sensitivity(report: SensitivityReport, path: Path | str) -> Path:
     """Box plot of the per-draw top eigenvalue per block, Omega marked; normalised trace below if present."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     blocks = report.blocks
     has_trace = any(b.normalized_trace is not None for b in blocks)
-    fig, axes = plt.subplots(
-        2 if has_trace else 1,
-        1,
-        figsize=(max(6.0, 0.9 * len(blocks) + 2), 6.5 if has_trace else 4.2),
-        sharex=True,
-        squeeze=False,
-    )
+    fig = Figure(figsize=(max(6.0, 0.9 * len(blocks) + 2), 6.5 if has_trace else 4.2))
+    axes = fig.subplots(2 if has_trace else 1, 1, sharex=True, squeeze=False)
     ax = axes[0, 0]
     xs = list(range(1, len(blocks) + 1))
     ax.boxplot([b.eigenvalues for b in blocks], positions=xs, widths=0.5, showfliers=False)
@@ -210,12 +197,10 @@ def plan_markdown(plan: BitPlan) -> str:
 
 def plot_frontier(front: dict[str, Any], path: Path | str, plan: BitPlan | None = None) -> Path:
     """Size vs objective: the MILP frontier, Q-BERT's rank rule, the uniform plans and the chosen plan."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     pts = front["points"]
     ax.plot([q["mib"] for q in pts], [q["objective"] for q in pts], "-o", ms=3, label="MILP (exact)")
     rank = [q for q in pts if q.get("rank_mib") is not None]
@@ -268,11 +253,11 @@ def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
 
 def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
     """The results table of a run folder, from its JSON artifacts alone."""
-    from .artifacts import METRICS_SCHEMA, read_json
+    from .artifacts import RunRecord, StageResult
 
     run = Path(run_dir)
-    base = read_json(run / "results" / "fp32.json", METRICS_SCHEMA)
-    fp32_bytes = base["bytes"]
+    base = StageResult.load(run / "results" / "fp32.json")
+    fp32_bytes = base.bytes
     rows = [
         {
             "method": "FP32 baseline",
@@ -281,19 +266,19 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "e_bits": "32",
             "a_bits": "32",
             "groups": "-",
-            "accuracy": base["metrics"]["accuracy"],
-            "macro_f1": base["metrics"]["macro_f1"],
+            "accuracy": base.metrics["accuracy"],
+            "macro_f1": base.metrics["macro_f1"],
             "mib": fp32_bytes / 2**20,
             "compression": 1.0,
         }
     ]
-    config = read_json(run / "run.json", RUN_SCHEMA)["config"]
+    config = RunRecord.load(run / "run.json").config
     for spec in config["plans"]:
         name = spec["name"]
         path = run / "results" / name / "metrics.json"
         if not path.exists():
             continue
-        res = read_json(path, METRICS_SCHEMA)
+        res = StageResult.load(path)
         plan = BitPlan.load(run / "plans" / f"{name}.json")
         w, e, a, g = _bits_text(plan)
         common = {
@@ -302,25 +287,25 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "e_bits": e,
             "a_bits": a,
             "groups": g,
-            "mib": res["bytes"] / 2**20,
-            "compression": fp32_bytes / res["bytes"],
+            "mib": res.bytes / 2**20,
+            "compression": fp32_bytes / res.bytes,
         }
         kind = "uniform" if plan.method == "uniform" else f"mixed ({plan.method})"
         rows.append(
             {
                 "method": f"direct, {kind}",
                 **common,
-                "accuracy": res["direct"]["accuracy"],
-                "macro_f1": res["direct"]["macro_f1"],
+                "accuracy": res.direct["accuracy"],
+                "macro_f1": res.direct["macro_f1"],
             }
         )
-        if res.get("qat"):
+        if res.qat:
             rows.append(
                 {
                     "method": f"QAT, {kind}",
                     **common,
-                    "accuracy": res["metrics"]["accuracy"],
-                    "macro_f1": res["metrics"]["macro_f1"],
+                    "accuracy": res.metrics["accuracy"],
+                    "macro_f1": res.metrics["macro_f1"],
                 }
             )
     return rows
@@ -341,10 +326,10 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 def write_run_report(run_dir: Path | str) -> Path:
     """``report.md`` of a run folder: the results table, the sensitivity plot, the plans and the frontier."""
-    from .artifacts import read_json
+    from .artifacts import RunRecord
 
     run = Path(run_dir)
-    config = read_json(run / "run.json", RUN_SCHEMA)["config"]
+    config = RunRecord.load(run / "run.json").config
     m = config["model"]
     rows = results_rows(run)
     lines = [
@@ -377,6 +362,10 @@ def write_run_report(run_dir: Path | str) -> Path:
             )
     if (run / "plans" / "frontier.png").exists():
         lines += ["", "![frontier](plans/frontier.png)"]
+    lines += ["", "## Settings", "", "Every number above was computed with these settings (`run.json`):", ""]
+    for section in ("model", "finetune", "sensitivity", "allocate", "qat", "run"):
+        values = ", ".join(f"{k}={v}" for k, v in config.get(section, {}).items() if v is not None)
+        lines.append(f"- **{section}**: {values}")
     return write_text(run / "report.md", "\n".join(lines) + "\n")
 
 
@@ -417,14 +406,11 @@ def _draw_landscape(ax: Any, ls: dict[str, Any], kind: str) -> None:
 
 def plot_landscapes(landscapes: list[dict[str, Any]], path: Path | str, *, titles: list[str] | None = None) -> Path:
     """One panel per landscape: a line (1-D), or a contour above a 3-D surface (2-D); side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(landscapes)
     two_d = any(len(ls["betas"]) > 1 for ls in landscapes)
-    fig = plt.figure(figsize=(5.0 * n, 8.6 if two_d else 3.8))
+    fig = Figure(figsize=(5.0 * n, 8.6 if two_d else 3.8))
     for i, ls in enumerate(landscapes):
         if two_d:
             ax = fig.add_subplot(2, n, i + 1)
@@ -442,13 +428,11 @@ def plot_landscapes(landscapes: list[dict[str, Any]], path: Path | str, *, title
 
 def plot_density(densities: list[dict[str, Any]], path: Path | str, *, labels: list[str] | None = None) -> Path:
     """Eigenvalue densities (stochastic Lanczos quadrature) on a log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for i, d in enumerate(densities):
         y = np.maximum(np.asarray(d["density"]), 1e-12)
         ax.semilogy(d["grid"], y, label=(labels[i] if labels else d.get("block")))

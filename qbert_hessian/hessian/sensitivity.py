@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
 from ..config import EigenMethod, SensitivityConfig, TraceMode
 from ..errors import QBHError
-from ..models import BlockMap, use_eager_attention
+from ..models import BlockMap, eager_attention
 from ..names import blocks_overlap
 from . import vec
 from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
@@ -232,11 +232,10 @@ def estimate_sensitivity(
         report.seconds = resume.seconds
         done = {b.name for b in report.blocks}
         report.pending = [n for n in names if n not in done]
-    use_eager_attention(model)
     draws = [_draw_batches(task, idx, config.batch_size) for idx in indices]
     todo = list(report.pending)
     bar = tqdm(total=len(todo) * config.draws, desc="sensitivity", unit="draw", disable=not progress)
-    with curvature_mode(model):
+    with eager_attention(model), curvature_mode(model):
         for name in todo:
             bar.set_postfix_str(name)
             start = time.perf_counter()

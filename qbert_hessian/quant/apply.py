@@ -1,5 +1,4 @@
-"""A bit plan applied to an HF model: module swap by canonical block name, activation calibration, and the
-quantization profile (sizes and ||Q_b(W) - W||^2 per block, width and grouping) that the allocator reads.
+"""A bit plan applied to an HF model: module swap by canonical block name and activation calibration.
 
 The plan speaks in canonical blocks (``encoder.3``, ``encoder.3.query``, ``embeddings.word``); ``models.py``
 translates them into module paths, so one plan works for BERT, RoBERTa, DistilBERT and MiniLM alike. A plan
@@ -11,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,15 +21,11 @@ from ..artifacts import BitPlan
 from ..errors import QBHError
 from ..models import BlockMap
 from ..names import LINEAR_PARTS
-from .functional import Kind, QuantSpec, group_layout, parse_groups, quant_error
+from .functional import Kind, QuantSpec, group_layout
 from .modules import QUANT_MODULES, ActQuant, QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from ..tasks import Task
-
-DEFAULT_PROFILE_BITS = (2, 3, 4, 5, 6, 7, 8)
-DEFAULT_PROFILE_GROUPS: tuple[int | str, ...] = (1, "heads", 128, "channel")
-EMBEDDING_UNITS = ("embeddings.word", "embeddings.position", "embeddings.token_type")
 
 
 def linear_kind(part: str) -> Kind:
@@ -113,7 +108,7 @@ def quantize_model(model: nn.Module, plan: BitPlan, *, inplace: bool = False) ->
         inplace: modify ``model`` itself instead of a deep copy.
 
     Returns:
-        The quantized model; ``model.qbh_plan`` holds the plan as a dict (what export saves).
+        The quantized model (save it with ``save_packed(model, out, plan=plan)``).
     """
     targets = plan_targets(model, plan)
     if not inplace:
@@ -131,7 +126,6 @@ def quantize_model(model: nn.Module, plan: BitPlan, *, inplace: bool = False) ->
             new = QuantLinear.from_module(module, t.spec, grid, t.kind, plan.act_bits)
         new.qbh_block = t.block
         setattr(parent, attr, new)
-    model.qbh_plan = plan.to_dict()  # type: ignore[assignment]
     return model
 
 
@@ -181,82 +175,3 @@ def quantize_calibrated(
     if plan.act_bits:
         calibrate_activations(qmodel, calibration_batches(task, num_batches, batch_size, seed))
     return qmodel
-
-
-def _unit_matrices(block_map: BlockMap, unit: str) -> list[tuple[str, torch.Tensor, Kind]]:
-    return [(n, block_map.model.get_submodule(p).weight, k) for n, p, k in block_modules(block_map, unit)]
-
-
-def quant_profile(
-    model: nn.Module,
-    units: Sequence[str],
-    *,
-    bits: Sequence[int] = DEFAULT_PROFILE_BITS,
-    groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS,
-    symmetric: bool = True,
-) -> dict[str, Any]:
-    """Sizes and weight perturbations ||Q_b(W) - W||^2 of every unit, for every width and grouping.
-
-    This is what ``sensitivity.json`` carries under ``quantization``, so the allocator needs neither torch nor
-    the model. A grouping that does not divide some matrix of a unit is listed under ``unavailable`` with the
-    reason.
-
-    Returns:
-        ``{"symmetric", "bits", "state_bytes", "num_tensors", "name_bytes", "num_linears", "units": {unit:
-        {"matrices": [numel ...], "num_weights", "linears", "groups": {g: {"num_scales", "error": {b: e}}},
-        "unavailable": {g: reason}}}}``.
-    """
-    block_map = BlockMap(model)
-    heads = num_heads_of(model)
-    state = model.state_dict()
-    units_out: dict[str, Any] = {}
-    for unit in units:
-        mats = _unit_matrices(block_map, unit)
-        entry: dict[str, Any] = {
-            "matrices": [int(w.numel()) for _, w, _ in mats],
-            "num_weights": int(sum(w.numel() for _, w, _ in mats)),
-            "linears": sum(k != "embedding" for _, _, k in mats),
-            "name_bytes": sum(len(f"{block_map.module_path(n)}.weight") for n, _, _ in mats),
-            "groups": {},
-            "unavailable": {},
-        }
-        for g in map(parse_groups, groups):
-            try:
-                grids = [group_layout((w.shape[0], w.shape[1]), g, kind=k, num_heads=heads, name=n) for n, w, k in mats]
-            except QBHError as exc:
-                entry["unavailable"][str(g)] = str(exc)
-                continue
-            entry["groups"][str(g)] = {
-                "num_scales": sum(r * c for r, c in grids),
-                "error": {
-                    str(b): sum(quant_error(w, b, grid, symmetric) for (_, w, _), grid in zip(mats, grids))
-                    for b in bits
-                },
-            }
-        units_out[unit] = entry
-    return {
-        "symmetric": symmetric,
-        "bits": list(bits),
-        "state_bytes": int(sum(t.numel() * t.element_size() for t in state.values())),
-        "num_tensors": len(state),
-        "name_bytes": int(sum(len(k) for k in state)),
-        "num_linears": len(block_map.layers) * len(LINEAR_PARTS),
-        "units": units_out,
-    }
-
-
-def report_profile(
-    model: nn.Module, report_blocks: Sequence[str], groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS
-) -> dict[str, Any]:
-    """The quantization profile of a sensitivity report's units (its encoder blocks and the embedding tables)."""
-    return quant_profile(model, profile_units(BlockMap(model), report_blocks), groups=groups)
-
-
-def profile_units(block_map: BlockMap, report_blocks: Sequence[str]) -> list[str]:
-    """The allocation units of a report: its encoder blocks (which must not overlap), plus the embedding tables."""
-    enc = [b for b in report_blocks if b.startswith("encoder.")]
-    for i, a in enumerate(enc):
-        for b in enc[i + 1 :]:
-            if a.startswith(b + ".") or b.startswith(a + "."):
-                raise QBHError(f"report blocks {a} and {b} overlap; score either layers or linears, not both")
-    return enc + [u for u in EMBEDDING_UNITS if u.split(".")[1] in block_map.embedding_parts]

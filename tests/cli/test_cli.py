@@ -36,11 +36,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_sensitivity_cli_writes_the_four_files(tiny_checkpoint, tiny_data, tmp_path):
+def test_sensitivity_cli_writes_the_report_and_the_cost_table(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "report"
     proc = run_cli("sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "profile.json",
         "sensitivity.csv",
         "sensitivity.json",
         "sensitivity.md",
@@ -79,9 +80,9 @@ def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data
     [
         (["--blocks", "encoder.9"], "block 'encoder.9' does not exist; this model has encoder.0..encoder.1"),
         (["--text-columns", "text"], "column(s) text not in"),
-        (["--draws", "0"], "draws must be positive"),
+        (["--draws", "0"], "draws must be a positive number"),
         (["--batch-size", "500"], "a draw needs 500 training examples"),
-        (["--length-buckets", "0"], "length_buckets must be positive"),
+        (["--length-buckets", "0"], "length_buckets must be a positive number"),
     ],
     ids=["unknown-block", "missing-column", "bad-draws", "too-little-data", "bad-length-buckets"],
 )

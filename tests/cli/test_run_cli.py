@@ -119,7 +119,7 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
             "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\n[[plans]]\nname='a'\nuniform=2\n",
             "used twice",
         ),
-        ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nbitz=3\n", "unknown key(s) bitz"),
+        ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nbitz=3\n", "unknown PlanSpec key(s) bitz"),
         ("[model]\nname='x'\ntask='sst2'\n[sensitivty]\n", "unknown key(s) sensitivty"),
         ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=9\n", "uniform bits 9 is out of range"),
         ("[model\n", "not valid TOML"),
@@ -140,7 +140,7 @@ def test_overrides_and_the_demo_config():
         apply_overrides(DEMO_CONFIG, ["sensitivity.draws=2", "qat.distill=false", "model.max_length=64"])
     )
     assert cfg.sensitivity.draws == 2 and not cfg.qat.distill and cfg.sensitivity.max_length == 64
-    assert [p["name"] for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
+    assert [p.name for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
     with pytest.raises(QBHError, match="section.key=value"):
         apply_overrides(DEMO_CONFIG, ["draws=2"])
     with pytest.raises(QBHError, match="unknown section"):
@@ -153,3 +153,77 @@ def test_run_with_a_missing_model_exits_2_and_writes_nothing(tiny_data, tmp_path
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _stage_hashes(out):
+    return {k: v["hash"] for k, v in json.loads((out / "run.json").read_text())["stages"].items()}
+
+
+def test_rerun_with_unchanged_inputs_recomputes_nothing(run_dir, caplog):
+    out = run_dir / "out"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    with caplog.at_level("INFO", logger="qbert_hessian"):
+        assert main(["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "run.json"}
+    assert all(after[p] == before[p] for p in after)
+
+
+def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    before = _stage_hashes(out)
+    args = ["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]
+    assert main([*args, "--set", "sensitivity.draws=3"]) == 0
+    after = _stage_hashes(out)
+    changed = {k for k in after if after[k] != before.get(k)}
+    # The report, the plans and frontier made from it, and every result of those plans are redone...
+    assert {"sensitivity", "plan:mixed-3", "direct:mixed-3", "packed:mixed-3", "metrics:mixed-3"} <= changed
+    # ...but not the FP32 baseline, nor the cost table (same model and groupings).
+    assert "fp32" not in changed and "profile" not in changed
+    report = json.loads((out / "sensitivity" / "sensitivity.json").read_text())
+    assert report["config"]["draws"] == 3 and len(report["blocks"][0]["eigenvalues"]) == 3
+    assert "draws=3" in (out / "report.md").read_text()
+    # A QAT setting redoes only the QAT plan's training and evaluation, nothing upstream.
+    hashes = _stage_hashes(out)
+    assert main([*args, "--set", "sensitivity.draws=3", "--set", "qat.lr=0.002"]) == 0
+    final = _stage_hashes(out)
+    changed = {k for k in final if final[k] != hashes.get(k)}
+    assert changed == {"packed:mixed-3", "metrics:mixed-3"}
+    assert json.loads((out / "results" / "mixed-3" / "qat.json").read_text())["config"]["lr"] == 0.002
+    assert "lr=0.002" in (out / "report.md").read_text()
+
+
+def test_public_api_path_without_the_cli(tiny_checkpoint, tiny_data, tmp_path):
+    import torch
+
+    from qbert_hessian import (
+        AllocConfig,
+        BlockMap,
+        Budget,
+        SensitivityConfig,
+        allocate_bits,
+        calibrate_activations,
+        estimate_sensitivity,
+        load_model,
+        load_packed,
+        load_task,
+        measure_profile,
+        profile_units,
+        quantize_model,
+        save_packed,
+    )
+
+    model, tokenizer = load_model(str(tiny_checkpoint))
+    task = load_task("sst2", tokenizer, data_dir=tiny_data, max_length=16)
+    report = estimate_sensitivity(model, task, SensitivityConfig(draws=2, batch_size=8, max_iters=10), progress=False)
+    profile = measure_profile(model, profile_units(BlockMap(model), [b.name for b in report.blocks]))
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups="channel"))
+    q = quantize_model(model, plan)
+    batch = task.batch("train", range(8))
+    calibrate_activations(q, [batch])
+    save_packed(q, tmp_path / "packed", plan=plan, tokenizer=tokenizer)
+    assert (tmp_path / "packed" / "model.safetensors").stat().st_size == plan.predicted["bytes"]
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "packed")(**batch).logits, q.eval()(**batch).logits)

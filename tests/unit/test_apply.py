@@ -6,19 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from qbert_hessian.artifacts import BitPlan
+from qbert_hessian.artifacts import BitPlan, QuantProfile
 from qbert_hessian.errors import QBHError
 from qbert_hessian.models import BlockMap
 from qbert_hessian.quant.apply import (
     calibrate_activations,
     plan_targets,
-    profile_units,
     quant_modules,
-    quant_profile,
     quantize_model,
 )
 from qbert_hessian.quant.functional import group_layout, quant_error
 from qbert_hessian.quant.modules import QuantEmbedding, QuantLinear
+from qbert_hessian.quant.profile import measure_profile, profile_units
 from tests.helpers import random_batch
 
 MODEL = {"num_layers": 2, "num_heads": 4, "hidden_size": 32}
@@ -130,11 +129,11 @@ def test_quant_profile_matches_direct_computation(tiny_bert):
     bm = BlockMap(tiny_bert)
     units = profile_units(bm, ["embeddings", "encoder.0", "encoder.1"])
     assert units == ["encoder.0", "encoder.1", "embeddings.word", "embeddings.position", "embeddings.token_type"]
-    prof = quant_profile(tiny_bert, units, bits=(2, 4), groups=(1, "heads", "channel"))
-    enc = prof["units"]["encoder.1"]
-    assert "heads" in enc["unavailable"]  # intermediate 37 rows do not split into 4 heads
-    assert enc["num_weights"] == 4 * 32 * 32 + 2 * 37 * 32
-    assert enc["groups"]["channel"]["num_scales"] == 4 * 32 + 37 + 32
+    prof = measure_profile(tiny_bert, units, bits=(2, 4), groups=(1, "heads", "channel"))
+    enc = prof.units["encoder.1"]
+    assert "heads" in enc.unavailable  # intermediate 37 rows do not split into 4 heads
+    assert enc.num_weights == 4 * 32 * 32 + 2 * 37 * 32
+    assert enc.groups["channel"].num_scales == 4 * 32 + 37 + 32
     layer = tiny_bert.bert.encoder.layer[1]
     mats = [
         (layer.attention.self.query, "qkv"),
@@ -147,8 +146,9 @@ def test_quant_profile_matches_direct_computation(tiny_bert):
     expected = sum(
         quant_error(m.weight, 2, group_layout(tuple(m.weight.shape), 1, kind=k, num_heads=4)) for m, k in mats
     )
-    assert enc["groups"]["1"]["error"]["2"] == pytest.approx(expected, rel=1e-6)
-    assert enc["groups"]["1"]["error"]["4"] < enc["groups"]["1"]["error"]["2"]
-    assert prof["state_bytes"] == sum(
+    assert enc.groups["1"].error["2"] == pytest.approx(expected, rel=1e-6)
+    assert enc.groups["1"].error["4"] < enc.groups["1"].error["2"]
+    assert QuantProfile.from_dict(prof.to_dict()) == prof
+    assert prof.state_bytes == sum(
         t.numel() * 4 for t in tiny_bert.state_dict().values() if t.is_floating_point()
     ) + sum(t.numel() * t.element_size() for t in tiny_bert.state_dict().values() if not t.is_floating_point())

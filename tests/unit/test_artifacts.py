@@ -113,7 +113,7 @@ def test_configs_round_trip_and_reject_unknown_keys(cfg):
 
 
 def test_config_validation():
-    with pytest.raises(QBHError, match="draws must be positive"):
+    with pytest.raises(QBHError, match="draws must be a positive number"):
         SensitivityConfig(draws=0)
     with pytest.raises(QBHError, match="unknown trace mode 'full'; choose one of block, shared, none"):
         SensitivityConfig(trace="full")

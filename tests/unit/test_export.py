@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from qbert_hessian.allocate import AllocConfig, Budget, allocate_bits
 from qbert_hessian.artifacts import BitPlan, BlockSensitivity, SensitivityReport
 from qbert_hessian.errors import QBHError
-from qbert_hessian.export import file_sizes, load_packed, pack_bits, save_packed, unpack_bits
+from qbert_hessian.export import file_sizes, fp32_safetensors_bytes, load_packed, save_packed
 from qbert_hessian.models import BlockMap
-from qbert_hessian.quant.apply import calibrate_activations, profile_units, quant_profile, quantize_model
+from qbert_hessian.packed_format import pack_bits, unpack_bits
+from qbert_hessian.quant.apply import calibrate_activations, quantize_model
+from qbert_hessian.quant.profile import measure_profile, profile_units
 from tests.helpers import random_batch
 
 MODEL = {"num_layers": 2, "num_heads": 4, "hidden_size": 32}
@@ -60,7 +62,7 @@ def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path,
     q = quantize_model(model, plan)
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     calibrate_activations(q, [batch])
-    save_packed(q, tmp_path / "packed")
+    save_packed(q, tmp_path / "packed", plan=plan)
     reloaded = load_packed(tmp_path / "packed")
     assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
     manifest = json.loads((tmp_path / "packed" / "quantization.json").read_text())
@@ -69,40 +71,67 @@ def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path,
     assert not (tmp_path / "packed.saving").exists()
 
 
-def test_packed_size_matches_the_plan_prediction(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tmp_path, symmetric):
+    """The allocator predicts the packed file from packed_format alone; export writes it: same bytes."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
     bm = BlockMap(model)
     blocks = [BlockSensitivity(f"encoder.{i}", 1, [1.0 + i], 1.0 + i, 0.0, 1.0 + i, [3], [True], 0.0) for i in range(2)]
     report = SensitivityReport(
-        model=dict(MODEL, hidden_size=16, name="tiny"),
-        task="t",
-        config={},
-        draws=[],
-        blocks=blocks,
-        pending=[],
-        quantization=quant_profile(model, profile_units(bm, ["encoder.0", "encoder.1"]), groups=(1, "channel")),
+        model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
+    )
+    groups = (1, "heads", 2, "channel")
+    profile = measure_profile(
+        model, profile_units(bm, ["encoder.0", "encoder.1"]), groups=groups, bits=(2, 3, 4, 8), symmetric=symmetric
     )
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
-    for budget, config in [
-        (Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups="channel")),
-        (Budget(avg_bits=5), AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None)),
-    ]:
-        plan = allocate_bits(report, budget, config)
+    available = [g for g in groups if str(g) in profile.units["encoder.0"].groups]
+    assert len(available) >= 2  # the tiny model's FFN (37 rows) takes no per-head or 2-row grouping
+    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g)) for g in available]
+    cases.append((Budget(avg_bits=5), AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None)))
+    for budget, config in cases:
+        plan = allocate_bits(report, profile, budget, config)
         q = quantize_model(model, plan)
         calibrate_activations(q, [batch])
-        save_packed(q, tmp_path / "p")
+        save_packed(q, tmp_path / "p", plan=plan)
         on_disk = file_sizes(tmp_path / "p")["weights_bytes"]
-        assert on_disk == pytest.approx(plan.predicted["bytes"], rel=0.01)
+        assert on_disk == plan.predicted["bytes"], (config.groups, symmetric)
+        assert torch.equal(_logits(load_packed(tmp_path / "p"), batch), _logits(q, batch))
+
+
+def test_fp32_size_is_the_safetensors_file(tiny_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    assert fp32_safetensors_bytes(model) == (tiny_checkpoint / "model.safetensors").stat().st_size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quantize_and_export_from_a_model_on_cuda(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    plan = BitPlan(model={}, blocks={"encoder.0": {"bits": 3, "groups": 1}}, act_bits=8)
+    batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
+    q_cpu = quantize_model(model, plan)
+    calibrate_activations(q_cpu, [batch])
+    q_gpu = quantize_model(model.cuda(), plan)
+    calibrate_activations(q_gpu, [{k: v.cuda() for k, v in batch.items()}])
+    save_packed(q_cpu, tmp_path / "cpu", plan=plan)
+    save_packed(q_gpu, tmp_path / "gpu", plan=plan)
+    a, b = load_packed(tmp_path / "cpu"), load_packed(tmp_path / "gpu")
+    assert torch.allclose(_logits(a, batch), _logits(b, batch), atol=1e-4)
 
 
 def test_load_packed_refuses_a_mismatched_manifest(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
-    q = quantize_model(model, BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": 1}}, act_bits=None))
-    save_packed(q, tmp_path / "p")
+    plan = BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": 1}}, act_bits=None)
+    q = quantize_model(model, plan)
+    save_packed(q, tmp_path / "p", plan=plan)
     manifest_path = tmp_path / "p" / "quantization.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["plan"]["blocks"]["encoder.1"] = {"bits": 4, "groups": 1}
@@ -117,11 +146,12 @@ def test_save_packed_needs_a_quantized_calibrated_model(tiny_checkpoint, tmp_pat
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    plan = BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": 1}})
     with pytest.raises(QBHError, match="not quantized"):
-        save_packed(model, tmp_path / "p")
-    q = quantize_model(model, BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": 1}}))
+        save_packed(model, tmp_path / "p", plan=plan)
+    q = quantize_model(model, plan)
     with pytest.raises(QBHError, match="not calibrated"):
-        save_packed(q, tmp_path / "p")
+        save_packed(q, tmp_path / "p", plan=plan)
     assert not (tmp_path / "p").exists()
 
 
@@ -129,8 +159,9 @@ def test_reload_keeps_the_attention_kernel_it_was_saved_with(tiny_checkpoint, tm
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, attn_implementation="eager").eval()
-    q = quantize_model(model, BitPlan(model={}, blocks={"encoder.1": {"bits": 3, "groups": 1}}, act_bits=None))
-    save_packed(q, tmp_path / "p")
+    plan = BitPlan(model={}, blocks={"encoder.1": {"bits": 3, "groups": 1}}, act_bits=None)
+    q = quantize_model(model, plan)
+    save_packed(q, tmp_path / "p", plan=plan)
     reloaded = load_packed(tmp_path / "p")
     assert reloaded.config._attn_implementation == "eager"
     batch = random_batch(model.config.vocab_size, batch_size=3, seq_len=5)

@@ -62,10 +62,21 @@ def test_load_model_errors(tmp_path):
         load_model(str(tmp_path / "gpt2"))
 
 
-def test_load_model_switches_head_and_labels(tiny_checkpoint):
-    model, tok = load_model(str(tiny_checkpoint), num_labels=3, label_names=["a", "b", "c"])
+def test_load_model_refuses_to_replace_a_trained_head_unless_asked(tiny_checkpoint):
+    with pytest.raises(QBHError, match="has a trained 2-label head but the task has 3 labels"):
+        load_model(str(tiny_checkpoint), num_labels=3)
+    model, tok = load_model(str(tiny_checkpoint), num_labels=3, label_names=["a", "b", "c"], new_head=True)
     assert model.classifier.out_features == 3 and model.config.id2label[2] == "c"
     assert model.config._attn_implementation == "eager" and not model.training
+
+
+def test_load_model_refuses_a_folder_without_tokenizer(tiny_checkpoint, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    with pytest.raises(QBHError, match="has no tokenizer files"):
+        load_model(str(bare))
 
 
 def test_names_validation_and_groups():

@@ -34,7 +34,7 @@ def test_distillation_loss_limits():
     [
         ({"alpha": 1.5}, "alpha must lie"),
         ({"quant_noise": 1.0}, "quant_noise must lie"),
-        ({"lr": 0}, "lr must be positive"),
+        ({"lr": 0}, "lr must be a positive number"),
         ({"eval_steps": -1}, "eval_steps"),
     ],
 )

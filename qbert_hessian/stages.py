@@ -1,0 +1,397 @@
+"""The pipeline's stages as library functions: each takes configs and live objects, writes its artifacts
+atomically and returns them. ``cli.py`` (one command per stage), ``pipeline.Run`` (every stage, cached by
+inputs) and the notebooks call these same functions, so a stage behaves the same whichever way it is reached.
+
+Every artifact records ``inputs``: fingerprints of what made it (the model's weights, the task's data, the
+settings, upstream artifacts' hashes), so a cached or resumed stage can tell stale work from reusable work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .allocate import MIB, AllocConfig, Budget, allocate_bits, frontier, uniform_plan
+from .artifacts import (
+    BitPlan,
+    DensityReport,
+    QuantProfile,
+    SensitivityReport,
+    SizeReport,
+    fingerprint,
+    sha256_file,
+    write_text,
+)
+from .config import CalibrationConfig, DensityConfig, PlanSpec, SensitivityConfig
+from .errors import QBHError
+from .models import BlockMap, resolve_model_path
+from .packed_format import WEIGHTS_FILE
+from .quant.profile import DEFAULT_PROFILE_GROUPS, measure_profile, profile_units
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .tasks import RawTask, Task
+
+logger = logging.getLogger(__name__)
+PROFILE_FILE = "profile.json"
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+
+
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """A hash of a model's files (config and weights) when it is a local folder or alias; the name otherwise."""
+    path = Path(resolve_model_path(str(name_or_path)))
+    if not path.is_dir():
+        return f"hub:{name_or_path}"
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
+    for f in files:
+        if f.name.startswith(("trainer_state", "training_args", "metrics", "size")):
+            continue
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(raw: RawTask) -> str:
+    """A hash of a task's texts, labels and label names (both splits)."""
+    h = hashlib.sha256()
+    for part in (raw.train_texts, raw.train_labels, raw.dev_texts, raw.dev_labels, raw.label_names):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: Path | str) -> str:
+    return sha256_file(path)[:16]
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+
+
+def sensitivity(
+    model: nn.Module,
+    task: Task,
+    config: SensitivityConfig,
+    out_dir: Path | str,
+    *,
+    blocks: Sequence[str] | None = None,
+    model_name: str = "model",
+    inputs: dict[str, Any] | None = None,
+    resume: SensitivityReport | None = None,
+    profile_groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS,
+    progress: bool = True,
+) -> tuple[SensitivityReport, QuantProfile | None]:
+    """The Q-BERT sensitivity report of ``model`` on ``task``, written to ``out_dir`` after every block, and,
+    once complete, the allocator's cost table (``profile.json``) for the report's blocks.
+
+    A ``resume`` report is continued only if it was computed from the same inputs (model weights, data and
+    settings); otherwise the error says which differs.
+    """
+    from .hessian.sensitivity import estimate_sensitivity
+    from .report import write_sensitivity
+
+    out = Path(out_dir)
+    inputs = {**(inputs or {}), "config": config.to_dict()}
+    if resume is not None:
+        differs = [k for k in ("model", "data") if resume.inputs.get(k) and resume.inputs.get(k) != inputs.get(k)]
+        if differs or not resume.inputs:
+            what = " and ".join(f"the {k}" for k in differs) or "its inputs (it records none)"
+            raise QBHError(
+                f"cannot resume '{out / 'sensitivity.json'}': {what} differ from this run's; pass --force to start over"
+            )
+
+    def save(report: SensitivityReport) -> None:
+        report.inputs = inputs
+        write_sensitivity(report, out)
+
+    report = estimate_sensitivity(
+        model, task, config, blocks=blocks, model_name=model_name, resume=resume, on_block=save, progress=progress
+    )
+    save(report)
+    if not report.complete:
+        return report, None
+    profile = measure_profile(
+        model,
+        profile_units(BlockMap(model), [b.name for b in report.blocks]),
+        groups=profile_groups,
+        model_name=model_name,
+        inputs={"model": inputs.get("model")},
+    )
+    profile.save(out / PROFILE_FILE)
+    return report, profile
+
+
+def report_path(path: Path | str) -> Path:
+    """``sensitivity.json`` itself, or the folder holding it."""
+    path = Path(path)
+    return path / "sensitivity.json" if path.is_dir() else path
+
+
+def load_profile(report_file: Path, report: SensitivityReport, *, model: str | None, groups: object) -> QuantProfile:
+    """The cost table beside a report, measured from ``model`` when it is missing or lacks ``groups``."""
+    path = report_file.parent / PROFILE_FILE
+    profile = QuantProfile.load(path) if path.is_file() else None
+    units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
+    if profile is not None and units and units[0] in profile.units:
+        unit = profile.units[units[0]]
+        if str(groups) in unit.groups or str(groups) in unit.unavailable:
+            return profile
+    if model is None:
+        have = "lacks" if profile is not None else "has no"
+        raise QBHError(
+            f"'{report_file.parent}' {have} the quantization profile for groups={groups}; pass --model (the "
+            "report's model) so plan measures it"
+        )
+    from .models import load_model
+
+    fp32, _ = load_model(model, eager=False)
+    block_map = BlockMap(fp32)
+    if report.model.get("num_layers") != block_map.num_layers or (
+        report.inputs.get("model") and report.inputs["model"] != model_fingerprint(model)
+    ):
+        raise QBHError(f"--model {model} is not the report's model ({report.model.get('name')}); pass that one")
+    groups_all = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, groups]))
+    logger.info("measuring quantization errors of %s (groups %s)", model, groups_all)
+    profile = measure_profile(
+        fp32,
+        profile_units(block_map, [b.name for b in report.blocks]),
+        groups=groups_all,
+        model_name=str(model),
+        inputs={"model": model_fingerprint(model)},
+    )
+    profile.save(path)
+    return profile
+
+
+# --------------------------------------------------------------------------------------------------- planning
+
+
+def make_plan(
+    report: SensitivityReport,
+    profile: QuantProfile,
+    spec: PlanSpec,
+    defaults: AllocConfig | None = None,
+    *,
+    source: dict[str, Any] | None = None,
+) -> BitPlan:
+    """One plan: ``spec`` (a uniform width or a budget, and its allocator settings) over the report."""
+    config = spec.alloc_config(defaults or AllocConfig())
+    if spec.uniform is not None:
+        return uniform_plan(report, profile, spec.uniform, config, source=source)
+    budget = Budget(max_mb=spec.budget_mb, ratio=spec.ratio, avg_bits=spec.avg_bits)
+    return allocate_bits(report, profile, budget, config, source=source)
+
+
+def write_plan(plan: BitPlan, path: Path | str) -> Path:
+    """``plan.json`` and ``plan.md`` beside it."""
+    from .report import plan_markdown
+
+    path = Path(path)
+    plan.save(path)
+    write_text(path.with_suffix(".md"), plan_markdown(plan))
+    return path
+
+
+def write_frontier(
+    report: SensitivityReport, profile: QuantProfile, config: AllocConfig, out_dir: Path | str, plan: BitPlan | None
+) -> Path:
+    """``frontier.json`` and ``frontier.png`` (MILP plans over budgets, uniform plans, the rank rule)."""
+    import dataclasses
+
+    from .report import plot_frontier
+
+    out = Path(out_dir)
+    front = frontier(report, profile, dataclasses.replace(config, method="milp"))
+    front.save(out / "frontier.json")
+    return plot_frontier(front.to_dict(), out / "frontier.png", plan)
+
+
+# ------------------------------------------------------------------------------------------ quantize / export
+
+
+def quantize_direct(model: nn.Module, plan: BitPlan, task: Task, calibration: CalibrationConfig) -> nn.Module:
+    """The plan applied to a copy of ``model``, activation ranges from seeded training batches (post-training)."""
+    from .quant.apply import quantize_calibrated
+
+    return quantize_calibrated(
+        model,
+        plan,
+        task,
+        num_batches=calibration.calibration_batches,
+        batch_size=calibration.batch_size,
+        seed=calibration.seed,
+    )
+
+
+def export(
+    qmodel: nn.Module, plan: BitPlan, out_dir: Path | str, *, fp32: nn.Module, tokenizer: Any = None
+) -> SizeReport:
+    """The packed checkpoint of ``qmodel`` in ``out_dir`` and its ``size.json`` (bytes on disk vs FP32, vs plan)."""
+    from .export import file_sizes, fp32_safetensors_bytes, save_packed
+
+    out = Path(out_dir)
+    save_packed(qmodel, out, plan=plan, tokenizer=tokenizer)
+    sizes = file_sizes(out)
+    size = SizeReport(
+        packed_bytes=sizes["weights_bytes"],
+        folder_bytes=sizes["folder_bytes"],
+        fp32_safetensors_bytes=fp32_safetensors_bytes(fp32),
+        predicted_bytes=plan.predicted.get("bytes"),
+    )
+    size.save(out / "size.json")
+    return size
+
+
+def load_for_task(
+    name_or_path: str | Path, raw: RawTask, *, max_length: int, eager: bool = True, device: str = "cpu"
+) -> tuple[nn.Module, Task]:
+    """An FP32 checkpoint or a packed one, and the task tokenized with its tokenizer."""
+    from .export import is_packed, load_packed
+    from .models import load_model, load_tokenizer
+    from .tasks import tokenize_task
+
+    if is_packed(name_or_path):
+        model = load_packed(name_or_path, eager=eager, device=device)
+        check_head(model, raw, str(name_or_path))
+        tokenizer = load_tokenizer(str(name_or_path))
+    else:
+        model, tokenizer = load_model(str(name_or_path), num_labels=len(raw.label_names), eager=eager, device=device)
+    return model, tokenize_task(raw, tokenizer, max_length=max_length)
+
+
+def check_head(model: nn.Module, raw: RawTask, name: str) -> None:
+    """Refuse a model whose classifier head does not fit the task's labels."""
+    have = getattr(model.config, "num_labels", None)  # type: ignore[attr-defined]
+    if have is not None and have != len(raw.label_names):
+        raise QBHError(
+            f"model '{name}' has a {have}-label head but task '{raw.name}' has {len(raw.label_names)} labels; "
+            "pass the model fine-tuned on this task"
+        )
+
+
+def fp32_size_mib(model: nn.Module) -> float:
+    from .export import fp32_safetensors_bytes
+
+    return fp32_safetensors_bytes(model) / MIB
+
+
+# ------------------------------------------------------------------------------------------- density / landscape
+
+
+def density(
+    model: nn.Module, task: Task, blocks: Sequence[str], config: DensityConfig, *, model_name: str = "model"
+) -> DensityReport:
+    """The Hessian eigenvalue density of each block by stochastic Lanczos quadrature (one kernel width for all)."""
+    import torch
+
+    from .hessian.density import slq_density, smooth_alike
+    from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+    from .landscape import block_parameters
+    from .models import eager_attention
+
+    check_blocks(model, blocks)
+    n = min(config.batch_size, len(task.train))
+    batch = task.batch("train", list(range(n)))
+    found = []
+    generator = torch.Generator().manual_seed(config.seed)
+    with eager_attention(model), curvature_mode(model):
+        for b in blocks:
+            params = block_parameters(model, b)
+            with grads_enabled(params):
+                hvp = BlockHessian(model, params, [batch])
+                res = slq_density(hvp, params, steps=config.steps, num_probes=config.probes, generator=generator)
+                hvp.free()
+            found.append((b, sum(p.numel() for p in params), res))
+            lo, hi = res.extremes
+            logger.info("%s: Ritz values from %.4g to %.4g; mean eigenvalue %.4g", b, lo, hi, res.moment(1))
+    smooth_alike([r for _, _, r in found])  # one kernel width, so the curves compare
+    return DensityReport(
+        model=model_name,
+        task=task.name,
+        batch_size=n,
+        probes=config.probes,
+        densities=[{"block": b, "num_params": k, **r.to_dict()} for b, k, r in found],
+    )
+
+
+def check_blocks(model: nn.Module, blocks: Sequence[str]) -> None:
+    """Every block exists in ``model`` (``model`` names all weights); a one-line error otherwise."""
+    from .landscape import WHOLE_MODEL
+
+    if not blocks:
+        raise QBHError("no block given; name one or more, e.g. --block encoder.0,encoder.5 (or 'model')")
+    block_map = BlockMap(model)
+    for b in blocks:
+        if b != WHOLE_MODEL:
+            block_map.module_path(b)
+
+
+def landscapes(
+    model: nn.Module,
+    task: Task,
+    blocks: Sequence[str],
+    config: Any,
+    out_dir: Path | str,
+    *,
+    model_name: str = "model",
+    resume: bool = False,
+    progress: bool = True,
+    on_done: Callable[[Any, Path], None] | None = None,
+) -> list[Any]:
+    """The loss surface of each block (``<out>/<block>/landscape.{json,png}``), rows written as they finish."""
+    from .landscape import Landscape, loss_landscape
+    from .report import plot_landscapes
+
+    check_blocks(model, blocks)
+    out = Path(out_dir)
+    done = []
+    for b in blocks:
+        path = out / b / "landscape.json"
+        previous = Landscape.load(path) if path.exists() and resume else None
+        if previous is not None and previous.complete and previous.config == config.to_dict():
+            done.append(previous)
+            continue
+        ls = loss_landscape(
+            model,
+            task,
+            config,
+            block=b,
+            model_name=model_name,
+            resume=previous,
+            on_row=lambda partial, path=path: partial.save(path),
+            progress=progress,
+        )
+        ls.save(path)
+        plot_landscapes([ls.to_dict()], path.with_suffix(".png"))
+        done.append(ls)
+        if on_done is not None:
+            on_done(ls, path)
+    if len(done) > 1:
+        plot_landscapes([ls.to_dict() for ls in done], out / "panels.png")
+    return done
+
+
+__all__ = [
+    "model_fingerprint",
+    "data_fingerprint",
+    "file_fingerprint",
+    "fingerprint",
+    "sensitivity",
+    "report_path",
+    "load_profile",
+    "make_plan",
+    "write_plan",
+    "write_frontier",
+    "quantize_direct",
+    "export",
+    "load_for_task",
+    "check_head",
+    "density",
+    "landscapes",
+    "WEIGHTS_FILE",
+]
