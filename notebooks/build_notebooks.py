@@ -170,7 +170,7 @@ else:  # the experiment's config; its stages are finished, so this only reads th
     from _setup import ROOT
 
     config = load_run_config(ROOT / "experiments" / "sst2_minilm.toml")
-[(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in config.plans]"""),
+[(p.name, {k: v for k, v in p.to_dict().items() if k != "name" and v is not None}) for p in config.plans]"""),
         C("""\
 report_md = Run(config, ws["run_dir"], progress=False).execute()
 print(report_md)"""),
