@@ -527,7 +527,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import stages
     from .artifacts import BitPlan, Evaluation
     from .evaluate import evaluate
-    from .export import file_sizes, is_packed
+    from .export import file_sizes, fp32_safetensors_bytes, is_packed
 
     if args.out is not None:
         _check_out_file(args.out)
@@ -542,7 +542,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows = []
     model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
     kind = "packed" if is_packed(args.model) else "fp32"
-    size = file_sizes(args.model)["weights_bytes"] if kind == "packed" else stages.fp32_size_mib(model) * MIB
+    size = file_sizes(args.model)["weights_bytes"] if kind == "packed" else fp32_safetensors_bytes(model)
     name = str(args.model) if kind == "packed" else "fp32"
     rows.append({"name": name, "kind": kind, "size_mib": size / MIB, **evaluate(model, task)})
     for path, plan in plans:

@@ -40,6 +40,7 @@ from .packed_format import (
 from .quant.apply import quant_modules, quantize_model
 from .quant.functional import Quantized, code_range
 from .quant.modules import ActQuant
+from .quant.profile import state_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -216,9 +217,4 @@ def file_sizes(path: Path | str) -> dict[str, int]:
 
 def fp32_safetensors_bytes(model: nn.Module) -> int:
     """Bytes of the FP32 model's state dict saved as safetensors (``save_pretrained``'s file), computed exactly."""
-    state = model.state_dict()
-    return file_bytes([TensorSpec(k, _ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in state.items()], {"format": "pt"})
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-_ST_DTYPES |= {torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+    return file_bytes([TensorSpec(n, d, tuple(s)) for n, d, s in state_tensors(model)], {"format": "pt"})

@@ -348,11 +348,11 @@ class Run:
 
     def sensitivity(self) -> tuple[SensitivityReport, QuantProfile]:
         from . import stages
-        from .quant.profile import measure_profile, profile_units
 
         out = self.out / "sensitivity"
         path, prof_path = out / "sensitivity.json", out / stages.PROFILE_FILE
         inputs = {"model": self.model_fp(), "data": self.data_fp(), "config": self.config.sensitivity.to_dict()}
+        p_inputs = {"model": inputs["model"], "groups": [str(g) for g in self._profile_groups()]}
         if self._cached("sensitivity", inputs, path):
             report = SensitivityReport.load(path)
         else:
@@ -374,20 +374,13 @@ class Run:
                 progress=self.progress,
             )
             self._done("sensitivity", inputs)
-            self._done("profile", {"model": inputs["model"], "groups": [str(g) for g in self._profile_groups()]})
+            self._done("profile", p_inputs)
             return report, profile  # type: ignore[return-value]
-        p_inputs = {"model": inputs["model"], "groups": [str(g) for g in self._profile_groups()]}
         if self._cached("profile", p_inputs, prof_path):
             return report, QuantProfile.load(prof_path)
         model, _ = self.fp32()
-        profile = measure_profile(
-            model,
-            profile_units(stages.BlockMap(model), [b.name for b in report.blocks]),
-            groups=self._profile_groups(),
-            model_name=self.config.model.name,
-            inputs={"model": inputs["model"]},
-        )
-        profile.save(prof_path)
+        groups, name = self._profile_groups(), self.config.model.name
+        profile = stages.report_profile(model, report, out, groups=groups, model_name=name, model_fp=inputs["model"])
         self._done("profile", p_inputs)
         return report, profile
 
@@ -421,14 +414,14 @@ class Run:
 
     def baseline(self) -> StageResult:
         from .evaluate import evaluate
-        from .stages import fp32_size_mib
+        from .export import fp32_safetensors_bytes
 
         path = self.out / "results" / "fp32.json"
         inputs = {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
         if self._cached("fp32", inputs, path):
             return StageResult.load(path)
         model, task = self.fp32()
-        nbytes = round(fp32_size_mib(model) * 2**20)
+        nbytes = fp32_safetensors_bytes(model)
         result = StageResult(stage="fp32", metrics=evaluate(model, task), bytes=nbytes, inputs=inputs)
         result.save(path)
         self._done("fp32", inputs)

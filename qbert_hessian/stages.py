@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .allocate import MIB, AllocConfig, Budget, allocate_bits, frontier, uniform_plan
+from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
 from .artifacts import (
     BitPlan,
     DensityReport,
@@ -115,15 +115,28 @@ def sensitivity(
     save(report)
     if not report.complete:
         return report, None
+    return report, report_profile(model, report, out, groups=profile_groups, model_name=model_name)
+
+
+def report_profile(
+    model: nn.Module,
+    report: SensitivityReport,
+    out_dir: Path | str,
+    *,
+    groups: Sequence[int | str],
+    model_name: str,
+    model_fp: str | None = None,
+) -> QuantProfile:
+    """The cost table of a report's blocks (and the embedding tables), saved as ``profile.json`` beside it."""
     profile = measure_profile(
         model,
         profile_units(BlockMap(model), [b.name for b in report.blocks]),
-        groups=profile_groups,
+        groups=groups,
         model_name=model_name,
-        inputs={"model": inputs.get("model")},
+        inputs={"model": model_fp or report.inputs.get("model")},
     )
-    profile.save(out / PROFILE_FILE)
-    return report, profile
+    profile.save(Path(out_dir) / PROFILE_FILE)
+    return profile
 
 
 def report_path(path: Path | str) -> Path:
@@ -157,15 +170,8 @@ def load_profile(report_file: Path, report: SensitivityReport, *, model: str | N
         raise QBHError(f"--model {model} is not the report's model ({report.model.get('name')}); pass that one")
     groups_all = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, groups]))
     logger.info("measuring quantization errors of %s (groups %s)", model, groups_all)
-    profile = measure_profile(
-        fp32,
-        profile_units(block_map, [b.name for b in report.blocks]),
-        groups=groups_all,
-        model_name=str(model),
-        inputs={"model": model_fingerprint(model)},
-    )
-    profile.save(path)
-    return profile
+    fp = model_fingerprint(model)
+    return report_profile(fp32, report, path.parent, groups=groups_all, model_name=str(model), model_fp=fp)
 
 
 # --------------------------------------------------------------------------------------------------- planning
@@ -272,12 +278,6 @@ def check_head(model: nn.Module, raw: RawTask, name: str) -> None:
             f"model '{name}' has a {have}-label head but task '{raw.name}' has {len(raw.label_names)} labels; "
             "pass the model fine-tuned on this task"
         )
-
-
-def fp32_size_mib(model: nn.Module) -> float:
-    from .export import fp32_safetensors_bytes
-
-    return fp32_safetensors_bytes(model) / MIB
 
 
 # ------------------------------------------------------------------------------------------- density / landscape
