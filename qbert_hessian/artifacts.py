@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .config import check_bits
 from .errors import QBHError
+from .names import validate_block
 from .packed_format import PACKED_SCHEMA
 
 __version__ = "0.1.0"
@@ -38,6 +39,13 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets under the process umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_text(path: Path | str, text: str) -> Path:
@@ -222,6 +230,17 @@ class SensitivityReport(Artifact):
     seconds: float = 0.0
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     created_by: str = CREATED_BY
+
+    def __post_init__(self) -> None:
+        layers = self.model.get("num_layers") if isinstance(self.model, dict) else None
+        if isinstance(layers, int):
+            for name in [*(b.name for b in self.blocks), *self.pending]:
+                try:
+                    validate_block(name, layers)
+                except QBHError as exc:
+                    raise QBHError(
+                        f"the sensitivity report names a block of another model: {exc}; rerun sensitivity"
+                    ) from None
 
     @property
     def complete(self) -> bool:

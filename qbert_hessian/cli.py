@@ -298,8 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune MiniLM-L6 on BBC News, score its layers, plan 2/3/4-bit models, quantize, "
         "recover with QAT, export packed checkpoints and write report.md. Finished stages are reused.",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting of the demo config, e.g. --set qat.epochs=1 (repeatable)",
+    )
     p.add_argument("--force", action="store_true", help="recompute every stage")
     _add_device(p)
     _add_common(p)
@@ -313,6 +320,10 @@ def _setup_logging(quiet: bool) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # transformers saves shards with the hub's progress bar
 
 
 def _raw_task(args: argparse.Namespace):

@@ -183,6 +183,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _hub_kwargs(path: str) -> dict[str, Any]:
+    """For a hub name on a machine that cannot reach the hub: the local cache only, so the answer is immediate."""
+    from .hub import hub_reachable
+
+    return {} if Path(path).is_dir() or hub_reachable() else {"local_files_only": True}
+
+
+def _offline_hint(path: str) -> str:
+    return " (the Hugging Face Hub is not reachable from here)" if _hub_kwargs(path) else ""
+
+
 def is_classifier(name_or_path: str) -> bool:
     """True when the checkpoint was saved as a sequence classifier (so its head is trained)."""
     cfg = load_config(name_or_path)
@@ -200,12 +211,12 @@ def load_config(name_or_path: str) -> Any:
             f"model folder '{path}' does not exist; pass a folder holding config.json, a hub name, or minilm-l6"
         )
     try:
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(path, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QBHError(
-            f"could not load model '{name_or_path}' ({first}); pass a local folder, the alias minilm-l6, "
-            "or a hub name while online"
+            f"could not load model '{name_or_path}'{_offline_hint(path)} ({first}); pass a local folder, the alias "
+            "minilm-l6, or a hub name while online"
         ) from None
     if cfg.model_type not in ADAPTERS:
         raise _unsupported(cfg.model_type)
@@ -227,7 +238,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             "tokenizer beside the model (tokenizer.save_pretrained) or copy it from the base model"
         )
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QBHError(
@@ -286,9 +297,11 @@ def load_model(
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **_hub_kwargs(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise QBHError(
             f"could not load the weights of '{name_or_path}' ({first}); check or re-save the model"

@@ -28,7 +28,7 @@ from .config import _Config, _positive
 from .errors import QBHError
 from .evaluate import classification_metrics
 from .quant.apply import quant_modules
-from .train import cuda_available
+from .train import cuda_available, quiet_trainer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -189,6 +189,7 @@ def train_qat(
         data_collator=DataCollatorWithPadding(task.tokenizer),
         compute_metrics=_metrics(task.num_labels),
     )
+    quiet_trainer(trainer, progress)
     start = time.perf_counter()
     try:
         out = trainer.train()

@@ -100,9 +100,11 @@ def sensitivity(
     if resume is not None:
         differs = [k for k in ("model", "data") if resume.inputs.get(k) and resume.inputs.get(k) != inputs.get(k)]
         if differs or not resume.inputs:
-            what = " and ".join(f"the {k}" for k in differs) or "its inputs (it records none)"
+            names = {"model": "the model weights", "data": "the task data"}
+            what = " and ".join(names[k] for k in differs) or "its inputs (it records none)"
             raise QBHError(
-                f"cannot resume '{out / 'sensitivity.json'}': {what} differ from this run's; pass --force to start over"
+                f"cannot resume '{out / 'sensitivity.json'}': it was computed from other inputs ({what} differ from "
+                "this run's); pass --force to start over"
             )
 
     def save(report: SensitivityReport) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,15 +153,37 @@ def _find_file(data_dir: Path, stems: Sequence[str]) -> Path:
     raise QBHError(f"no {stems[0]} file in '{data_dir}': expected one of {names}")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise QBHError(f"'{path}' is not UTF-8 text (line {line}); convert it, e.g. iconv -t UTF-8") from None
+
+
+def _read_table(path: Path, text: str) -> list[dict[str, Any]]:
+    """Rows of a TSV/CSV file; a row with more or fewer fields than the header is refused (in a TSV, an
+    extra tab inside a sentence would otherwise shift the label column and invent a class)."""
+    if path.suffix == ".tsv":  # GLUE TSVs are unquoted: a quote is just a character
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():
+            fields = len(reader.fieldnames or ()) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+            raise QBHError(
+                f"'{path}' line {reader.line_num} has {fields} fields, the header has {len(reader.fieldnames or ())};"
+                " fix the row (a tab or comma inside a text field must be quoted or removed)"
+            )
+        rows.append(row)
+    return rows
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path)
     if path.suffix in (".tsv", ".csv"):
-        with path.open(encoding="utf-8", newline="") as fh:
-            if path.suffix == ".tsv":  # GLUE TSVs are unquoted: a quote is just a character
-                reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            else:
-                reader = csv.DictReader(fh)
-            return list(reader)
-    text = path.read_text(encoding="utf-8")
+        return _read_table(path, text)
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -203,6 +227,16 @@ def _local(name: str, data_dir: Path, text_columns: Sequence[str], label_column:
 def _hub(name: str, spec: TaskSpec) -> RawTask:
     from datasets import load_dataset
 
+    from .hub import OFFLINE_ENV, hub_reachable
+
+    offline_mode = any(os.environ.get(k) for k in OFFLINE_ENV)  # datasets then reads its cache, no retries
+    if not offline_mode and not hub_reachable():
+        known = ", ".join([BBC_NEWS, *GLUE])
+        raise QBHError(
+            f"task '{name}' needs the Hugging Face Hub, which is not reachable from here; pass --data DIR with local "
+            f"train/dev files (known task names: {known}), use --task bbc-news offline, or set HF_HUB_OFFLINE=1 to "
+            "read a dataset cached earlier"
+        )
     try:
         ds = load_dataset(*[p for p in spec.hub if p])
     except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import CREATED_BY, METRICS_SCHEMA, write_json
+from .artifacts import CREATED_BY, METRICS_SCHEMA, default_file_mode, write_json
 from .config import FinetuneConfig
 from .evaluate import evaluate
 
@@ -77,6 +77,7 @@ def finetune(
         train_dataset=task.train,
         data_collator=DataCollatorWithPadding(task.tokenizer),
     )
+    quiet_trainer(trainer, progress)
     start = time.perf_counter()
     has_checkpoint = resume and any(work.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
@@ -90,6 +91,7 @@ def finetune(
     model.save_pretrained(staging)
     task.tokenizer.save_pretrained(staging)
     for f in staging.iterdir():
+        os.chmod(f, default_file_mode())  # transformers writes the weights 0600: others could not load them
         os.replace(f, out / f.name)
     staging.rmdir()
     shutil.rmtree(work, ignore_errors=True)  # Trainer checkpoints only matter while training
@@ -107,6 +109,14 @@ def finetune(
     }
     write_json(out / "metrics.json", result)
     return result
+
+
+def quiet_trainer(trainer: Any, progress: bool) -> None:
+    """Without progress output the Trainer still prints every log as a dict (its PrinterCallback): remove it."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
 
 
 def cuda_available() -> bool:

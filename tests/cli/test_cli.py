@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -169,6 +168,5 @@ def test_cli_import_is_light():
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for cmd in ("finetune", "sensitivity", "demo"):
-        assert cmd in proc.stdout
-    assert Path(sys.executable).exists()
+    for cmd in ("finetune", "sensitivity", "plan", "quantize", "evaluate", "landscape", "density", "run", "demo"):
+        assert f"    {cmd} " in proc.stdout

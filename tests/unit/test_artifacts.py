@@ -29,7 +29,7 @@ def _report(pending=()):
         BlockSensitivity("embeddings", 300, [-1.0, -3.0], -2.0, 1.4142, 3.4142, [9, 9], [True, False], 2.0),
     ]
     return SensitivityReport(
-        {"name": "m", "family": "bert", "num_layers": 1, "num_heads": 2, "num_params": 400},
+        {"name": "m", "family": "bert", "num_layers": 2, "num_heads": 2, "num_params": 400},
         "sst2",
         SensitivityConfig(draws=2).to_dict(),
         [{"draw": 0}],
@@ -44,6 +44,15 @@ def test_report_round_trips(tmp_path):
     back = SensitivityReport.load(tmp_path / "s.json")
     assert back.to_dict() == r.to_dict() and not back.complete
     assert json.loads((tmp_path / "s.json").read_text())["schema"] == "qbert_hessian.sensitivity/1"
+
+
+def test_a_report_naming_blocks_its_model_lacks_is_refused(tmp_path):
+    r = _report(pending=["encoder.1"])
+    data = r.to_dict()
+    data["model"]["num_layers"] = 1
+    write_json(tmp_path / "s.json", data)
+    with pytest.raises(QBHError, match="block 'encoder.1' does not exist; this model has encoder.0..encoder.0"):
+        SensitivityReport.load(tmp_path / "s.json")
 
 
 def test_schema_checks(tmp_path):

@@ -14,6 +14,7 @@ LAYERS = {
     "config": 0,
     "packed_format": 0,
     "artifacts": 0,
+    "hub": 0,
     "hessian.vec": 1,
     "hessian.hvp": 1,
     "hessian.lanczos": 1,
