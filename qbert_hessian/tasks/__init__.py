@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import QBHError
-from . import classification
+from . import classification, token
 from .base import FAMILIES, MODEL_INPUTS, RawTask, Task, collator, subset
 from .classification import BBC_DEV_FRACTION, BBC_NEWS, BBC_SPLIT_SEED, GLUE, TaskSpec, classification_metrics
 
@@ -63,8 +63,11 @@ class _Family:
 
 _FAMILY: dict[str, _Family] = {
     "classification": _Family(classification.tokenize_classification, classification.classification_scores, "accuracy"),
+    "token": _Family(token.tokenize_token, token.token_scores, "f1"),
 }
-_TASK_NAMES: dict[str, tuple[str, ...]] = {}
+# Readers of the non-classification families, and the task names that pick them.
+_LOADERS: dict[str, Callable[..., RawTask]] = {"token": token.load_token}
+_TASK_NAMES: dict[str, tuple[str, ...]] = {"token": token.TASK_NAMES}
 
 
 def family_of_task(name: str) -> str:
@@ -99,9 +102,6 @@ def load_raw_task(
             name, data_dir=data_dir, text_columns=text_columns, label_column=label_column
         )
     return _LOADERS[family](name, data_dir=data_dir)
-
-
-_LOADERS: dict[str, Callable[..., RawTask]] = {}
 
 
 def tokenize_task(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128, **options: Any) -> Task:
