@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import QBHError
-from . import classification, token
+from . import classification, qa, token
 from .base import FAMILIES, MODEL_INPUTS, RawTask, Task, collator, subset
 from .classification import BBC_DEV_FRACTION, BBC_NEWS, BBC_SPLIT_SEED, GLUE, TaskSpec, classification_metrics
 
@@ -64,10 +64,11 @@ class _Family:
 _FAMILY: dict[str, _Family] = {
     "classification": _Family(classification.tokenize_classification, classification.classification_scores, "accuracy"),
     "token": _Family(token.tokenize_token, token.token_scores, "f1"),
+    "qa": _Family(qa.tokenize_qa, qa.qa_scores, "f1"),
 }
 # Readers of the non-classification families, and the task names that pick them.
-_LOADERS: dict[str, Callable[..., RawTask]] = {"token": token.load_token}
-_TASK_NAMES: dict[str, tuple[str, ...]] = {"token": token.TASK_NAMES}
+_LOADERS: dict[str, Callable[..., RawTask]] = {"token": token.load_token, "qa": qa.load_qa}
+_TASK_NAMES: dict[str, tuple[str, ...]] = {"token": token.TASK_NAMES, "qa": qa.TASK_NAMES}
 
 
 def family_of_task(name: str) -> str:
