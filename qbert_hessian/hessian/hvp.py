@@ -154,7 +154,7 @@ def split_by_length(batch: Batch, max_parts: int = 4, overhead: int = 64) -> lis
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == n:
                 value = value[rows.to(value.device)]
                 if value.dim() >= 2 and value.shape[1] == width:
-                    value = value[:, :keep]
+                    value = value[:, :keep].contiguous()  # HF token-classification loss .view()s labels
             part[key] = value
         parts.append(part)
     return parts
