@@ -292,8 +292,9 @@ class Run:
         from .tasks import tokenize_task
 
         if self._fp32 is None:
+            raw = self.raw()
             model, tokenizer = load_model(
-                self.checkpoint(), num_labels=len(self.raw().label_names), eager=True, device=self.device
+                self.checkpoint(), task_family=raw.family, num_labels=len(raw.label_names), eager=True, device=self.device
             )
             self._fp32 = model
             self._task = tokenize_task(self.raw(), tokenizer, max_length=self.config.model.max_length)
@@ -309,7 +310,7 @@ class Run:
 
         name = self.config.model.name
         load_config(name)
-        if is_classifier(name):
+        if is_classifier(name, self.raw().family):
             return name
         ckpt = self.out / "checkpoint"
         cfg = self.config.finetune
@@ -325,7 +326,13 @@ class Run:
         logger.info("stage finetune: %s on %s -> %s", name, self.config.model.task, ckpt)
         raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
         model, tokenizer = load_model(
-            name, num_labels=len(raw.label_names), label_names=raw.label_names, eager=False, device=self.device
+            name,
+            task_family=raw.family,
+            num_labels=len(raw.label_names),
+            label_names=raw.label_names,
+            eager=False,
+            device=self.device,
+            new_head=True,
         )
         finetune(
             model,

@@ -266,13 +266,25 @@ def load_for_task(
         check_head(model, raw, str(name_or_path))
         tokenizer = load_tokenizer(str(name_or_path))
     else:
-        model, tokenizer = load_model(str(name_or_path), num_labels=len(raw.label_names), eager=eager, device=device)
+        model, tokenizer = load_model(
+            str(name_or_path), task_family=raw.family, num_labels=len(raw.label_names), eager=eager, device=device
+        )
     return model, tokenize_task(raw, tokenizer, max_length=max_length)
 
 
 def check_head(model: nn.Module, raw: RawTask, name: str) -> None:
-    """Refuse a model whose classifier head does not fit the task's labels."""
-    have = getattr(model.config, "num_labels", None)  # type: ignore[attr-defined]
+    """Refuse a model whose task head does not fit the task: another family (a sequence classifier for a NER
+    task), or another number of labels."""
+    from .models import head_family
+
+    config = model.config  # type: ignore[attr-defined]
+    family = head_family(getattr(config, "architectures", None))
+    if family is not None and family != raw.family:
+        raise QBHError(
+            f"model '{name}' has a {family} head but task '{raw.name}' is a {raw.family} task; "
+            "pass the model fine-tuned on this task"
+        )
+    have = getattr(config, "num_labels", None)
     if have is not None and have != len(raw.label_names):
         raise QBHError(
             f"model '{name}' has a {have}-label head but task '{raw.name}' has {len(raw.label_names)} labels; "

@@ -231,3 +231,25 @@ def test_evaluate_qa_reports_squad_scores_and_feature_loss(squad_dir, wordpiece)
         whole = float(model(**task.batch("dev", range(len(task.dev)))).loss)
     assert metrics["loss"] == pytest.approx(whole, rel=1e-5)  # a mean over features
     assert metrics["num_examples"] == 8 and 0 <= metrics["exact_match"] <= metrics["f1"] <= 1
+
+
+def test_trainer_metrics_equal_evaluate(squad_dir, wordpiece, tmp_path):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from qbert_hessian.evaluate import evaluate
+    from tests.unit.test_token_task import trainer_eval
+
+    task = tokenize_task(load_raw_task("squad", data_dir=squad_dir), wordpiece, max_length=32)
+    cfg = BertConfig(
+        vocab_size=len(wordpiece), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+        max_position_embeddings=64, num_labels=2, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = BertForQuestionAnswering(cfg).eval()
+    with torch.no_grad():  # a head that prefers some spans, so EM/F1 are not all zero by chance alone
+        model.qa_outputs.weight.normal_(0, 1.0)
+    got, setup = trainer_eval(model, task, tmp_path / "trainer")
+    want = evaluate(model, task)
+    assert setup.metric == "f1" and 0 < want["f1"] < 1
+    assert got["eval_f1"] == pytest.approx(want["f1"]) and got["eval_exact_match"] == pytest.approx(want["exact_match"])
+    assert got["eval_loss"] == pytest.approx(want["loss"], rel=1e-4)

@@ -167,3 +167,38 @@ def test_evaluate_averages_the_loss_over_labelled_tokens(conll_dir, wordpiece):
         "loss",
         "num_examples",
     }
+
+
+def trainer_eval(model, task, out) -> tuple[dict[str, float], object]:
+    """The dev metrics as the QAT Trainer computes them (its collator, compute_metrics and label padding)."""
+    from transformers import Trainer, TrainingArguments
+
+    from qbert_hessian.tasks import trainer_setup
+
+    setup = trainer_setup(task)
+    args = TrainingArguments(output_dir=str(out), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    trainer = Trainer(
+        model=model, args=args, eval_dataset=task.dev, data_collator=setup.collator,
+        compute_metrics=setup.compute_metrics,
+    )  # fmt: skip
+    return trainer.evaluate(), setup
+
+
+def test_trainer_metrics_equal_evaluate(conll_dir, wordpiece, tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    from qbert_hessian.evaluate import evaluate
+
+    (conll_dir / "valid.txt").write_text(CONLL_TRAIN, encoding="utf-8")  # 3 sentences of different lengths
+    task = tokenize_task(load_raw_task("conll03", data_dir=conll_dir), wordpiece)
+    cfg = BertConfig(
+        vocab_size=len(wordpiece), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+        num_labels=task.num_labels, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model = BertForTokenClassification(cfg).eval()
+    got, setup = trainer_eval(model, task, tmp_path / "trainer")
+    want = evaluate(model, task)
+    assert setup.metric == "f1" and setup.greater_is_better
+    for k in ("f1", "precision", "recall", "accuracy"):
+        assert got[f"eval_{k}"] == pytest.approx(want[k])
