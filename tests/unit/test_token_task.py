@@ -202,3 +202,28 @@ def test_trainer_metrics_equal_evaluate(conll_dir, wordpiece, tmp_path):
     assert setup.metric == "f1" and setup.greater_is_better
     for k in ("f1", "precision", "recall", "accuracy"):
         assert got[f"eval_{k}"] == pytest.approx(want[k])
+
+
+def test_qat_on_a_token_task_keeps_the_best_entity_f1(conll_dir, wordpiece, tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    from qbert_hessian.artifacts import BitPlan
+    from qbert_hessian.evaluate import evaluate
+    from qbert_hessian.qat import QATConfig, train_qat
+    from qbert_hessian.quant.apply import quantize_model
+
+    task = tokenize_task(load_raw_task("conll03", data_dir=conll_dir), wordpiece)
+    cfg = BertConfig(
+        vocab_size=len(wordpiece), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+        num_labels=task.num_labels, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForTokenClassification(cfg).eval()
+    q = quantize_model(model, BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": 1}}, act_bits=None))
+    with pytest.raises(QBHError, match="distillation is implemented for classification"):
+        train_qat(q, task, QATConfig(distill=True), work_dir=tmp_path / "d", teacher=model)
+    config = QATConfig(epochs=2, lr=1e-3, batch_size=2, warmup_ratio=0.0, eval_steps=1)
+    result = train_qat(q, task, config, work_dir=tmp_path / "w", progress=False)
+    f1s = [h["eval_f1"] for h in result["log_history"] if "eval_f1" in h]
+    assert len(f1s) == result["steps"] == 4 and result["best_metric"] == max(f1s)
+    assert evaluate(q, task)["f1"] == pytest.approx(max(f1s))  # the best checkpoint is the one kept
