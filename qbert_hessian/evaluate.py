@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .artifacts import METRIC_COLUMNS
 from .hessian.hvp import loss_weight
 from .tasks import classification_metrics, pad_stack, task_scores
 
@@ -25,13 +26,6 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 __all__ = ["METRIC_COLUMNS", "classification_metrics", "evaluate", "summary"]
-
-# The scores a person reads first, per task family (tables and one-line summaries).
-METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1"),
-    "token": ("f1", "precision", "recall", "accuracy"),
-    "qa": ("exact_match", "f1"),
-}
 
 
 def summary(metrics: dict[str, float], family: str) -> str:

@@ -311,9 +311,7 @@ def load_model(
         kwargs["ignore_mismatched_sizes"] = True
     if num_labels is not None:
         if num_labels < 2:
-            raise QBHError(
-                f"the task has {num_labels} label value(s); a task head needs at least 2: check the labels"
-            )
+            raise QBHError(f"the task has {num_labels} label value(s); a task head needs at least 2: check the labels")
         kwargs["num_labels"] = num_labels
         if getattr(cfg, "num_labels", None) != num_labels and saved == family:
             if not new_head:

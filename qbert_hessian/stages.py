@@ -59,8 +59,15 @@ def model_fingerprint(name_or_path: str | Path) -> str:
 
 
 def data_fingerprint(raw: RawTask) -> str:
-    """A hash of a task's texts, labels and label names (both splits)."""
+    """A hash of a task's family, texts, labels and label names (both splits).
+
+    The family (how the data is tokenized, which head and loss it trains, how it is scored) enters for token
+    and QA tasks only, so the fingerprints of classification data, and the runs cached on them, are the same
+    as before task families existed.
+    """
     h = hashlib.sha256()
+    if raw.family != "classification":
+        h.update(f"family={raw.family}".encode())
     for part in (raw.train_texts, raw.train_labels, raw.dev_texts, raw.dev_labels, raw.label_names):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
