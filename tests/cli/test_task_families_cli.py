@@ -7,64 +7,17 @@ import json
 import pytest
 
 from qbert_hessian.cli import main
-from tests.helpers import WORDS
-
-TAGGED = {"good": "B-POS", "great": "B-POS", "fun": "B-POS", "bad": "B-NEG", "awful": "B-NEG", "boring": "B-NEG"}
-
-
-def conll_lines(n: int, seed: int) -> str:
-    import random
-
-    rng = random.Random(seed)
-    out = ["-DOCSTART- -X- -X- O", ""]
-    for _ in range(n):
-        for w in rng.choices(WORDS, k=rng.randint(3, 8)):
-            tag = TAGGED.get(w, "O")
-            out.append(f"{w} NN O {tag}")
-        out.append("")
-    return "\n".join(out) + "\n"
-
-
-def squad_file(n_articles: int, seed: int) -> dict:
-    import random
-
-    rng = random.Random(seed)
-    data = []
-    for a in range(n_articles):
-        context = " ".join(rng.choices(WORDS, k=30))
-        qas = []
-        for q in range(3):
-            words = context.split()
-            i = rng.randrange(len(words) - 2)
-            answer = " ".join(words[i : i + 2])
-            start = len(" ".join(words[:i])) + (1 if i else 0)
-            qas.append(
-                {
-                    "id": f"{a}-{q}",
-                    "question": "what is " + words[i],
-                    "answers": [{"text": answer, "answer_start": start}],
-                }
-            )
-        data.append({"title": f"t{a}", "paragraphs": [{"context": context, "qas": qas}]})
-    return {"version": "1.1", "data": data}
+from tests.helpers import squad_file, write_ner_dir, write_squad_dir
 
 
 @pytest.fixture
 def ner_dir(tmp_path):
-    d = tmp_path / "ner"
-    d.mkdir()
-    (d / "train.txt").write_text(conll_lines(48, 0))
-    (d / "valid.txt").write_text(conll_lines(12, 1))
-    return d
+    return write_ner_dir(tmp_path / "ner")
 
 
 @pytest.fixture
 def squad_dir(tmp_path):
-    d = tmp_path / "squad"
-    d.mkdir()
-    (d / "train-v1.1.json").write_text(json.dumps(squad_file(6, 0)))
-    (d / "dev-v1.1.json").write_text(json.dumps(squad_file(4, 1)))
-    return d
+    return write_squad_dir(tmp_path / "squad")
 
 
 COMMON = ["--max-length", "32", "--quiet"]
