@@ -414,18 +414,30 @@ class QuantProfile(Artifact):
         return sum(TensorSpec(n, d, tuple(s)).nbytes for n, d, s in self.tensors)
 
 
+# The scores a person reads first, per task family, in table order (``evaluate`` returns them, with ``loss`` and
+# ``num_examples``): classification accuracy and macro-F1; token entity-level F1 / precision / recall (seqeval)
+# and token accuracy; QA SQuAD v1.1 exact match and F1.
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1"),
+    "token": ("f1", "precision", "recall", "accuracy"),
+    "qa": ("exact_match", "f1"),
+}
+
+
 @dataclasses.dataclass
 class StageResult(Artifact):
     """Task metrics of one model of a run (``results/fp32.json``, ``direct.json``, ``metrics.json``).
 
-    ``stage`` is ``fp32``, ``direct`` (post-training quantization) or ``qat``; ``metrics`` the task metrics;
-    ``bytes`` the weights file on disk (the packed file for quantized rows); ``inputs`` what made it.
+    ``stage`` is ``fp32``, ``direct`` (post-training quantization) or ``qat``; ``metrics`` the task metrics
+    (``family`` says which: :data:`METRIC_COLUMNS`); ``bytes`` the weights file on disk (the packed file for
+    quantized rows); ``inputs`` what made it.
     """
 
     SCHEMA: ClassVar[str] = METRICS_SCHEMA
 
     stage: str
     metrics: dict[str, Any]
+    family: str = "classification"
     bytes: int | None = None
     plan: str | None = None
     direct: dict[str, Any] | None = None

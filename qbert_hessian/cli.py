@@ -356,6 +356,7 @@ def _check_out_file(path: Path, flag: str = "--out") -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from .evaluate import summary
     from .models import load_model
     from .tasks import subset, tokenize_task
     from .train import finetune
@@ -375,6 +376,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     raw = subset(_raw_task(args), config.max_train_samples, config.seed)
     model, tokenizer = load_model(
         args.model,
+        task_family=raw.family,
         num_labels=len(raw.label_names),
         label_names=raw.label_names,
         eager=False,
@@ -384,10 +386,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     task = tokenize_task(raw, tokenizer, max_length=config.max_length)
     result = finetune(model, task, config, args.out, model_name=args.model, resume=args.resume, progress=not args.quiet)
     m = result["metrics"]
-    print(
-        f"dev accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['num_examples']} examples; "
-        f"checkpoint in {args.out}"
-    )
+    print(f"dev {summary(m, raw.family)} on {m['num_examples']} examples; checkpoint in {args.out}")
     return 0
 
 
@@ -422,9 +421,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         elif not args.force:
             raise QBHError(f"'{existing}' exists; pass --resume to continue it or --force to overwrite it")
     raw = _raw_task(args)
-    if not is_classifier(args.model):
+    if not is_classifier(args.model, raw.family):
         raise QBHError(
-            f"'{args.model}' has no trained classifier head, so its curvature would describe a random head; "
+            f"'{args.model}' has no trained {raw.family} head, so its curvature would describe a random head; "
             "fine-tune it first (qbert-hessian finetune)"
         )
     model, task = stages.load_for_task(args.model, raw, max_length=config.max_length, device=args.device)
@@ -537,7 +536,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import stages
     from .artifacts import BitPlan, Evaluation
-    from .evaluate import evaluate
+    from .evaluate import METRIC_COLUMNS, evaluate
     from .export import file_sizes, fp32_safetensors_bytes, is_packed
 
     if args.out is not None:
@@ -571,10 +570,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 **evaluate(qmodel, ptask),
             }
         )
-    print("| model | kind | size MiB | accuracy | macro-F1 | loss |\n|---|---|---:|---:|---:|---:|")
+    cols = [*METRIC_COLUMNS[raw.family], "loss"]
+    print(f"| model | kind | size MiB | {' | '.join(cols)} |\n|---|---|---:|{'---:|' * len(cols)}")
     for r in rows:
         size = f"{r['size_mib']:.3f}" if r["size_mib"] is not None else "-"
-        print(f"| {r['name']} | {r['kind']} | {size} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['loss']:.4f} |")
+        print(f"| {r['name']} | {r['kind']} | {size} | {' | '.join(f'{r[c]:.4f}' for c in cols)} |")
     if args.out:
         Evaluation(task=args.task, results=rows).save(args.out)
     return 0

@@ -25,6 +25,7 @@ from torch import nn
 
 from .artifacts import BitPlan, PackedManifest, default_file_mode
 from .errors import QBHError
+from .models import auto_model_class, head_family
 from .packed_format import (
     MANIFEST_FILE,
     METADATA,
@@ -119,6 +120,7 @@ def save_packed(
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=METADATA)
+        model.config.architectures = [type(model).__name__]  # type: ignore[attr-defined]  (load_packed's head)
         model.config.save_pretrained(tmp)  # type: ignore[attr-defined]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -161,7 +163,7 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
         QBHError: a folder that is not a packed checkpoint, or a manifest that does not match the model.
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     path = Path(path)
     if not is_packed(path):
@@ -174,7 +176,8 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
     # The attention kernel the model was saved with, unless asked otherwise: eager and SDPA differ in the last
     # float bits, which can flip a borderline prediction.
     attn = manifest.attn_implementation if eager is None else ("eager" if eager else "sdpa")
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
+    auto = auto_model_class(head_family(config.architectures) or "classification")  # the head it was saved with
+    model = auto.from_config(config, attn_implementation=attn)
     model = quantize_model(model, plan, inplace=True)
     _check_manifest(model, manifest.tensors)
     try:

@@ -32,7 +32,7 @@ from .config import Direction, LandscapeConfig
 from .errors import QBHError
 from .hessian import vec
 from .hessian.eigen import top_eigenvalues
-from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled, model_loss
+from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled, loss_weight, model_loss
 from .models import BlockMap, eager_attention
 
 if TYPE_CHECKING:
@@ -145,11 +145,11 @@ def directions_for(
         desc = {"kind": "eigen", "eigenvalues": res.values, "iterations": res.iters, "converged": res.converged}
         return [[t.detach() for t in v] for v in res.vectors], desc
     device = params[0].device
-    total = sum(len(b["labels"]) for b in batches)
+    total = sum(loss_weight(b) for b in batches)
     grads = [torch.zeros_like(p) for p in params]
     with grads_enabled(params):
         for b in batches:
-            loss = model_loss(model, {k: v.to(device) for k, v in b.items()}) * (len(b["labels"]) / total)
+            loss = model_loss(model, {k: v.to(device) for k, v in b.items()}) * (loss_weight(b) / total)
             for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                 if g is not None:
                     acc += g
@@ -164,9 +164,9 @@ def directions_for(
 
 @torch.no_grad()
 def _mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
-    total = sum(len(b["labels"]) for b in batches)
+    total = sum(loss_weight(b) for b in batches)
     return math.fsum(
-        float(model_loss(model, {k: v.to(device) for k, v in b.items()})) * len(b["labels"]) / total for b in batches
+        float(model_loss(model, {k: v.to(device) for k, v in b.items()})) * loss_weight(b) / total for b in batches
     )
 
 

@@ -1,8 +1,9 @@
-"""Load BERT-family classifiers and map canonical block names onto each family's modules.
+"""Load BERT-family encoders with a task head and map canonical block names onto each family's modules.
 
 A small :class:`FamilyAdapter` per family says where the embeddings and the list of encoder layers live and
 what each linear module of a layer is called, so every stage speaks in canonical block names
-(``encoder.3.query``) whatever the architecture.
+(``encoder.3.query``) whatever the architecture. The task head (``classifier`` or ``qa_outputs``) is never a
+block; :data:`TASK_HEADS` names the transformers auto class of each task family.
 """
 
 from __future__ import annotations
@@ -88,6 +89,31 @@ assert all(set(a.linears) == set(LINEAR_PARTS) for a in ADAPTERS.values())
 assert all(set(a.embedding_parts) <= set(EMBEDDING_PARTS) for a in ADAPTERS.values())
 
 
+# Task family -> (transformers auto class, suffix of the architectures it saves).
+TASK_HEADS: dict[str, tuple[str, str]] = {
+    "classification": ("AutoModelForSequenceClassification", "ForSequenceClassification"),
+    "token": ("AutoModelForTokenClassification", "ForTokenClassification"),
+    "qa": ("AutoModelForQuestionAnswering", "ForQuestionAnswering"),
+}
+
+
+def head_family(architectures: Sequence[str] | None) -> str | None:
+    """The task family of a saved head (``BertForTokenClassification`` -> ``token``), None for a bare encoder."""
+    for family, (_, suffix) in TASK_HEADS.items():
+        if any(a.endswith(suffix) for a in architectures or []):
+            return family
+    return None
+
+
+def auto_model_class(family: str) -> type:
+    """The transformers auto class that builds a model with the family's head."""
+    import transformers
+
+    if family not in TASK_HEADS:
+        raise QBHError(f"task family '{family}' is unknown; use one of {', '.join(TASK_HEADS)}")
+    return getattr(transformers, TASK_HEADS[family][0])
+
+
 def _unsupported(model_type: str) -> QBHError:
     return QBHError(
         f"architecture '{model_type}' is not supported; supported families are "
@@ -106,8 +132,8 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
         model.get_submodule(adapter.layers)
     except AttributeError:
         raise QBHError(
-            f"model {type(model).__name__} has no '{adapter.layers}'; load it as a sequence classifier "
-            "(AutoModelForSequenceClassification)"
+            f"model {type(model).__name__} has no '{adapter.layers}'; load it with a task head "
+            f"({', '.join(a for a, _ in TASK_HEADS.values())})"
         ) from None
     return adapter
 
@@ -194,10 +220,10 @@ def _offline_hint(path: str) -> str:
     return " (the Hugging Face Hub is not reachable from here)" if _hub_kwargs(path) else ""
 
 
-def is_classifier(name_or_path: str) -> bool:
-    """True when the checkpoint was saved as a sequence classifier (so its head is trained)."""
-    cfg = load_config(name_or_path)
-    return any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+def is_classifier(name_or_path: str, family: str | None = None) -> bool:
+    """True when the checkpoint was saved with a task head (of ``family``, when given), so its head is trained."""
+    saved = head_family(load_config(name_or_path).architectures)
+    return saved is not None and (family is None or saved == family)
 
 
 def load_config(name_or_path: str) -> Any:
@@ -249,23 +275,28 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_model(
     name_or_path: str,
     *,
+    task_family: str | None = None,
     num_labels: int | None = None,
     label_names: Sequence[str] | None = None,
     eager: bool = True,
     device: str = "cpu",
     new_head: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an encoder sequence classifier and its tokenizer by alias, local folder or hub name.
+    """Load an encoder with a task head, and its tokenizer, by alias, local folder or hub name.
 
     Args:
         name_or_path: ``minilm-l6``, a folder saved with ``save_pretrained``, or a hub name.
-        num_labels: classes of the task. A fine-tuned classifier with another head size is refused unless
-            ``new_head`` (its trained head would be replaced by a random one).
+        task_family: ``classification``, ``token`` or ``qa`` (:data:`TASK_HEADS`); None: the family of the
+            checkpoint's saved head, else classification.
+        num_labels: classes (tags; 2 for QA's start/end) of the task. A checkpoint with a trained head of
+            another size, or of another task family, is refused unless ``new_head`` (its trained head would be
+            replaced by a random one).
         label_names: names of the classes, stored in the config (``id2label``).
         eager: use eager attention. PyTorch's SDPA kernels have no double backward on CPU, so every
             curvature computation needs it.
         device: where to put the model.
-        new_head: allow a fresh classifier head of ``num_labels`` (fine-tuning does; analysis never should).
+        new_head: allow a fresh task head of ``num_labels`` in place of a trained one (fine-tuning does;
+            analysis never should).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -274,19 +305,26 @@ def load_model(
         QBHError: unknown path, unreachable hub, unsupported architecture, missing tokenizer files, or a
             trained head whose size does not fit the task.
     """
-    from transformers import AutoModelForSequenceClassification
-
     cfg = load_config(name_or_path)
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
+    saved = head_family(cfg.architectures)
+    family = task_family or saved or "classification"
+    auto = auto_model_class(family)
     kwargs: dict[str, Any] = {"attn_implementation": "eager" if eager else "sdpa"}
+    if saved is not None and saved != family:
+        if not new_head:
+            raise QBHError(
+                f"model '{name_or_path}' has a trained {saved} head but the task is {family}; pass the model "
+                "fine-tuned on this task (or fine-tune it with qbert-hessian finetune)"
+            )
+        logger.warning("checkpoint has a %s head, the task is %s: a new head is trained", saved, family)
+        kwargs["ignore_mismatched_sizes"] = True
     if num_labels is not None:
         if num_labels < 2:
-            raise QBHError(
-                f"the task has {num_labels} label value(s); a classifier needs at least 2: check the label column"
-            )
+            raise QBHError(f"the task has {num_labels} label value(s); a task head needs at least 2: check the labels")
         kwargs["num_labels"] = num_labels
-        if getattr(cfg, "num_labels", None) != num_labels and is_classifier(name_or_path):
+        if getattr(cfg, "num_labels", None) != num_labels and saved == family:
             if not new_head:
                 raise QBHError(
                     f"model '{name_or_path}' has a trained {cfg.num_labels}-label head but the task has {num_labels} "
@@ -300,7 +338,7 @@ def load_model(
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **_hub_kwargs(path))
+        model = auto.from_pretrained(path, **kwargs, **_hub_kwargs(path))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise QBHError(

@@ -1,6 +1,6 @@
 """``qbert-hessian run``: every stage in order, each reused only while the inputs that made it are unchanged.
 
-    finetune (unless the model already is a fine-tuned classifier)  -> checkpoint/ + metrics.json
+    finetune (unless the model already has the task family's head)  -> checkpoint/ + metrics.json
     sensitivity, and the allocator's cost table                     -> sensitivity/sensitivity.json, profile.json
     plans (one per requested budget or uniform width)               -> plans/<name>.json, .md; plans/frontier.*
     direct quantization, evaluated                                  -> results/<name>/direct.json
@@ -292,8 +292,13 @@ class Run:
         from .tasks import tokenize_task
 
         if self._fp32 is None:
+            raw = self.raw()
             model, tokenizer = load_model(
-                self.checkpoint(), num_labels=len(self.raw().label_names), eager=True, device=self.device
+                self.checkpoint(),
+                task_family=raw.family,
+                num_labels=len(raw.label_names),
+                eager=True,
+                device=self.device,
             )
             self._fp32 = model
             self._task = tokenize_task(self.raw(), tokenizer, max_length=self.config.model.max_length)
@@ -301,7 +306,8 @@ class Run:
 
     # -- stages --------------------------------------------------------------------------------------------
     def checkpoint(self) -> str:
-        """The FP32 baseline: the given model if it is a fine-tuned classifier, else fine-tune it once."""
+        """The FP32 baseline: the given model if it has a trained head of the task's family (sequence, token or
+        QA), else fine-tune one once."""
         from .models import is_classifier, load_config, load_model
         from .stages import model_fingerprint
         from .tasks import subset, tokenize_task
@@ -309,7 +315,7 @@ class Run:
 
         name = self.config.model.name
         load_config(name)
-        if is_classifier(name):
+        if is_classifier(name, self.raw().family):
             return name
         ckpt = self.out / "checkpoint"
         cfg = self.config.finetune
@@ -325,7 +331,13 @@ class Run:
         logger.info("stage finetune: %s on %s -> %s", name, self.config.model.task, ckpt)
         raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
         model, tokenizer = load_model(
-            name, num_labels=len(raw.label_names), label_names=raw.label_names, eager=False, device=self.device
+            name,
+            task_family=raw.family,
+            num_labels=len(raw.label_names),
+            label_names=raw.label_names,
+            eager=False,
+            device=self.device,
+            new_head=True,
         )
         finetune(
             model,
@@ -422,7 +434,8 @@ class Run:
             return StageResult.load(path)
         model, task = self.fp32()
         nbytes = fp32_safetensors_bytes(model)
-        result = StageResult(stage="fp32", metrics=evaluate(model, task), bytes=nbytes, inputs=inputs)
+        metrics = evaluate(model, task)
+        result = StageResult(stage="fp32", metrics=metrics, family=task.family, bytes=nbytes, inputs=inputs)
         result.save(path)
         self._done("fp32", inputs)
         return result
@@ -451,7 +464,9 @@ class Run:
             logger.info("stage direct quantization: %s", name)
             q = stages.quantize_direct(model, plan, task, self.config.run.calibration)
             direct = evaluate(q, task)
-            StageResult(stage="direct", metrics=direct, plan=name, inputs=d_inputs).save(direct_path)
+            StageResult(stage="direct", metrics=direct, family=task.family, plan=name, inputs=d_inputs).save(
+                direct_path
+            )
             self._done(f"direct:{name}", d_inputs)
         packed = out / "packed"
         training: QATLog | None = None
@@ -487,6 +502,7 @@ class Run:
             stage="qat" if qat else "direct",
             plan=name,
             metrics=evaluate(load_packed(packed, device=self.device), task),
+            family=task.family,
             direct=direct,
             bytes=file_sizes(packed)["weights_bytes"],
             predicted_bytes=plan.predicted.get("bytes"),
@@ -508,11 +524,24 @@ class Run:
         raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
         return tokenize_task(raw, task.tokenizer, max_length=self.config.model.max_length)
 
+    def _check_family(self, raw) -> None:
+        """Settings the task's family cannot honour, refused before any stage runs."""
+        distilled = (
+            [p.name for p in self.config.plans if (self.config.run.qat if p.qat is None else p.qat)]
+            if self.config.qat.distill
+            else []
+        )
+        if distilled and raw.family != "classification":
+            raise QBHError(
+                f"[qat] distill = true is implemented for classification, not {raw.family} tasks (plans "
+                f"{', '.join(distilled)} train with QAT); set distill = false (--set qat.distill=false)"
+            )
+
     def execute(self) -> Path:
         """Every stage, then ``report.md``; returns the report's path."""
         from .report import write_run_report
 
-        self.raw()  # bad data fails before anything is written
+        self._check_family(self.raw())  # bad data and unsupported settings fail before anything is written
         self.checkpoint()
         self.out.mkdir(parents=True, exist_ok=True)
         self.record.config = self.config.to_dict()

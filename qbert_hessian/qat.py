@@ -8,7 +8,8 @@ activation ranges follow an EMA while training. Training is transformers' ``Trai
 - Quant-Noise (Fan et al. 2020): each training forward keeps a random share p of every weight's groups in
   FP32 and quantizes the rest; evaluation quantizes everything.
 
-The best checkpoint by dev accuracy is kept (``load_best_model_at_end``).
+The best checkpoint by the task's main dev metric (accuracy; entity F1; SQuAD F1) is kept
+(``load_best_model_at_end``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 
 from .config import _Config, _positive
 from .errors import QBHError
-from .evaluate import classification_metrics
 from .quant.apply import quant_modules
 from .train import cuda_available, quiet_trainer
 
@@ -113,14 +113,6 @@ def _trainer_class(teacher: nn.Module | None, config: QATConfig) -> type:
     return QATTrainer
 
 
-def _metrics(num_labels: int):
-    def compute(pred) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        return classification_metrics(np.argmax(logits, axis=-1), pred.label_ids, num_labels)
-
-    return compute
-
-
 def train_qat(
     model: nn.Module,
     task: Task,
@@ -144,12 +136,17 @@ def train_qat(
         ``{"train_seconds", "steps", "best_metric", "log_history"}``; the model holds the best weights and is
         left in eval mode.
     """
-    from transformers import DataCollatorWithPadding, TrainingArguments
+    from transformers import TrainingArguments
+
+    from .tasks import trainer_setup
 
     if not any(True for _ in quant_modules(model)):
         raise QBHError("model has no quantized modules; apply a plan with quantize_model first")
     if config.distill and teacher is None:
         raise QBHError("distillation needs the FP32 teacher model; pass teacher=")
+    if config.distill and task.family != "classification":
+        raise QBHError(f"distillation is implemented for classification, not {task.family} tasks; drop --distill")
+    setup = trainer_setup(task)
     if teacher is not None:
         teacher.eval()  # its forward runs under no_grad; its parameters are left as they are
     for _, module in quant_modules(model):
@@ -173,8 +170,8 @@ def train_qat(
         save_steps=eval_steps,
         save_total_limit=1,
         load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
-        greater_is_better=True,
+        metric_for_best_model=setup.metric,
+        greater_is_better=setup.greater_is_better,
         logging_steps=max(1, min(50, eval_steps)),
         report_to=[],
         seed=config.seed,
@@ -186,8 +183,8 @@ def train_qat(
         args=args,
         train_dataset=task.train,
         eval_dataset=task.dev,
-        data_collator=DataCollatorWithPadding(task.tokenizer),
-        compute_metrics=_metrics(task.num_labels),
+        data_collator=setup.collator,
+        compute_metrics=setup.compute_metrics,
     )
     quiet_trainer(trainer, progress)
     start = time.perf_counter()

@@ -12,7 +12,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .artifacts import BitPlan, SensitivityReport, atomic_write, write_text
+from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
+from .errors import QBHError
 
 
 def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
@@ -251,12 +252,33 @@ def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
     return w, str(emb), str(plan.act_bits or 32), "/".join(groups) or "-"
 
 
+# How each family's scores are headed in tables, and what they mean (report.md's note above the table).
+METRIC_LABELS: dict[str, dict[str, str]] = {
+    "classification": {"accuracy": "accuracy", "macro_f1": "macro-F1"},
+    "token": {"f1": "entity F1", "precision": "entity precision", "recall": "entity recall", "accuracy": "token acc."},
+    "qa": {"exact_match": "EM", "f1": "F1"},
+}
+METRIC_NOTES: dict[str, str] = {
+    "classification": "Accuracy and macro-F1 on the dev split",
+    "token": "Entity-level F1, precision and recall on the dev split (seqeval, CoNLL rules: an entity counts only "
+    "with its exact span and type), and the accuracy of the tags of first sub-tokens",
+    "qa": "SQuAD v1.1 exact match (EM) and token F1 on the dev questions (official normalisation, best over the "
+    "gold answers; spans found by n-best search over every window of the context)",
+}
+
+
+def _scores(metrics: dict[str, Any], family: str) -> dict[str, Any]:
+    return {k: metrics[k] for k in METRIC_COLUMNS[family]}
+
+
 def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
-    """The results table of a run folder, from its JSON artifacts alone."""
+    """The results table of a run folder, from its JSON artifacts alone: one row per model, holding the task
+    family's scores (:data:`~qbert_hessian.artifacts.METRIC_COLUMNS`) under their own keys and the family."""
     from .artifacts import RunRecord, StageResult
 
     run = Path(run_dir)
     base = StageResult.load(run / "results" / "fp32.json")
+    family = base.family
     fp32_bytes = base.bytes
     rows = [
         {
@@ -266,8 +288,8 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "e_bits": "32",
             "a_bits": "32",
             "groups": "-",
-            "accuracy": base.metrics["accuracy"],
-            "macro_f1": base.metrics["macro_f1"],
+            "family": family,
+            **_scores(base.metrics, family),
             "mib": fp32_bytes / 2**20,
             "compression": 1.0,
         }
@@ -279,6 +301,8 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         if not path.exists():
             continue
         res = StageResult.load(path)
+        if res.family != family:
+            raise QBHError(f"'{path}' holds {res.family} scores but the FP32 baseline {family} scores; rerun the run")
         plan = BitPlan.load(run / "plans" / f"{name}.json")
         w, e, a, g = _bits_text(plan)
         common = {
@@ -287,39 +311,28 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "e_bits": e,
             "a_bits": a,
             "groups": g,
+            "family": family,
             "mib": res.bytes / 2**20,
             "compression": fp32_bytes / res.bytes,
         }
         kind = "uniform" if plan.method == "uniform" else f"mixed ({plan.method})"
-        rows.append(
-            {
-                "method": f"direct, {kind}",
-                **common,
-                "accuracy": res.direct["accuracy"],
-                "macro_f1": res.direct["macro_f1"],
-            }
-        )
+        rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family)})
         if res.qat:
-            rows.append(
-                {
-                    "method": f"QAT, {kind}",
-                    **common,
-                    "accuracy": res.metrics["accuracy"],
-                    "macro_f1": res.metrics["macro_f1"],
-                }
-            )
+            rows.append({"method": f"QAT, {kind}", **common, **_scores(res.metrics, family)})
     return rows
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| method | plan | w-bits | e-bits | a-bits | groups | accuracy | macro-F1 | size MiB | compression |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
+    """The rows of :func:`results_rows` as markdown, with their family's score columns."""
+    family = rows[0].get("family", "classification") if rows else "classification"
+    labels = METRIC_LABELS[family]
+    head = " | ".join(["method", "plan", "w-bits", "e-bits", "a-bits", "groups", *labels.values(), "size MiB"])
+    lines = [f"| {head} | compression |", f"|---|---|---|---:|---:|---|{'---:|' * len(labels)}---:|---:|"]
     for r in rows:
+        scores = " | ".join(f"{r[k]:.4f}" for k in labels)
         lines.append(
             f"| {r['method']} | {r['plan']} | {r['w_bits']} | {r['e_bits']} | {r['a_bits']} | {r['groups']} | "
-            f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['mib']:.2f} | {r['compression']:.2f}x |"
+            f"{scores} | {r['mib']:.2f} | {r['compression']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -332,10 +345,12 @@ def write_run_report(run_dir: Path | str) -> Path:
     config = RunRecord.load(run / "run.json").config
     m = config["model"]
     rows = results_rows(run)
+    family = rows[0]["family"]
+    kind = "" if family == "classification" else f" ({'NER' if family == 'token' else 'question answering'})"
     lines = [
-        f"# Compression run: {m['name']} on {m['task']}",
+        f"# Compression run: {m['name']} on {m['task']}{kind}",
         "",
-        "Accuracy on the dev split; packed sizes are bytes of `model.safetensors` on disk, compression is against "
+        f"{METRIC_NOTES[family]}; packed sizes are bytes of `model.safetensors` on disk, compression is against "
         "the FP32 weights. Quantized rows are evaluated from their packed checkpoint (QAT rows) or by direct "
         "(post-training) quantization of the FP32 model.",
         "",

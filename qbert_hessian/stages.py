@@ -59,8 +59,15 @@ def model_fingerprint(name_or_path: str | Path) -> str:
 
 
 def data_fingerprint(raw: RawTask) -> str:
-    """A hash of a task's texts, labels and label names (both splits)."""
+    """A hash of a task's family, texts, labels and label names (both splits).
+
+    The family (how the data is tokenized, which head and loss it trains, how it is scored) enters for token
+    and QA tasks only, so the fingerprints of classification data, and the runs cached on them, are the same
+    as before task families existed.
+    """
     h = hashlib.sha256()
+    if raw.family != "classification":
+        h.update(f"family={raw.family}".encode())
     for part in (raw.train_texts, raw.train_labels, raw.dev_texts, raw.dev_labels, raw.label_names):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
@@ -268,13 +275,25 @@ def load_for_task(
         check_head(model, raw, str(name_or_path))
         tokenizer = load_tokenizer(str(name_or_path))
     else:
-        model, tokenizer = load_model(str(name_or_path), num_labels=len(raw.label_names), eager=eager, device=device)
+        model, tokenizer = load_model(
+            str(name_or_path), task_family=raw.family, num_labels=len(raw.label_names), eager=eager, device=device
+        )
     return model, tokenize_task(raw, tokenizer, max_length=max_length)
 
 
 def check_head(model: nn.Module, raw: RawTask, name: str) -> None:
-    """Refuse a model whose classifier head does not fit the task's labels."""
-    have = getattr(model.config, "num_labels", None)  # type: ignore[attr-defined]
+    """Refuse a model whose task head does not fit the task: another family (a sequence classifier for a NER
+    task), or another number of labels."""
+    from .models import head_family
+
+    config = model.config  # type: ignore[attr-defined]
+    family = head_family(getattr(config, "architectures", None))
+    if family is not None and family != raw.family:
+        raise QBHError(
+            f"model '{name}' has a {family} head but task '{raw.name}' is a {raw.family} task; "
+            "pass the model fine-tuned on this task"
+        )
+    have = getattr(config, "num_labels", None)
     if have is not None and have != len(raw.label_names):
         raise QBHError(
             f"model '{name}' has a {have}-label head but task '{raw.name}' has {len(raw.label_names)} labels; "

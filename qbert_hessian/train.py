@@ -39,7 +39,7 @@ def finetune(
     """Fine-tune ``model`` on ``task.train``, save it to ``out_dir`` and return its metrics.
 
     Args:
-        model: a sequence classifier whose head matches ``task.num_labels``.
+        model: an encoder with the task family's head, matching ``task.num_labels``.
         task: the tokenized task (subset the training split beforehand to train on less).
         config: the training settings.
         out_dir: where the checkpoint, tokenizer and ``metrics.json`` go.
@@ -50,7 +50,9 @@ def finetune(
     Returns:
         The content of ``metrics.json``.
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    from .tasks import collator
 
     out = Path(out_dir)
     work = out / "trainer"
@@ -75,7 +77,7 @@ def finetune(
         model=model,
         args=args,
         train_dataset=task.train,
-        data_collator=DataCollatorWithPadding(task.tokenizer),
+        data_collator=collator(task.family, task.tokenizer),
     )
     quiet_trainer(trainer, progress)
     start = time.perf_counter()

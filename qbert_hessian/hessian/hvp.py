@@ -9,11 +9,15 @@ H_bb of the full Hessian). Each batch gets one forward and one ``create_graph`` 
 and reused by every product until :meth:`BlockHessian.free`, so power iteration pays one double backward per
 step. Dropout must be off: :func:`curvature_mode` puts the model in eval mode and restores it afterwards.
 
+The weight n_j is what the batch's loss averages over (:func:`loss_weight`): examples for sentence
+classification and QA (HF's QA loss is (CE_start + CE_end) / 2, a mean over features), labelled tokens
+(``labels != -100``) for token classification, whose loss is a mean over those tokens. So L is the loss of
+the joint batch, however it was cut.
+
 A padded batch of sentences of mixed length spends most of its compute on padding (on SST-2, a batch of 32
-padded to its longest row is about 70% padding). The loss is a mean over examples and padding does not reach
-the real tokens, so :func:`split_by_length` cuts each batch into a few micro-batches of similar length, each
-trimmed to its own longest row; weighted by their sizes they give the same loss, gradient and Hessian, on
-fewer tokens.
+padded to its longest row is about 70% padding). Padding does not reach the real tokens, so
+:func:`split_by_length` cuts each batch into a few micro-batches of similar length, each trimmed to its own
+longest row; weighted by :func:`loss_weight` they give the same loss, gradient and Hessian, on fewer tokens.
 
 An embedding table is looked up only at the draw's token ids, so its Hessian is zero outside those rows.
 :class:`BlockHessian` records the rows each plain ``nn.Embedding`` of the block looks up and, in
@@ -39,7 +43,7 @@ HVP = Callable[[list[Tensor]], list[Tensor]]
 
 
 def model_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """The default loss: the HF model's own loss for a batch that carries ``labels`` (mean over examples)."""
+    """The default loss: the HF model's own loss for a batch with its targets (see :func:`loss_weight`)."""
     return model(**batch).loss
 
 
@@ -67,7 +71,12 @@ def grads_enabled(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(r)
 
 
-def _batch_size(batch: Batch) -> int:
+def loss_weight(batch: Batch) -> int:
+    """What the batch's loss is a mean over: labelled tokens (``labels != -100``) when the labels are per token,
+    else examples (rows). Batches weighted by it average to the loss of their union."""
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:
+        return int(labels.ne(-100).sum())
     first = next(iter(batch.values()))
     return int(first.shape[0])
 
@@ -111,16 +120,22 @@ def split_by_length(batch: Batch, max_parts: int = 4, overhead: int = 64) -> lis
     batch's loss as a function of the parameters (padding is masked out of every real token), so products
     over the parts are the batch's Hessian-vector products.
 
-    A batch is returned whole when it has no ``attention_mask``, when its labels are not one per example
-    (a token-level loss is a mean over tokens, not rows), when it is not right-padded (trimming a left-padded
-    row would move its tokens to other positions), or when splitting saves nothing.
+    Per-token labels (token classification) are trimmed with their rows; weighted by :func:`loss_weight`
+    (labelled tokens) the parts again give the batch's mean over labelled tokens.
+
+    A batch is returned whole when it has no ``attention_mask``, when it is not right-padded (trimming a
+    left-padded row would move its tokens to other positions), when a padding position carries a label,
+    when it carries ``start_positions`` (QA: the start/end softmax runs over every position, padding
+    included, so trimming would change the loss), or when splitting saves nothing.
     """
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
-    if max_parts <= 1 or mask is None or mask.dim() != 2 or (labels is not None and labels.dim() != 1):
+    if max_parts <= 1 or mask is None or mask.dim() != 2 or "start_positions" in batch:
         return [batch]
     lengths = mask.sum(1)
     if not _right_padded(mask, lengths):
+        return [batch]
+    if labels is not None and labels.dim() == 2 and bool((labels.ne(-100) & mask.eq(0)).any()):
         return [batch]
     n, width = mask.shape
     if n * width - int(lengths.sum()) <= overhead:  # the padding is worth less than one more pass
@@ -139,7 +154,7 @@ def split_by_length(batch: Batch, max_parts: int = 4, overhead: int = 64) -> lis
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == n:
                 value = value[rows.to(value.device)]
                 if value.dim() >= 2 and value.shape[1] == width:
-                    value = value[:, :keep]
+                    value = value[:, :keep].contiguous()  # HF token-classification loss .view()s labels
             part[key] = value
         parts.append(part)
     return parts
@@ -182,9 +197,9 @@ class BlockHessian:
     Args:
         model: the model, in eval mode (see :func:`curvature_mode`); its device is used for the batches.
         params: the block's parameters (they get ``requires_grad=True`` for the duration of the graph).
-        batches: HF batches (dicts of tensors, with ``labels``).
-        loss_fn: ``loss_fn(model, batch) -> scalar``, a mean over the batch's examples; defaults to the
-            model's own loss.
+        batches: HF batches (dicts of tensors, with ``labels`` or ``start_positions``/``end_positions``).
+        loss_fn: ``loss_fn(model, batch) -> scalar``, a mean over what :func:`loss_weight` counts (examples,
+            or labelled tokens); defaults to the model's own loss.
         length_buckets: split every batch into at most this many micro-batches of similar length
             (:func:`split_by_length`, with the device's :func:`pass_overhead`; 1: never split). The products
             are the same, computed on less padding.
@@ -215,8 +230,12 @@ class BlockHessian:
         loss_fn = loss_fn or model_loss
         device = self.params[0].device
         overhead = pass_overhead(device)
-        batches = [part for batch in batches for part in split_by_length(batch, length_buckets, overhead)]
-        sizes = [_batch_size(b) for b in batches]
+        parts = [part for batch in batches for part in split_by_length(batch, length_buckets, overhead)]
+        # A part with nothing labelled (every word truncated away) has weight 0 and a 0/0 loss: leave it out.
+        batches = [b for b in parts if loss_weight(b) > 0]
+        if not batches:
+            raise QBHError("no labelled token in the data: the loss is empty; raise --max-length or use other data")
+        sizes = [loss_weight(b) for b in batches]
         total = float(sum(sizes))
         self.weights = [n / total for n in sizes]
         self.grads: list[list[Tensor | None]] = []

@@ -167,3 +167,23 @@ def test_reload_keeps_the_attention_kernel_it_was_saved_with(tiny_checkpoint, tm
     batch = random_batch(model.config.vocab_size, batch_size=3, seq_len=5)
     assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
     assert load_packed(tmp_path / "p", eager=False).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["token", "qa"])
+def test_packed_checkpoint_rebuilds_its_task_head(tiny_checkpoint, tmp_path, family):
+    from qbert_hessian.models import load_model
+
+    num_labels = 3 if family == "token" else 2
+    model, _ = load_model(str(tiny_checkpoint), task_family=family, num_labels=num_labels, new_head=True)
+    # the tiny checkpoint's architectures say sequence classification; the model in memory is the task's
+    plan = BitPlan(model=dict(MODEL, hidden_size=16), blocks={"encoder.0": {"bits": 4, "groups": "channel"}})
+    q = quantize_model(model, plan)
+    batch = {k: v for k, v in random_batch(model.config.vocab_size, batch_size=3, seq_len=7).items() if k != "labels"}
+    calibrate_activations(q, [batch])
+    save_packed(q, tmp_path / "p", plan=plan)
+    reloaded = load_packed(tmp_path / "p")
+    assert type(reloaded) is type(model)  # BertForTokenClassification / BertForQuestionAnswering
+    with torch.no_grad():
+        a, b = q(**batch), reloaded(**batch)
+    key = "logits" if family == "token" else "start_logits"
+    assert torch.equal(a[key], b[key])

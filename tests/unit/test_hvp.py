@@ -124,7 +124,7 @@ def test_length_split_leaves_batches_it_cannot_split_whole(micro_bert):
     assert split_by_length(batch, max_parts=1) == [batch]
     no_mask = {k: v for k, v in batch.items() if k != "attention_mask"}
     assert split_by_length(no_mask, overhead=0) == [no_mask]
-    token_labels = {**batch, "labels": torch.zeros_like(batch["input_ids"])}  # a token-level loss: keep rows
+    token_labels = {**batch, "labels": torch.zeros_like(batch["input_ids"])}  # tags on padding: trimming drops them
     assert split_by_length(token_labels, overhead=0) == [token_labels]
     holes = {**batch, "attention_mask": batch["attention_mask"].clone()}
     holes["attention_mask"][1, 0] = 0  # not one run of ones then padding

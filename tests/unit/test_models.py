@@ -70,6 +70,21 @@ def test_load_model_refuses_to_replace_a_trained_head_unless_asked(tiny_checkpoi
     assert model.config._attn_implementation == "eager" and not model.training
 
 
+def test_load_model_refuses_a_trained_head_of_another_task_family_unless_asked(tiny_checkpoint):
+    # the tiny checkpoint is a trained sequence classifier; NER and QA need other heads
+    for family, num_labels in (("token", 2), ("qa", 2)):
+        with pytest.raises(QBHError, match=f"has a trained classification head but the task is {family}"):
+            load_model(str(tiny_checkpoint), task_family=family, num_labels=num_labels)
+    model, _ = load_model(str(tiny_checkpoint), task_family="token", num_labels=5, new_head=True)
+    assert type(model).__name__ == "BertForTokenClassification" and model.classifier.out_features == 5
+    model, _ = load_model(str(tiny_checkpoint), task_family="qa", num_labels=2, new_head=True)
+    assert type(model).__name__ == "BertForQuestionAnswering" and model.qa_outputs.out_features == 2
+    # no family given: the saved head's
+    assert type(load_model(str(tiny_checkpoint))[0]).__name__ == "BertForSequenceClassification"
+    with pytest.raises(QBHError, match="task family 'ner' is unknown"):
+        load_model(str(tiny_checkpoint), task_family="ner")
+
+
 def test_load_model_refuses_a_folder_without_tokenizer(tiny_checkpoint, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()

