@@ -8,12 +8,18 @@ Heavy imports (torch, transformers) happen inside the commands so ``--help`` is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from .allocate import MIB
 from .config import (
@@ -27,8 +33,6 @@ from .config import (
 )
 from .errors import QBHError
 
-SC, AC, LC = SensitivityConfig, AllocConfig, LandscapeConfig
-
 logger = logging.getLogger("qbert_hessian")
 
 
@@ -36,55 +40,103 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; use an integer >= 0")
-    return value
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a list of integers; e.g. 2,3,4,8") from None
 
 
-def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--calibration-batches",
-        type=int,
-        default=CalibrationConfig.calibration_batches,
-        help="training batches that set the activation ranges",
-    )
-    p.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size, help="examples per batch")
-    p.add_argument("--seed", type=_non_negative, default=CalibrationConfig.seed, help="seeds the calibration batches")
+def _int_or_str(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _parse_type(hint: Any) -> Callable[[str], Any]:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
+    if typing.get_origin(options[0]) is tuple:
+        return _int_list
+    if int in options and str in options:
+        return _int_or_str
+    return options[0] if options[0] in (int, float) else str
+
+
+def _add_config(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (), **flags: str) -> None:
+    """One option per field of the config class ``cls``: its default, type and help text (the class docstring's
+    ``Args:`` line) come from the class, so each lives in one place. ``flags`` renames a field's option."""
+    helps, hints = cls.field_help(), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
+        default, hint = f.default, hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": helps[f.name].replace("%", "%%")}
+        if hint is bool:
+            kwargs["action"] = "store_false" if default else "store_true"
+            flag = flags.get(f.name, f"--no-{f.name.replace('_', '-')}" if default else flag)
+        elif isinstance(default, Enum):
+            kwargs.update(choices=[m.value for m in type(default)], default=default.value)
+        else:
+            kwargs.update(type=_parse_type(hint), default=default)
+            if isinstance(default, tuple):
+                kwargs["default"] = ",".join(map(str, default))
+        p.add_argument(flag, **kwargs)
+
+
+def _from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """The config ``cls`` from the parsed options of its fields (and ``values``); its own validation turns bad
+    values into one-line errors."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            values[f.name] = _int_list(value) if isinstance(value, str) and f.name == "bits" else value
+    return cls(**values)
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, max_length: int = SensitivityConfig.max_length) -> None:
     p.add_argument(
         "--task",
         required=True,
-        help="bbc-news (offline default), a GLUE name (sst2, mnli ...), a hub dataset, or a data folder",
+        help="bbc-news (offline default), a GLUE name (sst2, mnli ...), conll03, squad, squad-local, a hub dataset, "
+        "or a data folder",
     )
     p.add_argument(
         "--data",
         type=Path,
         default=None,
-        help="folder with local train.* and dev.* files (tsv/csv/json/jsonl); default: $QBH_DATA_DIR",
+        help="folder with local train.* and dev.* files (tsv/csv/json/jsonl; CoNLL columns; SQuAD JSON); "
+        "default: $QBH_DATA_DIR",
     )
     p.add_argument("--text-columns", type=_csv, default=None, help="text column(s), comma-separated")
     p.add_argument("--label-column", default=None, help="label column")
     p.add_argument("--max-length", type=int, default=max_length, help="tokenizer truncation length")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
-
-
-def _add_run_control(p: argparse.ArgumentParser, *, resume: str, force: str) -> None:
-    p.add_argument("--seed", type=_non_negative, default=0, help="seeds data draws, probes and training")
-    p.add_argument("--resume", action="store_true", help=resume)
+def _add_files(p: argparse.ArgumentParser, *, model: str, out: str, force: str, resume: str | None = None) -> None:
+    p.add_argument("--model", required=True, help=model)
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help=out)
+    if resume:
+        p.add_argument("--resume", action="store_true", help=resume)
     p.add_argument("--force", action="store_true", help=force)
-    _add_device(p)
-    _add_common(p)
+
+
+ANY_MODEL = "an FP32 checkpoint or a packed checkpoint folder"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (required, unset or a plain switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hessian-guided ultra-low-bit compression of BERT-family models (Q-BERT and beyond).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # type: ignore[method-assign]
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_Formatter)  # type: ignore[method-assign]
 
     p = sub.add_parser(
         "finetune",
@@ -101,16 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune an FP32 baseline. Example: qbert-hessian finetune --model minilm-l6 "
         "--task sst2 --data ../shared/data/sst2 --max-train-samples 4000 --out runs/sst2/checkpoint",
     )
-    p.add_argument("--model", required=True, help="minilm-l6, a local folder, or a hub name")
-    _add_data_args(p)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    p.add_argument("--epochs", type=float, default=FinetuneConfig.epochs, help="passes over the training split")
-    p.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="peak learning rate (linear schedule)")
-    p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size, help="training batch size")
-    p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
-    _add_run_control(
-        p, resume="continue from the last Trainer checkpoint in OUT", force="overwrite a finished checkpoint in OUT"
+    _add_files(
+        p,
+        model="minilm-l6, a local folder, or a hub name",
+        out="checkpoint folder to write",
+        resume="continue from the last Trainer checkpoint in OUT",
+        force="overwrite a finished checkpoint in OUT",
     )
+    _add_config(p, FinetuneConfig, skip=["max_length"])
+    _add_common(p)
 
     p = sub.add_parser(
         "sensitivity",
@@ -119,9 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         "qbert-hessian sensitivity --model runs/sst2/checkpoint --task sst2 "
         "--data ../shared/data/sst2 --out runs/sst2/sensitivity",
     )
-    p.add_argument("--model", required=True, help="a fine-tuned classifier: folder, hub name or minilm-l6")
-    _add_data_args(p)
-    p.add_argument("--out", type=Path, required=True, help="folder for sensitivity.{json,csv,md,png}")
+    _add_files(
+        p,
+        model="a fine-tuned model (classifier, token tagger or QA): folder, hub name or minilm-l6",
+        out="folder for sensitivity.{json,csv,md,png} and profile.json",
+        resume="keep the finished blocks of OUT/sensitivity.json",
+        force="overwrite an existing report in OUT",
+    )
     p.add_argument(
         "--blocks",
         type=_csv,
@@ -129,36 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated blocks or groups: default, layers, embedding-parts, linears, "
         "embeddings[.word|.position|.token_type], encoder.N[.query|.key|.value|.attn_out|.ffn_in|.ffn_out]",
     )
-    p.add_argument("--draws", type=int, default=SC.draws, help="data draws (Q-BERT: 10)")
-    p.add_argument("--batch-size", type=int, default=SC.batch_size, help="examples per batch")
-    p.add_argument("--batches-per-draw", type=int, default=SC.batches_per_draw, help="batches averaged per draw")
-    p.add_argument(
-        "--method",
-        choices=["lanczos", "power"],
-        default=SC.method.value,
-        help="eigen-solver: Lanczos (fewer products) or power iteration (Q-BERT, PyHessian)",
-    )
-    p.add_argument("--max-iters", type=int, default=SC.max_iters, help="cap on Hessian-vector products per eigenvalue")
-    p.add_argument(
-        "--tol",
-        type=float,
-        default=SC.tol,
-        help="relative accuracy at which to stop (Lanczos: error estimate; power: change per step)",
-    )
-    p.add_argument("--top-k", type=int, default=SC.top_k, help="eigenvalues per block and draw")
-    p.add_argument("--most-negative", action="store_true", help="also estimate the most negative eigenvalue")
-    p.add_argument("--trace", choices=["block", "shared", "none"], default=SC.trace.value, help="Hutchinson trace mode")
-    p.add_argument("--trace-samples", type=int, default=SC.trace_samples, help="Rademacher probes per draw")
-    p.add_argument("--no-warm-start", action="store_true", help="random start vector on every draw")
-    p.add_argument(
-        "--length-buckets",
-        type=int,
-        default=SC.length_buckets,
-        help="cut each batch into at most this many length-sorted micro-batches (same loss, less padding; 1: off)",
-    )
-    _add_run_control(
-        p, resume="keep the finished blocks of OUT/sensitivity.json", force="overwrite an existing report in OUT"
-    )
+    _add_config(p, SensitivityConfig, skip=["max_length"])
+    _add_common(p)
 
     p = sub.add_parser(
         "plan",
@@ -169,29 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, required=True, help="sensitivity.json or the folder holding it")
     p.add_argument("--out", type=Path, required=True, help="plan file to write (plan.md and plots go beside it)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget-mb", type=float, help="whole-model size limit in MiB")
-    budget.add_argument("--ratio", type=float, help="compression ratio vs FP32 to reach at least")
-    budget.add_argument("--avg-bits", type=float, help="average bits per encoder weight")
-    budget.add_argument("--uniform", type=int, metavar="BITS", help="every encoder block at BITS (no budget)")
-    p.add_argument("--bits", type=_csv, default=[str(b) for b in AC.bits], help="candidate widths, comma-separated")
-    p.add_argument(
-        "--groups", default=str(AC.groups), help="grouping of encoder matrices: 1, heads, an integer G, channel"
-    )
-    p.add_argument("--measure", choices=["omega", "trace"], default=AC.measure.value, help="Omega or trace/#params")
-    p.add_argument(
-        "--method", choices=["milp", "rank"], default=AC.method.value, help="exact MILP or Q-BERT's rank rule"
-    )
-    p.add_argument("--embedding-bits", type=int, default=AC.embedding_bits, help="word-embedding width (Q-BERT: 8)")
-    p.add_argument("--position-bits", type=int, default=None, help="position-embedding width (default: as word)")
-    p.add_argument(
-        "--embedding-groups", default=AC.embedding_groups, help="embedding grouping: channel (per row), 1 or G"
-    )
-    p.add_argument("--act-bits", type=int, default=AC.act_bits, help="activation width on quantized linears")
+    helps = PlanSpec.field_help()
+    for name in ("budget_mb", "ratio", "avg_bits"):
+        budget.add_argument("--" + name.replace("_", "-"), type=float, help=helps[name])
+    budget.add_argument("--uniform", type=int, metavar="BITS", help=helps["uniform"])
+    _add_config(p, AllocConfig)
     p.add_argument("--no-act-quant", action="store_true", help="keep activations in FP32")
     p.add_argument("--model", default=None, help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it")
     p.add_argument("--frontier", action="store_true", help="also sweep budgets: frontier.json and frontier.png")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan")
-    _add_common(p)
+    _add_common(p, device=False)
 
     p = sub.add_parser(
         "quantize",
@@ -200,13 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         "qbert-hessian quantize --model runs/sst2/checkpoint --plan plan.json --task sst2 "
         "--data ../shared/data/sst2 --out runs/sst2/packed",
     )
-    p.add_argument("--model", required=True, help="the FP32 fine-tuned classifier")
+    _add_files(
+        p,
+        model="the FP32 fine-tuned model",
+        out="packed checkpoint folder to write",
+        force="replace an existing packed checkpoint in OUT",
+    )
     p.add_argument("--plan", type=Path, required=True, help="plan.json from qbert-hessian plan")
-    _add_data_args(p)
-    p.add_argument("--out", type=Path, required=True, help="packed checkpoint folder to write")
-    _add_calibration(p)
-    p.add_argument("--force", action="store_true", help="replace an existing packed checkpoint in OUT")
-    _add_device(p)
+    _add_config(p, CalibrationConfig)
     _add_common(p)
 
     p = sub.add_parser(
@@ -215,13 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate on the dev split. Example: qbert-hessian evaluate --model runs/sst2/checkpoint "
         "--task sst2 --data ../shared/data/sst2 --plan plan.json --packed runs/sst2/packed",
     )
-    p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
+    p.add_argument("--model", required=True, help=ANY_MODEL)
     _add_data_args(p)
     p.add_argument("--plan", type=Path, action="append", default=[], help="also evaluate direct quantization (repeat)")
     p.add_argument("--packed", type=Path, action="append", default=[], help="also evaluate a packed folder (repeat)")
-    _add_calibration(p)
     p.add_argument("--out", type=Path, default=None, help="evaluation JSON file to write")
-    _add_device(p)
+    _add_config(p, CalibrationConfig)
     _add_common(p)
 
     p = sub.add_parser(
@@ -231,23 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
         "runs/sst2/checkpoint --task sst2 --data ../shared/data/sst2 --block encoder.0,encoder.5 "
         "--directions eigen --grid 21 --out runs/sst2/landscape",
     )
-    p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
-    _add_data_args(p)
-    p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model' for all weights")
-    p.add_argument(
-        "--directions",
-        choices=["eigen", "random", "gradient"],
-        default=LC.directions.value,
-        help="top Hessian eigenvectors, random filter-normalised, or the gradient",
+    _add_files(
+        p,
+        model=ANY_MODEL,
+        out="folder: <block>/landscape.{json,png} and panels.png",
+        resume="keep the finished rows of existing landscapes",
+        force="overwrite existing landscapes",
     )
-    p.add_argument("--dims", type=int, choices=[1, 2], default=LC.dims, help="a line or a plane")
-    p.add_argument("--grid", type=int, default=LC.grid, help="points per axis (Q-BERT: 21)")
-    p.add_argument("--range", dest="radius", type=float, default=LC.radius, help="axes run over [-R, R] (Q-BERT: 0.4)")
-    p.add_argument("--batch-size", type=int, default=LC.batch_size, help="examples per batch")
-    p.add_argument("--batches", type=int, default=LC.num_batches, help="fixed batches averaged at every grid point")
-    p.add_argument("--split", choices=["train", "dev"], default=LC.split, help="which split the batches come from")
-    p.add_argument("--out", type=Path, required=True, help="folder: <block>/landscape.{json,png} and panels.png")
-    _add_run_control(p, resume="keep the finished rows of existing landscapes", force="overwrite existing landscapes")
+    p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model' for all weights")
+    _add_config(p, LandscapeConfig, radius="--range", num_batches="--batches")
+    _add_common(p)
 
     p = sub.add_parser(
         "density",
@@ -255,62 +262,49 @@ def build_parser() -> argparse.ArgumentParser:
         description="Eigenvalue density of a block's Hessian. Example: qbert-hessian density --model "
         "runs/sst2/checkpoint --task sst2 --data ../shared/data/sst2 --block encoder.0 --out runs/sst2/density",
     )
-    p.add_argument("--model", required=True, help="an FP32 checkpoint or a packed checkpoint folder")
-    _add_data_args(p)
+    _add_files(p, model=ANY_MODEL, out="folder for density.json and density.png", force="overwrite density.json")
     p.add_argument("--block", type=_csv, required=True, help="block(s), comma-separated, or 'model'")
-    p.add_argument("--steps", type=int, default=DensityConfig.steps, help="Lanczos steps per probe (memory: vectors)")
-    p.add_argument("--probes", type=int, default=DensityConfig.probes, help="Rademacher probes averaged")
-    p.add_argument("--batch-size", type=int, default=DensityConfig.batch_size, help="examples in the analysed batch")
-    p.add_argument("--out", type=Path, required=True, help="folder for density.json and density.png")
-    p.add_argument("--seed", type=_non_negative, default=0, help="seeds the probes")
-    p.add_argument("--force", action="store_true", help="overwrite an existing density.json")
-    _add_device(p)
+    _add_config(p, DensityConfig)
     _add_common(p)
 
-    p = sub.add_parser(
-        "run",
-        help="the whole pipeline from a TOML config: finetune, sensitivity, plans, quantization, QAT, report",
-        description="Run every stage; finished stages are skipped, so an interrupted run continues where it "
-        "stopped. Example: qbert-hessian run experiments/sst2_minilm.toml --set qat.epochs=1",
-    )
-    p.add_argument(
-        "config", type=Path, help="TOML file: [model], [finetune], [sensitivity], [allocate], [[plans]], [qat], [run]"
-    )
-    p.add_argument("--out", type=Path, default=None, help="run folder (default: the config's 'out')")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. --set sensitivity.draws=5 (repeatable)",
-    )
-    p.add_argument("--model", default=None, help="override [model] name")
-    p.add_argument("--task", default=None, help="override [model] task")
-    p.add_argument("--data", default=None, help="override [model] data")
-    p.add_argument("--force", action="store_true", help="recompute every stage")
-    _add_device(p)
-    _add_common(p)
-
-    p = sub.add_parser(
-        "demo",
-        help="the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 10 minutes on 2 cores)",
-        description="Fine-tune MiniLM-L6 on BBC News, score its layers, plan 2/3/4-bit models, quantize, "
-        "recover with QAT, export packed checkpoints and write report.md. Finished stages are reused.",
-    )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting of the demo config, e.g. --set qat.epochs=1 (repeatable)",
-    )
-    p.add_argument("--force", action="store_true", help="recompute every stage")
-    _add_device(p)
-    _add_common(p)
+    for name, about in (
+        ("run", "the whole pipeline from a TOML config: finetune, sensitivity, plans, quantization, QAT, report"),
+        ("demo", "the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 10 minutes)"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=about,
+            description="Run every stage; a stage is reused only while its inputs are unchanged. Example: "
+            + ("qbert-hessian run experiments/sst2_minilm.toml --set qat.epochs=1" if name == "run" else "make demo"),
+        )
+        if name == "run":
+            p.add_argument(
+                "config",
+                type=Path,
+                help="TOML file: [model], [finetune], [sensitivity], [allocate], [[plans]], [qat], [run]",
+            )
+            for key in ("model", "task", "data"):
+                p.add_argument(f"--{key}", default=None, help=f"override [model] {'name' if key == 'model' else key}")
+        default_out = Path("runs/demo") if name == "demo" else None
+        p.add_argument("--out", type=Path, default=default_out, help="run folder (run: default, the config's 'out')")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one setting, e.g. --set sensitivity.draws=5 (repeatable)",
+        )
+        p.add_argument("--force", action="store_true", help="recompute every stage")
+        _add_common(p)
+    for p in sub.choices.values():  # which option sets each config field, so errors can name the flag
+        p.set_defaults(flags={a.dest: a.option_strings[-1] for a in p._actions if a.option_strings})
     return parser
+
+
+def _name_flags(message: str, flags: dict[str, str]) -> str:
+    """A library error names the config field (``SensitivityConfig.seed``); on the command line, name its flag."""
+    return re.sub(r"\b\w+(?:Config|Spec)\.(\w+)\b", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -331,11 +325,6 @@ def _raw_task(args: argparse.Namespace):
 
     data = args.data or (Path(os.environ["QBH_DATA_DIR"]) if os.environ.get("QBH_DATA_DIR") else None)
     return load_raw_task(args.task, data_dir=data, text_columns=args.text_columns, label_column=args.label_column)
-
-
-def _config(cls, **values):
-    """A stage config from flags; its own validation turns bad values into one-line errors."""
-    return cls(**values)
 
 
 def _check_out_dir(path: Path, flag: str = "--out") -> None:
@@ -364,15 +353,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
     if (args.out / "metrics.json").exists() and not (args.force or args.resume):
         raise QBHError(f"'{args.out}' already holds a fine-tuned checkpoint; pass --force to overwrite it")
-    config = _config(
-        FinetuneConfig,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_train_samples=args.max_train_samples,
-        max_length=args.max_length,
-        seed=args.seed,
-    )
+    config = _from_args(FinetuneConfig, args)
     raw = subset(_raw_task(args), config.max_train_samples, config.seed)
     model, tokenizer = load_model(
         args.model,
@@ -395,23 +376,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .artifacts import SensitivityReport
     from .models import BlockMap, is_classifier
 
-    config = _config(
-        SensitivityConfig,
-        draws=args.draws,
-        batch_size=args.batch_size,
-        batches_per_draw=args.batches_per_draw,
-        method=args.method,
-        max_iters=args.max_iters,
-        tol=args.tol,
-        top_k=args.top_k,
-        most_negative=args.most_negative,
-        trace=args.trace,
-        trace_samples=args.trace_samples,
-        warm_start=not args.no_warm_start,
-        length_buckets=args.length_buckets,
-        seed=args.seed,
-        max_length=args.max_length,
-    )
+    config = _from_args(SensitivityConfig, args)
     _check_out_dir(args.out)
     existing = args.out / "sensitivity.json"
     resume = None
@@ -461,29 +426,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     report = SensitivityReport.load(report_file)
     if not report.complete:
         raise QBHError(f"'{report_file}' is partial ({', '.join(report.pending)} pending); finish it with --resume")
-    bits = []
-    for b in args.bits:
-        try:
-            bits.append(int(b))
-        except ValueError:
-            raise QBHError(f"--bits {','.join(args.bits)} is not a list of integers; e.g. --bits 2,3,4,8") from None
-    spec = _config(
-        PlanSpec,
-        name=out.stem,
-        uniform=args.uniform,
-        avg_bits=args.avg_bits,
-        budget_mb=args.budget_mb,
-        ratio=args.ratio,
-    )
-    config = _config(
+    spec = PlanSpec(out.stem, args.uniform, args.avg_bits, args.budget_mb, args.ratio)
+    config = _from_args(
         AllocConfig,
-        bits=(args.uniform,) if args.uniform is not None else tuple(bits),
-        groups=args.groups,
-        measure=args.measure,
-        method=args.method,
-        embedding_bits=args.embedding_bits,
-        position_bits=args.position_bits,
-        embedding_groups=args.embedding_groups,
+        args,
+        bits=(args.uniform,) if args.uniform is not None else args.bits,
         act_bits=None if args.no_act_quant else args.act_bits,
     )
     profile = stages.load_profile(report_file, report, model=args.model, groups=config.groups)
@@ -497,12 +444,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(args: argparse.Namespace):
-    return _config(
-        CalibrationConfig, calibration_batches=args.calibration_batches, batch_size=args.batch_size, seed=args.seed
-    )
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import stages
     from .artifacts import BitPlan
@@ -514,7 +455,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not args.force:
             raise QBHError(f"'{args.out}' exists; pass --force to replace the packed checkpoint there")
     _check_out_dir(args.out.parent)
-    calibration = _calibration(args)
+    calibration = _from_args(CalibrationConfig, args)
     plan = BitPlan.load(args.plan)
     raw = _raw_task(args)
     model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
@@ -541,7 +482,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         _check_out_file(args.out)
-    calibration = _calibration(args)
+    calibration = _from_args(CalibrationConfig, args)
     raw = _raw_task(args)
     plans = [(p, BitPlan.load(p)) for p in args.plan]  # refuse bad plans before any work
     for p in args.packed:
@@ -583,17 +524,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_landscape(args: argparse.Namespace) -> int:
     from . import stages
 
-    config = _config(
-        LandscapeConfig,
-        directions=args.directions,
-        dims=args.dims,
-        grid=args.grid,
-        radius=args.radius,
-        batch_size=args.batch_size,
-        num_batches=args.batches,
-        split=args.split,
-        seed=args.seed,
-    )
+    config = _from_args(LandscapeConfig, args)
     if not args.block:
         raise QBHError("--block names no block; e.g. --block encoder.0,encoder.5 (or 'model')")
     _check_out_dir(args.out)
@@ -631,7 +562,7 @@ def cmd_density(args: argparse.Namespace) -> int:
     from . import stages
     from .report import plot_density
 
-    config = _config(DensityConfig, steps=args.steps, probes=args.probes, batch_size=args.batch_size, seed=args.seed)
+    config = _from_args(DensityConfig, args)
     _check_out_dir(args.out)
     out = args.out / "density.json"
     if out.exists() and not args.force:
@@ -707,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except QBHError as exc:
-        print(f"qbert-hessian {args.command}: error: {exc}", file=sys.stderr)
+        print(f"qbert-hessian {args.command}: error: {_name_flags(str(exc), args.flags)}", file=sys.stderr)
         return 2
 
 

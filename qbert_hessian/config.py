@@ -8,7 +8,9 @@ lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -84,6 +86,29 @@ class _Config:
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, Enum) else value
         return out
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Each field's description from the class docstring's ``Args:`` section (the CLI's help text, so the
+        documentation and ``--help`` are one text)."""
+        doc = inspect.getdoc(cls) or ""
+        helps: dict[str, str] = {}
+        name = None
+        for line in doc.split("Args:", 1)[-1].splitlines() if "Args:" in doc else []:
+            m = re.match(r"^    (\w+): (.*)$", line)
+            if m:
+                name, helps[m.group(1)] = m.group(1), m.group(2)
+            elif name and line.startswith("        "):
+                helps[name] += " " + line.strip()
+            elif line.strip():
+                break
+
+        def plain(text: str) -> str:
+            text = re.sub(r"\s*\(see :\w+:`[^`]*`\)", "", text)  # a pointer into the API docs
+            text = re.sub(r":\w+:`~?(?:[\w.]*\.)?(\w+)`", r"\1", text)
+            return text.replace("``", "").rstrip(".")
+
+        return {k: plain(v) for k, v in helps.items()}
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
@@ -163,7 +188,7 @@ class SensitivityConfig(_Config):
         draws: number of data draws (Q-BERT: 10).
         batch_size: examples per batch.
         batches_per_draw: batches averaged into one draw's loss (their graphs are all kept in memory).
-        method: ``lanczos`` (default) or ``power`` (see :class:`EigenMethod`).
+        method: ``lanczos`` (fewer products) or ``power`` (power iteration, as Q-BERT and PyHessian).
         max_iters: cap on Hessian-vector products per eigenvalue.
         tol: when to stop: Lanczos stops when the residual-based error estimate of the eigenvalue is at most
             ``tol`` relative, power iteration when the estimate moved by at most ``tol`` relative in one step.
@@ -294,8 +319,9 @@ class AllocConfig(_Config):
     Args:
         bits: candidate widths for the encoder blocks (Q-BERT: 2, 3, 4, 8).
         groups: grouping of every encoder matrix (1, heads, an integer, channel; Q-BERT: 128).
-        measure: ``omega`` or ``trace``.
-        method: ``milp``, ``rank`` or ``uniform``.
+        measure: ``omega`` (Q-BERT: |mean| + std of the top eigenvalue) or ``trace`` (trace / #params, HAWQ-V2).
+        method: ``milp`` (exact), ``rank`` (Q-BERT's rule: the most sensitive blocks get the most bits) or
+            ``uniform``.
         embedding_bits: width of the word-embedding table (Q-BERT: 8).
         position_bits: width of the position table (default: ``embedding_bits``).
         embedding_groups: grouping of the embedding tables (``channel``: one scale per row).

@@ -507,20 +507,20 @@ GAPS = [
     Case(
         "seed-negative",
         lambda w, t: ["sensitivity", *w.model(), *SENS, "--seed", "-1", "--out", str(t / "o")],
-        "--seed",
-        usage=True,
+        "--seed must be an integer >= 0, got -1",
     ),
     Case(
         "density-batch-size-0",
         lambda w, t: ["density", *w.model(), "--block", "encoder.0", "--batch-size", "0", "--out", str(t / "o")],
-        "batch_size",
+        "--batch-size must be a positive number, got 0",
     ),
     Case("plan-avg-bits-inf", lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "inf"), "avg_bits"),
     Case("plan-groups-7", lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "3", "--groups", "7"), "groups"),
     Case(
         "plan-bits-word",
         lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "3", "--bits", "2,x"),
-        "is not a list of integers",
+        "--bits: 2,x is not a list of integers",
+        usage=True,
     ),
     Case(
         "plan-act-bits-17",
@@ -585,7 +585,7 @@ ALREADY = [
     Case(
         "length-buckets-0",
         lambda w, t: ["sensitivity", *w.model(), *SENS, "--length-buckets", "0", "--out", str(t / "o")],
-        "length_buckets must be a positive number",
+        "--length-buckets must be a positive number",
     ),
     Case("missing-model", lambda w, t: ["evaluate", *w.model(t / "nope"), "--quiet"], "does not exist"),
     Case("unsupported-architecture", lambda w, t: ["evaluate", *w.model(_gpt2(t)), "--quiet"], "is not supported"),
@@ -641,7 +641,7 @@ ALREADY = [
     Case(
         "landscape-radius-0",
         lambda w, t: ["landscape", *w.model(), "--block", "encoder.0", "--range", "0", "--out", str(t / "o")],
-        "radius",
+        "--range must be a positive number, got 0.0",
     ),
     Case(
         "density-unknown-block", lambda w, t: ["density", *w.model(), "--block", "nope", "--out", str(t / "o")], "nope"

@@ -81,7 +81,7 @@ def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data
         (["--text-columns", "text"], "column(s) text not in"),
         (["--draws", "0"], "draws must be a positive number"),
         (["--batch-size", "500"], "a draw needs 500 training examples"),
-        (["--length-buckets", "0"], "length_buckets must be a positive number"),
+        (["--length-buckets", "0"], "--length-buckets must be a positive number"),
     ],
     ids=["unknown-block", "missing-column", "bad-draws", "too-little-data", "bad-length-buckets"],
 )
