@@ -288,6 +288,7 @@ def _plan(
         blocks=blocks,
         act_bits=config.act_bits,
         symmetric=profile.symmetric,
+        range_method=profile.range_method,
         method=method,
         budget=budget,
         measure=config.measure.value,

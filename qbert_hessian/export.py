@@ -39,7 +39,7 @@ from .packed_format import (
 )
 from .quant.apply import quant_modules, quantize_model
 from .quant.functional import Quantized, code_range
-from .quant.modules import ActQuant
+from .quant.modules import SCALE_PARAM, ActQuant
 from .quant.profile import state_tensors
 
 if TYPE_CHECKING:
@@ -83,9 +83,11 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             "groups": module.spec.groups,
             "symmetric": module.spec.symmetric,
             "kind": module.kind,
+            "range_method": module.spec.range_method,
         }
+    learned = {f"{path}.{SCALE_PARAM}" for path in quantized}  # stored above as the fp16 ".weight.scale"
     for key, t in model.state_dict().items():
-        if key not in entries:
+        if key not in entries and key not in learned:
             tensors[key] = t.detach().to("cpu").contiguous().clone()
     return tensors, entries
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbert_hessian.allocate import AllocConfig, Budget, allocate_bits
-from qbert_hessian.artifacts import BitPlan, BlockSensitivity, SensitivityReport
+from qbert_hessian.artifacts import BitPlan, BlockSensitivity, PackedManifest, SensitivityReport
 from qbert_hessian.errors import QBHError
 from qbert_hessian.export import file_sizes, fp32_safetensors_bytes, load_packed, save_packed
 from qbert_hessian.models import BlockMap
@@ -45,8 +45,10 @@ def _logits(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path, symmetric):
+@pytest.mark.parametrize(
+    ("symmetric", "range_method"), [(True, "max"), (False, "max"), (True, "mse"), (False, "mse")], ids=str
+)
+def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path, symmetric, range_method):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
@@ -58,7 +60,7 @@ def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path,
         "encoder.1": {"bits": 5, "groups": 1},
         "encoder.1.attn_out": {"bits": 7, "groups": "heads"},
     }
-    plan = BitPlan(model=dict(MODEL, hidden_size=16), blocks=blocks, symmetric=symmetric)
+    plan = BitPlan(model=dict(MODEL, hidden_size=16), blocks=blocks, symmetric=symmetric, range_method=range_method)
     q = quantize_model(model, plan)
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     calibrate_activations(q, [batch])
@@ -68,11 +70,14 @@ def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path,
     manifest = json.loads((tmp_path / "packed" / "quantization.json").read_text())
     entry = manifest["tensors"]["bert.encoder.layer.0.attention.self.query.weight"]
     assert (entry["bits"], entry["grid"], entry["block"]) == (2, [4, 1], "encoder.0.query")
+    assert entry["range_method"] == manifest["plan"]["range_method"] == range_method
+    assert PackedManifest.load(tmp_path / "packed" / "quantization.json").plan.range_method == range_method
     assert not (tmp_path / "packed.saving").exists()
 
 
+@pytest.mark.parametrize("range_method", ["max", "mse"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tmp_path, symmetric):
+def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tmp_path, symmetric, range_method):
     """The allocator predicts the packed file from packed_format alone; export writes it: same bytes."""
     from transformers import AutoModelForSequenceClassification
 
@@ -83,8 +88,9 @@ def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tm
         model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
     )
     groups = (1, "heads", 2, "channel")
+    units = profile_units(bm, ["encoder.0", "encoder.1"])
     profile = measure_profile(
-        model, profile_units(bm, ["encoder.0", "encoder.1"]), groups=groups, bits=(2, 3, 4, 8), symmetric=symmetric
+        model, units, groups=groups, bits=(2, 3, 4, 8), symmetric=symmetric, range_method=range_method
     )
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     available = [g for g in groups if str(g) in profile.units["encoder.0"].groups]
@@ -93,11 +99,12 @@ def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tm
     cases.append((Budget(avg_bits=5), AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None)))
     for budget, config in cases:
         plan = allocate_bits(report, profile, budget, config)
+        assert plan.range_method == profile.range_method == range_method
         q = quantize_model(model, plan)
         calibrate_activations(q, [batch])
         save_packed(q, tmp_path / "p", plan=plan)
         on_disk = file_sizes(tmp_path / "p")["weights_bytes"]
-        assert on_disk == plan.predicted["bytes"], (config.groups, symmetric)
+        assert on_disk == plan.predicted["bytes"], (config.groups, symmetric, range_method)
         assert torch.equal(_logits(load_packed(tmp_path / "p"), batch), _logits(q, batch))
 
 
