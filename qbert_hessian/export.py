@@ -83,7 +83,8 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             "groups": module.spec.groups,
             "symmetric": module.spec.symmetric,
             "kind": module.kind,
-            "range_method": module.spec.range_method,
+            "range_method": module.spec.range_method,  # how the range was chosen, or initialised when learned
+            "learned_scale": module.weight_scale is not None,  # LSQ: the scale is the trained step
         }
     learned = {f"{path}.{SCALE_PARAM}" for path in quantized}  # stored above as the fp16 ".weight.scale"
     for key, t in model.state_dict().items():

@@ -142,9 +142,9 @@ def test_distillation_losses_are_positive_and_train_the_student_only(tiny_bert):
     mask = batch["attention_mask"]
     hidden = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, mask)
     attn = attention_loss(s_out.attentions, t_out.attentions, mask)
-    assert float(hidden) > 0 and float(attn) > 0
+    assert float(hidden.detach()) > 0 and float(attn.detach()) > 0
     # Embedding output is not quantized in this plan: its term is exactly zero, the layers' are not.
-    assert float(hidden_state_loss(s_out.hidden_states[:1], t_out.hidden_states[:1], mask)) == 0.0
+    assert float(hidden_state_loss(s_out.hidden_states[:1], t_out.hidden_states[:1], mask).detach()) == 0.0
     full = distillation_objective(s_out, t_out, mask, QATConfig(distill="full", alpha=0.5))
     logits_only = distillation_objective(s_out, t_out, mask, QATConfig(distill="logits", alpha=0.5))
     assert torch.allclose(full, logits_only + hidden + attn)
@@ -184,3 +184,32 @@ def test_distillation_uses_both_heads_of_a_qa_output():
     assert torch.allclose(distillation_objective(s, t, None, cfg), expected)
     with pytest.raises(QBHError, match="neither logits nor start_logits"):
         output_logits(QuestionAnsweringModelOutput(start_logits=s_start))
+
+
+def test_qat_with_learned_steps_and_full_distillation(tiny_task, tmp_path):
+    model, task = tiny_task
+    blocks = {f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}
+    q = quantize_model(model, BitPlan(model={}, blocks=blocks, range_method="mse"))
+    calibrate_activations(q, calibration_batches(task, 2, 16))
+    layer = q.bert.encoder.layer[1].output.dense
+    start = layer.quantized().scale.clone()
+    attn = model.config._attn_implementation
+    assert attn == "sdpa"  # so the run must switch to eager for the attention maps, and back
+    cfg = QATConfig(
+        epochs=1, lr=1e-2, batch_size=16, warmup_ratio=0.0, distill="full", learn_scales=True, group_by_length=True
+    )
+    result = train_qat(q, task, cfg, work_dir=tmp_path / "w", teacher=model, progress=False)
+    assert layer.weight_scale is not None and not torch.equal(layer.quantized().scale, start)  # the steps learned
+    assert result["steps"] == 6 and result["examples_seen"] == 6 * 16
+    assert result["config"]["distill"] == "full" and result["config"]["learn_scales"]
+    assert model.config._attn_implementation == q.config._attn_implementation == attn  # eager only for the run
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_qat_training_arguments_follow_the_budget_settings(tmp_path):
+    from qbert_hessian.qat import _training_args
+
+    args = _training_args(QATConfig(group_by_length=True, epochs=0.5, batch_size=8), tmp_path, 100, False)
+    assert args.train_sampling_strategy == "group_by_length" and args.num_train_epochs == 0.5
+    assert args.eval_steps == 7  # ceil(ceil(100 / 8) * 0.5)
+    assert _training_args(QATConfig(), tmp_path, 100, False).train_sampling_strategy == "random"
