@@ -174,3 +174,46 @@ def test_reload_keeps_the_attention_kernel_it_was_saved_with(tiny_checkpoint, tm
     batch = random_batch(model.config.vocab_size, batch_size=3, seq_len=5)
     assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
     assert load_packed(tmp_path / "p", eager=False).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("range_method", ["max", "mse"])
+def test_low_bit_word_embeddings_pack_and_reload_exactly(tiny_checkpoint, tmp_path, bits, range_method):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    blocks = {"embeddings.word": {"bits": bits, "groups": "channel"}, "encoder.0": {"bits": 4, "groups": 1}}
+    plan = BitPlan(model={}, blocks=blocks, range_method=range_method)
+    q = quantize_model(model, plan)
+    batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
+    calibrate_activations(q, [batch])
+    emb = q.bert.embeddings.word_embeddings
+    table = emb.quantized()
+    assert table.scale.numel() == model.config.vocab_size  # one scale per row
+    assert all(len(torch.unique(row)) <= 2**bits for row in emb.qweight())
+    save_packed(q, tmp_path / "p", plan=plan)
+    reloaded = load_packed(tmp_path / "p")
+    assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
+    assert torch.equal(reloaded.bert.embeddings.word_embeddings.weight, emb.qweight())
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "p" / "model.safetensors"))
+    codes = stored["bert.embeddings.word_embeddings.weight.codes"]
+    assert codes.numel() == math.ceil(emb.weight.numel() * bits / 8)  # bits per weight, packed
+    assert stored["bert.embeddings.word_embeddings.weight.scale"].dtype == torch.float16
+
+
+def test_allocator_accepts_two_bit_embeddings(tiny_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    bm = BlockMap(model)
+    blocks = [BlockSensitivity(f"encoder.{i}", 1, [1.0 + i], 1.0 + i, 0.0, 1.0 + i, [3], [True], 0.0) for i in range(2)]
+    units = profile_units(bm, ["encoder.0", "encoder.1"])
+    report = SensitivityReport(
+        model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
+    )
+    profile = measure_profile(model, units, groups=(1, "channel"))
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups=1, embedding_bits=2))
+    assert plan.blocks["embeddings.word"] == {"bits": 2, "groups": "channel"}
+    assert quantize_model(model, plan).bert.embeddings.word_embeddings.quantized().bits == 2

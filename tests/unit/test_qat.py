@@ -188,21 +188,23 @@ def test_distillation_uses_both_heads_of_a_qa_output():
 
 def test_qat_with_learned_steps_and_full_distillation(tiny_task, tmp_path):
     model, task = tiny_task
-    blocks = {f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}
-    q = quantize_model(model, BitPlan(model={}, blocks=blocks, range_method="mse"))
-    calibrate_activations(q, calibration_batches(task, 2, 16))
-    layer = q.bert.encoder.layer[1].output.dense
-    start = layer.quantized().scale.clone()
-    attn = model.config._attn_implementation
-    assert attn == "sdpa"  # so the run must switch to eager for the attention maps, and back
-    cfg = QATConfig(
-        epochs=1, lr=1e-2, batch_size=16, warmup_ratio=0.0, distill="full", learn_scales=True, group_by_length=True
-    )
-    result = train_qat(q, task, cfg, work_dir=tmp_path / "w", teacher=model, progress=False)
+    model.set_attn_implementation("sdpa")  # so the run must switch both models to eager, and back
+    try:
+        blocks = {f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}
+        q = quantize_model(model, BitPlan(model={}, blocks=blocks, range_method="mse"))
+        calibrate_activations(q, calibration_batches(task, 2, 16))
+        layer = q.bert.encoder.layer[1].output.dense
+        start = layer.quantized().scale.clone()
+        cfg = QATConfig(
+            epochs=1, lr=1e-2, batch_size=16, warmup_ratio=0.0, distill="full", learn_scales=True, group_by_length=True
+        )
+        result = train_qat(q, task, cfg, work_dir=tmp_path / "w", teacher=model, progress=False)
+        assert model.config._attn_implementation == q.config._attn_implementation == "sdpa"
+    finally:
+        model.set_attn_implementation("eager")
     assert layer.weight_scale is not None and not torch.equal(layer.quantized().scale, start)  # the steps learned
     assert result["steps"] == 6 and result["examples_seen"] == 6 * 16
     assert result["config"]["distill"] == "full" and result["config"]["learn_scales"]
-    assert model.config._attn_implementation == q.config._attn_implementation == attn  # eager only for the run
     assert all(p.grad is None for p in model.parameters())
 
 
