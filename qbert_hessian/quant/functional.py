@@ -124,11 +124,17 @@ class Quantized:
 
 
 def quantize(
-    w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True, range_method: str = "max"
+    w: Tensor,
+    bits: int,
+    grid: tuple[int, int],
+    symmetric: bool = True,
+    range_method: str = "max",
+    ratio: Tensor | None = None,
 ) -> Quantized:
-    """Quantize ``w`` (out, in) with one scale per cell of ``grid``, the range chosen by ``range_method``."""
+    """Quantize ``w`` (out, in) with one scale per cell of ``grid``, the range chosen by ``range_method``
+    (or clipped by a given per-group ``ratio``, see :func:`~.ranges.choose_range`)."""
     g = to_groups(w.detach().float(), grid)
-    scale, zero = choose_range(g, bits, symmetric, range_method)
+    scale, zero = choose_range(g, bits, symmetric, range_method, ratio)
     return _encode(g, scale, zero, bits, tuple(w.shape), grid)  # type: ignore[arg-type]
 
 
@@ -148,14 +154,19 @@ def _encode(
 
 
 def fake_quantize(
-    w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True, range_method: str = "max"
+    w: Tensor,
+    bits: int,
+    grid: tuple[int, int],
+    symmetric: bool = True,
+    range_method: str = "max",
+    ratio: Tensor | None = None,
 ) -> Tensor:
     """Q(w) in the forward pass, identity gradient in the backward pass (straight-through estimator).
 
-    The scales come from the weight itself (its max, or the MSE-best clipped range); the gradient passes
-    unchanged to every weight, clipped ones included.
+    The scales come from the weight itself (its max, or a clipped range); the gradient passes unchanged to every
+    weight, clipped ones included.
     """
-    q = quantize(w, bits, grid, symmetric, range_method).dequantize().to(w.dtype)
+    q = quantize(w, bits, grid, symmetric, range_method, ratio).dequantize().to(w.dtype)
     return w + (q - w).detach()
 
 

@@ -3,10 +3,12 @@
 
 ``QuantLinear`` *is* an ``nn.Linear`` (same forward signature, same ``weight`` and ``bias``), so HF code, the
 Trainer and ``save_pretrained`` keep working. Its forward uses Q(W) with the straight-through estimator, so
-QAT trains the master weight. Each group's range follows ``spec.range_method`` (``max`` or the ``mse`` clipping
-search of ``ranges.py``), recomputed from the current weight; after :meth:`~_QuantWeight.learn_scales` the
-per-group steps are trainable parameters instead (LSQ, Esser et al. 2020), initialised from that range, and the
-forward, :meth:`~_QuantWeight.quantized` and the packed file all use fp16_up(step). After
+QAT trains the master weight. Each group's range follows ``spec.range_method``: ``max`` is recomputed from the
+current weight; ``mse`` searches each group's clipping ratio once (``ranges.py``; 100 candidates, too slow for
+every training step) and then holds the ratio r, the range following the weight as r * max. After
+:meth:`~_QuantWeight.learn_scales` the per-group steps are trainable parameters instead (LSQ, Esser et al. 2020),
+initialised from that range, and the forward, :meth:`~_QuantWeight.quantized` and the packed file all use
+fp16_up(step). After
 :meth:`~_QuantWeight.set_quantized` (what loading a packed checkpoint does) the module holds Q(W) itself and its
 stored scales, and uses them as they are.
 """
@@ -32,7 +34,7 @@ from .functional import (
     quantize_with,
     to_groups,
 )
-from .ranges import lsq_grad_scale
+from .ranges import lsq_grad_scale, search_ratios
 
 # The trainable per-group step of a module after ``learn_scales()``; export writes it as the fp16 scale instead.
 SCALE_PARAM = "weight_scale"
@@ -98,6 +100,7 @@ class _QuantWeight:
         self._cache: tuple[Any, Tensor] | None = None
         self.weight_scale: nn.Parameter | None = None  # LSQ step per group, after learn_scales()
         self.register_buffer("weight_zero", None, persistent=False)  # type: ignore[attr-defined]  # its zero points
+        self.register_buffer("clip_ratio", None, persistent=False)  # type: ignore[attr-defined]  # mse: held ratios
 
     def quantized(self) -> Quantized:
         """Integer codes and scales of the current weight (the stored ones after ``set_quantized``)."""
@@ -105,7 +108,17 @@ class _QuantWeight:
             return self._frozen
         if self.weight_scale is not None:
             return quantize_with(self.weight, self.weight_scale, self.weight_zero, self.spec.bits, self.grid)
-        return quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric, self.spec.range_method)
+        spec = self.spec
+        return quantize(self.weight, spec.bits, self.grid, spec.symmetric, spec.range_method, self._clip_ratio())
+
+    def _clip_ratio(self) -> Tensor | None:
+        """The ``mse`` clipping ratio per group, searched on the first call and held after (None for ``max``)."""
+        if self.spec.range_method != "mse":
+            return None
+        if self.clip_ratio is None:
+            g = to_groups(self.weight.detach().float(), self.grid)
+            self.clip_ratio = search_ratios(g, self.spec.bits, self.spec.symmetric)
+        return self.clip_ratio
 
     def learn_scales(self) -> None:
         """Make the per-group steps trainable (LSQ), starting from the current range (``spec.range_method``).
@@ -166,7 +179,8 @@ class _QuantWeight:
             return fake_quantize_learned(
                 self.weight, self.weight_scale, self.weight_zero, self.spec.bits, self.grid, self._grad_scale()
             )
-        return fake_quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric, self.spec.range_method)
+        spec = self.spec
+        return fake_quantize(self.weight, spec.bits, self.grid, spec.symmetric, spec.range_method, self._clip_ratio())
 
     def _scale_key(self) -> tuple[int, int] | None:
         s = self.weight_scale

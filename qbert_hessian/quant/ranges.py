@@ -106,8 +106,8 @@ def squared_errors(g: Tensor, scale: Tensor, zero: Tensor | None, bits: int, sym
 
 
 @torch.no_grad()
-def mse_range(g: Tensor, bits: int, symmetric: bool, ratios: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Per-group scale (and zero) of the clipping ratio with the least squared error, all groups at once.
+def search_ratios(g: Tensor, bits: int, symmetric: bool, ratios: Tensor | None = None) -> Tensor:
+    """Per-group clipping ratio with the least squared error, all groups at once (chunked to bound memory).
 
     Args:
         g: grouped weights (groups, n), float32.
@@ -116,12 +116,12 @@ def mse_range(g: Tensor, bits: int, symmetric: bool, ratios: Tensor | None = Non
         ratios: candidate ratios (default :func:`clip_ratios`); put 1.0 first to never do worse than ``max``.
 
     Returns:
-        ``scale`` (groups,) float32 holding float16 values and ``zero`` (groups,) or None.
+        The chosen ratio per group (groups,); :func:`clipped_range` turns it into the scale and zero point.
     """
     ratios = (clip_ratios() if ratios is None else ratios).to(g.device, g.dtype)
     lo, hi = group_extent(g, symmetric)
-    scale, zero = clipped_range(lo, hi, ratios[:1], bits, symmetric)
-    best = squared_errors(g, scale, zero, bits, symmetric)
+    best_ratio = ratios[:1].expand(g.shape[0]).clone()
+    best = squared_errors(g, *clipped_range(lo, hi, best_ratio, bits, symmetric), bits, symmetric)
     n = max(1, g.shape[1])
     rows = max(1, CHUNK_ELEMENTS // n)
     for r0 in range(0, g.shape[0], rows):
@@ -129,26 +129,35 @@ def mse_range(g: Tensor, bits: int, symmetric: bool, ratios: Tensor | None = Non
         per = max(1, CHUNK_ELEMENTS // (n * g[sl].shape[0]))
         for k in range(1, len(ratios), per):
             r = ratios[k : k + per, None]  # (R, 1) against (groups,) -> (R, groups)
-            s, z = clipped_range(lo[sl], hi[sl], r, bits, symmetric)
-            err = squared_errors(g[sl], s, z, bits, symmetric)  # (R, groups)
+            err = squared_errors(g[sl], *clipped_range(lo[sl], hi[sl], r, bits, symmetric), bits, symmetric)
             err_min, idx = err.min(dim=0)  # the first of equal errors: the largest ratio
             better = err_min < best[sl]
-            pick = idx[None]
             best[sl] = torch.where(better, err_min, best[sl])
-            scale[sl] = torch.where(better, s.gather(0, pick)[0], scale[sl])
-            if zero is not None and z is not None:
-                zero[sl] = torch.where(better, z.gather(0, pick)[0], zero[sl])
-    return scale, zero
+            best_ratio[sl] = torch.where(better, r[idx, 0], best_ratio[sl])
+    return best_ratio
 
 
-def choose_range(g: Tensor, bits: int, symmetric: bool, method: str = "max") -> tuple[Tensor, Tensor | None]:
-    """The fp16 scale (groups,) and zero point (groups,) or None of grouped weights ``g`` (groups, n)."""
-    if method == "mse":
-        return mse_range(g, bits, symmetric)
+def mse_range(g: Tensor, bits: int, symmetric: bool, ratios: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The fp16 scale (groups,) and zero (groups,) or None of the MSE-best clipping ratio of each group."""
+    lo, hi = group_extent(g, symmetric)
+    return clipped_range(lo, hi, search_ratios(g, bits, symmetric, ratios), bits, symmetric)
+
+
+def choose_range(
+    g: Tensor, bits: int, symmetric: bool, method: str = "max", ratio: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The fp16 scale (groups,) and zero point (groups,) or None of grouped weights ``g`` (groups, n).
+
+    ``ratio`` (groups,), when given, is a clipping ratio already searched (QAT holds it while the weight trains).
+    """
     if method != "max":
         check_range_method(method)
     lo, hi = group_extent(g, symmetric)
-    return clipped_range(lo, hi, torch.ones((), dtype=g.dtype, device=g.device), bits, symmetric)
+    if ratio is None and method == "mse":
+        ratio = search_ratios(g, bits, symmetric)
+    if ratio is None:
+        ratio = torch.ones((), dtype=g.dtype, device=g.device)
+    return clipped_range(lo, hi, ratio, bits, symmetric)
 
 
 def lsq_grad_scale(group_size: int, bits: int, symmetric: bool) -> float:

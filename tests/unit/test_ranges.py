@@ -163,3 +163,33 @@ def test_range_method_is_validated_in_specs_and_plans():
     del old["range_method"]  # a plan written before range methods existed
     assert BitPlan.from_dict(old).range_method == "max"
     assert BitPlan.from_dict({**old, "range_method": "mse"}).range_method == "mse"
+
+
+def test_quant_module_searches_mse_ratios_once_and_holds_them_while_training():
+    from qbert_hessian.quant.modules import QuantLinear
+    from qbert_hessian.quant.ranges import clipped_range, group_extent, search_ratios
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        base.weight.view(-1)[::37] *= 10.0  # outliers, so the ratios are below 1
+    spec = QuantSpec(2, "channel", True, "mse")
+    m = QuantLinear.from_module(base, spec, (16, 1), "ffn", None)
+    assert torch.equal(m.quantized().dequantize(), quantize(base.weight, 2, (16, 1), True, "mse").dequantize())
+    held = m.clip_ratio.clone()
+    assert bool((held < 1).any())
+    assert torch.equal(held, search_ratios(to_groups(base.weight.detach(), (16, 1)), 2, True))
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    x = torch.randn(8, 32)
+    for _ in range(2):
+        opt.zero_grad()
+        m(x).pow(2).sum().backward()
+        opt.step()
+    assert torch.equal(m.clip_ratio, held)  # no new search while training
+    g = to_groups(m.weight.detach(), (16, 1))
+    lo, hi = group_extent(g, True)
+    assert torch.equal(m.quantized().scale, clipped_range(lo, hi, held, 2, True)[0])  # r * max of the new weight
+    train_out = m(x)
+    m.eval()
+    assert torch.equal(train_out.detach(), m(x))  # training forward and evaluation agree
