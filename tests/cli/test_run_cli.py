@@ -139,7 +139,7 @@ def test_overrides_and_the_demo_config():
     cfg = parse_run_config(
         apply_overrides(DEMO_CONFIG, ["sensitivity.draws=2", "qat.distill=false", "model.max_length=64"])
     )
-    assert cfg.sensitivity.draws == 2 and not cfg.qat.distill and cfg.sensitivity.max_length == 64
+    assert cfg.sensitivity.draws == 2 and cfg.qat.distill == "none" and cfg.sensitivity.max_length == 64
     assert [p.name for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
     with pytest.raises(QBHError, match="section.key=value"):
         apply_overrides(DEMO_CONFIG, ["draws=2"])
