@@ -311,6 +311,9 @@ class AllocConfig(_Config):
         position_bits: width of the position table (default: ``embedding_bits``).
         embedding_groups: grouping of the embedding tables (``channel``: one scale per row).
         act_bits: activation width on quantized linears (None: FP32 activations).
+        range_method: how each group's range is chosen, ``max`` (Q-BERT: the group's extent) or ``mse`` (the
+            clipping ratio of least squared error, ``quant/ranges.py``). The cost table must be measured with
+            the same method (its errors depend on it); one method serves every plan of a run.
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -321,6 +324,7 @@ class AllocConfig(_Config):
     position_bits: int | None = None
     embedding_groups: int | str = "channel"
     act_bits: int | None = 8
+    range_method: str = DEFAULT_RANGE_METHOD
 
     def __post_init__(self) -> None:
         bits = tuple(sorted({check_bits(b, "candidate bits") for b in self.bits}))
@@ -336,6 +340,7 @@ class AllocConfig(_Config):
             check_bits(self.act_bits, "activation bits", role="activation")
         _set_enum(self, "measure", Measure, "sensitivity measure")
         _set_enum(self, "method", Method, "allocation method")
+        check_range_method(self.range_method, "AllocConfig.range_method")
 
 
 PLAN_KINDS = ("uniform", "avg_bits", "budget_mb", "ratio")
@@ -354,7 +359,8 @@ class PlanSpec(_Config):
         ratio: compression ratio against FP32 to reach at least.
         qat: QAT after direct quantization (None: the run's default).
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
-            :class:`AllocConfig` (None: the run's ``[allocate]``).
+            :class:`AllocConfig` (None: the run's ``[allocate]``). ``range_method`` is not among them: the run
+            measures one cost table, with ``[allocate] range_method``, for all its plans.
     """
 
     name: str
@@ -371,6 +377,15 @@ class PlanSpec(_Config):
     position_bits: int | None = None
     embedding_groups: int | str | None = None
     act_bits: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanSpec:
+        if "range_method" in data:
+            raise QBHError(
+                f"plan {data.get('name')!r} sets range_method; it is one setting of the whole run (its cost table "
+                "is measured with it): set it in [allocate]"
+            )
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         name = self.name

@@ -95,8 +95,9 @@ def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tm
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     available = [g for g in groups if str(g) in profile.units["encoder.0"].groups]
     assert len(available) >= 2  # the tiny model's FFN (37 rows) takes no per-head or 2-row grouping
-    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g)) for g in available]
-    cases.append((Budget(avg_bits=5), AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None)))
+    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g, range_method=range_method)) for g in available]
+    no_act = AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None, range_method=range_method)
+    cases.append((Budget(avg_bits=5), no_act))
     for budget, config in cases:
         plan = allocate_bits(report, profile, budget, config)
         assert plan.range_method == profile.range_method == range_method
