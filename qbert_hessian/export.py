@@ -116,6 +116,13 @@ def save_packed(
     if out_dir.exists() and not is_packed(out_dir):
         raise QBHError(f"'{out_dir}' exists and is not a packed checkpoint; choose a new folder for --out")
     tensors, entries = packed_tensors(model)
+    for key, e in entries.items():
+        if (e["range_method"], e["symmetric"]) != (plan.range_method, plan.symmetric):
+            raise QBHError(
+                f"{key} was quantized with {e['range_method']} {'symmetric' if e['symmetric'] else 'asymmetric'} "
+                f"ranges, the plan says {plan.range_method} {'symmetric' if plan.symmetric else 'asymmetric'}; "
+                "pass the plan the model was quantized with"
+            )
     tmp = out_dir.with_name(out_dir.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)

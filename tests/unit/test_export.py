@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -160,7 +161,13 @@ def test_save_packed_needs_a_quantized_calibrated_model(tiny_checkpoint, tmp_pat
     q = quantize_model(model, plan)
     with pytest.raises(QBHError, match="not calibrated"):
         save_packed(q, tmp_path / "p", plan=plan)
+    calibrate_activations(q, [random_batch(model.config.vocab_size, batch_size=2, seq_len=5)])
+    other = dataclasses.replace(plan, range_method="mse")  # the manifest would misdescribe the stored scales
+    with pytest.raises(QBHError, match="quantized with max symmetric ranges, the plan says mse symmetric"):
+        save_packed(q, tmp_path / "p", plan=other)
     assert not (tmp_path / "p").exists()
+    save_packed(q, tmp_path / "p", plan=plan)
+    assert PackedManifest.load(tmp_path / "p" / "quantization.json").plan == plan
 
 
 def test_reload_keeps_the_attention_kernel_it_was_saved_with(tiny_checkpoint, tmp_path):
