@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .allocate import MIB
 from .config import (
+    RANGE_METHODS,
     AllocConfig,
     CalibrationConfig,
     DensityConfig,
@@ -188,7 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--act-bits", type=int, default=AC.act_bits, help="activation width on quantized linears")
     p.add_argument("--no-act-quant", action="store_true", help="keep activations in FP32")
-    p.add_argument("--model", default=None, help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it")
+    p.add_argument(
+        "--weight-range",
+        choices=RANGE_METHODS,
+        default=AC.range_method,
+        help="each group's range: its max, or the clipping of least squared error (the profile is measured so)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it (or has another --weight-range)",
+    )
     p.add_argument("--frontier", action="store_true", help="also sweep budgets: frontier.json and frontier.png")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan")
     _add_common(p)
@@ -204,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, required=True, help="plan.json from qbert-hessian plan")
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, help="packed checkpoint folder to write")
+    p.add_argument(
+        "--weight-range",
+        choices=RANGE_METHODS,
+        default=None,
+        help="each group's range: max or mse (default: the plan's own, which plan sets; "
+        f"{AC.range_method} unless told otherwise)",
+    )
     _add_calibration(p)
     p.add_argument("--force", action="store_true", help="replace an existing packed checkpoint in OUT")
     _add_device(p)
@@ -475,8 +493,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         position_bits=args.position_bits,
         embedding_groups=args.embedding_groups,
         act_bits=None if args.no_act_quant else args.act_bits,
+        range_method=args.weight_range,
     )
-    profile = stages.load_profile(report_file, report, model=args.model, groups=config.groups)
+    profile = stages.load_profile(
+        report_file, report, model=args.model, groups=config.groups, range_method=config.range_method
+    )
     source = {"sensitivity": str(report_file), "sha256": stages.sha256_file(report_file)}
     plan = stages.make_plan(report, profile, spec, config, source=source)
     stages.write_plan(plan, out)
@@ -505,7 +526,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise QBHError(f"'{args.out}' exists; pass --force to replace the packed checkpoint there")
     _check_out_dir(args.out.parent)
     calibration = _calibration(args)
-    plan = BitPlan.load(args.plan)
+    plan = stages.with_range_method(BitPlan.load(args.plan), args.weight_range)
     raw = _raw_task(args)
     model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
     qmodel = stages.quantize_direct(model, plan, task, calibration)  # validates the plan before anything is written
