@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="override [model] name")
     p.add_argument("--task", default=None, help="override [model] task")
     p.add_argument("--data", default=None, help="override [model] data")
+    p.add_argument(
+        "--weight-range",
+        choices=RANGE_METHODS,
+        default=None,
+        help=f"override [allocate] range_method (default there: {AC.range_method}); max or mse",
+    )
     p.add_argument("--force", action="store_true", help="recompute every stage")
     _add_device(p)
     _add_common(p)
@@ -662,6 +668,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     overrides += [f"model.{k}={_toml_str(v)}" for k in ("model", "task", "data") if (v := getattr(args, k))]
     overrides = [o.replace("model.model=", "model.name=") for o in overrides]
+    if args.weight_range is not None:
+        overrides.append(f"allocate.range_method={_toml_str(args.weight_range)}")
     config = load_run_config(args.config, overrides)
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:
