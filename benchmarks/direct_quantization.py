@@ -63,14 +63,17 @@ def main() -> None:
         rows.append((name, wbits, "8", groups, "8", acc, plan.predicted["mib"]))
         return acc
 
+    def config(**kwargs) -> AllocConfig:
+        return AllocConfig(range_method=profile.range_method, **kwargs)  # plans use the method the table has
+
     for groups in ("1", "128"):
         for bits in (8, 4, 3, 2):
-            run(f"direct, uniform {bits}-bit", uniform_plan(report, profile, bits, AllocConfig(groups=groups)), groups)
-    mixed = allocate_bits(report, profile, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3), groups=128))
+            run(f"direct, uniform {bits}-bit", uniform_plan(report, profile, bits, config(groups=groups)), groups)
+    mixed = allocate_bits(report, profile, Budget(avg_bits=2.5), config(bits=(2, 3), groups=128))
     run("direct, mixed 2/3 (MILP, Omega)", mixed, "128")
-    rank = allocate_bits(report, profile, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3), groups=128, method="rank"))
+    rank = allocate_bits(report, profile, Budget(avg_bits=2.5), config(bits=(2, 3), groups=128, method="rank"))
     run("direct, mixed 2/3 (Q-BERT rank rule)", rank, "128")
-    mixed4 = allocate_bits(report, profile, Budget(avg_bits=2.5), AllocConfig(bits=(2, 3, 4, 8), groups=128))
+    mixed4 = allocate_bits(report, profile, Budget(avg_bits=2.5), config(bits=(2, 3, 4, 8), groups=128))
     run("direct, mixed 2/3/4/8 at avg 2.5 (MILP)", mixed4, "128")
 
     # The mixed 2/3 plan as a real packed checkpoint, reloaded and evaluated from the file.

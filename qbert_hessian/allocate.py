@@ -124,6 +124,13 @@ def build_problem(
         raise QBHError(
             "allocate needs the quantization profile: measure_profile(model, profile_units(...)) or profile.json"
         )
+    if profile.range_method != config.range_method:
+        raise QBHError(
+            f"the quantization profile was measured with {profile.range_method} ranges but the plan asks for "
+            f"{config.range_method}: its errors would not be the plan's; measure it with {config.range_method} "
+            f"(plan --weight-range {config.range_method} --model MODEL) or plan with --weight-range "
+            f"{profile.range_method}"
+        )
     units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
     if not units:
         raise QBHError("the sensitivity report scores no encoder blocks; run sensitivity on the default blocks")
@@ -288,6 +295,7 @@ def _plan(
         blocks=blocks,
         act_bits=config.act_bits,
         symmetric=profile.symmetric,
+        range_method=config.range_method,  # the profile's: build_problem refuses any other
         method=method,
         budget=budget,
         measure=config.measure.value,

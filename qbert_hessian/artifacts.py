@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .config import check_bits
+from .config import check_bits, check_range_method
 from .errors import QBHError
 from .names import validate_block
 from .packed_format import PACKED_SCHEMA
@@ -282,6 +282,7 @@ class BitPlan(Artifact):
     ``blocks`` maps canonical block names to ``{"bits": b, "groups": g}``; a block that is absent stays FP32
     (the classifier head always does). A finer block (``encoder.3.query``) overrides its layer's entry.
     ``act_bits`` is the activation width on every quantized linear's input (None: FP32 activations).
+    ``range_method`` how each group's range was chosen (``max`` or ``mse``, ``quant/ranges.py``; old plans: max).
     ``model`` describes the model the plan was made for (name, family, num_layers, num_heads, hidden_size);
     ``predicted`` the sizes the allocator promised (bytes, MiB, compression, average encoder bits, objective).
     """
@@ -292,6 +293,7 @@ class BitPlan(Artifact):
     blocks: dict[str, dict[str, Any]]
     act_bits: int | None = 8
     symmetric: bool = True
+    range_method: str = "max"
     method: str = "manual"
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     measure: str | None = None
@@ -315,6 +317,7 @@ class BitPlan(Artifact):
             check_bits(self.act_bits, "plan act_bits", role="activation")
         if not isinstance(self.symmetric, bool):
             raise QBHError(f"plan 'symmetric' must be true or false, got {self.symmetric!r}; regenerate the plan")
+        check_range_method(self.range_method, "plan range_method")
 
 
 @dataclasses.dataclass
@@ -381,6 +384,8 @@ class QuantProfile(Artifact):
     """The allocator's cost table (``profile.json``): per unit, width and grouping the weight perturbation
     ||Q_b(W) - W||^2, and every tensor of the FP32 state dict (name, dtype, shape), so the allocator predicts
     the packed file's size byte for byte without torch. Made by :func:`~qbert_hessian.quant.profile.measure_profile`.
+    ``range_method`` is how every group's range was chosen when the errors were measured (``max`` or ``mse``);
+    a plan is only made from a profile of its own range method.
     """
 
     SCHEMA: ClassVar[str] = PROFILE_SCHEMA
@@ -390,8 +395,12 @@ class QuantProfile(Artifact):
     bits: list[int]
     tensors: list[list[Any]]  # [name, dtype, shape]
     units: dict[str, UnitProfile]
+    range_method: str = "max"  # how the errors' ranges were chosen; profiles written before it existed used max
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     created_by: str = CREATED_BY
+
+    def __post_init__(self) -> None:
+        check_range_method(self.range_method, "profile range_method")
 
     @classmethod
     def _field_from_json(cls, name: str, value: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .allocate import MIB
 from .config import (
+    RANGE_METHODS,
     AllocConfig,
     CalibrationConfig,
     DensityConfig,
@@ -200,9 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("budget_mb", "ratio", "avg_bits"):
         budget.add_argument("--" + name.replace("_", "-"), type=float, help=helps[name])
     budget.add_argument("--uniform", type=int, metavar="BITS", help=helps["uniform"])
-    _add_config(p, AllocConfig)
+    _add_config(p, AllocConfig, range_method="--weight-range")
     p.add_argument("--no-act-quant", action="store_true", help="keep activations in FP32")
-    p.add_argument("--model", default=None, help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it (or has another --weight-range)",
+    )
     p.add_argument("--frontier", action="store_true", help="also sweep budgets: frontier.json and frontier.png")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan")
     _add_common(p, device=False)
@@ -221,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         force="replace an existing packed checkpoint in OUT",
     )
     p.add_argument("--plan", type=Path, required=True, help="plan.json from qbert-hessian plan")
+    p.add_argument(
+        "--weight-range",
+        choices=RANGE_METHODS,
+        default=None,
+        help="each group's range: max or mse (default: the plan's own)",
+    )
     _add_config(p, CalibrationConfig)
     _add_common(p)
 
@@ -285,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
             for key in ("model", "task", "data"):
                 p.add_argument(f"--{key}", default=None, help=f"override [model] {'name' if key == 'model' else key}")
+            p.add_argument(
+                "--weight-range", choices=RANGE_METHODS, default=None, help="override [allocate] range_method"
+            )
         default_out = Path("runs/demo") if name == "demo" else None
         p.add_argument("--out", type=Path, default=default_out, help="run folder (run: default, the config's 'out')")
         p.add_argument(
@@ -433,7 +447,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         bits=(args.uniform,) if args.uniform is not None else args.bits,
         act_bits=None if args.no_act_quant else args.act_bits,
     )
-    profile = stages.load_profile(report_file, report, model=args.model, groups=config.groups)
+    profile = stages.load_profile(
+        report_file, report, model=args.model, groups=config.groups, range_method=config.range_method
+    )
     source = {"sensitivity": str(report_file), "sha256": stages.sha256_file(report_file)}
     plan = stages.make_plan(report, profile, spec, config, source=source)
     stages.write_plan(plan, out)
@@ -456,7 +472,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise QBHError(f"'{args.out}' exists; pass --force to replace the packed checkpoint there")
     _check_out_dir(args.out.parent)
     calibration = _from_args(CalibrationConfig, args)
-    plan = BitPlan.load(args.plan)
+    plan = stages.with_range_method(BitPlan.load(args.plan), args.weight_range)
     raw = _raw_task(args)
     model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
     qmodel = stages.quantize_direct(model, plan, task, calibration)  # validates the plan before anything is written
@@ -583,6 +599,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     overrides += [f"model.{k}={_toml_str(v)}" for k in ("model", "task", "data") if (v := getattr(args, k))]
     overrides = [o.replace("model.model=", "model.name=") for o in overrides]
+    if args.weight_range is not None:
+        overrides.append(f"allocate.range_method={_toml_str(args.weight_range)}")
     config = load_run_config(args.config, overrides)
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:

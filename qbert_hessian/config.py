@@ -39,6 +39,17 @@ def parse_groups(value: object) -> Groups:
 
 
 BIT_RANGES = {"weight": (2, 8), "embedding": (2, 8), "activation": (2, 16)}
+# How a group's quantization range is chosen (``quant/ranges.py``): its max, or the MSE-best clipped range.
+RANGE_METHODS = ("max", "mse")
+# The range method of new profiles and plans (MiniLM-L6: mse has 0.28/0.34/0.48 of max's error at 2/3/4 bits).
+DEFAULT_RANGE_METHOD = "mse"
+
+
+def check_range_method(value: object, what: str = "range method") -> str:
+    """``value`` if it names a range method, else a :class:`QBHError` naming the valid ones."""
+    if not isinstance(value, str) or value not in RANGE_METHODS:
+        raise QBHError(f"{what} {value!r} is not known; use one of {', '.join(RANGE_METHODS)}")
+    return value
 
 
 def check_bits(bits: object, what: str = "bits", *, role: str = "weight") -> int:
@@ -326,6 +337,9 @@ class AllocConfig(_Config):
         position_bits: width of the position table (default: ``embedding_bits``).
         embedding_groups: grouping of the embedding tables (``channel``: one scale per row).
         act_bits: activation width on quantized linears (None: FP32 activations).
+        range_method: how each group's range is chosen, ``max`` (Q-BERT: the group's extent) or ``mse`` (the
+            clipping ratio of least squared error, ``quant/ranges.py``). The cost table must be measured with
+            the same method (its errors depend on it); one method serves every plan of a run.
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -336,6 +350,7 @@ class AllocConfig(_Config):
     position_bits: int | None = None
     embedding_groups: int | str = "channel"
     act_bits: int | None = 8
+    range_method: str = DEFAULT_RANGE_METHOD
 
     def __post_init__(self) -> None:
         bits = tuple(sorted({check_bits(b, "candidate bits") for b in self.bits}))
@@ -351,6 +366,7 @@ class AllocConfig(_Config):
             check_bits(self.act_bits, "activation bits", role="activation")
         _set_enum(self, "measure", Measure, "sensitivity measure")
         _set_enum(self, "method", Method, "allocation method")
+        check_range_method(self.range_method, "AllocConfig.range_method")
 
 
 PLAN_KINDS = ("uniform", "avg_bits", "budget_mb", "ratio")
@@ -369,7 +385,8 @@ class PlanSpec(_Config):
         ratio: compression ratio against FP32 to reach at least.
         qat: QAT after direct quantization (None: the run's default).
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
-            :class:`AllocConfig` (None: the run's ``[allocate]``).
+            :class:`AllocConfig` (None: the run's ``[allocate]``). ``range_method`` is not among them: the run
+            measures one cost table, with ``[allocate] range_method``, for all its plans.
     """
 
     name: str
@@ -386,6 +403,15 @@ class PlanSpec(_Config):
     position_bits: int | None = None
     embedding_groups: int | str | None = None
     act_bits: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanSpec:
+        if "range_method" in data:
+            raise QBHError(
+                f"plan {data.get('name')!r} sets range_method; it is one setting of the whole run (its cost table "
+                "is measured with it): set it in [allocate]"
+            )
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         name = self.name

@@ -40,7 +40,7 @@ from .packed_format import (
 )
 from .quant.apply import quant_modules, quantize_model
 from .quant.functional import Quantized, code_range
-from .quant.modules import ActQuant
+from .quant.modules import SCALE_PARAM, ActQuant
 from .quant.profile import state_tensors
 
 if TYPE_CHECKING:
@@ -84,9 +84,12 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             "groups": module.spec.groups,
             "symmetric": module.spec.symmetric,
             "kind": module.kind,
+            "range_method": module.spec.range_method,  # how the range was chosen, or initialised when learned
+            "learned_scale": module.weight_scale is not None,  # LSQ: the scale is the trained step
         }
+    learned = {f"{path}.{SCALE_PARAM}" for path in quantized}  # stored above as the fp16 ".weight.scale"
     for key, t in model.state_dict().items():
-        if key not in entries:
+        if key not in entries and key not in learned:
             tensors[key] = t.detach().to("cpu").contiguous().clone()
     return tensors, entries
 
@@ -114,6 +117,13 @@ def save_packed(
     if out_dir.exists() and not is_packed(out_dir):
         raise QBHError(f"'{out_dir}' exists and is not a packed checkpoint; choose a new folder for --out")
     tensors, entries = packed_tensors(model)
+    for key, e in entries.items():
+        if (e["range_method"], e["symmetric"]) != (plan.range_method, plan.symmetric):
+            raise QBHError(
+                f"{key} was quantized with {e['range_method']} {'symmetric' if e['symmetric'] else 'asymmetric'} "
+                f"ranges, the plan says {plan.range_method} {'symmetric' if plan.symmetric else 'asymmetric'}; "
+                "pass the plan the model was quantized with"
+            )
     tmp = out_dir.with_name(out_dir.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)

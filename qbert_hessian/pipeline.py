@@ -364,7 +364,12 @@ class Run:
         out = self.out / "sensitivity"
         path, prof_path = out / "sensitivity.json", out / stages.PROFILE_FILE
         inputs = {"model": self.model_fp(), "data": self.data_fp(), "config": self.config.sensitivity.to_dict()}
-        p_inputs = {"model": inputs["model"], "groups": [str(g) for g in self._profile_groups()]}
+        range_method = self.config.allocate.range_method
+        p_inputs = {
+            "model": inputs["model"],
+            "groups": [str(g) for g in self._profile_groups()],
+            "range_method": range_method,
+        }
         if self._cached("sensitivity", inputs, path):
             report = SensitivityReport.load(path)
         else:
@@ -383,6 +388,7 @@ class Run:
                 inputs={"model": inputs["model"], "data": inputs["data"]},
                 resume=previous,
                 profile_groups=self._profile_groups(),
+                range_method=range_method,
                 progress=self.progress,
             )
             self._done("sensitivity", inputs)
@@ -392,7 +398,9 @@ class Run:
             return report, QuantProfile.load(prof_path)
         model, _ = self.fp32()
         groups, name = self._profile_groups(), self.config.model.name
-        profile = stages.report_profile(model, report, out, groups=groups, model_name=name, model_fp=inputs["model"])
+        profile = stages.report_profile(
+            model, report, out, groups=groups, model_name=name, model_fp=inputs["model"], range_method=range_method
+        )
         self._done("profile", p_inputs)
         return report, profile
 
@@ -452,7 +460,12 @@ class Run:
         out = self.out / "results" / name
         plan_fp = stages.file_fingerprint(self.out / "plans" / f"{name}.json")
         base = {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
-        d_inputs = {**base, "plan": plan_fp, "calibration": self.config.run.calibration.to_dict()}
+        d_inputs = {
+            **base,
+            "plan": plan_fp,
+            "range_method": plan.range_method,  # in the plan too; named so the log says what changed
+            "calibration": self.config.run.calibration.to_dict(),
+        }
         p_inputs = {**d_inputs, "qat": self.config.qat.to_dict() if qat else None}
         model, task = None, None
         q = None  # the directly quantized model, built once and reused by QAT and export
@@ -524,24 +537,11 @@ class Run:
         raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
         return tokenize_task(raw, task.tokenizer, max_length=self.config.model.max_length)
 
-    def _check_family(self, raw) -> None:
-        """Settings the task's family cannot honour, refused before any stage runs."""
-        distilled = (
-            [p.name for p in self.config.plans if (self.config.run.qat if p.qat is None else p.qat)]
-            if self.config.qat.distill
-            else []
-        )
-        if distilled and raw.family != "classification":
-            raise QBHError(
-                f"[qat] distill = true is implemented for classification, not {raw.family} tasks (plans "
-                f"{', '.join(distilled)} train with QAT); set distill = false (--set qat.distill=false)"
-            )
-
     def execute(self) -> Path:
         """Every stage, then ``report.md``; returns the report's path."""
         from .report import write_run_report
 
-        self._check_family(self.raw())  # bad data and unsupported settings fail before anything is written
+        self.raw()  # bad data fails before anything is written
         self.checkpoint()
         self.out.mkdir(parents=True, exist_ok=True)
         self.record.config = self.config.to_dict()

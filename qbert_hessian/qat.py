@@ -1,10 +1,23 @@
 """Quantization-aware training: recover what direct quantization loses (Q-BERT Sec. 3; Q8BERT).
 
 The model carries fake-quant modules (FP32 master weights W, forward with Q(W), straight-through gradient);
-activation ranges follow an EMA while training. Training is transformers' ``Trainer`` with two options:
+activation ranges follow an EMA while training. Training is transformers' ``Trainer`` with these options:
 
-- knowledge distillation from the FP32 model (Hinton et al. 2015):
-      L = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+- knowledge distillation from the FP32 model, the student starting as its quantized copy (``distill``):
+  ``logits`` (Hinton et al. 2015):
+      L = (1 - alpha) * L_task + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+  ``hidden`` adds the hidden states of every layer, embedding output included, and ``full`` also the attention
+  of every layer (TernaryBERT, Zhang et al. 2020, Eq. 6-7):
+      + w_h * sum_l MSE(H_l^s, H_l^t) + w_a * sum_l MSE(A_l^s, A_l^t)
+  The KL differs from TernaryBERT's soft cross-entropy -sum p_t log p_s only by the teacher's entropy, a constant:
+  the same gradient, and zero for a student equal to its teacher. A_l are the attention *probabilities* HF
+  returns with ``output_attentions=True`` (TernaryBERT matches the pre-softmax scores, which HF does not expose);
+  only eager attention returns them, so ``full`` switches both models to eager for the run. MSEs are averaged over
+  the real (unpadded) tokens. L_task is the model's own loss (cross-entropy for classification and tokens, the
+  mean of start and end cross-entropies for QA), so any head with ``logits`` or ``start_logits``/``end_logits``
+  works (:func:`output_logits`).
+- learned step sizes (LSQ, Esser et al. 2020; ``learn_scales``): every group's step becomes a parameter,
+  initialised from the plan's range (max or MSE search), trained with LSQ's scaled gradient.
 - Quant-Noise (Fan et al. 2020): each training forward keeps a random share p of every weight's groups in
   FP32 and quantizes the rest; evaluation quantizes everything.
 
@@ -18,16 +31,19 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .config import _Config, _positive
 from .errors import QBHError
 from .quant.apply import quant_modules
+from .quant.modules import SCALE_PARAM
 from .train import cuda_available, quiet_trainer
 
 if TYPE_CHECKING:
@@ -49,10 +65,15 @@ class QATConfig(_Config):
         warmup_ratio: share of the steps with linear warm-up.
         weight_decay: AdamW weight decay.
         eval_steps: evaluate on dev every N steps and keep the best (0: only at the end).
-        distill: distil from the FP32 model.
+        distill: what to distil from the FP32 teacher: ``none``, ``logits``, ``hidden`` (logits and every
+            hidden state) or ``full`` (also every layer's attention); true/false (old configs) mean logits/none.
         temperature: distillation temperature T.
-        alpha: weight of the distillation term.
+        alpha: weight of the logits term against the task loss (1: distillation only, as TernaryBERT).
+        hidden_weight: weight w_h of the hidden-state MSE (``hidden``, ``full``).
+        attention_weight: weight w_a of the attention MSE (``full``).
+        learn_scales: train every group's step (LSQ) from the plan's range instead of recomputing it.
         quant_noise: share p of groups left in FP32 per training forward (0: plain QAT).
+        group_by_length: batch examples of similar length (less padding; the Trainer's length-grouped sampler).
         max_train_samples: train on a seeded subset of this many examples (None: all).
         seed: seeds the subset and the Trainer.
     """
@@ -63,15 +84,36 @@ class QATConfig(_Config):
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     eval_steps: int = 0
-    distill: bool = False
+    distill: str = "none"
     temperature: float = 2.0
     alpha: float = 0.5
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    learn_scales: bool = False
     quant_noise: float = 0.0
+    group_by_length: bool = False
     max_train_samples: int | None = None
     seed: int = 0
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QATConfig:
+        """As :meth:`_Config.from_dict`, with ``distill`` read by :func:`distill_mode` first, so the booleans of
+        old configs are accepted and any other value gets the list of modes."""
+        if "distill" in data:
+            data = {**data, "distill": distill_mode(data["distill"])}
+        return super().from_dict(data)
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "distill", distill_mode(self.distill))
         _positive("QATConfig", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, temperature=self.temperature)
+        for name in ("hidden_weight", "attention_weight"):
+            if getattr(self, name) < 0:
+                raise QBHError(f"QATConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learn_scales", "group_by_length"):
+            if not isinstance(getattr(self, name), bool):
+                raise QBHError(f"QATConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.max_train_samples is not None:
+            _positive("QATConfig", max_train_samples=self.max_train_samples)
         if self.eval_steps < 0:
             raise QBHError(f"QATConfig.eval_steps must be >= 0, got {self.eval_steps}")
         if not 0 <= self.alpha <= 1:
@@ -81,34 +123,126 @@ class QATConfig(_Config):
                 raise QBHError(f"QATConfig.{name} must lie in [0, 1), got {getattr(self, name)}")
 
 
+DISTILL_MODES = ("none", "logits", "hidden", "full")
+
+
+def distill_mode(value: object) -> str:
+    """``none``, ``logits``, ``hidden`` or ``full``; the booleans of old configs mean ``logits`` / ``none``."""
+    if isinstance(value, bool):
+        return "logits" if value else "none"
+    if value not in DISTILL_MODES:
+        raise QBHError(
+            f"QATConfig.distill {value!r} is not valid; use none, logits, hidden or full (true/false mean logits/none)"
+        )
+    return str(value)
+
+
+def output_logits(output: Any) -> list[Tensor]:
+    """The logit tensors of an HF model output: ``[logits]``, or ``[start_logits, end_logits]`` (QA)."""
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return [logits]
+    heads = [getattr(output, k, None) for k in ("start_logits", "end_logits")]
+    if all(h is not None for h in heads):
+        return heads  # type: ignore[return-value]
+    raise QBHError("model output has neither logits nor start_logits/end_logits; it cannot be distilled")
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` (same shape as ``x``) is set; plain mean without one."""
+    if mask is None or mask.shape != x.shape:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def soft_cross_entropy(student: Tensor, teacher: Tensor, *, temperature: float, mask: Tensor | None = None) -> Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) over the last axis, averaged over the others.
+
+    ``student``/``teacher`` (batch, classes), (batch, seq, classes) with ``mask`` (batch, seq) for tokens, or
+    (batch, seq) for QA start/end positions.
+    """
+    log_s = F.log_softmax(student / temperature, dim=-1)
+    log_t = F.log_softmax(teacher / temperature, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+    return temperature**2 * _masked_mean(kl, mask)
+
+
+def hidden_state_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """sum_l MSE(H_l^s, H_l^t) over the hidden states (batch, seq, hidden), real tokens only."""
+    _same_depth(student, teacher, "hidden states")
+    return sum((_masked_mean((s - t).pow(2).mean(dim=-1), mask) for s, t in zip(student, teacher)), torch.zeros(()))
+
+
+def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """sum_l MSE(A_l^s, A_l^t) over the attention maps (batch, heads, query, key), real query tokens only."""
+    _same_depth(student, teacher, "attentions")
+    per_layer = ((s - t).pow(2).mean(dim=(1, 3)) for s, t in zip(student, teacher))  # (batch, query)
+    return sum((_masked_mean(e, mask) for e in per_layer), torch.zeros(()))
+
+
+def _same_depth(student: Sequence[Tensor] | None, teacher: Sequence[Tensor] | None, what: str) -> None:
+    if not student or not teacher:
+        raise QBHError(f"the models returned no {what}; distil {what} only from HF encoders that return them")
+    if len(student) != len(teacher):
+        raise QBHError(f"student has {len(student)} {what}, teacher {len(teacher)}; distil from the same architecture")
+
+
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, temperature: float, alpha: float
 ) -> torch.Tensor:
     """(1 - alpha) * CE + alpha * T^2 * KL(teacher || student) on logits (batch, classes)."""
     ce = F.cross_entropy(student, labels)
-    kl = F.kl_div(
-        F.log_softmax(student / temperature, dim=-1),
-        F.log_softmax(teacher / temperature, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return (1 - alpha) * ce + alpha * temperature**2 * kl
+    return (1 - alpha) * ce + alpha * soft_cross_entropy(student, teacher, temperature=temperature)
+
+
+def distillation_objective(student: Any, teacher: Any, attention_mask: Tensor | None, config: QATConfig) -> Tensor:
+    """The QAT loss of ``config.distill`` from the student's and the teacher's HF outputs (see the module doc)."""
+    logit_pairs = list(zip(output_logits(student), output_logits(teacher)))
+    kd = sum(
+        (soft_cross_entropy(s, t, temperature=config.temperature, mask=attention_mask) for s, t in logit_pairs),
+        torch.zeros(()),
+    ) / len(logit_pairs)
+    loss = config.alpha * kd
+    if config.alpha < 1:
+        if student.loss is None:
+            raise QBHError("the student returned no task loss (no labels in the batch); set QATConfig.alpha=1")
+        loss = loss + (1 - config.alpha) * student.loss
+    if config.distill in ("hidden", "full"):
+        hidden = hidden_state_loss(student.hidden_states, teacher.hidden_states, attention_mask)
+        loss = loss + config.hidden_weight * hidden
+    if config.distill == "full":
+        loss = loss + config.attention_weight * attention_loss(student.attentions, teacher.attentions, attention_mask)
+    return loss
+
+
+def _without_internals(output: Any) -> Any:
+    """The output without hidden states and attentions, so evaluation gathers only the logits."""
+    keep = {k: v for k, v in output.items() if k not in ("hidden_states", "attentions")}
+    return type(output)(**keep)
 
 
 def _trainer_class(teacher: nn.Module | None, config: QATConfig) -> type:
     from transformers import Trainer
 
+    extra = {
+        "output_hidden_states": config.distill in ("hidden", "full"),
+        "output_attentions": config.distill == "full",
+    }
+
     class QATTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
             if teacher is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            outputs = model(**inputs)
+            outputs = model(**inputs, **extra)
             with torch.no_grad():
-                t_logits = teacher(**inputs).logits
-            loss = distillation_loss(
-                outputs.logits, t_logits, inputs["labels"], temperature=config.temperature, alpha=config.alpha
-            )
-            return (loss, outputs) if return_outputs else loss
+                t_out = teacher(**inputs, **extra)
+            loss = distillation_objective(outputs, t_out, inputs.get("attention_mask"), config)
+            return (loss, _without_internals(outputs)) if return_outputs else loss
+
+        def get_decay_parameter_names(self, model) -> list[str]:  # noqa: D102
+            # LSQ steps are not weights: decaying them would shrink every range towards zero.
+            return [n for n in super().get_decay_parameter_names(model) if not n.endswith(SCALE_PARAM)]
 
     return QATTrainer
 
@@ -129,56 +263,30 @@ def train_qat(
         task: the tokenized task (its dev split picks the best checkpoint).
         config: the training settings.
         work_dir: where the Trainer keeps its checkpoints (removed at the end).
-        teacher: the FP32 model, needed when ``config.distill``.
+        teacher: the FP32 model, needed unless ``config.distill`` is ``none``.
         progress: show the Trainer's progress bar.
 
     Returns:
-        ``{"train_seconds", "steps", "best_metric", "log_history"}``; the model holds the best weights and is
-        left in eval mode.
+        ``{"train_seconds", "steps", "examples_seen", "best_metric", "log_history", "config"}``
+        (``examples_seen`` = steps x batch size); the model holds the best weights and is left in eval mode.
     """
-    from transformers import TrainingArguments
-
     from .tasks import trainer_setup
 
     if not any(True for _ in quant_modules(model)):
         raise QBHError("model has no quantized modules; apply a plan with quantize_model first")
-    if config.distill and teacher is None:
-        raise QBHError("distillation needs the FP32 teacher model; pass teacher=")
-    if config.distill and task.family != "classification":
-        raise QBHError(f"distillation is implemented for classification, not {task.family} tasks; drop --distill")
+    distill = config.distill != "none"
+    if distill and teacher is None:
+        raise QBHError(f"distillation ({config.distill}) needs the FP32 teacher model; pass teacher=")
     setup = trainer_setup(task)
     if teacher is not None:
         teacher.eval()  # its forward runs under no_grad; its parameters are left as they are
     for _, module in quant_modules(model):
         module.noise = config.quant_noise
+        if config.learn_scales:
+            module.learn_scales()
     work = Path(work_dir)
-    steps_per_epoch = max(1, -(-len(task.train) // config.batch_size))
-    total = int(np.ceil(steps_per_epoch * config.epochs))
-    eval_steps = config.eval_steps or total
-    args = TrainingArguments(
-        output_dir=str(work),
-        num_train_epochs=config.epochs,
-        learning_rate=config.lr,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64,
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=1,
-        load_best_model_at_end=True,
-        metric_for_best_model=setup.metric,
-        greater_is_better=setup.greater_is_better,
-        logging_steps=max(1, min(50, eval_steps)),
-        report_to=[],
-        seed=config.seed,
-        disable_tqdm=not progress,
-        use_cpu=not cuda_available(),
-    )
-    trainer = _trainer_class(teacher if config.distill else None, config)(
+    args = _training_args(config, work, len(task.train), progress, setup.metric, setup.greater_is_better)
+    trainer = _trainer_class(teacher if distill else None, config)(
         model=model,
         args=args,
         train_dataset=task.train,
@@ -187,18 +295,74 @@ def train_qat(
         compute_metrics=setup.compute_metrics,
     )
     quiet_trainer(trainer, progress)
+    attn = _eager_attention([model, teacher] if config.distill == "full" else [])
     start = time.perf_counter()
     try:
         out = trainer.train()
     finally:
         for _, module in quant_modules(model):
             module.noise = 0.0
+        for m, impl in attn:
+            m.set_attn_implementation(impl)
         shutil.rmtree(work, ignore_errors=True)
     model.eval()
     return {
         "train_seconds": round(time.perf_counter() - start, 1),
         "steps": int(out.global_step),
+        "examples_seen": int(out.global_step) * config.batch_size * args.world_size,
         "best_metric": trainer.state.best_metric,
         "log_history": trainer.state.log_history,
         "config": config.to_dict(),
     }
+
+
+def _training_args(
+    config: QATConfig,
+    work: Path,
+    num_train: int,
+    progress: bool,
+    metric: str = "accuracy",
+    greater_is_better: bool = True,
+) -> Any:
+    """The Trainer's arguments for ``config``: linear schedule, dev evaluation, the best checkpoint kept."""
+    from transformers import TrainingArguments
+
+    steps_per_epoch = max(1, -(-num_train // config.batch_size))
+    total = int(np.ceil(steps_per_epoch * config.epochs))
+    eval_steps = config.eval_steps or total
+    return TrainingArguments(
+        output_dir=str(work),
+        num_train_epochs=config.epochs,
+        learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=64,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a share of the steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=greater_is_better,
+        logging_steps=max(1, min(50, eval_steps)),
+        report_to=[],
+        seed=config.seed,
+        disable_tqdm=not progress,
+        use_cpu=not cuda_available(),
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+    )
+
+
+def _eager_attention(models: Sequence[nn.Module | None]) -> list[tuple[nn.Module, str]]:
+    """Switch ``models`` to eager attention (the only kind that returns attention maps); the previous kinds."""
+    switched = []
+    for m in models:
+        impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+        if m is not None and impl is not None and impl != "eager":
+            logger.info("attention distillation: switching %s from %s to eager attention", type(m).__name__, impl)
+            m.set_attn_implementation("eager")  # type: ignore[operator]
+            switched.append((m, impl))
+    return switched

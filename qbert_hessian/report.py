@@ -174,7 +174,8 @@ def plan_markdown(plan: BitPlan) -> str:
         f"- predicted size: **{_fmt(p.get('mib'))} MiB** ({p.get('bytes', 0):,} bytes) vs FP32 "
         f"{_fmt(p.get('fp32_mib'))} MiB: **{_fmt(p.get('compression'), 3)}x** smaller",
         f"- encoder average: {_fmt(p.get('encoder_avg_bits'), 3)} bits; activations: "
-        f"{plan.act_bits or 'FP32'} bits; {'symmetric' if plan.symmetric else 'asymmetric'} ranges",
+        f"{plan.act_bits or 'FP32'} bits; {'symmetric' if plan.symmetric else 'asymmetric'} weight ranges chosen by "
+        f"{plan.range_method}",
         f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
     ]
     lines += [f"- note: {n}" for n in plan.notes]

@@ -8,6 +8,7 @@ settings, upstream artifacts' hashes), so a cached or resumed stage can tell sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -25,7 +26,14 @@ from .artifacts import (
     sha256_file,
     write_text,
 )
-from .config import CalibrationConfig, DensityConfig, PlanSpec, SensitivityConfig
+from .config import (
+    DEFAULT_RANGE_METHOD,
+    CalibrationConfig,
+    DensityConfig,
+    PlanSpec,
+    SensitivityConfig,
+    check_range_method,
+)
 from .errors import QBHError
 from .models import BlockMap, resolve_model_path
 from .packed_format import WEIGHTS_FILE
@@ -91,10 +99,12 @@ def sensitivity(
     inputs: dict[str, Any] | None = None,
     resume: SensitivityReport | None = None,
     profile_groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS,
+    range_method: str = DEFAULT_RANGE_METHOD,
     progress: bool = True,
 ) -> tuple[SensitivityReport, QuantProfile | None]:
     """The Q-BERT sensitivity report of ``model`` on ``task``, written to ``out_dir`` after every block, and,
-    once complete, the allocator's cost table (``profile.json``) for the report's blocks.
+    once complete, the allocator's cost table (``profile.json``) for the report's blocks, its errors measured
+    with ``range_method``.
 
     A ``resume`` report is continued only if it was computed from the same inputs (model weights, data and
     settings); otherwise the error says which differs.
@@ -124,7 +134,10 @@ def sensitivity(
     save(report)
     if not report.complete:
         return report, None
-    return report, report_profile(model, report, out, groups=profile_groups, model_name=model_name)
+    profile = report_profile(
+        model, report, out, groups=profile_groups, model_name=model_name, range_method=range_method
+    )
+    return report, profile
 
 
 def report_profile(
@@ -135,12 +148,15 @@ def report_profile(
     groups: Sequence[int | str],
     model_name: str,
     model_fp: str | None = None,
+    range_method: str = DEFAULT_RANGE_METHOD,
 ) -> QuantProfile:
-    """The cost table of a report's blocks (and the embedding tables), saved as ``profile.json`` beside it."""
+    """The cost table of a report's blocks (and the embedding tables), its errors measured with ``range_method``,
+    saved as ``profile.json`` beside it."""
     profile = measure_profile(
         model,
         profile_units(BlockMap(model), [b.name for b in report.blocks]),
         groups=groups,
+        range_method=range_method,
         model_name=model_name,
         inputs={"model": model_fp or report.inputs.get("model")},
     )
@@ -154,16 +170,30 @@ def report_path(path: Path | str) -> Path:
     return path / "sensitivity.json" if path.is_dir() else path
 
 
-def load_profile(report_file: Path, report: SensitivityReport, *, model: str | None, groups: object) -> QuantProfile:
-    """The cost table beside a report, measured from ``model`` when it is missing or lacks ``groups``."""
+def load_profile(
+    report_file: Path,
+    report: SensitivityReport,
+    *,
+    model: str | None,
+    groups: object,
+    range_method: str = DEFAULT_RANGE_METHOD,
+) -> QuantProfile:
+    """The cost table beside a report, measured from ``model`` (and saved, replacing the old one) when it is
+    missing, lacks ``groups`` or was measured with another range method than ``range_method``."""
     path = report_file.parent / PROFILE_FILE
     profile = QuantProfile.load(path) if path.is_file() else None
     units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
-    if profile is not None and units and units[0] in profile.units:
+    if profile is not None and profile.range_method == range_method and units and units[0] in profile.units:
         unit = profile.units[units[0]]
         if str(groups) in unit.groups or str(groups) in unit.unavailable:
             return profile
     if model is None:
+        if profile is not None and profile.range_method != range_method:
+            raise QBHError(
+                f"'{path}' was measured with {profile.range_method} ranges, the plan asks for {range_method}; pass "
+                f"--model (the report's model) so plan measures it with {range_method}, or --weight-range "
+                f"{profile.range_method}"
+            )
         have = "lacks" if profile is not None else "has no"
         raise QBHError(
             f"'{report_file.parent}' {have} the quantization profile for groups={groups}; pass --model (the "
@@ -178,9 +208,11 @@ def load_profile(report_file: Path, report: SensitivityReport, *, model: str | N
     ):
         raise QBHError(f"--model {model} is not the report's model ({report.model.get('name')}); pass that one")
     groups_all = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, groups]))
-    logger.info("measuring quantization errors of %s (groups %s)", model, groups_all)
+    logger.info("measuring quantization errors of %s (groups %s, %s ranges)", model, groups_all, range_method)
     fp = model_fingerprint(model)
-    return report_profile(fp32, report, path.parent, groups=groups_all, model_name=str(model), model_fp=fp)
+    return report_profile(
+        fp32, report, path.parent, groups=groups_all, model_name=str(model), model_fp=fp, range_method=range_method
+    )
 
 
 # --------------------------------------------------------------------------------------------------- planning
@@ -216,8 +248,6 @@ def write_frontier(
     report: SensitivityReport, profile: QuantProfile, config: AllocConfig, out_dir: Path | str, plan: BitPlan | None
 ) -> Path:
     """``frontier.json`` and ``frontier.png`` (MILP plans over budgets, uniform plans, the rank rule)."""
-    import dataclasses
-
     from .report import plot_frontier
 
     out = Path(out_dir)
@@ -227,6 +257,22 @@ def write_frontier(
 
 
 # ------------------------------------------------------------------------------------------ quantize / export
+
+
+def with_range_method(plan: BitPlan, range_method: str | None) -> BitPlan:
+    """``plan`` with its weights' ranges chosen by ``range_method`` instead (None or the plan's own: ``plan``).
+
+    The copy says so in its notes: the predicted sizes still hold (a range method changes no stored tensor),
+    the predicted errors and objective were measured with the plan's own method.
+    """
+    if range_method is None or range_method == plan.range_method:
+        return plan
+    check_range_method(range_method, "weight range method")
+    note = (
+        f"quantized with {range_method} ranges; the plan was made with {plan.range_method} (its predicted sizes "
+        f"hold, its errors and objective are those of {plan.range_method})"
+    )
+    return dataclasses.replace(plan, range_method=range_method, notes=[*plan.notes, note])
 
 
 def quantize_direct(model: nn.Module, plan: BitPlan, task: Task, calibration: CalibrationConfig) -> nn.Module:
@@ -408,6 +454,7 @@ __all__ = [
     "make_plan",
     "write_plan",
     "write_frontier",
+    "with_range_method",
     "quantize_direct",
     "export",
     "load_for_task",

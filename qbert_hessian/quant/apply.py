@@ -90,7 +90,7 @@ def plan_targets(model: nn.Module, plan: BitPlan) -> list[Target]:
     # Coarse blocks first, so encoder.3.query overrides encoder.3.
     for block in sorted(plan.blocks, key=lambda b: b.count(".")):
         entry = plan.blocks[block]
-        spec = QuantSpec(entry["bits"], entry.get("groups", 1), plan.symmetric)
+        spec = QuantSpec(entry["bits"], entry.get("groups", 1), plan.symmetric, plan.range_method)
         for name, path, kind in block_modules(block_map, block):
             weight = model.get_submodule(path).weight
             shape = (weight.shape[0], weight.shape[1])

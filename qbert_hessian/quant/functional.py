@@ -10,7 +10,8 @@ s_g (and, asymmetric, a zero point z_g):
 
 Scales are rounded *up* to the nearest float16, the precision they are stored in, so the fake-quantized
 weight, the packed checkpoint and its reload are bit-for-bit the same, and no weight inside the range moves
-by more than s_g / 2.
+by more than s_g / 2. How the range is chosen (``max`` above, an MSE clipping search, or a learned LSQ step) is
+``ranges.py``; every path here goes through it.
 
 Groupings (Shen et al. 2020, Q-BERT Sec. 3.3): ``1`` one scale per matrix; ``heads`` one per attention head
 (query/key/value: the rows of each head; attention output: the input columns of each head; FFN matrices:
@@ -32,23 +33,26 @@ from torch import Tensor
 
 from ..config import Groups, check_bits, parse_groups
 from ..errors import QBHError
+from .ranges import check_range_method, choose_range, code_range, decode, encode, fp16_up, learned_step
 
 Kind = Literal["qkv", "attn_out", "ffn", "embedding"]
-# Smallest normal float16: a scale below it would lose precision when stored.
-_MIN_SCALE = 2.0**-14
+_fp16_up = fp16_up  # the name the rest of the package and its tests know
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-    """How one weight is quantized: ``bits`` (2..8), ``groups`` and symmetric or asymmetric ranges."""
+    """How one weight is quantized: ``bits`` (2..8), ``groups``, symmetric or asymmetric ranges, and how each
+    group's range is chosen (``range_method``: ``max`` or ``mse``, see ``ranges.py``)."""
 
     bits: int
     groups: Groups = 1
     symmetric: bool = True
+    range_method: str = "max"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         object.__setattr__(self, "groups", parse_groups(self.groups))
+        check_range_method(self.range_method)
 
 
 def group_layout(
@@ -97,19 +101,6 @@ def from_groups(g: Tensor, shape: tuple[int, int], grid: tuple[int, int]) -> Ten
     return g.reshape(rg, cg, out_f // rg, in_f // cg).permute(0, 2, 1, 3).reshape(out_f, in_f)
 
 
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """``(qmin, qmax)``: [-2^(b-1), 2^(b-1)-1] symmetric, [0, 2^b-1] asymmetric."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
-
-
-def _fp16_up(scale: Tensor) -> Tensor:
-    """Round a float32 scale up to a float16-representable value (as float32)."""
-    s = scale.clamp(min=_MIN_SCALE, max=60000.0)
-    h = s.half()
-    h = torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
-    return h.float()
-
-
 @dataclasses.dataclass
 class Quantized:
     """Integer codes of a grouped weight and what it takes to rebuild it.
@@ -132,37 +123,85 @@ class Quantized:
         return from_groups(q * self.scale[:, None], self.shape, self.grid)
 
 
-def quantize(w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True) -> Quantized:
-    """Quantize ``w`` (out, in) with one scale per cell of ``grid``; no gradient."""
-    w = w.detach().float()
-    g = to_groups(w, grid)
-    qmin, qmax = code_range(bits, symmetric)
-    if symmetric:
-        scale = _fp16_up(g.abs().amax(dim=1) / ((2**bits - 1) / 2))
-        codes = torch.clamp(torch.round(g / scale[:, None]), qmin, qmax)
-        zero = None
-    else:
-        lo, hi = g.amin(dim=1).clamp(max=0), g.amax(dim=1).clamp(min=0)
-        scale = _fp16_up((hi - lo) / (2**bits - 1))
-        zero = torch.clamp(torch.round(-lo / scale), qmin, qmax)
-        codes = torch.clamp(torch.round(g / scale[:, None]) + zero[:, None], qmin, qmax)
-        zero = zero.to(torch.int16)
-    return Quantized(codes.to(torch.int16), scale, zero, bits, tuple(w.shape), grid)  # type: ignore[arg-type]
+def quantize(
+    w: Tensor,
+    bits: int,
+    grid: tuple[int, int],
+    symmetric: bool = True,
+    range_method: str = "max",
+    ratio: Tensor | None = None,
+) -> Quantized:
+    """Quantize ``w`` (out, in) with one scale per cell of ``grid``, the range chosen by ``range_method``
+    (or clipped by a given per-group ``ratio``, see :func:`~.ranges.choose_range`)."""
+    g = to_groups(w.detach().float(), grid)
+    scale, zero = choose_range(g, bits, symmetric, range_method, ratio)
+    return _encode(g, scale, zero, bits, tuple(w.shape), grid)  # type: ignore[arg-type]
 
 
-def fake_quantize(w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True) -> Tensor:
+def quantize_with(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, grid: tuple[int, int]) -> Quantized:
+    """Quantize ``w`` with given per-group scales (rounded up to fp16 here) and zero points (None: symmetric),
+    as a learned step (LSQ) is exported."""
+    g = to_groups(w.detach().float(), grid)
+    return _encode(g, fp16_up(scale.detach().float()), zero, bits, tuple(w.shape), grid)  # type: ignore[arg-type]
+
+
+def _encode(
+    g: Tensor, scale: Tensor, zero: Tensor | None, bits: int, shape: tuple[int, int], grid: tuple[int, int]
+) -> Quantized:
+    qmin, qmax = code_range(bits, zero is None)
+    codes = encode(g, scale, zero, qmin, qmax).to(torch.int16)
+    return Quantized(codes, scale, None if zero is None else zero.to(torch.int16), bits, shape, grid)
+
+
+def fake_quantize(
+    w: Tensor,
+    bits: int,
+    grid: tuple[int, int],
+    symmetric: bool = True,
+    range_method: str = "max",
+    ratio: Tensor | None = None,
+) -> Tensor:
     """Q(w) in the forward pass, identity gradient in the backward pass (straight-through estimator).
 
-    The scales come from the weight itself (its max), so nothing is clipped and every gradient passes.
+    The scales come from the weight itself (its max, or a clipped range); the gradient passes unchanged to every
+    weight, clipped ones included.
     """
-    q = quantize(w, bits, grid, symmetric).dequantize().to(w.dtype)
+    q = quantize(w, bits, grid, symmetric, range_method, ratio).dequantize().to(w.dtype)
     return w + (q - w).detach()
 
 
-def quant_error(w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True) -> float:
+def fake_quantize_learned(
+    w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, grid: tuple[int, int], grad_scale: float
+) -> Tensor:
+    """Q(w) with a learned per-group step (LSQ, Esser et al. 2020), equal in value to :func:`quantize_with`.
+
+    With v = w / s (+ z): Q = (clamp(round(v), qmin, qmax) - z) * s, the round passed straight through, so
+
+        dQ/dw = 1 inside the range, 0 outside;   dQ/ds = round(v) - v inside, qmin - z or qmax - z outside,
+
+    and the gradient to s is scaled by ``grad_scale`` (:func:`~.ranges.lsq_grad_scale`). The forward uses
+    fp16_up(s), the stored precision. ``scale`` (groups,), ``zero`` (groups,) or None (symmetric).
+    """
+    qmin, qmax = code_range(bits, zero is None)
+    s = learned_step(scale, grad_scale)  # (groups,)
+    g = to_groups(w.float(), grid)  # (groups, n)
+    v = g / s[:, None]
+    if zero is not None:
+        v = v + zero[:, None]
+    v_clamped = v.clamp(qmin, qmax)
+    with torch.no_grad():
+        codes = encode(g, s, zero, qmin, qmax)  # the exact codes quantize_with stores
+    # value: the exact codes; gradient: that of clamp(v) (straight through the round)
+    codes = codes + (v_clamped - v_clamped.detach())
+    return from_groups(decode(codes, s, zero), tuple(w.shape), grid).to(w.dtype)  # type: ignore[arg-type]
+
+
+def quant_error(
+    w: Tensor, bits: int, grid: tuple[int, int], symmetric: bool = True, range_method: str = "max"
+) -> float:
     """||Q(w) - w||^2, the perturbation the allocator weighs by sensitivity (HAWQ-V3)."""
     with torch.no_grad():
-        return float((quantize(w, bits, grid, symmetric).dequantize() - w.float()).pow(2).sum())
+        return float((quantize(w, bits, grid, symmetric, range_method).dequantize() - w.float()).pow(2).sum())
 
 
 def fake_quantize_activation(x: Tensor, amax: Tensor, bits: int = 8) -> Tensor:

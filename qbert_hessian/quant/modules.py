@@ -3,8 +3,14 @@
 
 ``QuantLinear`` *is* an ``nn.Linear`` (same forward signature, same ``weight`` and ``bias``), so HF code, the
 Trainer and ``save_pretrained`` keep working. Its forward uses Q(W) with the straight-through estimator, so
-QAT trains the master weight. After :meth:`~_QuantWeight.set_quantized` (what loading a packed checkpoint does)
-the module holds Q(W) itself and its stored scales, and uses them as they are.
+QAT trains the master weight. Each group's range follows ``spec.range_method``: ``max`` is recomputed from the
+current weight; ``mse`` searches each group's clipping ratio once (``ranges.py``; 100 candidates, too slow for
+every training step) and then holds the ratio r, the range following the weight as r * max. After
+:meth:`~_QuantWeight.learn_scales` the per-group steps are trainable parameters instead (LSQ, Esser et al. 2020),
+initialised from that range, and the forward, :meth:`~_QuantWeight.quantized` and the packed file all use
+fp16_up(step). After
+:meth:`~_QuantWeight.set_quantized` (what loading a packed checkpoint does) the module holds Q(W) itself and its
+stored scales, and uses them as they are.
 """
 
 from __future__ import annotations
@@ -22,10 +28,16 @@ from .functional import (
     QuantSpec,
     fake_quantize,
     fake_quantize_activation,
+    fake_quantize_learned,
     from_groups,
     quantize,
+    quantize_with,
     to_groups,
 )
+from .ranges import lsq_grad_scale, search_ratios
+
+# The trainable per-group step of a module after ``learn_scales()``; export writes it as the fp16 scale instead.
+SCALE_PARAM = "weight_scale"
 
 
 class ActQuant(nn.Module):
@@ -86,12 +98,44 @@ class _QuantWeight:
         self._frozen: Quantized | None = None
         self._frozen_version: tuple[int, int] | None = None
         self._cache: tuple[Any, Tensor] | None = None
+        self.weight_scale: nn.Parameter | None = None  # LSQ step per group, after learn_scales()
+        self.register_buffer("weight_zero", None, persistent=False)  # type: ignore[attr-defined]  # its zero points
+        self.register_buffer("clip_ratio", None, persistent=False)  # type: ignore[attr-defined]  # mse: held ratios
 
     def quantized(self) -> Quantized:
         """Integer codes and scales of the current weight (the stored ones after ``set_quantized``)."""
         if self._frozen is not None and self._frozen_key() == self._frozen_version:
             return self._frozen
-        return quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric)
+        if self.weight_scale is not None:
+            return quantize_with(self.weight, self.weight_scale, self.weight_zero, self.spec.bits, self.grid)
+        spec = self.spec
+        return quantize(self.weight, spec.bits, self.grid, spec.symmetric, spec.range_method, self._clip_ratio())
+
+    def _clip_ratio(self) -> Tensor | None:
+        """The ``mse`` clipping ratio per group, searched on the first call and held after (None for ``max``)."""
+        if self.spec.range_method != "mse":
+            return None
+        if self.clip_ratio is None:
+            g = to_groups(self.weight.detach().float(), self.grid)
+            self.clip_ratio = search_ratios(g, self.spec.bits, self.spec.symmetric)
+        return self.clip_ratio
+
+    def learn_scales(self) -> None:
+        """Make the per-group steps trainable (LSQ), starting from the current range (``spec.range_method``).
+
+        The zero points of an asymmetric spec stay at their initial values (LSQ+ would learn them too).
+        """
+        if self.weight_scale is not None:
+            return
+        q = self.quantized()
+        self.weight_scale = nn.Parameter(q.scale.clone().to(self.weight.device))  # type: ignore[misc]
+        self.weight_zero = None if q.zero is None else q.zero.float().to(self.weight.device)
+        self._frozen = None
+        self._cache = None
+
+    def _grad_scale(self) -> float:
+        rows, cols = self.weight.shape
+        return lsq_grad_scale(rows * cols // (self.grid[0] * self.grid[1]), self.spec.bits, self.spec.symmetric)
 
     def set_quantized(self, q: Quantized) -> None:
         """Hold ``q``: the weight becomes Q(W), and forward uses it as is (a loaded packed checkpoint)."""
@@ -120,16 +164,27 @@ class _QuantWeight:
             return self.weight
         if self.training and torch.is_grad_enabled():
             self._cache = None
-            q = fake_quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric)
+            q = self._fake_quantize()
             if self.noise > 0:
                 q = self._quant_noise(q)
             return q
-        key = (self._frozen_key(), self.weight.dtype)
+        key = (self._frozen_key(), self.weight.dtype, self._scale_key())
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                q = quantize(self.weight, self.spec.bits, self.grid, self.spec.symmetric)
-                self._cache = (key, q.dequantize().to(self.weight.dtype))
+                self._cache = (key, self.quantized().dequantize().to(self.weight.dtype))
         return self._cache[1]
+
+    def _fake_quantize(self) -> Tensor:
+        if self.weight_scale is not None:
+            return fake_quantize_learned(
+                self.weight, self.weight_scale, self.weight_zero, self.spec.bits, self.grid, self._grad_scale()
+            )
+        spec = self.spec
+        return fake_quantize(self.weight, spec.bits, self.grid, spec.symmetric, spec.range_method, self._clip_ratio())
+
+    def _scale_key(self) -> tuple[int, int] | None:
+        s = self.weight_scale
+        return None if s is None else (s._version, s.data_ptr())
 
     def _quant_noise(self, q: Tensor) -> Tensor:
         """Keep a random share ``noise`` of the groups in FP32 for this forward (Quant-Noise)."""

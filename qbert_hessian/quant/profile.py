@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..artifacts import GroupCost, QuantProfile, UnitProfile
+from ..config import DEFAULT_RANGE_METHOD, check_range_method
 from ..errors import QBHError
 from ..models import BlockMap
 from .apply import block_modules, num_heads_of
@@ -54,6 +55,7 @@ def measure_profile(
     bits: Sequence[int] = DEFAULT_PROFILE_BITS,
     groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS,
     symmetric: bool = True,
+    range_method: str = DEFAULT_RANGE_METHOD,
     model_name: str = "model",
     inputs: dict | None = None,
 ) -> QuantProfile:
@@ -66,12 +68,15 @@ def measure_profile(
         groups: groupings to measure (1, ``heads``, an integer G, ``channel``); one that does not divide some
             matrix of a unit is recorded under the unit's ``unavailable`` with the reason.
         symmetric: symmetric (no zero points) or asymmetric quantization.
+        range_method: how each group's range is chosen, ``max`` or ``mse`` (``ranges.py``); the profile records
+            it, and a plan is only made from a profile of its own range method.
         model_name: the model's name as artifacts record it.
         inputs: provenance to store (e.g. the model's fingerprint).
 
     Returns:
         A :class:`~qbert_hessian.artifacts.QuantProfile`.
     """
+    check_range_method(range_method)
     block_map = BlockMap(model)
     heads = num_heads_of(model)
     out: dict[str, UnitProfile] = {}
@@ -86,7 +91,8 @@ def measure_profile(
                 unavailable[str(g)] = str(exc)
                 continue
             error = {
-                str(b): sum(quant_error(w, b, grid, symmetric) for (_, _, w, _), grid in zip(mats, grids)) for b in bits
+                str(b): sum(quant_error(w, b, grid, symmetric, range_method) for (_, _, w, _), grid in zip(mats, grids))
+                for b in bits
             }
             costs[str(g)] = GroupCost([r * c for r, c in grids], error)
         out[unit] = UnitProfile(
@@ -102,5 +108,6 @@ def measure_profile(
         bits=list(bits),
         tensors=state_tensors(model),
         units=out,
+        range_method=range_method,
         inputs=dict(inputs or {}),
     )

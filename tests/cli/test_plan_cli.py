@@ -98,6 +98,64 @@ def test_quantize_then_evaluate_fp32_direct_and_packed(tiny_checkpoint, tiny_dat
     assert "| fp32 | fp32 |" in capsys.readouterr().out
 
 
+def test_plan_weight_range_measures_or_refuses_a_profile_of_another_method(
+    report_dir, tiny_checkpoint, tmp_path, capsys
+):
+    import shutil
+
+    report = tmp_path / "report"
+    shutil.copytree(report_dir, report)
+    mse = json.loads((report / "profile.json").read_text())
+    assert mse["range_method"] == "mse"  # what sensitivity measures by default
+    out = tmp_path / "max.json"
+    args = ["plan", "--report", str(report), "--avg-bits", "3", "--bits", "2,3,4", "--groups", "channel"]
+    args += ["--out", str(out), "--quiet"]
+    assert main([*args, "--weight-range", "max"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was measured with mse ranges, the plan asks for max; pass --model" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main([*args, "--weight-range", "max", "--model", str(tiny_checkpoint)]) == 0
+    plan, measured = json.loads(out.read_text()), json.loads((report / "profile.json").read_text())
+    assert plan["range_method"] == measured["range_method"] == "max"
+    assert "weight ranges chosen by max" in out.with_suffix(".md").read_text()
+    # The table was measured again: max never beats the mse search, and at these widths it loses somewhere.
+    pairs = [
+        (measured["units"][u]["groups"][g]["error"][b], e)
+        for u, unit in mse["units"].items()
+        for g, cost in unit["groups"].items()
+        for b, e in cost["error"].items()
+    ]
+    assert all(m >= e * (1 - 1e-6) for m, e in pairs) and any(m > 1.01 * e for m, e in pairs)
+    assert main([*args, "--force"]) == 2  # the default (mse) now needs the model in turn
+    assert "was measured with max ranges, the plan asks for mse" in capsys.readouterr().err
+
+
+def test_quantize_weight_range_overrides_the_plan_and_the_manifest_says_so(
+    tiny_checkpoint, tiny_data, plan_file, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from qbert_hessian.artifacts import PackedManifest
+
+    assert json.loads(plan_file.read_text())["range_method"] == "mse"
+    args = ["quantize", "--model", str(tiny_checkpoint), "--plan", str(plan_file), "--data", str(tiny_data), *DATA]
+    args += ["--batch-size", "8", "--calibration-batches", "2"]
+    scales = {}
+    for method in (None, "max"):
+        out = tmp_path / str(method)
+        assert main([*args, "--out", str(out), *(["--weight-range", method] if method else [])]) == 0
+        manifest = PackedManifest.load(out / "quantization.json")
+        want = method or "mse"
+        assert manifest.plan.range_method == want
+        assert {e["range_method"] for e in manifest.tensors.values()} == {want}
+        size = json.loads((out / "size.json").read_text())
+        assert size["packed_bytes"] == size["predicted_bytes"]  # a range method changes no stored tensor's size
+        stored = load_file(str(out / "model.safetensors"))
+        scales[want] = {k: v for k, v in stored.items() if k.endswith(".scale")}
+    assert manifest.plan.notes[-1].startswith("quantized with max ranges; the plan was made with mse")
+    assert any(not scales["max"][k].equal(scales["mse"][k]) for k in scales["mse"])
+
+
 def _write_plan(path, plan_file, **changes):
     plan = json.loads(plan_file.read_text())
     for key, value in changes.items():
@@ -118,9 +176,10 @@ def _write_plan(path, plan_file, **changes):
         ({"blocks": {"encoder.0": {"bits": 4, "groups": "heads"}}}, "groups=heads do not divide"),
         ({"model": {"num_layers": 12, "num_heads": 12, "hidden_size": 768}}, "plan was made for another model"),
         ({"schema": "qbert_hessian.plan/2"}, "this version reads qbert_hessian.plan/1"),
+        ({"range_method": "minmax"}, "plan range_method 'minmax' is not known; use one of max, mse"),
         ("malformed", "is not valid JSON"),
     ],
-    ids=["unknown-block", "bits-1", "bits-9", "bad-groups", "other-model", "schema", "malformed"],
+    ids=["unknown-block", "bits-1", "bits-9", "bad-groups", "other-model", "schema", "range-method", "malformed"],
 )
 def test_quantize_refuses_bad_plans_and_writes_nothing(
     tiny_checkpoint, tiny_data, plan_file, tmp_path, capsys, change, message

@@ -121,10 +121,18 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
         ),
         ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nbitz=3\n", "unknown PlanSpec key(s) bitz"),
         ("[model]\nname='x'\ntask='sst2'\n[sensitivty]\n", "unknown key(s) sensitivty"),
+        (
+            "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nrange_method='max'\n",
+            "plan 'a' sets range_method; it is one setting of the whole run",
+        ),
+        (
+            "[model]\nname='x'\ntask='sst2'\n[allocate]\nrange_method='p99'\n[[plans]]\nname='a'\nuniform=4\n",
+            "AllocConfig.range_method 'p99' is not known; use one of max, mse",
+        ),
         ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=9\n", "uniform bits 9 is out of range"),
         ("[model\n", "not valid TOML"),
     ],
-    ids=["no-task", "no-plans", "no-budget", "duplicate", "plan-key", "section", "bits", "toml"],
+    ids=["no-task", "no-plans", "no-budget", "duplicate", "plan-key", "section", "plan-range", "range", "bits", "toml"],
 )
 def test_run_refuses_bad_configs(tmp_path, capsys, text, message):
     cfg = tmp_path / "bad.toml"
@@ -139,7 +147,7 @@ def test_overrides_and_the_demo_config():
     cfg = parse_run_config(
         apply_overrides(DEMO_CONFIG, ["sensitivity.draws=2", "qat.distill=false", "model.max_length=64"])
     )
-    assert cfg.sensitivity.draws == 2 and not cfg.qat.distill and cfg.sensitivity.max_length == 64
+    assert cfg.sensitivity.draws == 2 and cfg.qat.distill == "none" and cfg.sensitivity.max_length == 64
     assert [p.name for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
     with pytest.raises(QBHError, match="section.key=value"):
         apply_overrides(DEMO_CONFIG, ["draws=2"])
@@ -193,6 +201,31 @@ def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, 
     assert changed == {"packed:mixed-3", "metrics:mixed-3"}
     assert json.loads((out / "results" / "mixed-3" / "qat.json").read_text())["config"]["lr"] == 0.002
     assert "lr=0.002" in (out / "report.md").read_text()
+
+
+def test_a_changed_range_method_recomputes_the_profile_and_everything_after_it(run_dir, tmp_path):
+    import shutil
+
+    from qbert_hessian.artifacts import PackedManifest
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    before = _stage_hashes(out)
+    args = ["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]
+    assert main([*args, "--weight-range", "max"]) == 0
+    after = _stage_hashes(out)
+    changed = {k for k in after if after[k] != before.get(k)}
+    downstream = {f"{s}:{p}" for s in ("plan", "direct", "packed", "metrics") for p in ("uniform-4", "mixed-3")}
+    assert {"profile", "frontier", *downstream} <= changed
+    assert not changed & {"sensitivity", "fp32"}  # the report and the baseline do not depend on it
+    assert json.loads((out / "sensitivity" / "profile.json").read_text())["range_method"] == "max"
+    for name in ("uniform-4", "mixed-3"):
+        assert json.loads((out / "plans" / f"{name}.json").read_text())["range_method"] == "max"
+        manifest = PackedManifest.load(out / "results" / name / "packed" / "quantization.json")
+        assert {e["range_method"] for e in manifest.tensors.values()} == {"max"}
+    # The flag is the [allocate] setting: setting it there instead is the same run, so nothing is redone.
+    assert main([*args, "--set", 'allocate.range_method="max"']) == 0
+    assert _stage_hashes(out) == after
 
 
 def test_public_api_path_without_the_cli(tiny_checkpoint, tiny_data, tmp_path):

@@ -57,7 +57,9 @@ def synthetic_report(num_blocks: int = 5, seed: int = 0, *, sizes=None) -> tuple
     )
     tensors += [["emb.weight", "F32", [20, 32]], ["head.weight", "F32", [2, 32]]]
     model = {"name": "synthetic", "num_layers": num_blocks, "num_heads": 4, "hidden_size": 32}
-    profile = QuantProfile(model=model, symmetric=True, bits=list(BITS), tensors=tensors, units=units)
+    profile = QuantProfile(
+        model=model, symmetric=True, bits=list(BITS), tensors=tensors, units=units, range_method="mse"
+    )
     report = SensitivityReport(model=model, task="t", config={}, draws=[], blocks=blocks, pending=[])
     return report, profile
 
@@ -189,6 +191,29 @@ def test_a_block_the_profile_lacks_is_refused():
     del profile.units["encoder.1"]
     with pytest.raises(QBHError, match="the report scores encoder.1, which the quantization profile lacks"):
         allocate_bits(report, profile, Budget(avg_bits=3), CFG)
+
+
+def test_a_profile_of_another_range_method_is_refused_and_plans_name_their_method():
+    report, profile = synthetic_report(3, 0)
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), CFG)
+    assert CFG.range_method == profile.range_method == plan.range_method == "mse"
+    max_cfg = AllocConfig(bits=(2, 4, 8), groups=1, range_method="max")
+    for make in (
+        lambda: allocate_bits(report, profile, Budget(avg_bits=3), max_cfg),
+        lambda: uniform_plan(report, profile, 4, max_cfg),
+        lambda: frontier(report, profile, max_cfg),
+    ):
+        with pytest.raises(QBHError, match="measured with mse ranges but the plan asks for max"):
+            make()
+    profile.range_method = "max"  # the same errors, declared as measured with max: planned with max
+    assert allocate_bits(report, profile, Budget(avg_bits=3), max_cfg).range_method == "max"
+    with pytest.raises(QBHError, match="AllocConfig.range_method 'minmax' is not known; use one of max, mse"):
+        AllocConfig(range_method="minmax")
+    with pytest.raises(QBHError, match="profile range_method 'l1' is not known"):
+        QuantProfile.from_dict({**profile.to_dict(), "range_method": "l1"})
+    old = profile.to_dict()
+    del old["range_method"]  # a profile.json written before range methods: measured with max
+    assert QuantProfile.from_dict(old).range_method == "max"
 
 
 def test_frontier_is_monotone_and_marks_uniform_plans():

@@ -125,11 +125,13 @@ def test_straight_through_gradients_reach_the_master_weights(tiny_bert, batch):
     assert isinstance(w, nn.Parameter) and w.dtype == torch.float32
 
 
-def test_quant_profile_matches_direct_computation(tiny_bert):
+@pytest.mark.parametrize("range_method", ["max", "mse"])
+def test_quant_profile_matches_direct_computation(tiny_bert, range_method):
     bm = BlockMap(tiny_bert)
     units = profile_units(bm, ["embeddings", "encoder.0", "encoder.1"])
     assert units == ["encoder.0", "encoder.1", "embeddings.word", "embeddings.position", "embeddings.token_type"]
-    prof = measure_profile(tiny_bert, units, bits=(2, 4), groups=(1, "heads", "channel"))
+    prof = measure_profile(tiny_bert, units, bits=(2, 4), groups=(1, "heads", "channel"), range_method=range_method)
+    assert prof.range_method == range_method
     enc = prof.units["encoder.1"]
     assert "heads" in enc.unavailable  # intermediate 37 rows do not split into 4 heads
     assert enc.num_weights == 4 * 32 * 32 + 2 * 37 * 32
@@ -144,7 +146,8 @@ def test_quant_profile_matches_direct_computation(tiny_bert):
         (layer.output.dense, "ffn"),
     ]
     expected = sum(
-        quant_error(m.weight, 2, group_layout(tuple(m.weight.shape), 1, kind=k, num_heads=4)) for m, k in mats
+        quant_error(m.weight, 2, group_layout(tuple(m.weight.shape), 1, kind=k, num_heads=4), True, range_method)
+        for m, k in mats
     )
     assert enc.groups["1"].error["2"] == pytest.approx(expected, rel=1e-6)
     assert enc.groups["1"].error["4"] < enc.groups["1"].error["2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbert_hessian.allocate import AllocConfig, Budget, allocate_bits
-from qbert_hessian.artifacts import BitPlan, BlockSensitivity, SensitivityReport
+from qbert_hessian.artifacts import BitPlan, BlockSensitivity, PackedManifest, SensitivityReport
 from qbert_hessian.errors import QBHError
 from qbert_hessian.export import file_sizes, fp32_safetensors_bytes, load_packed, save_packed
 from qbert_hessian.models import BlockMap
@@ -45,8 +46,10 @@ def _logits(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path, symmetric):
+@pytest.mark.parametrize(
+    ("symmetric", "range_method"), [(True, "max"), (False, "max"), (True, "mse"), (False, "mse")], ids=str
+)
+def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path, symmetric, range_method):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
@@ -58,7 +61,7 @@ def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path,
         "encoder.1": {"bits": 5, "groups": 1},
         "encoder.1.attn_out": {"bits": 7, "groups": "heads"},
     }
-    plan = BitPlan(model=dict(MODEL, hidden_size=16), blocks=blocks, symmetric=symmetric)
+    plan = BitPlan(model=dict(MODEL, hidden_size=16), blocks=blocks, symmetric=symmetric, range_method=range_method)
     q = quantize_model(model, plan)
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     calibrate_activations(q, [batch])
@@ -68,11 +71,14 @@ def test_packed_checkpoint_reloads_to_the_same_logits(tiny_checkpoint, tmp_path,
     manifest = json.loads((tmp_path / "packed" / "quantization.json").read_text())
     entry = manifest["tensors"]["bert.encoder.layer.0.attention.self.query.weight"]
     assert (entry["bits"], entry["grid"], entry["block"]) == (2, [4, 1], "encoder.0.query")
+    assert entry["range_method"] == manifest["plan"]["range_method"] == range_method
+    assert PackedManifest.load(tmp_path / "packed" / "quantization.json").plan.range_method == range_method
     assert not (tmp_path / "packed.saving").exists()
 
 
+@pytest.mark.parametrize("range_method", ["max", "mse"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tmp_path, symmetric):
+def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tmp_path, symmetric, range_method):
     """The allocator predicts the packed file from packed_format alone; export writes it: same bytes."""
     from transformers import AutoModelForSequenceClassification
 
@@ -83,21 +89,24 @@ def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tm
         model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
     )
     groups = (1, "heads", 2, "channel")
+    units = profile_units(bm, ["encoder.0", "encoder.1"])
     profile = measure_profile(
-        model, profile_units(bm, ["encoder.0", "encoder.1"]), groups=groups, bits=(2, 3, 4, 8), symmetric=symmetric
+        model, units, groups=groups, bits=(2, 3, 4, 8), symmetric=symmetric, range_method=range_method
     )
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     available = [g for g in groups if str(g) in profile.units["encoder.0"].groups]
     assert len(available) >= 2  # the tiny model's FFN (37 rows) takes no per-head or 2-row grouping
-    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g)) for g in available]
-    cases.append((Budget(avg_bits=5), AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None)))
+    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g, range_method=range_method)) for g in available]
+    no_act = AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None, range_method=range_method)
+    cases.append((Budget(avg_bits=5), no_act))
     for budget, config in cases:
         plan = allocate_bits(report, profile, budget, config)
+        assert plan.range_method == profile.range_method == range_method
         q = quantize_model(model, plan)
         calibrate_activations(q, [batch])
         save_packed(q, tmp_path / "p", plan=plan)
         on_disk = file_sizes(tmp_path / "p")["weights_bytes"]
-        assert on_disk == plan.predicted["bytes"], (config.groups, symmetric)
+        assert on_disk == plan.predicted["bytes"], (config.groups, symmetric, range_method)
         assert torch.equal(_logits(load_packed(tmp_path / "p"), batch), _logits(q, batch))
 
 
@@ -152,7 +161,13 @@ def test_save_packed_needs_a_quantized_calibrated_model(tiny_checkpoint, tmp_pat
     q = quantize_model(model, plan)
     with pytest.raises(QBHError, match="not calibrated"):
         save_packed(q, tmp_path / "p", plan=plan)
+    calibrate_activations(q, [random_batch(model.config.vocab_size, batch_size=2, seq_len=5)])
+    other = dataclasses.replace(plan, range_method="mse")  # the manifest would misdescribe the stored scales
+    with pytest.raises(QBHError, match="quantized with max symmetric ranges, the plan says mse symmetric"):
+        save_packed(q, tmp_path / "p", plan=other)
     assert not (tmp_path / "p").exists()
+    save_packed(q, tmp_path / "p", plan=plan)
+    assert PackedManifest.load(tmp_path / "p" / "quantization.json").plan == plan
 
 
 def test_reload_keeps_the_attention_kernel_it_was_saved_with(tiny_checkpoint, tmp_path):
@@ -187,3 +202,46 @@ def test_packed_checkpoint_rebuilds_its_task_head(tiny_checkpoint, tmp_path, fam
         a, b = q(**batch), reloaded(**batch)
     key = "logits" if family == "token" else "start_logits"
     assert torch.equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("range_method", ["max", "mse"])
+def test_low_bit_word_embeddings_pack_and_reload_exactly(tiny_checkpoint, tmp_path, bits, range_method):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    blocks = {"embeddings.word": {"bits": bits, "groups": "channel"}, "encoder.0": {"bits": 4, "groups": 1}}
+    plan = BitPlan(model={}, blocks=blocks, range_method=range_method)
+    q = quantize_model(model, plan)
+    batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
+    calibrate_activations(q, [batch])
+    emb = q.bert.embeddings.word_embeddings
+    table = emb.quantized()
+    assert table.scale.numel() == model.config.vocab_size  # one scale per row
+    assert all(len(torch.unique(row)) <= 2**bits for row in emb.qweight())
+    save_packed(q, tmp_path / "p", plan=plan)
+    reloaded = load_packed(tmp_path / "p")
+    assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
+    assert torch.equal(reloaded.bert.embeddings.word_embeddings.weight, emb.qweight())
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "p" / "model.safetensors"))
+    codes = stored["bert.embeddings.word_embeddings.weight.codes"]
+    assert codes.numel() == math.ceil(emb.weight.numel() * bits / 8)  # bits per weight, packed
+    assert stored["bert.embeddings.word_embeddings.weight.scale"].dtype == torch.float16
+
+
+def test_allocator_accepts_two_bit_embeddings(tiny_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    bm = BlockMap(model)
+    blocks = [BlockSensitivity(f"encoder.{i}", 1, [1.0 + i], 1.0 + i, 0.0, 1.0 + i, [3], [True], 0.0) for i in range(2)]
+    units = profile_units(bm, ["encoder.0", "encoder.1"])
+    report = SensitivityReport(
+        model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
+    )
+    profile = measure_profile(model, units, groups=(1, "channel"))
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups=1, embedding_bits=2))
+    assert plan.blocks["embeddings.word"] == {"bits": 2, "groups": "channel"}
+    assert quantize_model(model, plan).bert.embeddings.word_embeddings.quantized().bits == 2

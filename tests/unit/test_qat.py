@@ -10,9 +10,19 @@ import torch
 from qbert_hessian.artifacts import BitPlan
 from qbert_hessian.errors import QBHError
 from qbert_hessian.evaluate import evaluate
-from qbert_hessian.qat import QATConfig, distillation_loss, train_qat
+from qbert_hessian.qat import (
+    QATConfig,
+    attention_loss,
+    distillation_loss,
+    distillation_objective,
+    hidden_state_loss,
+    output_logits,
+    soft_cross_entropy,
+    train_qat,
+)
 from qbert_hessian.quant.apply import calibrate_activations, calibration_batches, quantize_model
 from qbert_hessian.quant.modules import QuantLinear
+from tests.helpers import random_batch
 
 
 def test_distillation_loss_limits():
@@ -79,3 +89,129 @@ def test_qat_needs_a_quantized_model_and_a_teacher_for_distillation(tiny_task, t
     q = quantize_model(model, BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": 1}}, act_bits=None))
     with pytest.raises(QBHError, match="teacher"):
         train_qat(q, task, QATConfig(distill=True), work_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("value", "mode"), [(True, "logits"), (False, "none"), ("hidden", "hidden"), ("full", "full")])
+def test_qat_config_distill_accepts_modes_and_old_booleans(value, mode):
+    assert QATConfig(distill=value).distill == mode
+    assert QATConfig.from_dict({"distill": value}).to_dict()["distill"] == mode
+
+
+@pytest.mark.parametrize("bad", ["attention", 1, None, "Full"])
+def test_qat_config_refuses_unknown_distill_modes(bad):
+    with pytest.raises(QBHError, match=r"QATConfig.distill .* is not valid; use none, logits, hidden or full"):
+        QATConfig.from_dict({"distill": bad})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"hidden_weight": -1.0}, "hidden_weight must be >= 0"), ({"group_by_length": "yes"}, "group_by_length must be")],
+)
+def test_qat_config_refuses_bad_distillation_and_budget_settings(kwargs, message):
+    with pytest.raises(QBHError, match=message):
+        QATConfig(**kwargs)
+
+
+def _outputs(model, batch, **extra):
+    return model(**batch, output_hidden_states=True, output_attentions=True, **extra)
+
+
+@pytest.mark.parametrize("mode", ["logits", "hidden", "full"])
+def test_distillation_terms_vanish_for_a_student_equal_to_its_teacher(tiny_bert, mode):
+    import copy
+
+    batch = random_batch(tiny_bert.config.vocab_size)
+    student = copy.deepcopy(tiny_bert)
+    cfg = QATConfig(distill=mode, alpha=1.0)
+    with torch.no_grad():
+        s_out, t_out = _outputs(student, batch), _outputs(tiny_bert, batch)
+    assert len(s_out.hidden_states) == 3 and len(s_out.attentions) == 2  # embeddings + 2 layers; 2 attention maps
+    assert float(distillation_objective(s_out, t_out, batch["attention_mask"], cfg)) == 0.0
+    assert float(hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch["attention_mask"])) == 0.0
+    assert float(attention_loss(s_out.attentions, t_out.attentions, batch["attention_mask"])) == 0.0
+
+
+def test_distillation_losses_are_positive_and_train_the_student_only(tiny_bert):
+    batch = random_batch(tiny_bert.config.vocab_size)
+    plan = BitPlan(model={}, blocks={f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}, act_bits=None)
+    student = quantize_model(tiny_bert, plan)
+    student.train()
+    s_out = _outputs(student, batch)
+    with torch.no_grad():
+        t_out = _outputs(tiny_bert, batch)
+    mask = batch["attention_mask"]
+    hidden = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, mask)
+    attn = attention_loss(s_out.attentions, t_out.attentions, mask)
+    assert float(hidden.detach()) > 0 and float(attn.detach()) > 0
+    # Embedding output is not quantized in this plan: its term is exactly zero, the layers' are not.
+    assert float(hidden_state_loss(s_out.hidden_states[:1], t_out.hidden_states[:1], mask).detach()) == 0.0
+    full = distillation_objective(s_out, t_out, mask, QATConfig(distill="full", alpha=0.5))
+    logits_only = distillation_objective(s_out, t_out, mask, QATConfig(distill="logits", alpha=0.5))
+    assert torch.allclose(full, logits_only + hidden + attn)
+    tiny_bert.zero_grad()
+    full.backward()
+    assert all(p.grad is None for p in tiny_bert.parameters())  # the teacher gets nothing
+    w = student.bert.encoder.layer[0].attention.self.query.weight
+    assert w.grad is not None and float(w.grad.abs().sum()) > 0
+
+
+def test_padded_tokens_do_not_count_in_the_distillation_terms():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    t_h, t_a, t_z = torch.randn(2, 4, 8, generator=g), torch.rand(2, 3, 4, 4, generator=g), torch.randn(2, 4, 5)
+    pad = (mask == 0)[..., None]
+    s_h = torch.where(pad, t_h + 5.0, t_h)
+    s_a = torch.where(pad[:, None], t_a + 1.0, t_a)  # differs on the padded query rows only
+    s_z = torch.where(pad, t_z - 3.0, t_z)  # token-classification logits (batch, seq, classes)
+    assert float(hidden_state_loss([s_h], [t_h], mask)) == 0.0
+    assert float(attention_loss([s_a], [t_a], mask)) == 0.0
+    assert float(soft_cross_entropy(s_z, t_z, temperature=2.0, mask=mask)) == 0.0
+    assert float(hidden_state_loss([s_h], [t_h])) > 0  # without the mask they would count
+
+
+def test_distillation_uses_both_heads_of_a_qa_output():
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+    g = torch.Generator().manual_seed(0)
+    t = QuestionAnsweringModelOutput(
+        start_logits=torch.randn(3, 6, generator=g), end_logits=torch.randn(3, 6, generator=g)
+    )
+    s_start = torch.randn(3, 6, generator=g)
+    s = QuestionAnsweringModelOutput(loss=torch.tensor(0.7), start_logits=s_start, end_logits=t.end_logits.clone())
+    assert [x.shape for x in output_logits(s)] == [(3, 6), (3, 6)]
+    cfg = QATConfig(distill="logits", alpha=0.5, temperature=1.0)
+    expected = 0.5 * soft_cross_entropy(s_start, t.start_logits, temperature=1.0) / 2 + 0.5 * 0.7
+    assert torch.allclose(distillation_objective(s, t, None, cfg), expected)
+    with pytest.raises(QBHError, match="neither logits nor start_logits"):
+        output_logits(QuestionAnsweringModelOutput(start_logits=s_start))
+
+
+def test_qat_with_learned_steps_and_full_distillation(tiny_task, tmp_path):
+    model, task = tiny_task
+    model.set_attn_implementation("sdpa")  # so the run must switch both models to eager, and back
+    try:
+        blocks = {f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}
+        q = quantize_model(model, BitPlan(model={}, blocks=blocks, range_method="mse"))
+        calibrate_activations(q, calibration_batches(task, 2, 16))
+        layer = q.bert.encoder.layer[1].output.dense
+        start = layer.quantized().scale.clone()
+        cfg = QATConfig(
+            epochs=1, lr=1e-2, batch_size=16, warmup_ratio=0.0, distill="full", learn_scales=True, group_by_length=True
+        )
+        result = train_qat(q, task, cfg, work_dir=tmp_path / "w", teacher=model, progress=False)
+        assert model.config._attn_implementation == q.config._attn_implementation == "sdpa"
+    finally:
+        model.set_attn_implementation("eager")
+    assert layer.weight_scale is not None and not torch.equal(layer.quantized().scale, start)  # the steps learned
+    assert result["steps"] == 6 and result["examples_seen"] == 6 * 16
+    assert result["config"]["distill"] == "full" and result["config"]["learn_scales"]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_qat_training_arguments_follow_the_budget_settings(tmp_path):
+    from qbert_hessian.qat import _training_args
+
+    args = _training_args(QATConfig(group_by_length=True, epochs=0.5, batch_size=8), tmp_path, 100, False)
+    assert args.train_sampling_strategy == "group_by_length" and args.num_train_epochs == 0.5
+    assert args.eval_steps == 7  # ceil(ceil(100 / 8) * 0.5)
+    assert _training_args(QATConfig(), tmp_path, 100, False).train_sampling_strategy == "random"
