@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, about in (
         ("run", "the whole pipeline from a TOML config: finetune, sensitivity, plans, quantization, QAT, report"),
-        ("demo", "the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 10 minutes)"),
+        ("demo", "the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 13 minutes on 2 cores)"),
     ):
         p = sub.add_parser(
             name,
@@ -359,27 +359,17 @@ def _check_out_file(path: Path, flag: str = "--out") -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import stages
     from .evaluate import summary
-    from .models import load_model
-    from .tasks import subset, tokenize_task
-    from .train import finetune
 
     _check_out_dir(args.out)
     if (args.out / "metrics.json").exists() and not (args.force or args.resume):
         raise QBHError(f"'{args.out}' already holds a fine-tuned checkpoint; pass --force to overwrite it")
     config = _from_args(FinetuneConfig, args)
-    raw = subset(_raw_task(args), config.max_train_samples, config.seed)
-    model, tokenizer = load_model(
-        args.model,
-        task_family=raw.family,
-        num_labels=len(raw.label_names),
-        label_names=raw.label_names,
-        eager=False,
-        device=args.device,
-        new_head=True,
+    raw = _raw_task(args)
+    result = stages.finetune(
+        args.model, raw, config, args.out, device=args.device, resume=args.resume, progress=not args.quiet
     )
-    task = tokenize_task(raw, tokenizer, max_length=config.max_length)
-    result = finetune(model, task, config, args.out, model_name=args.model, resume=args.resume, progress=not args.quiet)
     m = result["metrics"]
     print(f"dev {summary(m, raw.family)} on {m['num_examples']} examples; checkpoint in {args.out}")
     return 0
@@ -492,48 +482,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import stages
-    from .artifacts import BitPlan, Evaluation
-    from .evaluate import METRIC_COLUMNS, evaluate
-    from .export import file_sizes, fp32_safetensors_bytes, is_packed
+    from .artifacts import BitPlan
+    from .evaluate import METRIC_COLUMNS
 
     if args.out is not None:
         _check_out_file(args.out)
     calibration = _from_args(CalibrationConfig, args)
     raw = _raw_task(args)
-    plans = [(p, BitPlan.load(p)) for p in args.plan]  # refuse bad plans before any work
-    for p in args.packed:
-        if not is_packed(p):
-            raise QBHError(f"'{p}' is not a packed checkpoint (no quantization.json); export one with quantize")
-    if plans and is_packed(args.model):
-        raise QBHError("--plan needs an FP32 --model; pass the fine-tuned checkpoint, not a packed one")
-    rows = []
-    model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
-    kind = "packed" if is_packed(args.model) else "fp32"
-    size = file_sizes(args.model)["weights_bytes"] if kind == "packed" else fp32_safetensors_bytes(model)
-    name = str(args.model) if kind == "packed" else "fp32"
-    rows.append({"name": name, "kind": kind, "size_mib": size / MIB, **evaluate(model, task)})
-    for path, plan in plans:
-        qmodel = stages.quantize_direct(model, plan, task, calibration)
-        rows.append(
-            {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
-        )
-    for p in args.packed:
-        qmodel, ptask = stages.load_for_task(p, raw, max_length=args.max_length, eager=False, device=args.device)
-        rows.append(
-            {
-                "name": str(p),
-                "kind": "packed",
-                "size_mib": file_sizes(p)["weights_bytes"] / MIB,
-                **evaluate(qmodel, ptask),
-            }
-        )
+    plans = [(str(p), BitPlan.load(p)) for p in args.plan]  # refuse bad plans before any work
+    result = stages.evaluate_models(
+        args.model,
+        raw,
+        plans=plans,
+        packed=args.packed,
+        calibration=calibration,
+        max_length=args.max_length,
+        device=args.device,
+    )
     cols = [*METRIC_COLUMNS[raw.family], "loss"]
     print(f"| model | kind | size MiB | {' | '.join(cols)} |\n|---|---|---:|{'---:|' * len(cols)}")
-    for r in rows:
+    for r in result.results:
         size = f"{r['size_mib']:.3f}" if r["size_mib"] is not None else "-"
         print(f"| {r['name']} | {r['kind']} | {size} | {' | '.join(f'{r[c]:.4f}' for c in cols)} |")
     if args.out:
-        Evaluation(task=args.task, results=rows).save(args.out)
+        result.task = args.task
+        result.save(args.out)
     return 0
 
 

@@ -308,10 +308,8 @@ class Run:
     def checkpoint(self) -> str:
         """The FP32 baseline: the given model if it has a trained head of the task's family (sequence, token or
         QA), else fine-tune one once."""
-        from .models import is_classifier, load_config, load_model
-        from .stages import model_fingerprint
-        from .tasks import subset, tokenize_task
-        from .train import finetune
+        from . import stages
+        from .models import is_classifier, load_config
 
         name = self.config.model.name
         load_config(name)
@@ -320,7 +318,7 @@ class Run:
         ckpt = self.out / "checkpoint"
         cfg = self.config.finetune
         inputs = {
-            "model": self._fp("base", lambda: model_fingerprint(name)),
+            "model": self._fp("base", lambda: stages.model_fingerprint(name)),
             "data": self.data_fp(),
             "config": cfg.to_dict(),
         }
@@ -329,25 +327,7 @@ class Run:
         if self.record.stages.get("finetune") is not None or (ckpt / "metrics.json").exists():
             _remove(ckpt)  # another model, data or settings: its Trainer checkpoints must not be resumed
         logger.info("stage finetune: %s on %s -> %s", name, self.config.model.task, ckpt)
-        raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)
-        model, tokenizer = load_model(
-            name,
-            task_family=raw.family,
-            num_labels=len(raw.label_names),
-            label_names=raw.label_names,
-            eager=False,
-            device=self.device,
-            new_head=True,
-        )
-        finetune(
-            model,
-            tokenize_task(raw, tokenizer, max_length=cfg.max_length),
-            cfg,
-            ckpt,
-            model_name=name,
-            resume=True,
-            progress=self.progress,
-        )
+        stages.finetune(name, self.raw(), cfg, ckpt, device=self.device, resume=True, progress=self.progress)
         self._done("finetune", inputs)
         return str(ckpt)
 

@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .allocate import AllocConfig, Budget, allocate_bits, frontier, uniform_plan
+from .allocate import MIB, AllocConfig, Budget, allocate_bits, frontier, uniform_plan
 from .artifacts import (
     BitPlan,
     DensityReport,
+    Evaluation,
     QuantProfile,
     SensitivityReport,
     SizeReport,
@@ -86,6 +87,74 @@ def file_fingerprint(path: Path | str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sensitivity
+
+
+def finetune(
+    model_name: str,
+    raw: Any,
+    config: Any,
+    out_dir: Path | str,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``model_name`` with a new head of the task's family on the seeded subset ``config`` names; the
+    checkpoint and ``metrics.json`` go to ``out_dir``. Returns the metrics record."""
+    from .models import load_model
+    from .tasks import subset, tokenize_task
+    from .train import finetune as train
+
+    raw = subset(raw, config.max_train_samples, config.seed)
+    model, tokenizer = load_model(
+        model_name,
+        task_family=raw.family,
+        num_labels=len(raw.label_names),
+        label_names=raw.label_names,
+        eager=False,
+        device=device,
+        new_head=True,
+    )
+    task = tokenize_task(raw, tokenizer, max_length=config.max_length)
+    return train(model, task, config, out_dir, model_name=model_name, resume=resume, progress=progress)
+
+
+def evaluate_models(
+    model_name: str,
+    raw: Any,
+    *,
+    plans: Sequence[tuple[str, BitPlan]] = (),
+    packed: Sequence[Path | str] = (),
+    calibration: CalibrationConfig | None = None,
+    max_length: int = 128,
+    device: str = "cpu",
+) -> Evaluation:
+    """Dev metrics of a model (FP32 or packed), of its direct quantization under each plan, and of packed
+    checkpoints, each with its size in MiB (file bytes; the plan's prediction for a direct quantization)."""
+    from .evaluate import evaluate
+    from .export import file_sizes, fp32_safetensors_bytes, is_packed
+
+    for p in packed:
+        if not is_packed(p):
+            raise QBHError(f"'{p}' is not a packed checkpoint (no quantization.json); export one with quantize")
+    if plans and is_packed(model_name):
+        raise QBHError("--plan needs an FP32 --model; pass the fine-tuned checkpoint, not a packed one")
+    model, task = load_for_task(model_name, raw, max_length=max_length, eager=False, device=device)
+    if is_packed(model_name):
+        rows = [{"name": str(model_name), "kind": "packed", "size_mib": file_sizes(model_name)["weights_bytes"] / MIB}]
+    else:
+        rows = [{"name": "fp32", "kind": "fp32", "size_mib": fp32_safetensors_bytes(model) / MIB}]
+    rows[0].update(evaluate(model, task))
+    for path, plan in plans:
+        qmodel = quantize_direct(model, plan, task, calibration or CalibrationConfig())
+        rows.append(
+            {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
+        )
+    for p in packed:
+        qmodel, ptask = load_for_task(p, raw, max_length=max_length, eager=False, device=device)
+        rows.append({"name": str(p), "kind": "packed", "size_mib": file_sizes(p)["weights_bytes"] / MIB})
+        rows[-1].update(evaluate(qmodel, ptask))
+    return Evaluation(task=raw.name, results=rows)
 
 
 def sensitivity(

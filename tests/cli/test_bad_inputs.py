@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qbert_hessian.cli import main
-from tests.helpers import make_tiny_checkpoint, write_tsv
+from tests.helpers import make_tiny_checkpoint, write_ner_dir, write_squad_dir, write_tsv
 
 DATA = ["--task", "sst2", "--max-length", "16"]
 SENS = ["--draws", "2", "--batch-size", "8", "--max-iters", "8", "--trace-samples", "2", "--quiet"]
@@ -681,7 +681,52 @@ def _drop(d: Path, name: str) -> Path:
     return d
 
 
-CASES = [*SILENT, *TYPES, *OUT_PATHS, *CORRUPT, *GAPS, *ALREADY]
+def _ner(tmp: Path, edit: Callable[[Path], None]) -> Path:
+    d = write_ner_dir(tmp / "ner")
+    edit(d / "train.txt")
+    return d
+
+
+def _latin1(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + "caf\u00e9 NN O O\n".encode("latin-1"))
+
+
+def _two_columns(path: Path) -> None:
+    path.write_text(path.read_text().replace("\n\n", "\nfun O\n\n", 1))
+
+
+def _bad_answer(tmp: Path) -> Path:
+    d = write_squad_dir(tmp / "squad")
+    data = json.loads((d / "train-v1.1.json").read_text())
+    data["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] += 3
+    (d / "train-v1.1.json").write_text(json.dumps(data))
+    return d
+
+
+def _family(w: World, tmp: Path, task: str, data: Path | None) -> list[str]:
+    where = ["--data", str(data)] if data else []
+    return ["evaluate", "--model", str(w.ckpt), "--task", task, *where, "--max-length", "32", "--quiet"]
+
+
+FAMILIES = [
+    Case("ner-not-utf8", lambda w, t: _family(w, t, "conll03", _ner(t, _latin1)), "is not UTF-8 text"),
+    Case("ner-two-columns", lambda w, t: _family(w, t, "conll03", _ner(t, _two_columns)), "columns"),
+    Case("squad-answer-start-off", lambda w, t: _family(w, t, "squad", _bad_answer(t)), "answer_start"),
+    Case("ner-hub-offline", lambda w, t: _family(w, t, "conll03", None), "not reachable"),
+    Case("squad-hub-offline", lambda w, t: _family(w, t, "squad", None), "not reachable"),
+    Case(
+        "ner-on-a-sentence-classifier",
+        lambda w, t: _family(w, t, "conll03", write_ner_dir(t / "ner")),
+        "has a trained classification head but the task is token",
+    ),
+    Case(
+        "squad-on-a-sentence-classifier",
+        lambda w, t: _family(w, t, "squad", write_squad_dir(t / "squad")),
+        "has a trained classification head but the task is qa",
+    ),
+]
+
+CASES = [*SILENT, *TYPES, *OUT_PATHS, *CORRUPT, *GAPS, *ALREADY, *FAMILIES]
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple]:
