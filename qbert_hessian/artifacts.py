@@ -41,11 +41,14 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def default_file_mode() -> int:
-    """The mode a new file gets under the process umask (0644 under the usual 022)."""
+def publish(folder: Path | str) -> None:
+    """Give every file in ``folder`` the mode a new file gets under the process umask (0644 under the usual 022):
+    transformers and safetensors write weights 0600, which other users on the machine could not load."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
 
 
 def write_text(path: Path | str, text: str) -> Path:

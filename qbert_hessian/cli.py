@@ -89,8 +89,7 @@ def _from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
     values into one-line errors."""
     for f in dataclasses.fields(cls):
         if f.name not in values and hasattr(args, f.name):
-            value = getattr(args, f.name)
-            values[f.name] = _int_list(value) if isinstance(value, str) and f.name == "bits" else value
+            values[f.name] = getattr(args, f.name)  # string defaults went through the option's type already
     return cls(**values)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import BitPlan, PackedManifest, default_file_mode
+from .artifacts import BitPlan, PackedManifest, publish
 from .errors import QBHError
 from .models import auto_model_class, head_family
 from .packed_format import (
@@ -136,8 +136,7 @@ def save_packed(
             tokenizer.save_pretrained(tmp)
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"  # type: ignore[attr-defined]
         PackedManifest(plan=plan, attn_implementation=attn, tensors=entries).save(tmp / MANIFEST_FILE)
-        for f in tmp.iterdir():
-            os.chmod(f, default_file_mode())  # safetensors writes 0600: others on the machine could not load it
+        publish(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

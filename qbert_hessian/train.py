@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import CREATED_BY, METRICS_SCHEMA, default_file_mode, write_json
+from .artifacts import CREATED_BY, METRICS_SCHEMA, publish, write_json
 from .config import FinetuneConfig
 from .evaluate import evaluate
 
@@ -92,8 +92,8 @@ def finetune(
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     task.tokenizer.save_pretrained(staging)
+    publish(staging)
     for f in staging.iterdir():
-        os.chmod(f, default_file_mode())  # transformers writes the weights 0600: others could not load them
         os.replace(f, out / f.name)
     staging.rmdir()
     shutil.rmtree(work, ignore_errors=True)  # Trainer checkpoints only matter while training

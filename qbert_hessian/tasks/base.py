@@ -110,9 +110,12 @@ def read_text(path: Path) -> str:
         raise QBHError(f"'{path}' is not UTF-8 text (line {line}); convert it, e.g. iconv -t UTF-8") from None
 
 
-def require_hub(name: str, local: str) -> None:
-    """Refuse at once, before the hub clients' retries, a hub task on a machine that cannot reach the hub (unless
-    an offline mode is set: datasets then reads its cache without retrying). ``local`` says what to pass instead."""
+def hub_dataset(name: str, *path: str, local: str) -> Any:
+    """``datasets.load_dataset(*path)`` for task ``name``, every failure one line whose fix is ``local`` (what to
+    pass instead). A machine that cannot reach the hub is refused at once, before the hub clients' retries (about
+    26 s), unless an offline mode is set: datasets then reads its cache without retrying."""
+    from datasets import load_dataset
+
     from ..hub import OFFLINE_ENV, hub_reachable
 
     if not any(os.environ.get(k) for k in OFFLINE_ENV) and not hub_reachable():
@@ -120,3 +123,8 @@ def require_hub(name: str, local: str) -> None:
             f"task '{name}' needs the Hugging Face Hub, which is not reachable from here; {local}, or set "
             "HF_HUB_OFFLINE=1 to read a dataset cached earlier"
         )
+    try:
+        return load_dataset(*path)
+    except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise QBHError(f"could not load task '{name}' from the Hugging Face Hub ({first}); {local}") from None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import QBHError
-from .base import RawTask, Task, read_text, require_hub
+from .base import RawTask, Task, hub_dataset, read_text
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -114,19 +114,19 @@ def _find_file(data_dir: Path, stems: Sequence[str]) -> Path:
 def _read_table(path: Path, text: str) -> list[dict[str, Any]]:
     """Rows of a TSV/CSV file; a row with more or fewer fields than the header is refused (in a TSV, an
     extra tab inside a sentence would otherwise shift the label column and invent a class)."""
-    if path.suffix == ".tsv":  # GLUE TSVs are unquoted: a quote is just a character
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+    quoting = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}  # GLUE: unquoted
+    reader = csv.reader(io.StringIO(text, newline=""), **quoting)
+    header = next(reader, [])
     rows = []
     for row in reader:
-        if None in row or None in row.values():
-            fields = len(reader.fieldnames or ()) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+        if not row:
+            continue  # a blank line
+        if len(row) != len(header):
             raise QBHError(
-                f"'{path}' line {reader.line_num} has {fields} fields, the header has {len(reader.fieldnames or ())};"
-                " fix the row (a tab or comma inside a text field must be quoted or removed)"
+                f"'{path}' line {reader.line_num} has {len(row)} fields, the header has {len(header)}; fix the row "
+                "(a tab or comma inside a text field must be quoted or removed)"
             )
-        rows.append(row)
+        rows.append(dict(zip(header, row)))
     return rows
 
 
@@ -175,21 +175,9 @@ def _local(name: str, data_dir: Path, text_columns: Sequence[str], label_column:
 
 
 def _hub(name: str, spec: TaskSpec) -> RawTask:
-    from datasets import load_dataset
-
-    require_hub(
-        name,
-        f"pass --data DIR with local train/dev files (known names: {', '.join([BBC_NEWS, *GLUE])}), "
-        "or use --task bbc-news offline",
-    )
-    try:
-        ds = load_dataset(*[p for p in spec.hub if p])
-    except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise QBHError(
-            f"could not load task '{name}' from the Hugging Face Hub ({first}); "
-            "pass --data DIR with local train/dev files, or use --task bbc-news offline"
-        ) from None
+    known = ", ".join([BBC_NEWS, *GLUE])
+    local = f"pass --data DIR with local train/dev files (known names: {known}), or use --task bbc-news offline"
+    ds = hub_dataset(name, *[p for p in spec.hub if p], local=local)
     if spec.dev_split not in ds:
         raise QBHError(f"hub dataset '{name}' has no split '{spec.dev_split}' (it has {', '.join(ds)})")
     train, dev = ds["train"], ds[spec.dev_split]

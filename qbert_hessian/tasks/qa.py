@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import QBHError
-from .base import RawTask, Task, read_text, require_hub
+from .base import RawTask, Task, hub_dataset, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -128,17 +128,9 @@ def local_split(train: list[list[Example]], dev: list[list[Example]]) -> tuple[l
 
 
 def _hub(name: str) -> RawTask:
-    from datasets import load_dataset
-
-    require_hub(name, "pass --data DIR holding train*.json and dev*.json (SQuAD v1.1), or --task squad-local")
-    try:
-        ds = load_dataset("squad")
-    except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise QBHError(
-            f"could not load '{name}' from the Hugging Face Hub ({first}); pass --data DIR holding "
-            "train*.json and dev*.json (SQuAD v1.1)"
-        ) from None
+    ds = hub_dataset(
+        name, "squad", local="pass --data DIR holding train*.json and dev*.json (SQuAD v1.1), or --task squad-local"
+    )
 
     def examples(split: str) -> list[Example]:
         rows = ds[split]

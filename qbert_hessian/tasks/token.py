@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import QBHError
-from .base import RawTask, Task, read_text, require_hub
+from .base import RawTask, Task, hub_dataset, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -133,17 +133,7 @@ def tag_ids(name: str, train: Sentences, dev: Sentences, dev_source: str) -> Raw
 
 
 def _hub(name: str) -> RawTask:
-    from datasets import load_dataset
-
-    require_hub(name, "pass --data DIR with train.txt and valid.txt in the CoNLL column format")
-    try:
-        ds = load_dataset("conll2003")
-    except Exception as exc:  # noqa: BLE001  (network, auth and not-found errors come in many types)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise QBHError(
-            f"could not load '{name}' from the Hugging Face Hub ({first}); pass --data DIR with train.txt and "
-            "valid.txt in the CoNLL column format"
-        ) from None
+    ds = hub_dataset(name, "conll2003", local="pass --data DIR with train.txt and valid.txt in the CoNLL column format")
     tag_names = ds["train"].features["ner_tags"].feature.names
 
     def split(s: str) -> Sentences:
