@@ -1,6 +1,9 @@
-"""Write experiments/RESULTS.md from a finished run folder (its JSON artifacts only).
+"""Write one run's section of experiments/RESULTS.md from its folder (its JSON artifacts only).
 
-python experiments/write_results.py runs/sst2_minilm --config experiments/sst2_minilm.toml
+python experiments/write_results.py runs/sst2_minilm --config experiments/sst2_minilm.toml --wall "41 min"
+
+Each experiment owns the section between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` (NAME: the config's
+stem); rewriting one leaves the others as they are.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -15,13 +19,34 @@ import torch
 from qbert_hessian.artifacts import write_text
 from qbert_hessian.report import results_rows, results_table
 
+RESULTS = Path(__file__).with_name("RESULTS.md")
+TITLE = (
+    "# Experiments: measured\n\nEach section below is written by the command it names, from a run folder's artifacts.\n"
+)
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between the markers of section ``name`` in ``path`` (appended when the section is new)."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    old = path.read_text() if path.exists() else TITLE
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    write_text(path, new)
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {gpu}"
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--config", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--wall", default=None, help="total wall time of the run command, as measured")
+    ap.add_argument("--note", default=None, help="one paragraph on what was shortened or shared")
     args = ap.parse_args()
 
     run = args.run
@@ -30,27 +55,30 @@ def main() -> None:
     sens = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
     times = []
     if ft:
-        times.append(f"fine-tune FP32 baseline: {ft['train_seconds']:.0f} s ({ft['train_examples']} sentences)")
-    times.append(f"sensitivity (7 blocks x {sens['config']['draws']} draws): {sens['seconds']:.0f} s")
+        times.append(f"fine-tune FP32 baseline: {ft['train_seconds']:.0f} s ({ft['train_examples']:,} examples)")
+    times.append(
+        f"sensitivity ({len(sens['blocks'])} blocks x {sens['config']['draws']} draws): {sens['seconds']:.0f} s"
+    )
     for res in sorted((run / "results").glob("*/qat.json")):
         q = json.loads(res.read_text())
         times.append(f"QAT {res.parent.name}: {q['train_seconds']:.0f} s ({q['steps']} steps)")
+    name = args.config.stem
     lines = [
-        f"# {args.config.stem}: measured",
+        f"## {name}",
         "",
-        f"Command: `qbert-hessian run {args.config}` (folder `{run}`); this file: "
+        f"Command: `qbert-hessian run {args.config}` (folder `{run}`); this section: "
         f"`python experiments/write_results.py {run} --config {args.config}`.",
-        f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, no GPU."
-        + (f" Total wall time: {args.wall}." if args.wall else ""),
+        f"Machine: {machine()}." + (f" Total wall time: {args.wall}." if args.wall else ""),
         "",
+        *([args.note, ""] if args.note else []),
         results_table(rows),
         "",
         "Wall times: " + "; ".join(times) + ".",
         "",
         f"The plans are in `{run}/plans/*.md`; the per-plan metrics, QAT logs and packed checkpoints in "
-        f"`{run}/results/<plan>/`.",
+        f"`{run}/results/<plan>/`; the whole report in `{run}/report.md`.",
     ]
-    write_text(args.out, "\n".join(lines) + "\n")
+    replace_section(args.out, name, "\n".join(lines))
     print("\n".join(lines))
 
 

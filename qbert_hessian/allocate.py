@@ -54,6 +54,8 @@ class Problem:
     fixed_bytes: int  # embeddings, FP32 tensors, the header (its largest size over all choices)
     fp32_bytes: int  # the FP32 safetensors file
     layout: Any = None  # (choice) -> the packed file's tensor specs
+    emb_bytes: int = 0  # the quantized embedding tables' data (part of fixed_bytes)
+    emb_weights: int = 0  # their number of weights
 
     @property
     def loss(self) -> np.ndarray:
@@ -190,6 +192,8 @@ def build_problem(
         fixed_bytes=int(rest + emb_bytes + header),
         fp32_bytes=file_bytes(fp32, {"format": "pt"}),
         layout=layout,
+        emb_bytes=int(emb_bytes),
+        emb_weights=sum(profile.unit(u).num_weights for u in emb),
     )
     return problem, emb
 
@@ -290,6 +294,10 @@ def _plan(
     blocks: dict[str, dict[str, Any]] = {u: {"bits": b, "groups": config.embedding_groups} for u, b in emb.items()}
     blocks.update({u: {"bits": problem.bits[k], "groups": config.groups} for u, k in zip(problem.units, choice)})
     size = problem.file_bytes(choice)
+    enc_bytes = int(sum(problem.cost[b, k] for b, k in enumerate(choice)))
+    parts = {"encoder": (enc_bytes, int(4 * problem.weights.sum()))}
+    if problem.emb_weights:
+        parts["embeddings"] = (problem.emb_bytes, 4 * problem.emb_weights)
     return BitPlan(
         model={k: report.model.get(k) for k in ("name", "family", "num_layers", "num_heads", "hidden_size")},
         blocks=blocks,
@@ -307,6 +315,11 @@ def _plan(
             "fp32_mib": problem.fp32_bytes / MIB,
             "compression": problem.fp32_bytes / size,
             "encoder_avg_bits": problem.avg_bits(choice),
+            # Q-BERT's Table 1 reports the encoder weights' compression apart from the embedding table's.
+            **{
+                part: {"bytes": q, "fp32_bytes": f, "compression": f / q if q else float("inf")}
+                for part, (q, f) in parts.items()
+            },
             "objective": problem.objective(choice),
             "per_block": {
                 u: {

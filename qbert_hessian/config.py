@@ -269,6 +269,7 @@ class FinetuneConfig(_Config):
         max_train_samples: train on a seeded subset of this many examples (None: all).
         max_length: tokenizer truncation length.
         seed: seeds the subset and the Trainer.
+        group_by_length: batch examples of similar length (less padding; the Trainer's length-grouped sampler).
     """
 
     epochs: float = 3.0
@@ -279,6 +280,7 @@ class FinetuneConfig(_Config):
     max_train_samples: int | None = None
     max_length: int = 128
     seed: int = 0
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         _positive(
@@ -287,6 +289,8 @@ class FinetuneConfig(_Config):
         if self.max_train_samples is not None:
             _positive("FinetuneConfig", max_train_samples=self.max_train_samples)
         _non_negative("FinetuneConfig", seed=self.seed)
+        if not isinstance(self.group_by_length, bool):
+            raise QBHError(f"FinetuneConfig.group_by_length must be true or false, got {self.group_by_length!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise QBHError(f"FinetuneConfig.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
 

@@ -51,7 +51,9 @@ SECTIONS = ("out", "model", "finetune", "sensitivity", "allocate", "plans", "qat
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec(_Config):
-    """``[model]``: the model (alias, folder or hub name), the task, its data and the tokenizer's max length."""
+    """``[model]``: the model (alias, folder or hub name), the task, its data and the tokenizer's max length;
+    ``max_eval_samples`` scores every stage on the same seeded subset of that many dev examples (None: all), a
+    shortening a results row must state."""
 
     name: str
     task: str
@@ -59,10 +61,13 @@ class ModelSpec(_Config):
     text_columns: tuple[str, ...] | None = None
     label_column: str | None = None
     max_length: int = 128
+    max_eval_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise QBHError(f"[model] max_length must be at least 1, got {self.max_length}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise QBHError(f"[model] max_eval_samples must be at least 1, got {self.max_eval_samples}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,11 +273,12 @@ class Run:
 
     # -- shared inputs -------------------------------------------------------------------------------------
     def raw(self):
-        from .tasks import load_raw_task
+        from .tasks import dev_subset, load_raw_task
 
         if self._raw is None:
             m = self.config.model
-            self._raw = load_raw_task(m.task, data_dir=m.data, text_columns=m.text_columns, label_column=m.label_column)
+            raw = load_raw_task(m.task, data_dir=m.data, text_columns=m.text_columns, label_column=m.label_column)
+            self._raw = dev_subset(raw, m.max_eval_samples, self.config.run.seed)
         return self._raw
 
     def data_fp(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
@@ -151,6 +152,88 @@ def plot_sensitivity(report: SensitivityReport, path: Path | str) -> Path:
     return _save_figure(fig, path, dpi=120)
 
 
+def curvature_sign_rows(reports: Sequence[SensitivityReport], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Per task and block: the top (largest-magnitude) eigenvalue's mean and spread over the draws, on how many
+    draws it is negative, and the most negative eigenvalue (when the report has it): Q-BERT's saddle test."""
+    rows = []
+    for label, report in zip(labels, reports):
+        for b in report.blocks:
+            neg = b.most_negative
+            rows.append(
+                {
+                    "task": label,
+                    "block": b.name,
+                    "mean": b.mean,
+                    "std": b.std,
+                    "negative_draws": sum(v < 0 for v in b.eigenvalues),
+                    "draws": len(b.eigenvalues),
+                    "most_negative": sum(neg) / len(neg) if neg else None,
+                }
+            )
+    return rows
+
+
+def curvature_sign_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`curvature_sign_rows` as markdown."""
+    lines = [
+        "| task | block | top eigenvalue, mean | std | draws with top < 0 | most negative eigenvalue, mean |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['block']} | {_fmt(r['mean'])} | {_fmt(r['std'])} | "
+            f"{r['negative_draws']}/{r['draws']} | {_fmt(r['most_negative'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curvature_signs(reports: Sequence[SensitivityReport], labels: Sequence[str], path: Path | str) -> Path:
+    """One panel per task: per block, the top eigenvalue of every draw (dots) and the most negative one (crosses,
+    when measured), on a symmetric log axis so that sign and size read at once; above each block, on how many
+    draws the top eigenvalue is negative."""
+    from matplotlib.figure import Figure
+
+    if not reports or len(reports) != len(labels):
+        raise QBHError("plot_curvature_signs needs one label per sensitivity report")
+    fig = Figure(figsize=(4.6 * len(reports), 4.4))
+    axes = fig.subplots(1, len(reports), squeeze=False)[0]
+    for ax, label, report in zip(axes, labels, reports):
+        blocks = report.blocks
+        xs = list(range(1, len(blocks) + 1))
+        values = [abs(v) for b in blocks for v in [*b.eigenvalues, *(b.most_negative or [])] if v]
+        ax.set_yscale("symlog", linthresh=max(min(values, default=1.0), 1e-6))
+        for x, b in zip(xs, blocks):
+            jitter = [x - 0.15 + 0.3 * i / max(1, len(b.eigenvalues) - 1) for i in range(len(b.eigenvalues))]
+            colors = ["tab:red" if v < 0 else "tab:blue" for v in b.eigenvalues]
+            ax.scatter(jitter, b.eigenvalues, s=14, c=colors, alpha=0.75, zorder=3)
+            if b.most_negative:
+                ax.scatter([x] * len(b.most_negative), b.most_negative, marker="x", s=18, color="tab:orange", zorder=2)
+            neg = sum(v < 0 for v in b.eigenvalues)
+            ax.annotate(
+                f"{neg}/{len(b.eigenvalues)}",
+                (x, 1.0),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="tab:red" if neg else "grey",
+            )
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([b.name for b in blocks], rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10, pad=14)
+    axes[0].set_ylabel("eigenvalue (symlog)")
+    handles = [
+        axes[0].scatter([], [], s=14, color="tab:blue", label="top eigenvalue > 0 (one dot per draw)"),
+        axes[0].scatter([], [], s=14, color="tab:red", label="top eigenvalue < 0"),
+        axes[0].scatter([], [], marker="x", s=18, color="tab:orange", label="most negative eigenvalue"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Top Hessian eigenvalue per block and draw; above each block: draws on which it is negative", y=0.99)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return _save_figure(fig, path, dpi=120)
+
+
 def write_sensitivity(report: SensitivityReport, out_dir: Path | str) -> dict[str, Path]:
     """Write ``sensitivity.{json,csv,md,png}`` into ``out_dir`` (each atomically)."""
     out = Path(out_dir)
@@ -272,15 +355,40 @@ def _scores(metrics: dict[str, Any], family: str) -> dict[str, Any]:
     return {k: metrics[k] for k in METRIC_COLUMNS[family]}
 
 
+def _part_compression(plan: BitPlan, part: str) -> float | None:
+    """The packed compression of the plan's ``encoder`` weights or ``embeddings`` tables (older plans: None)."""
+    entry = plan.predicted.get(part)
+    return entry.get("compression") if isinstance(entry, dict) else None
+
+
+def _finetune_budget(run: Path) -> tuple[int | None, int | None]:
+    """``(examples seen, seed)`` of the run's fine-tuning (a reused checkpoint records neither: None)."""
+    import json
+
+    path = run / "checkpoint" / "metrics.json"
+    if not path.exists():
+        return None, None
+    data = json.loads(path.read_text())
+    config = data.get("config", {})
+    epochs = config.get("epochs")
+    seen = round(data["train_examples"] * epochs) if "train_examples" in data and epochs else None
+    return seen, config.get("seed")
+
+
 def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
     """The results table of a run folder, from its JSON artifacts alone: one row per model, holding the task
-    family's scores (:data:`~qbert_hessian.artifacts.METRIC_COLUMNS`) under their own keys and the family."""
+    family's scores (:data:`~qbert_hessian.artifacts.METRIC_COLUMNS`) under their own keys and the family, the
+    whole-model size and compression, the encoder weights' and the embedding tables' compression apart (Q-BERT's
+    Table 1 reports the encoder's), and the training budget: examples seen and seed (direct rows train nothing;
+    their seed is the calibration batches')."""
     from .artifacts import RunRecord, StageResult
 
     run = Path(run_dir)
     base = StageResult.load(run / "results" / "fp32.json")
     family = base.family
     fp32_bytes = base.bytes
+    config = RunRecord.load(run / "run.json").config
+    seen, seed = _finetune_budget(run)
     rows = [
         {
             "method": "FP32 baseline",
@@ -293,9 +401,14 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             **_scores(base.metrics, family),
             "mib": fp32_bytes / 2**20,
             "compression": 1.0,
+            "encoder_compression": 1.0,
+            "embedding_compression": 1.0,
+            "examples_seen": seen,
+            "seed": seed,
         }
     ]
-    config = RunRecord.load(run / "run.json").config
+    qat_seed = config.get("qat", {}).get("seed")
+    calibration_seed = config.get("run", {}).get("seed")
     for spec in config["plans"]:
         name = spec["name"]
         path = run / "results" / name / "metrics.json"
@@ -315,12 +428,20 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "family": family,
             "mib": res.bytes / 2**20,
             "compression": fp32_bytes / res.bytes,
+            "encoder_compression": _part_compression(plan, "encoder"),
+            "embedding_compression": _part_compression(plan, "embeddings"),
         }
         kind = "uniform" if plan.method == "uniform" else f"mixed ({plan.method})"
-        rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family)})
+        direct = {"examples_seen": 0, "seed": calibration_seed}
+        rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family), **direct})
         if res.qat:
-            rows.append({"method": f"QAT, {kind}", **common, **_scores(res.metrics, family)})
+            trained = {"examples_seen": res.examples_seen, "seed": qat_seed}
+            rows.append({"method": f"QAT, {kind}", **common, **_scores(res.metrics, family), **trained})
     return rows
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -328,12 +449,19 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     family = rows[0].get("family", "classification") if rows else "classification"
     labels = METRIC_LABELS[family]
     head = " | ".join(["method", "plan", "w-bits", "e-bits", "a-bits", "groups", *labels.values(), "size MiB"])
-    lines = [f"| {head} | compression |", f"|---|---|---|---:|---:|---|{'---:|' * len(labels)}---:|---:|"]
+    tail = "compression | encoder comp. | embedding comp. | examples seen | seed"
+    lines = [
+        f"| {head} | {tail} |",
+        f"|---|---|---|---:|---:|---|{'---:|' * len(labels)}---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         scores = " | ".join(f"{r[k]:.4f}" for k in labels)
+        seen = r.get("examples_seen")
         lines.append(
             f"| {r['method']} | {r['plan']} | {r['w_bits']} | {r['e_bits']} | {r['a_bits']} | {r['groups']} | "
-            f"{scores} | {r['mib']:.2f} | {r['compression']:.2f}x |"
+            f"{scores} | {r['mib']:.2f} | {r['compression']:.2f}x | {_ratio(r.get('encoder_compression'))} | "
+            f"{_ratio(r.get('embedding_compression'))} | {'-' if seen is None else f'{seen:,}'} | "
+            f"{'-' if r.get('seed') is None else r['seed']} |"
         )
     return "\n".join(lines)
 

@@ -72,6 +72,7 @@ def finetune(
         seed=config.seed,
         disable_tqdm=not progress,
         use_cpu=not cuda_available(),
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
     trainer = Trainer(
         model=model,

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import QBHError
 from . import classification, qa, token
-from .base import FAMILIES, MODEL_INPUTS, RawTask, Task, collator, subset
+from .base import FAMILIES, MODEL_INPUTS, RawTask, Task, collator, dev_subset, subset
 from .classification import BBC_DEV_FRACTION, BBC_NEWS, BBC_SPLIT_SEED, GLUE, TaskSpec, classification_metrics
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ __all__ = [
     "load_task",
     "pad_stack",
     "subset",
+    "dev_subset",
     "task_scores",
     "tokenize_task",
     "trainer_setup",

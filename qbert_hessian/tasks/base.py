@@ -101,6 +101,19 @@ def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
     )
 
 
+def dev_subset(raw: RawTask, max_dev: int | None, seed: int = 0) -> RawTask:
+    """A seeded subset of ``max_dev`` dev examples, kept in their order (None, or at least the split: all)."""
+    n = len(raw.dev_labels)
+    if max_dev is None or max_dev >= n:
+        return raw
+    idx = sorted(np.random.default_rng(seed).choice(n, size=max_dev, replace=False).tolist())
+    return dataclasses.replace(
+        raw,
+        dev_texts=[[col[i] for i in idx] for col in raw.dev_texts],
+        dev_labels=[raw.dev_labels[i] for i in idx],
+    )
+
+
 def read_text(path: Path) -> str:
     """A data file's text; a file that is not UTF-8 is refused with the line of its first bad byte."""
     try:

@@ -8,7 +8,14 @@ import pytest
 from qbert_hessian.artifacts import BlockSensitivity, SensitivityReport, TraceStats, atomic_write, read_json, write_json
 from qbert_hessian.config import FinetuneConfig, SensitivityConfig, TraceMode
 from qbert_hessian.errors import QBHError
-from qbert_hessian.report import sensitivity_csv, sensitivity_markdown, write_sensitivity
+from qbert_hessian.report import (
+    curvature_sign_rows,
+    curvature_sign_table,
+    plot_curvature_signs,
+    sensitivity_csv,
+    sensitivity_markdown,
+    write_sensitivity,
+)
 
 
 def _report(pending=()):
@@ -96,6 +103,30 @@ def test_report_files(tmp_path):
     lines = sensitivity_csv(r).splitlines()
     assert lines[0].startswith("block,num_params,eig_mean") and lines[1].startswith("encoder.0,100,3.0")
     assert "partial" in sensitivity_markdown(_report(pending=["encoder.1"]))
+
+
+def test_curvature_signs_across_tasks(tmp_path):
+    """The saddle table counts the draws whose top eigenvalue is negative and averages the most negative one."""
+    a, b = _report(), _report()
+    b.blocks[0] = dataclasses.replace(b.blocks[0], eigenvalues=[-2.0, 4.0, -1.0], most_negative=[-3.0, -1.0])
+    rows = curvature_sign_rows([a, b], ["SST-2", "SQuAD"])
+    assert [(r["task"], r["block"], r["negative_draws"], r["draws"]) for r in rows] == [
+        ("SST-2", "encoder.0", 0, 2),
+        ("SST-2", "embeddings", 2, 2),
+        ("SQuAD", "encoder.0", 2, 3),
+        ("SQuAD", "embeddings", 2, 2),
+    ]
+    assert rows[2]["most_negative"] == -2.0 and rows[0]["most_negative"] is None
+    table = curvature_sign_table(rows)
+    assert (
+        "| SQuAD | encoder.0 | 3 | 1.414 | 2/3 | -2 |" in table
+        and "| SST-2 | encoder.0 | 3 | 1.414 | 0/2 | - |" in table
+    )
+    path = plot_curvature_signs([a, b], ["SST-2", "SQuAD"], tmp_path / "signs.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(QBHError, match="one label per"):
+        plot_curvature_signs([a], ["x", "y"], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def _configs():

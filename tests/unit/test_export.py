@@ -107,7 +107,32 @@ def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tm
         save_packed(q, tmp_path / "p", plan=plan)
         on_disk = file_sizes(tmp_path / "p")["weights_bytes"]
         assert on_disk == plan.predicted["bytes"], (config.groups, symmetric, range_method)
+        # Q-BERT's Table 1 columns: the encoder's and the embedding table's packed bytes, read from the file.
+        parts = _packed_part_bytes(tmp_path / "p" / "model.safetensors")
+        for part in ("encoder", "embeddings"):
+            assert plan.predicted[part]["bytes"] == parts[part], (part, config.groups, symmetric)
+        assert plan.predicted["encoder"]["fp32_bytes"] == 4 * sum(
+            m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and ".layer." in _name(model, m)
+        )
         assert torch.equal(_logits(load_packed(tmp_path / "p"), batch), _logits(q, batch))
+
+
+def _name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _packed_part_bytes(path) -> dict[str, int]:
+    """Bytes of the quantized tensors (codes, scales, zeros, activation ranges) of the encoder layers and the
+    word embeddings, from the safetensors header."""
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    out = {"encoder": 0, "embeddings": 0}
+    for name, t in header.items():
+        if name == "__metadata__" or not name.endswith((".codes", ".scale", ".zero", ".act.amax")):
+            continue
+        part = "encoder" if ".layer." in name else "embeddings"
+        out[part] += t["data_offsets"][1] - t["data_offsets"][0]
+    return out
 
 
 def test_fp32_size_is_the_safetensors_file(tiny_checkpoint):

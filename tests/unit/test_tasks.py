@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qbert_hessian.errors import QBHError
-from qbert_hessian.tasks import load_raw_task, subset, tokenize_task
+from qbert_hessian.tasks import dev_subset, load_raw_task, subset, tokenize_task
 from tests.helpers import write_tsv
 
 
@@ -60,3 +60,16 @@ def test_tokenize_and_subset(tiny_checkpoint, tiny_data):
     batch = task.batch("train", [0, 1, 2])
     assert batch["input_ids"].shape[0] == 3 and batch["input_ids"].shape[1] <= 6
     assert batch["labels"].tolist() == raw.train_labels[:3]
+
+
+def test_dev_subset_is_seeded_ordered_and_leaves_train_alone(tiny_data):
+    raw = load_raw_task("sst2", data_dir=tiny_data)
+    assert dev_subset(raw, None) is raw and dev_subset(raw, len(raw.dev_labels)) is raw
+    small = dev_subset(raw, 5, seed=3)
+    assert len(small.dev_labels) == len(small.dev_texts[0]) == 5
+    assert small.train_labels == raw.train_labels
+    rows = [tuple(col[i] for col in raw.dev_texts) for i in range(len(raw.dev_labels))]
+    picked = [rows.index(tuple(col[i] for col in small.dev_texts)) for i in range(5)]
+    assert picked == sorted(picked)  # kept in file order
+    assert [raw.dev_labels[i] for i in picked] == small.dev_labels
+    assert dev_subset(raw, 5, seed=3).dev_texts == small.dev_texts != dev_subset(raw, 5, seed=4).dev_texts
