@@ -388,6 +388,8 @@ class PlanSpec(_Config):
         budget_mb: whole-model size limit in MiB.
         ratio: compression ratio against FP32 to reach at least.
         qat: QAT after direct quantization (None: the run's default).
+        seed: this plan's QAT seed, which also draws its ``[qat] max_train_samples`` subset (None: ``[qat] seed``);
+            the same plan under several names and seeds measures the seed-to-seed spread.
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
             :class:`AllocConfig` (None: the run's ``[allocate]``). ``range_method`` is not among them: the run
             measures one cost table, with ``[allocate] range_method``, for all its plans.
@@ -399,6 +401,7 @@ class PlanSpec(_Config):
     budget_mb: float | None = None
     ratio: float | None = None
     qat: bool | None = None
+    seed: int | None = None
     bits: tuple[int, ...] | None = None
     groups: int | str | None = None
     measure: str | None = None
@@ -434,6 +437,8 @@ class PlanSpec(_Config):
             Budget(max_mb=self.budget_mb, ratio=self.ratio, avg_bits=self.avg_bits)
         if self.qat is not None and not isinstance(self.qat, bool):
             raise QBHError(f"plan '{name}': qat must be true or false, got {self.qat!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise QBHError(f"plan '{name}': seed must be an integer >= 0, got {self.seed!r}")
         if self.bits is not None:
             object.__setattr__(self, "bits", tuple(self.bits) if isinstance(self.bits, (list, tuple)) else self.bits)
         self.alloc_config(AllocConfig())  # validates the overrides

@@ -452,7 +452,8 @@ class Run:
             "range_method": plan.range_method,  # in the plan too; named so the log says what changed
             "calibration": self.config.run.calibration.to_dict(),
         }
-        p_inputs = {**d_inputs, "qat": self.config.qat.to_dict() if qat else None}
+        qat_config = self.qat_config(spec)
+        p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
         model, task = None, None
         q = None  # the directly quantized model, built once and reused by QAT and export
         direct_path = out / "direct.json"
@@ -477,8 +478,8 @@ class Run:
                 training = QATLog(
                     **train_qat(
                         q,
-                        self._qat_task(task),
-                        self.config.qat,
+                        self._qat_task(task, qat_config),
+                        qat_config,
                         work_dir=out / "trainer",
                         teacher=model,
                         progress=self.progress,
@@ -514,10 +515,14 @@ class Run:
         self._done(f"metrics:{name}", m_inputs)
         return result
 
-    def _qat_task(self, task):
+    def qat_config(self, spec: PlanSpec) -> QATConfig:
+        """``[qat]`` with the plan's own seed, if it sets one."""
+        cfg = self.config.qat
+        return cfg if spec.seed is None else dataclasses.replace(cfg, seed=spec.seed)
+
+    def _qat_task(self, task, cfg: QATConfig):
         from .tasks import subset, tokenize_task
 
-        cfg = self.config.qat
         if cfg.max_train_samples is None:
             return task
         raw = subset(self.raw(), cfg.max_train_samples, cfg.seed)

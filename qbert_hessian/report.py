@@ -435,7 +435,7 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         direct = {"examples_seen": 0, "seed": calibration_seed}
         rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family), **direct})
         if res.qat:
-            trained = {"examples_seen": res.examples_seen, "seed": qat_seed}
+            trained = {"examples_seen": res.examples_seen, "seed": spec.get("seed", qat_seed)}
             rows.append({"method": f"QAT, {kind}", **common, **_scores(res.metrics, family), **trained})
     return rows
 

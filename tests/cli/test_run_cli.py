@@ -7,6 +7,7 @@ import json
 import pytest
 
 from qbert_hessian.cli import main
+from qbert_hessian.config import PlanSpec
 from qbert_hessian.errors import QBHError
 from qbert_hessian.pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
 
@@ -201,6 +202,32 @@ def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, 
     assert changed == {"packed:mixed-3", "metrics:mixed-3"}
     assert json.loads((out / "results" / "mixed-3" / "qat.json").read_text())["config"]["lr"] == 0.002
     assert "lr=0.002" in (out / "report.md").read_text()
+
+
+def test_a_plan_with_its_own_seed_trains_with_it_and_leaves_the_others_cached(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    before = _stage_hashes(out)
+    cfg = tmp_path / "run.toml"
+    extra = "\n[[plans]]\nname = 'mixed-3-seed1'\navg_bits = 3.0\nbits = [2, 4]\nseed = 1\n"
+    cfg.write_text((run_dir / "run.toml").read_text() + extra)
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    after = _stage_hashes(out)
+    assert {k for k in after if after[k] != before.get(k)} == {
+        f"{stage}:mixed-3-seed1" for stage in ("plan", "direct", "packed", "metrics")
+    }
+    assert json.loads((out / "results" / "mixed-3-seed1" / "qat.json").read_text())["config"]["seed"] == 1
+    assert json.loads((out / "results" / "mixed-3" / "qat.json").read_text())["config"]["seed"] == 0
+    rows = {
+        tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")]
+        for line in (out / "report.md").read_text().splitlines()
+        if line.startswith("| QAT")
+    }
+    assert rows[("QAT, mixed (milp)", "mixed-3-seed1")][-1] == "1" and rows[("QAT, mixed (milp)", "mixed-3")][-1] == "0"
+    with pytest.raises(QBHError, match="seed must be an integer >= 0"):
+        PlanSpec(name="a", uniform=4, seed=-1)
 
 
 def test_a_changed_range_method_recomputes_the_profile_and_everything_after_it(run_dir, tmp_path):
