@@ -26,9 +26,27 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(STAMP)
-	$(PY) -m pip install -q "pyhessian==0.1"
-	$(PY) benchmarks/bench_sensitivity.py
+# The peers of the benchmark, pinned, installed without dependencies: curvlinops' backpack lists torchvision, whose
+# PyPI build is for another torch and breaks the import of anything that loads it (its other dependencies are here).
+BENCH_PEERS := "pyhessian==0.1" "hessian-eigenthings==1.0.0a5" "curvlinops-for-pytorch==3.0.1" \
+	"backpack-for-pytorch==1.7.1" "unfoldNd==0.2.3" "einconv==0.1.0" "einops==0.8.2" "linear_operator==0.6.1" \
+	"opt-einsum==3.4.0"
+SST2_DATA ?= ../shared/data/sst2
+
+# The fine-tuned checkpoints the benchmarks analyse (made once; metrics.json is written last).
+runs/sst2/checkpoint/metrics.json: | $(STAMP)
+	$(VENV)/bin/qbert-hessian finetune --model minilm-l6 --task sst2 --data $(SST2_DATA) \
+		--max-train-samples 8000 --epochs 2 --max-length 64 --out runs/sst2/checkpoint
+runs/bbc/checkpoint/metrics.json: | $(STAMP)
+	$(VENV)/bin/qbert-hessian finetune --model minilm-l6 --task bbc-news --epochs 2 --batch-size 16 --lr 1e-4 \
+		--out runs/bbc/checkpoint
+
+# Every engine on SST-2 (RESULTS.md) and BBC News (RESULTS_BBC.md), then the trace estimators (TRACES.md).
+bench: $(STAMP) runs/sst2/checkpoint/metrics.json runs/bbc/checkpoint/metrics.json
+	$(PY) -m pip install -q --no-deps $(BENCH_PEERS)
+	$(PY) benchmarks/bench_sensitivity.py --task sst2 --model runs/sst2/checkpoint --data $(SST2_DATA)
+	$(PY) benchmarks/bench_sensitivity.py --task bbc-news --model runs/bbc/checkpoint
+	$(PY) benchmarks/bench_traces.py --model runs/sst2/checkpoint --data $(SST2_DATA)
 
 style: $(STAMP)
 	$(VENV)/bin/ruff format qbert_hessian tests benchmarks experiments notebooks

@@ -28,6 +28,7 @@ _EXPORTS = {
     # sensitivity
     "SensitivityConfig": "config",
     "TraceMode": "config",
+    "TraceMethod": "config",
     "estimate_sensitivity": "hessian.sensitivity",
     "SensitivityReport": "artifacts",
     "BlockSensitivity": "artifacts",
@@ -36,6 +37,7 @@ _EXPORTS = {
     "most_negative_eigenvalue": "hessian.eigen",
     "hutchinson_trace": "hessian.trace",
     "hutchinson_block_traces": "hessian.trace",
+    "hutchpp_trace": "hessian.trace",
     "write_sensitivity": "report",
     # the allocator's cost table and plans
     "measure_profile": "quant.profile",

@@ -167,11 +167,28 @@ def fingerprint(data: Any) -> str:
 
 @dataclasses.dataclass
 class TraceStats:
-    """A Hutchinson trace estimate: mean of v^T H v over ``samples`` probes, and its standard error."""
+    """A trace estimate, its standard error, and what made it.
+
+    ``method`` names the estimator (``hutchinson``: the mean of v^T H v over ``samples`` probes; ``hutchpp``:
+    Hutch++, whose ``samples`` are its residual probes). ``products`` counts the Hessian-vector products spent
+    (Hutch++: sketch and probes; ``trace = shared``: full-model products, each serving every block). Reports
+    written before these fields were Hutchinson's, one product per sample.
+    """
 
     mean: float
     stderr: float
     samples: int
+    method: str = "hutchinson"
+    products: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.products is None:
+            self.products = self.samples
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TraceStats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclasses.dataclass
@@ -204,7 +221,7 @@ class BlockSensitivity:
     def from_dict(cls, data: dict[str, Any]) -> BlockSensitivity:
         data = dict(data)
         if data.get("trace") is not None:
-            data["trace"] = TraceStats(**data["trace"])
+            data["trace"] = TraceStats.from_dict(data["trace"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

@@ -77,6 +77,23 @@ class TraceMode(str, Enum):
     NONE = "none"
 
 
+class TraceMethod(str, Enum):
+    """Which estimator makes a block's trace (``hessian/trace.py``).
+
+    ``hutchinson``: the mean of Rademacher samples v^T H v.
+    ``hutchpp``: Hutch++ (Meyer et al. 2021): a third of the products sketch H's top subspace, a third take the
+    trace there exactly, the rest probe the remainder by Hutchinson; its standard error is that of the
+    remainder. Per block only (``trace = block``).
+    """
+
+    HUTCHINSON = "hutchinson"
+    HUTCHPP = "hutchpp"
+
+
+# Hutch++'s smallest budget per draw: a sketch of 1 (2 products) and 2 residual probes for a standard error.
+HUTCHPP_MIN_PRODUCTS = 4
+
+
 class EigenMethod(str, Enum):
     """How the top eigenvalue of a block is found.
 
@@ -206,7 +223,10 @@ class SensitivityConfig(_Config):
         top_k: eigenvalues per block and draw (deflation); the first one is the score.
         most_negative: also estimate the most negative eigenvalue of each block.
         trace: ``block``, ``shared`` or ``none`` (see :class:`TraceMode`).
-        trace_samples: Rademacher probes per draw for the trace; pooled over draws.
+        trace_method: ``hutchinson`` or ``hutchpp`` (Hutch++, with ``trace = block`` only) (see
+            :class:`TraceMethod`); the report names the estimator of every trace.
+        trace_samples: Hessian-vector products per draw for the trace (Hutchinson: probes; Hutch++: sketch,
+            sketch products and probes, at least 4); pooled over draws.
         warm_start: start each draw's power iteration from the previous draw's eigenvector.
         length_buckets: cut each batch into at most this many micro-batches of similar length for the
             products (the same loss on less padding; 1: never).
@@ -223,6 +243,7 @@ class SensitivityConfig(_Config):
     top_k: int = 1
     most_negative: bool = False
     trace: TraceMode = TraceMode.BLOCK
+    trace_method: TraceMethod = TraceMethod.HUTCHINSON
     trace_samples: int = 4
     warm_start: bool = True
     length_buckets: int = 4
@@ -244,7 +265,20 @@ class SensitivityConfig(_Config):
         )
         _non_negative("SensitivityConfig", seed=self.seed)
         _set_enum(self, "trace", TraceMode, "trace mode")
+        _set_enum(self, "trace_method", TraceMethod, "trace method")
         _set_enum(self, "method", EigenMethod, "eigen method")
+        if self.trace_method is TraceMethod.HUTCHPP and self.trace is TraceMode.SHARED:
+            raise QBHError(
+                "trace method 'hutchpp' sketches each block's own Hessian, so it cannot share full-model products; "
+                "use --trace block, or --trace-method hutchinson with --trace shared"
+            )
+        if self.trace_method is TraceMethod.HUTCHPP and self.trace is TraceMode.BLOCK:
+            if self.trace_samples < HUTCHPP_MIN_PRODUCTS:
+                raise QBHError(
+                    f"SensitivityConfig.trace_samples = {self.trace_samples} is too few for Hutch++ (a sketch of 1 "
+                    f"takes 2 products, its standard error 2 probes); use --trace-samples {HUTCHPP_MIN_PRODUCTS} "
+                    "or more"
+                )
 
 
 def _set_enum(cfg: object, field: str, enum: type[Enum], what: str) -> None:

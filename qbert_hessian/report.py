@@ -43,6 +43,7 @@ def sensitivity_rows(report: SensitivityReport) -> list[dict[str, object]]:
                 "eig_max": max(b.eigenvalues),
                 "trace": b.trace.mean if b.trace else None,
                 "trace_stderr": b.trace.stderr if b.trace else None,
+                "trace_method": b.trace.method if b.trace else None,
                 "normalized_trace": b.normalized_trace,
                 "most_negative_mean": sum(b.most_negative) / len(b.most_negative) if b.most_negative else None,
                 "iterations_mean": sum(b.iterations) / len(b.iterations),
@@ -86,6 +87,14 @@ def sensitivity_table(report: SensitivityReport) -> str:
     return "\n".join(lines)
 
 
+def _trace_setting(cfg: dict) -> str:
+    """``block (hutchpp, 12 products per draw)``; reports from before the setting were Hutchinson's."""
+    if cfg["trace"] == "none":
+        return "none"
+    method = cfg.get("trace_method", "hutchinson")
+    return f"{cfg['trace']} ({method}, {cfg.get('trace_samples')} products per draw)"
+
+
 def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensitivity.png") -> str:
     cfg = report.config
     m = report.model
@@ -102,7 +111,7 @@ def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensit
         f"{m.get('num_params', 0):,} parameters",
         f"- protocol: {cfg['draws']} draws x {cfg['batches_per_draw']} batch(es) of {cfg['batch_size']} training "
         f"examples; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max {cfg['max_iters']} products; "
-        f"trace: {cfg['trace']}; seed {cfg['seed']}",
+        f"trace: {_trace_setting(cfg)}; seed {cfg['seed']}",
         f"- status: {status}; {report.seconds:.0f} s of compute",
         "- Omega = |mean| + std of the top eigenvalue over draws (Q-BERT); higher means more sensitive "
         "to quantization. A negative eigenvalue means the loss curves down along that direction.",

@@ -7,7 +7,9 @@ the largest-magnitude eigenvalue lam_{b,d} of the block Hessian H_bb on that dra
     Omega_b = |mean_d lam_{b,d}| + std_d lam_{b,d}
 
 so a block whose curvature is large *or* varies a lot between batches gets more bits. Next to it, the
-Hutchinson trace Tr(H_bb) and HAWQ-V2's normalised trace Tr(H_bb) / n_b.
+trace Tr(H_bb) (Hutchinson, or Hutch++ with ``trace_method = "hutchpp"``) and HAWQ-V2's normalised trace
+Tr(H_bb) / n_b. Hutchinson's samples are pooled over the draws; Hutch++ gives one estimate per draw, and the
+block's trace is their mean with standard error sqrt(sum_d se_d^2) / D (:func:`~.trace.pool_estimates`).
 
 Blocks are processed one at a time, all draws of a block together (the previous draw's eigenvector warm-starts
 the next draw), and ``on_block`` is called with the report after every finished block, so a caller can write
@@ -27,14 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
-from ..config import EigenMethod, SensitivityConfig, TraceMode
+from ..config import EigenMethod, SensitivityConfig, TraceMethod, TraceMode
 from ..errors import QBHError
 from ..models import BlockMap, eager_attention
 from ..names import blocks_overlap
 from . import vec
 from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
 from .hvp import Batch, BlockHessian, LossFn, curvature_mode, grads_enabled
-from .trace import hutchinson_block_traces, hutchinson_trace, summarize
+from .trace import TraceResult, hutchinson_block_traces, hutchinson_trace, hutchpp_trace, pool_estimates, summarize
 
 if TYPE_CHECKING:
     from torch import nn
@@ -85,7 +87,7 @@ def _estimate_block(
     negative: list[float] = []
     iters: list[int] = []
     converged: list[bool] = []
-    trace_samples: list[float] = []
+    traces: list[TraceResult] = []
     warm: list[list[torch.Tensor]] | None = None
     for batches in draws:
         hvp = BlockHessian(model, params, batches, loss_fn, length_buckets=config.length_buckets)
@@ -131,10 +133,9 @@ def _estimate_block(
         if res.smallest is not None:
             negative.append(res.smallest)
         if config.trace == TraceMode.BLOCK:
-            t = hutchinson_trace(
-                hvp, like, min_samples=config.trace_samples, max_samples=config.trace_samples, generator=generator
-            )
-            trace_samples.extend(t.samples)
+            estimator = hutchpp_trace if config.trace_method == TraceMethod.HUTCHPP else hutchinson_trace
+            m = config.trace_samples
+            traces.append(estimator(hvp, like, min_samples=m, max_samples=m, generator=generator))
         hvp.free()
         progress.update(1)
     return {
@@ -143,7 +144,7 @@ def _estimate_block(
         "negative": negative,
         "iters": iters,
         "converged": converged,
-        "trace_samples": trace_samples,
+        "traces": traces,
     }
 
 
@@ -172,7 +173,7 @@ def _shared_traces(
             for b, res in enumerate(results):
                 samples[b].extend(res.samples)
             hvp.free()
-    return [TraceStats(r.mean, r.stderr, len(r.samples)) for r in map(summarize, samples)]
+    return [TraceStats(r.mean, r.stderr, len(r.samples), TraceMethod.HUTCHINSON.value) for r in map(summarize, samples)]
 
 
 def estimate_sensitivity(
@@ -282,10 +283,9 @@ def _summarize_block(
         top_k=out["top_k"] if config.top_k > 1 else None,
         most_negative=out["negative"] or None,
     )
-    if out["trace_samples"]:
-        t = summarize(out["trace_samples"])
-        block.trace = TraceStats(t.mean, t.stderr if math.isfinite(t.stderr) else 0.0, len(t.samples))
-        block.normalized_trace = t.mean / num_params
+    if out["traces"]:
+        block.trace = _trace_stats(out["traces"], TraceMethod(config.trace_method))
+        block.normalized_trace = block.trace.mean / num_params
     if not all(out["converged"]):
         logger.warning(
             "%s: the eigen-solver hit max_iters=%d on %d of %d draws",
@@ -297,6 +297,20 @@ def _summarize_block(
     return block
 
 
+def _trace_stats(traces: list[TraceResult], method: TraceMethod) -> TraceStats:
+    """One block's trace over the draws: Hutchinson's samples pooled, Hutch++'s per-draw estimates averaged."""
+    if method == TraceMethod.HUTCHPP:
+        t = pool_estimates(traces)
+    else:
+        t = summarize([s for r in traces for s in r.samples])
+    products = sum(r.products for r in traces)
+    return TraceStats(t.mean, t.stderr if math.isfinite(t.stderr) else 0.0, len(t.samples), method.value, products)
+
+
+# Settings added after reports were first written, with the value every earlier report was made with.
+_ADDED_SETTINGS = {"trace_method": TraceMethod.HUTCHINSON.value}
+
+
 def _check_resumable(old: SensitivityReport, new: SensitivityReport) -> None:
     diffs = []
     if old.task != new.task:
@@ -305,8 +319,9 @@ def _check_resumable(old: SensitivityReport, new: SensitivityReport) -> None:
         if old.model.get(key) != new.model.get(key):
             diffs.append(f"model {key} {old.model.get(key)!r} vs {new.model.get(key)!r}")
     for key, value in new.config.items():
-        if old.config.get(key) != value:
-            diffs.append(f"{key} {old.config.get(key)!r} vs {value!r}")
+        before = old.config.get(key, _ADDED_SETTINGS.get(key))
+        if before != value:
+            diffs.append(f"{key} {before!r} vs {value!r}")
     if diffs:
         raise QBHError(
             "cannot resume: the existing report was made with other settings ("

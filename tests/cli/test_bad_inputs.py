@@ -358,6 +358,26 @@ SILENT = [
         lambda w, t: ["sensitivity", *w.model(), *SENS, "--tol", "nan", "--out", str(t / "o")],
         "tol",
     ),
+    Case(
+        "hutchpp-shared",
+        lambda w, t: [
+            "sensitivity",
+            *w.model(),
+            *SENS,
+            "--trace-method",
+            "hutchpp",
+            "--trace",
+            "shared",
+            "--out",
+            str(t / "o"),
+        ],
+        "use --trace block",
+    ),
+    Case(
+        "hutchpp-two-products",
+        lambda w, t: ["sensitivity", *w.model(), *SENS, "--trace-method", "hutchpp", "--out", str(t / "o")],
+        "--trace-samples = 2 is too few for Hutch++",
+    ),
 ]
 
 

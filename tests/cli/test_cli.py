@@ -56,6 +56,21 @@ def test_sensitivity_cli_writes_the_report_and_the_cost_table(tiny_checkpoint, t
     assert "Omega" in proc.stdout and "| 1 |" in proc.stdout
 
 
+def test_sensitivity_cli_hutchpp_traces_are_named_in_the_report(tiny_checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "hpp"
+    args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS[:-3], "--quiet"]
+    assert (
+        main([*args, "--trace-method", "hutchpp", "--trace-samples", "6", "--blocks", "encoder.0", "--out", str(out)])
+        == 0
+    )
+    data = json.loads((out / "sensitivity.json").read_text())
+    assert data["config"]["trace_method"] == "hutchpp"
+    (block,) = data["blocks"]
+    assert block["trace"]["method"] == "hutchpp" and block["trace"]["products"] == 12  # 2 draws x 6
+    assert "trace: block (hutchpp, 6 products per draw)" in (out / "sensitivity.md").read_text()
+    assert "hutchpp" in (out / "sensitivity.csv").read_text().splitlines()[1]
+
+
 def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "r"
     args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out)]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qbert_hessian.artifacts import BlockSensitivity, SensitivityReport, TraceStats, atomic_write, read_json, write_json
-from qbert_hessian.config import FinetuneConfig, SensitivityConfig, TraceMode
+from qbert_hessian.config import FinetuneConfig, SensitivityConfig, TraceMethod, TraceMode
 from qbert_hessian.errors import QBHError
 from qbert_hessian.report import (
     curvature_sign_rows,
@@ -51,6 +51,20 @@ def test_report_round_trips(tmp_path):
     back = SensitivityReport.load(tmp_path / "s.json")
     assert back.to_dict() == r.to_dict() and not back.complete
     assert json.loads((tmp_path / "s.json").read_text())["schema"] == "qbert_hessian.sensitivity/1"
+
+
+def test_trace_stats_name_their_estimator(tmp_path):
+    r = _report()
+    r.blocks[1].trace = TraceStats(7.0, 0.5, 8, method="hutchpp", products=24)
+    r.save(tmp_path / "s.json")
+    back = SensitivityReport.load(tmp_path / "s.json")
+    assert back.blocks[1].trace == TraceStats(7.0, 0.5, 8, "hutchpp", 24)
+    # A report from before the estimator was recorded: Hutchinson's, one product per probe.
+    data = json.loads((tmp_path / "s.json").read_text())
+    data["blocks"][0]["trace"] = {"mean": 50.0, "stderr": 2.0, "samples": 8}
+    old = SensitivityReport.from_dict(data)
+    assert old.blocks[0].trace == TraceStats(50.0, 2.0, 8, "hutchinson", 8)
+    assert "(hutchinson, 4 products per draw)" in sensitivity_markdown(r)
 
 
 def test_a_report_naming_blocks_its_model_lacks_is_refused(tmp_path):
@@ -136,6 +150,7 @@ def _configs():
 
     return [
         SensitivityConfig(),
+        SensitivityConfig(trace_method="hutchpp", trace_samples=12),
         FinetuneConfig(),
         AllocConfig(groups="heads", measure="trace"),
         Budget(avg_bits=2.5),
@@ -158,6 +173,14 @@ def test_config_validation():
     with pytest.raises(QBHError, match="unknown trace mode 'full'; choose one of block, shared, none"):
         SensitivityConfig(trace="full")
     assert SensitivityConfig(trace="shared").trace is TraceMode.SHARED
+    assert SensitivityConfig(trace_method="hutchpp").trace_method is TraceMethod.HUTCHPP
+    with pytest.raises(QBHError, match="unknown trace method 'hutch'; choose one of hutchinson, hutchpp"):
+        SensitivityConfig(trace_method="hutch")
+    with pytest.raises(QBHError, match="cannot share full-model products; use --trace block"):
+        SensitivityConfig(trace_method="hutchpp", trace="shared")
+    with pytest.raises(QBHError, match="trace_samples = 3 is too few for Hutch\\+\\+"):
+        SensitivityConfig(trace_method="hutchpp", trace_samples=3)
+    SensitivityConfig(trace_method="hutchpp", trace_samples=3, trace="none")  # no trace: nothing to refuse
     with pytest.raises(QBHError, match="warmup_ratio"):
         FinetuneConfig(warmup_ratio=1.5)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -62,6 +62,39 @@ def test_sensitivity_is_reproducible_and_resumes(model_task):
     assert resumed.blocks[0].seconds == full.blocks[0].seconds  # kept, not recomputed
 
 
+def test_sensitivity_with_hutchpp_traces(model_task):
+    model, task = model_task
+    cfg = dataclasses.replace(FAST, trace_method="hutchpp", trace_samples=6)
+    report = estimate_sensitivity(model, task, cfg, blocks=["encoder.0", "encoder.1"], progress=False)
+    plain = estimate_sensitivity(model, task, FAST, blocks=["encoder.0", "encoder.1"], progress=False)
+    assert report.config["trace_method"] == "hutchpp"
+    for b, h in zip(report.blocks, plain.blocks):
+        # per draw: a sketch of 2, H Q for 2, 2 residual probes; 3 draws
+        assert b.trace.method == "hutchpp" and b.trace.products == 18 and b.trace.samples == 6
+        assert h.trace.method == "hutchinson" and h.trace.products == 9
+        assert 0 < b.trace.stderr and b.normalized_trace == pytest.approx(b.trace.mean / b.num_params)
+        # two unbiased estimates of the same mean trace over the same draws
+        assert abs(b.trace.mean - h.trace.mean) <= 4 * (b.trace.stderr**2 + h.trace.stderr**2) ** 0.5
+        assert b.eigenvalues == pytest.approx(h.eigenvalues, rel=1e-6)  # the trace comes after the eigen-solver
+
+
+def test_a_report_from_before_trace_method_resumes(model_task):
+    model, task = model_task
+    report = estimate_sensitivity(model, task, FAST, blocks=["encoder.0"], progress=False)
+    del report.config["trace_method"]  # as written before the setting existed (Hutchinson's)
+    resumed = estimate_sensitivity(model, task, FAST, blocks=["encoder.0", "encoder.1"], resume=report, progress=False)
+    assert resumed.complete and resumed.blocks[0].seconds == report.blocks[0].seconds
+    with pytest.raises(QBHError, match="cannot resume.*trace_method 'hutchinson' vs 'hutchpp'"):
+        estimate_sensitivity(
+            model,
+            task,
+            dataclasses.replace(FAST, trace_method="hutchpp", trace_samples=4),
+            blocks=["encoder.0", "encoder.1"],
+            resume=report,
+            progress=False,
+        )
+
+
 def test_resume_refuses_other_settings(model_task):
     model, task = model_task
     report = estimate_sensitivity(model, task, FAST, blocks=["encoder.1"], progress=False)
