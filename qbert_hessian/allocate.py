@@ -12,6 +12,11 @@ perturbation). The embedding tables get their own fixed widths (Q-BERT: 8 bits);
 ``scipy.optimize.milp`` (HiGHS) solves it to optimality with a zero gap. Q-BERT's rank rule (bits monotone
 in Omega) and uniform plans are here for comparison.
 
+The allocation test (issue 10) needs controls of exactly the same size: :func:`reassign` permutes a solved
+plan's widths among units of the same size (every BERT layer), ``reversed`` (the fewest bits to the most
+sensitive units, the most to the least sensitive) or seeded ``random``. The packed tensors keep their size to
+the byte, and the MILP's objective is a lower bound on every such permutation's (it is optimal at that size).
+
 Everything runs on the report and its cost table (:class:`~qbert_hessian.artifacts.QuantProfile`, made by
 ``quant/profile.py``): no torch, no model. Sizes come from ``packed_format.py``, the format export writes, so a
 plan's predicted size is the packed file's size to the byte.
@@ -28,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import BitPlan, Frontier, QuantProfile, SensitivityReport
-from .config import AllocConfig, Budget, Measure, Method, check_bits
+from .config import AllocConfig, Assign, Budget, Measure, Method, check_bits
 from .errors import QBHError
 from .names import LINEAR_PARTS
 from .packed_format import QuantizedWeight, TensorSpec, file_bytes, packed_bytes, packed_specs
@@ -278,6 +283,83 @@ def solve_brute_force(problem: Problem, budget: Budget) -> list[int]:
     return list(min(feasible, key=problem.objective))
 
 
+def size_classes(problem: Problem) -> list[list[int]]:
+    """The units that can trade widths without changing the packed data: the same number of weights and the same
+    bytes at every candidate width (BERT: all layers; linears as units: query/key/value/attn_out, and ffn_in with
+    ffn_out). Each class lists unit indices in unit order; classes in order of their first unit."""
+    classes: dict[tuple[float, tuple[int, ...]], list[int]] = {}
+    for b in range(len(problem.units)):
+        classes.setdefault((float(problem.weights[b]), tuple(int(c) for c in problem.cost[b])), []).append(b)
+    return list(classes.values())
+
+
+def reassign(problem: Problem, choice: Sequence[int], assign: Assign | str, seed: int | None = None) -> list[int]:
+    """The widths of ``choice`` permuted within each :func:`size_classes` class: the same widths, the same bytes.
+
+    Args:
+        problem: the knapsack ``choice`` solves.
+        choice: one width index per unit (the solver's plan).
+        assign: ``reversed``: within a class, rank the units by sensitivity, most sensitive first (ties keep unit
+            order); the unit of rank i gets the class's i-th smallest width, so the most bits go to the least
+            sensitive units. For a plan whose widths rise with sensitivity (Q-BERT's rule; usually the MILP's)
+            this is the mirror image: rank i gets the width of rank n-1-i. ``random``: a permutation of each
+            class drawn by ``numpy.random.default_rng(seed)``, classes in order.
+        seed: seeds ``random`` (None: 0); ignored by ``reversed``.
+
+    Returns:
+        The new width index per unit. Each class's multiset of widths, hence the packed data's size and the
+        average bits, equals ``choice``'s.
+    """
+    assign = Assign(assign)
+    rng = np.random.default_rng(0 if seed is None else seed)
+    new = list(choice)
+    for members in size_classes(problem):
+        if assign == Assign.REVERSED:
+            ranked = sorted(members, key=lambda b: -problem.sensitivity[b])  # stable: ties keep unit order
+            # Index order is width order (AllocConfig sorts the candidate bits).
+            for b, k in zip(ranked, sorted(choice[m] for m in members)):
+                new[b] = k
+        else:
+            for b, src in zip(members, rng.permutation(len(members))):
+                new[b] = choice[members[src]]
+    return new
+
+
+def _reassigned(
+    problem: Problem, choice: Sequence[int], assign: Assign, seed: int | None, method: str, measure: str
+) -> tuple[list[int], dict[str, Any], list[str]]:
+    """:func:`reassign` with the plan's record of it: the provenance entry (the solver's plan) and the notes."""
+    new = reassign(problem, choice, assign, seed)
+    solver, mine = problem.objective(choice), problem.objective(new)
+    how = (
+        f"reversed against the {measure} ranking (no unit has more bits than a less sensitive one)"
+        if assign == Assign.REVERSED
+        else f"permuted at random (seed {0 if seed is None else seed})"
+    )
+    ratio = f" (x{mine / solver:.3g})" if solver > 0 else ""
+    notes = [
+        f"not the solver's assignment: the {method} plan's widths {how} among units of the same size; objective "
+        f"{mine:.6g} against the solver's {solver:.6g}{ratio}"
+        if new != list(choice)
+        else f"the {method} plan's widths {how} among units of the same size: no width moved, this plan is the solver's"
+    ]
+    size, solver_size = problem.file_bytes(new), problem.file_bytes(choice)
+    if size != solver_size:  # equal data; a tensor offset in the safetensors header gained or lost a digit
+        notes.append(
+            f"the packed file is {size - solver_size:+d} bytes against the solver's plan: the tensor data are the "
+            "same size, the safetensors header's offsets are not"
+        )
+    source = {
+        "assign": assign.value,
+        "seed": (0 if seed is None else seed) if assign == Assign.RANDOM else None,
+        "method": method,
+        "objective": solver,
+        "bytes": solver_size,
+        "bits": {u: problem.bits[k] for u, k in zip(problem.units, choice)},
+    }
+    return new, source, notes
+
+
 def _plan(
     report: SensitivityReport,
     profile: QuantProfile,
@@ -342,8 +424,10 @@ def allocate_bits(
     config: AllocConfig = AllocConfig(),
     *,
     source: Mapping[str, Any] | None = None,
+    assign: Assign | str | None = None,
+    assign_seed: int | None = None,
 ) -> BitPlan:
-    """The bit plan of least predicted loss within ``budget``.
+    """The bit plan of least predicted loss within ``budget`` (or, with ``assign``, a control of its size).
 
     Args:
         report: a complete sensitivity report scoring every encoder layer (as layers or linears).
@@ -351,19 +435,29 @@ def allocate_bits(
         budget: ``Budget(max_mb=...)``, ``Budget(ratio=...)`` or ``Budget(avg_bits=...)``.
         config: candidate widths, grouping, measure, method, embedding and activation widths.
         source: provenance stored in the plan (report path and sha256).
+        assign: ``reversed`` or ``random``: solve as usual, then :func:`reassign` the widths among units of the
+            same size. The plan's ``method`` becomes e.g. ``milp-reversed``, ``source["reassigned_from"]``
+            holds the solver's widths, objective and size, a note says it is not the solver's assignment; its
+            size is the solver's plan's and its objective is recomputed (None: the solver's assignment).
+        assign_seed: seeds ``assign="random"`` (None: 0).
 
     Returns:
         The :class:`BitPlan` with its predicted size, compression, average bits and objective.
 
     Raises:
         QBHError: an infeasible budget (the message gives the smallest reachable size), a partial report, a
-            layer left unscored, a profile without the grouping or widths, a missing trace or a bad Omega.
+            layer left unscored, a profile without the grouping or widths, a missing trace or a bad Omega, an
+            unknown ``assign`` or a seed without ``assign="random"``.
 
     Example:
         >>> plan = allocate_bits(report, profile, Budget(avg_bits=2.5))  # doctest: +SKIP
     """
     if config.method == Method.UNIFORM:
         raise QBHError("use uniform_plan(report, profile, bits, config) for a uniform plan; it takes no budget")
+    if assign is not None and assign not in [a.value for a in Assign]:
+        raise QBHError(f"assign {assign!r} is not known; use reversed or random, or None for the solver's own")
+    if assign_seed is not None and assign != Assign.RANDOM.value:
+        raise QBHError("assign_seed seeds assign='random'; pass assign='random' or drop the seed")
     problem, emb = build_problem(report, profile, config)
     notes: list[str] = []
     row, rhs, _ = _constraint(problem, budget)
@@ -373,6 +467,13 @@ def allocate_bits(
             f"the budget admits every block at {problem.bits[top]} bits (the widest candidate): nothing to trade off"
         )
     choice = solve_milp(problem, budget) if config.method == Method.MILP else solve_rank(problem, budget)
+    method, source = config.method.value, dict(source or {})
+    if assign is not None:
+        how = Assign(assign)
+        choice, source["reassigned_from"], more = _reassigned(
+            problem, choice, how, assign_seed, method, config.measure.value
+        )
+        method, notes = f"{method}-{how.value}", [*more, *notes]
     return _plan(
         report,
         profile,
@@ -380,7 +481,7 @@ def allocate_bits(
         emb,
         choice,
         config,
-        method=config.method.value,
+        method=method,
         budget={k: v for k, v in budget.to_dict().items() if v is not None},
         source=source,
         notes=notes,

@@ -25,6 +25,7 @@ from .allocate import MIB
 from .config import (
     RANGE_METHODS,
     AllocConfig,
+    Assign,
     CalibrationConfig,
     DensityConfig,
     FinetuneConfig,
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("budget_mb", "ratio", "avg_bits"):
         budget.add_argument("--" + name.replace("_", "-"), type=float, help=helps[name])
     budget.add_argument("--uniform", type=int, metavar="BITS", help=helps["uniform"])
+    p.add_argument("--assign", choices=[a.value for a in Assign], default=None, help=helps["assign"])
+    p.add_argument("--assign-seed", type=int, default=None, help=helps["assign_seed"])
     _add_config(p, AllocConfig, range_method="--weight-range")
     p.add_argument("--no-act-quant", action="store_true", help="keep activations in FP32")
     p.add_argument(
@@ -429,7 +432,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     report = SensitivityReport.load(report_file)
     if not report.complete:
         raise QBHError(f"'{report_file}' is partial ({', '.join(report.pending)} pending); finish it with --resume")
-    spec = PlanSpec(out.stem, args.uniform, args.avg_bits, args.budget_mb, args.ratio)
+    spec = PlanSpec(
+        out.stem,
+        args.uniform,
+        args.avg_bits,
+        args.budget_mb,
+        args.ratio,
+        assign=args.assign,
+        assign_seed=args.assign_seed,
+    )
     config = _from_args(
         AllocConfig,
         args,

@@ -344,6 +344,21 @@ class Method(str, Enum):
     UNIFORM = "uniform"
 
 
+class Assign(str, Enum):
+    """How a budget plan's widths are reassigned after the solver chose them (the allocation test, issue 10).
+
+    The solver's widths are permuted among units of the same size (the same number of weights and the same bytes
+    at every candidate width; in BERT every layer), so the packed size is unchanged:
+
+    ``reversed``: the i-th most sensitive unit gets the plan's i-th smallest width, so the most bits go to the
+    least sensitive units (for a plan whose widths rise with sensitivity, its mirror image along the ranking).
+    ``random``: a seeded uniformly random permutation.
+    """
+
+    REVERSED = "reversed"
+    RANDOM = "random"
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget(_Config):
     """Exactly one of: ``max_mb`` (whole model, MiB), ``ratio`` (compression vs FP32), ``avg_bits`` (encoder)."""
@@ -424,6 +439,11 @@ class PlanSpec(_Config):
         qat: QAT after direct quantization (None: the run's default).
         seed: this plan's QAT seed, which also draws its ``[qat] max_train_samples`` subset (None: ``[qat] seed``);
             the same plan under several names and seeds measures the seed-to-seed spread.
+        assign: reassign the solved plan's widths among units of the same size, for the allocation test:
+            ``reversed`` (the i-th most sensitive unit gets the i-th smallest width: most bits to the least
+            sensitive) or ``random`` (a seeded permutation); the packed size stays the solver's, the objective
+            is recomputed and the plan's method says so (None: the solver's own assignment).
+        assign_seed: seeds assign = random (None: 0).
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
             :class:`AllocConfig` (None: the run's ``[allocate]``). ``range_method`` is not among them: the run
             measures one cost table, with ``[allocate] range_method``, for all its plans.
@@ -436,6 +456,8 @@ class PlanSpec(_Config):
     ratio: float | None = None
     qat: bool | None = None
     seed: int | None = None
+    assign: str | None = None
+    assign_seed: int | None = None
     bits: tuple[int, ...] | None = None
     groups: int | str | None = None
     measure: str | None = None
@@ -475,7 +497,35 @@ class PlanSpec(_Config):
             raise QBHError(f"plan '{name}': seed must be an integer >= 0, got {self.seed!r}")
         if self.bits is not None:
             object.__setattr__(self, "bits", tuple(self.bits) if isinstance(self.bits, (list, tuple)) else self.bits)
+        self._check_assign()
         self.alloc_config(AllocConfig())  # validates the overrides
+
+    def _check_assign(self) -> None:
+        name = self.name
+        if self.assign is not None:
+            if self.assign not in [a.value for a in Assign]:
+                raise QBHError(
+                    f"plan '{name}': assign {self.assign!r} is not known; use reversed or random, or leave it out "
+                    "for the solver's own assignment"
+                )
+            if self.uniform is not None:
+                raise QBHError(
+                    f"plan '{name}': assign = \"{self.assign}\" reassigns the widths of a budget plan, but a uniform "
+                    "plan gives every block the same width; drop assign or give avg_bits, budget_mb or ratio"
+                )
+            if self.method == Method.UNIFORM.value:
+                raise QBHError(
+                    f"plan '{name}': assign = \"{self.assign}\" reassigns the widths a budget solver chose; use "
+                    "method milp or rank, or drop assign"
+                )
+        if self.assign_seed is not None:
+            if self.assign != Assign.RANDOM.value:
+                raise QBHError(
+                    f'plan \'{name}\': assign_seed seeds assign = "random"; add assign = "random" or drop assign_seed'
+                )
+            seed = self.assign_seed
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise QBHError(f"plan '{name}': assign_seed must be an integer >= 0, got {seed!r}")
 
     def alloc_config(self, defaults: AllocConfig) -> AllocConfig:
         """``defaults`` with this plan's allocator settings on top."""

@@ -320,7 +320,7 @@ def plot_frontier(front: dict[str, Any], path: Path | str, plan: BitPlan | None 
             s=160,
             color="tab:green",
             zorder=5,
-            label="chosen plan",
+            label="chosen plan" if "reassigned_from" not in plan.source else f"{plan.method} plan (not the solver's)",
         )
     positive = [q["objective"] for q in pts if q["objective"] > 0]
     if positive and max(positive) / min(positive) > 100:
@@ -331,6 +331,15 @@ def plot_frontier(front: dict[str, Any], path: Path | str, plan: BitPlan | None 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save_figure(fig, path, dpi=120)
+
+
+def plan_kind(plan: BitPlan) -> str:
+    """How a plan's widths were chosen, as the results table names it: ``uniform``, ``mixed (milp)``, or for a
+    reassigned control ``mixed (milp-reversed)`` / ``mixed (milp-random, seed 1)``: never the solver's name alone."""
+    if plan.method == "uniform":
+        return "uniform"
+    seed = plan.source.get("reassigned_from", {}).get("seed")
+    return f"mixed ({plan.method}{'' if seed is None else f', seed {seed}'})"
 
 
 def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
@@ -440,7 +449,7 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "encoder_compression": _part_compression(plan, "encoder"),
             "embedding_compression": _part_compression(plan, "embeddings"),
         }
-        kind = "uniform" if plan.method == "uniform" else f"mixed ({plan.method})"
+        kind = plan_kind(plan)
         direct = {"examples_seen": 0, "seed": calibration_seed}
         rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family), **direct})
         if res.qat:
@@ -510,8 +519,16 @@ def write_run_report(run_dir: Path | str) -> Path:
             enc = ", ".join(
                 f"{b.split('.', 1)[1]}:{e['bits']}" for b, e in plan.blocks.items() if b.startswith("encoder.")
             )
+            origin = plan.source.get("reassigned_from")
+            how = (
+                f"; **{plan_kind(plan)}**: the {origin['method']} plan's widths reassigned (objective "
+                f"{plan.predicted['objective']:.4g} against the solver's {origin['objective']:.4g})"
+                if origin
+                else ""
+            )
             lines.append(
                 f"- [{spec['name']}](plans/{spec['name']}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
+                f" ({plan.predicted['bytes']:,} bytes){how}"
             )
     if (run / "plans" / "frontier.png").exists():
         lines += ["", "![frontier](plans/frontier.png)"]

@@ -295,12 +295,15 @@ def make_plan(
     *,
     source: dict[str, Any] | None = None,
 ) -> BitPlan:
-    """One plan: ``spec`` (a uniform width or a budget, and its allocator settings) over the report."""
+    """One plan: ``spec`` (a uniform width or a budget, its allocator settings, and how its widths are assigned)
+    over the report."""
     config = spec.alloc_config(defaults or AllocConfig())
     if spec.uniform is not None:
         return uniform_plan(report, profile, spec.uniform, config, source=source)
     budget = Budget(max_mb=spec.budget_mb, ratio=spec.ratio, avg_bits=spec.avg_bits)
-    return allocate_bits(report, profile, budget, config, source=source)
+    return allocate_bits(
+        report, profile, budget, config, source=source, assign=spec.assign, assign_seed=spec.assign_seed
+    )
 
 
 def write_plan(plan: BitPlan, path: Path | str) -> Path:

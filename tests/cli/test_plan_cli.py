@@ -237,6 +237,26 @@ def test_plan_refuses_infeasible_budget_and_partial_reports(report_dir, tmp_path
     assert not out.exists()
 
 
+def test_plan_assign_writes_a_control_of_the_same_size_or_refuses_a_uniform_one(
+    report_dir, plan_file, tmp_path, capsys
+):
+    args = ["plan", "--report", str(report_dir), "--avg-bits", "3", "--bits", "2,3,4", "--groups", "channel"]
+    out = tmp_path / "random-2.json"
+    assert main([*args, "--assign", "random", "--assign-seed", "2", "--out", str(out), "--quiet"]) == 0
+    solver, control = json.loads(plan_file.read_text()), json.loads(out.read_text())
+    assert control["method"] == "milp-random" and control["source"]["reassigned_from"]["seed"] == 2
+    assert control["predicted"]["bytes"] == solver["predicted"]["bytes"]
+    assert control["predicted"]["objective"] >= solver["predicted"]["objective"]
+    assert " (milp-random, avg_bits=3.0)\n" in capsys.readouterr().out
+    out = tmp_path / "bad.json"
+    assert main(["plan", "--report", str(report_dir), "--uniform", "4", "--assign", "reversed", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a uniform plan gives every block the same width; drop assign" in err and len(err.splitlines()) == 1
+    assert main([*args, "--assign-seed", "2", "--out", str(out)]) == 2
+    assert 'assign_seed seeds assign = "random"' in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_landscape_and_density_commands(tiny_checkpoint, tiny_data, tmp_path, capsys):
     out = tmp_path / "ls"
     common = ["--model", str(tiny_checkpoint), "--data", str(tiny_data), *DATA, "--batch-size", "8"]

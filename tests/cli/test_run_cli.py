@@ -46,6 +46,13 @@ qat = false
 name = "mixed-3"
 avg_bits = 3.0
 bits = [2, 4]
+
+[[plans]]
+name = "mixed-3-control"
+avg_bits = 3.0
+bits = [2, 4]
+assign = "reversed"
+qat = false
 """
 
 
@@ -94,12 +101,35 @@ def test_run_report_table(run_dir):
         "| direct, uniform",
         "| direct, mixed (milp)",
         "| QAT, mixed (milp)",
+        "| direct, mixed (milp-reversed)",
     ]
     assert "| mixed-3 | 2/4 (avg 3.00) | 8 | 8 | channel |" in report or "| mixed-3 | 4 | 8 | 8 | channel |" in report
     assert "![sensitivity](sensitivity/sensitivity.png)" in report and "![frontier](plans/frontier.png)" in report
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert 0 <= float(cells[6]) <= 1 and float(cells[8]) > 0 and cells[9].endswith("x")
+
+
+def test_the_reversed_control_has_the_solver_plans_packed_size_and_says_what_it_is(run_dir):
+    out = run_dir / "out"
+    solver, control = (json.loads((out / "plans" / f"{n}.json").read_text()) for n in ("mixed-3", "mixed-3-control"))
+    assert control["method"] == "milp-reversed" and control["source"]["reassigned_from"]["bits"] == {
+        b: e["bits"] for b, e in solver["blocks"].items() if b.startswith("encoder.")
+    }
+    # The two layers have different widths; the more sensitive one gets the smaller width.
+    sens = {b["name"]: b["omega"] for b in json.loads((out / "sensitivity" / "sensitivity.json").read_text())["blocks"]}
+    hi, lo = sorted(["encoder.0", "encoder.1"], key=lambda b: -sens[b])
+    assert (solver["blocks"][hi]["bits"], solver["blocks"][lo]["bits"]) == (4, 2)
+    assert (control["blocks"][hi]["bits"], control["blocks"][lo]["bits"]) == (2, 4)
+    assert control["predicted"]["objective"] > solver["predicted"]["objective"]
+    # The packed files are the same size to the byte.
+    sizes = [
+        json.loads((out / "results" / n / "metrics.json").read_text())["bytes"] for n in ("mixed-3", "mixed-3-control")
+    ]
+    assert sizes[0] == sizes[1] == solver["predicted"]["bytes"] == control["predicted"]["bytes"]
+    report = (out / "report.md").read_text()
+    assert "**mixed (milp-reversed)**: the milp plan's widths reassigned" in report
+    assert "not the solver's assignment" in (out / "plans" / "mixed-3-control.md").read_text()
 
 
 def test_run_again_reuses_every_stage(run_dir, capsys):
@@ -131,9 +161,25 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
             "AllocConfig.range_method 'p99' is not known; use one of max, mse",
         ),
         ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=9\n", "uniform bits 9 is out of range"),
+        (
+            "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nassign='reversed'\n",
+            "plan 'a': assign = \"reversed\" reassigns the widths of a budget plan",
+        ),
         ("[model\n", "not valid TOML"),
     ],
-    ids=["no-task", "no-plans", "no-budget", "duplicate", "plan-key", "section", "plan-range", "range", "bits", "toml"],
+    ids=[
+        "no-task",
+        "no-plans",
+        "no-budget",
+        "duplicate",
+        "plan-key",
+        "section",
+        "plan-range",
+        "range",
+        "bits",
+        "assign-uniform",
+        "toml",
+    ],
 )
 def test_run_refuses_bad_configs(tmp_path, capsys, text, message):
     cfg = tmp_path / "bad.toml"
@@ -228,6 +274,26 @@ def test_a_plan_with_its_own_seed_trains_with_it_and_leaves_the_others_cached(ru
     assert rows[("QAT, mixed (milp)", "mixed-3-seed1")][-1] == "1" and rows[("QAT, mixed (milp)", "mixed-3")][-1] == "0"
     with pytest.raises(QBHError, match="seed must be an integer >= 0"):
         PlanSpec(name="a", uniform=4, seed=-1)
+
+
+def test_a_changed_assignment_recomputes_that_plan_and_its_results_only(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    cfg = tmp_path / "run.toml"
+    text = (run_dir / "run.toml").read_text()
+    cfg.write_text(text.replace('assign = "reversed"', 'assign = "random"\nassign_seed = 1'))
+    before = _stage_hashes(out)
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    after = _stage_hashes(out)
+    name = "mixed-3-control"
+    assert {k for k in after if after[k] != before.get(k)} == {
+        f"{s}:{name}" for s in ("plan", "direct", "packed", "metrics")
+    }
+    plan = json.loads((out / "plans" / f"{name}.json").read_text())
+    assert plan["method"] == "milp-random" and plan["source"]["reassigned_from"]["seed"] == 1
+    assert "| direct, mixed (milp-random, seed 1) | mixed-3-control |" in (out / "report.md").read_text()
 
 
 def test_a_changed_range_method_recomputes_the_profile_and_everything_after_it(run_dir, tmp_path):

@@ -1,5 +1,6 @@
-"""quant/ranges.py: the MSE clipping search never loses to max scaling, equals brute force over its grid, sits
-within grid resolution of a fine continuous search, and keeps the fp16 exactness that packing relies on."""
+"""quant/ranges.py: the MSE clipping search never loses to max scaling, equals brute force over its grid (its fast
+search chooses what trying every ratio chooses, bit for bit), sits within grid resolution of a fine continuous
+search, and keeps the fp16 exactness that packing relies on."""
 
 from __future__ import annotations
 
@@ -133,6 +134,94 @@ def test_mse_grid_optimum_is_within_grid_resolution_of_a_fine_search(bits, symme
         assert e_grid <= 1.05 * e_fine, (i, e_grid, e_fine)  # and in practice close to the continuous optimum
 
 
+def _groups(kind: str, groups: int, n: int, seed: int) -> torch.Tensor:
+    """Real-like weight groups: Gaussian, Laplace, Gaussian with 0.3% outliers x20, one-sided, Cauchy; a zero row."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(groups, n, generator=gen) * (0.01 + torch.rand(groups, 1, generator=gen))
+    if kind == "laplace":
+        u = torch.rand(groups, n, generator=gen) - 0.5
+        g = -torch.sign(u) * torch.log1p(-2 * u.abs())
+    elif kind == "outliers":
+        g.view(-1)[torch.randint(0, g.numel(), (max(1, g.numel() // 300),), generator=gen)] *= 20.0
+    elif kind == "one-sided":
+        g = g.abs() + 0.1
+    elif kind == "cauchy":
+        g = torch.tan(torch.pi * (torch.rand(groups, n, generator=gen) - 0.5))
+    g[0] = 0.0
+    return g
+
+
+KINDS = ["gauss", "laplace", "outliers", "one-sided", "cauchy"]
+
+
+@pytest.mark.parametrize("path", ["auto", "binned", "pruned"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("n", [37, 384])
+def test_fast_search_chooses_what_trying_every_ratio_chooses_bit_for_bit(monkeypatch, path, symmetric, n):
+    """search_ratios skips ratios (a lower bound) or scores them from sorted values (binned), then quantizes the
+    survivors; the choice must be search_ratios_dense's exactly, on either path, at every width."""
+    if path == "binned":  # every chunk takes the binned path
+        monkeypatch.setattr(ranges, "SORT_COST", 0)
+        monkeypatch.setattr(ranges, "LEVEL_COST", 0)
+    elif path == "pruned":
+        monkeypatch.setattr(ranges, "SORT_COST", 10**9)
+    used = {"binned": 0, "pruned": 0}
+    for name in used:
+        real = getattr(ranges, f"_search_{name}")
+        monkeypatch.setattr(
+            ranges, f"_search_{name}", lambda *a, _f=real, _n=name: used.__setitem__(_n, used[_n] + 1) or _f(*a)
+        )
+    for seed, kind in enumerate(KINDS):
+        g = _groups(kind, 8, n, seed)
+        for bits in range(2, 9):
+            fast, dense = ranges.search_ratios(g, bits, symmetric), ranges.search_ratios_dense(g, bits, symmetric)
+            assert torch.equal(fast, dense), (kind, bits, (fast != dense).nonzero()[:, 0].tolist())
+    if path != "auto":  # the path asked for, and only it
+        other = "pruned" if path == "binned" else "binned"
+        assert used[path] > 0 and used[other] == 0, used
+
+
+def test_the_tiny_models_cost_table_is_the_dense_searchs_bit_for_bit(tiny_bert, monkeypatch):
+    """Every unit, grouping and width of a real (tiny) BERT's profile: the same errors as trying every ratio."""
+    from qbert_hessian.quant.profile import measure_profile
+
+    units = ["encoder.0", "encoder.1", "embeddings.word"]
+    fast = measure_profile(tiny_bert, units, groups=(1, "heads", "channel"), range_method="mse")
+    monkeypatch.setattr(ranges, "search_ratios", ranges.search_ratios_dense)
+    dense = measure_profile(tiny_bert, units, groups=(1, "heads", "channel"), range_method="mse")
+    assert fast.to_dict() == dense.to_dict()
+    errors = [e for u in fast.units.values() for c in u.groups.values() for e in c.error.values()]
+    assert len(errors) == 3 * 2 * 7  # 3 units, 1 and channel (heads do not divide the 37-wide FFN), 7 widths
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_binned_errors_equal_quantizing_for_every_ratio(symmetric):
+    for seed, kind in enumerate(KINDS):
+        g = _groups(kind, 6, 300, seed)
+        lo, hi = ranges.group_extent(g, symmetric)
+        v, p1, p2 = ranges.sorted_sums(g)
+        for bits in (2, 3, 4, 8):
+            scale, zero = ranges.clipped_range(lo, hi, clip_ratios()[:, None], bits, symmetric)
+            got = ranges.binned_errors(v, p1, p2, scale, zero, bits, symmetric)
+            want = ranges.squared_errors(
+                g.double(), scale.double(), None if zero is None else zero.double(), bits, symmetric
+            )
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(p2[:, -1].max())), (kind, bits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights_with_outliers(), st.integers(2, 8), st.booleans(), st.integers(1, 40))
+def test_clip_bound_never_exceeds_the_error(wg, bits, symmetric, k):
+    w, grid = wg
+    g = to_groups(w, grid)
+    k = min(k, g.shape[1])
+    lo, hi = ranges.group_extent(g, symmetric)
+    scale, zero = ranges.clipped_range(lo, hi, clip_ratios()[:, None], bits, symmetric)
+    bound = ranges.clip_bound(g.topk(k, dim=1).values, (-g).topk(k, dim=1).values, scale, zero, bits, symmetric)
+    error = ranges.squared_errors(g, scale, zero, bits, symmetric)
+    assert torch.all(bound <= error * (1 + 1e-5) + 1e-30)
+
+
 def test_mse_search_improves_low_bit_error_with_outliers():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(64, 96, generator=gen)
@@ -142,12 +231,13 @@ def test_mse_search_improves_low_bit_error_with_outliers():
         assert e_mse < 0.8 * e_max, (bits, e_mse, e_max)
 
 
-def test_mse_search_chunking_does_not_change_the_result(monkeypatch):
+@pytest.mark.parametrize("n", [40, 240], ids=["pruned", "binned"])
+def test_mse_search_chunking_does_not_change_the_result(monkeypatch, n):
     gen = torch.Generator().manual_seed(3)
-    g = torch.randn(13, 40, generator=gen) * torch.rand(13, 1, generator=gen)
+    g = torch.randn(13, n, generator=gen) * torch.rand(13, 1, generator=gen)
     for symmetric in (True, False):
         whole = mse_range(g, 2, symmetric)
-        monkeypatch.setattr(ranges, "CHUNK_ELEMENTS", 100)  # one group and two ratios per block
+        monkeypatch.setattr(ranges, "CHUNK_ELEMENTS", 100)  # one group and one or two ratios per block
         chunked = mse_range(g, 2, symmetric)
         monkeypatch.undo()
         assert torch.equal(whole[0], chunked[0])
