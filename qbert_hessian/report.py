@@ -210,7 +210,7 @@ def plot_curvature_signs(reports: Sequence[SensitivityReport], labels: Sequence[
         blocks = report.blocks
         xs = list(range(1, len(blocks) + 1))
         values = [abs(v) for b in blocks for v in [*b.eigenvalues, *(b.most_negative or [])] if v]
-        ax.set_yscale("symlog", linthresh=max(min(values, default=1.0), 1e-6))
+        ax.set_yscale("symlog", linthresh=max(0.01 * max(values, default=1.0), 1e-6))
         for x, b in zip(xs, blocks):
             jitter = [x - 0.15 + 0.3 * i / max(1, len(b.eigenvalues) - 1) for i in range(len(b.eigenvalues))]
             colors = ["tab:red" if v < 0 else "tab:blue" for v in b.eigenvalues]
