@@ -44,6 +44,7 @@ LAYERS = {
     "stages": 5,
     "pipeline": 5,
     "cli": 5,
+    "__main__": 5,
 }
 ORDER = list(LAYERS)
 
