@@ -261,7 +261,9 @@ def train_qat(
 
     Under torchrun the HF Trainer trains with DDP: ``config.batch_size`` is the batch of all processes together
     (each takes an equal share, so the steps are those of one process), the activation ranges follow the maximum
-    over the ranks' shares and are averaged over the ranks at the end, so every rank holds the same model.
+    over the ranks' shares and are averaged over the ranks at the end, so every rank holds the same model. It is
+    one process's model to float tolerance, except that a range can differ slightly where its maximum lay on a
+    padded position: each rank pads its share of a batch to its own longest row.
 
     Args:
         model: the output of :func:`~qbert_hessian.quant.apply.quantize_model`, activation ranges calibrated.
