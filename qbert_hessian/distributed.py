@@ -83,7 +83,8 @@ def world_from_env(environ: Mapping[str, str] | None = None) -> World:
         raise QBHError(f"WORLD_SIZE={size} must be at least 1; {LAUNCH_HINT}")
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
     if missing:
-        raise QBHError(f"WORLD_SIZE={size} is set but {' and '.join(missing)} is not; {LAUNCH_HINT}")
+        names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        raise QBHError(f"WORLD_SIZE={size} is set but {names} {'are' if len(missing) > 1 else 'is'} not; {LAUNCH_HINT}")
     rank = _env_int(env, "RANK")
     local_rank = _env_int(env, "LOCAL_RANK")
     local_size = _env_int(env, "LOCAL_WORLD_SIZE")
@@ -110,32 +111,35 @@ def check_world(world: World, device: str) -> str:
     Raises:
         QBHError: the backend is not built into this torch, or fewer GPUs than local ranks.
     """
-    kind = torch.device(device).type
-    if kind not in ("cpu", "cuda"):
-        raise QBHError(f"--device {device} cannot run distributed; use cpu (gloo) or cuda (NCCL)")
     if not world.distributed:
         return device
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = device
+    if kind not in ("cpu", "cuda"):
+        raise QBHError(f"--device {device} cannot run distributed; use cpu (gloo) or cuda (NCCL)")
+    if kind == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world.local_size:
+            raise QBHError(
+                f"{world.local_size} processes on this host need a GPU each but {gpus} are visible; "
+                + (f"use --nproc-per-node {gpus} or fewer, or --device cpu" if gpus else "use --device cpu")
+            )
     backend = backend_for(device)
     if not dist.is_available() or not (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()):
         raise QBHError(
             f"the {backend} backend is not available in this torch build; "
             + ("install a CUDA build of torch" if backend == "nccl" else "use --device cuda or a torch build with gloo")
         )
-    if kind == "cuda":
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus < world.local_size:
-            raise QBHError(
-                f"{world.local_size} processes on this host need a GPU each but {gpus} are visible; "
-                f"use --nproc-per-node {gpus} or fewer" + (" (or --device cpu)" if gpus else "; or --device cpu")
-            )
-        return f"cuda:{world.local_rank}"
-    return device
+    return f"cuda:{world.local_rank}" if kind == "cuda" else device
 
 
-def start(world: World, device: str, *, timeout_s: float = 1800.0) -> None:
-    """Join the default process group of ``world`` (no-op for one process or an existing group)."""
+def start(world: World, device: str, *, timeout_s: float = 1800.0) -> bool:
+    """Join the default process group of ``world``; whether this call created it (False for one process or a
+    group that exists already)."""
     if not world.distributed or dist.is_initialized():
-        return
+        return False
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
@@ -145,6 +149,7 @@ def start(world: World, device: str, *, timeout_s: float = 1800.0) -> None:
         world_size=world.size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    return True
 
 
 def stop() -> None:

@@ -260,3 +260,119 @@ def test_only_rank_zero_writes_and_prints(two):
     assert proc.stdout.count("report in ") == 2  # the two sensitivity commands, once each
     assert not list(root.rglob("*.tmp"))
     assert (root / "r" / "report.md").is_file()
+
+
+# ------------------------------------------------------------------------------------ misconfigured worlds
+
+
+def torchrun_env(monkeypatch, rank: int = 0, size: int = 2) -> None:
+    """The variables torchrun sets for one of ``size`` processes; joining the group would fail the test, since
+    every bad input must be refused before the rendezvous (which would wait for the other ranks)."""
+
+    def no_rendezvous(*_args, **_kwargs):
+        raise AssertionError("joined the process group before the inputs were checked")
+
+    for key, value in {
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": size,
+        "LOCAL_WORLD_SIZE": size,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": free_port(),
+    }.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr("qbert_hessian.distributed.start", no_rendezvous)
+
+
+def refused(capsys, argv: list[str], out: Path, message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qbert-hessian {argv[0]}: error: "), err
+    assert message in err[0], err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"WORLD_SIZE": "2"},
+            "WORLD_SIZE=2 is set but RANK, MASTER_ADDR and MASTER_PORT are not; launch with torchrun",
+        ),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "29500"}, "WORLD_SIZE=2 is set but MASTER_ADDR is not"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+            "RANK=2 lies outside WORLD_SIZE=2 (ranks are 0..1)",
+        ),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ],
+    ids=["no-rank", "no-master-addr", "rank-outside", "not-a-number"],
+)
+def test_a_misconfigured_environment_fails_in_one_line(
+    tiny_checkpoint, tiny_data, tmp_path, capsys, monkeypatch, env, message
+):
+    for key in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    argv = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out)]
+    refused(capsys, argv, out, message)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--parallel", "data"],
+            "--parallel data gives every rank a share of each draw's batches, but a draw has 1 batch(es) for 2 ranks; "
+            "raise --batches-per-draw to 2",
+        ),
+        (
+            ["--draw-fraction", "0.05"],  # 5 of the 96 examples: one batch
+            "--parallel blocks gives every rank whole blocks, but 1 block(s) are left for 2 ranks",
+        ),
+        (["--parallel", "blocks", "--blocks", "encoder.0"], "1 block(s) are left for 2 ranks; use --parallel data"),
+        (["--device", "cuda"], "2 processes on this host need a GPU each but 0 are visible"),
+    ],
+    ids=["data-one-batch", "auto-nothing-to-share", "blocks-one-block", "no-gpu"],
+)
+def test_sensitivity_refuses_work_the_world_cannot_share(
+    tiny_checkpoint, tiny_data, tmp_path, capsys, monkeypatch, extra, message
+):
+    torchrun_env(monkeypatch)
+    extra = [*extra, "--blocks", "encoder.1"] if "--draw-fraction" in extra else extra
+    out = tmp_path / "out"
+    argv = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, *extra, "--out", str(out)]
+    if torch.cuda.is_available() and "cuda" in extra:
+        pytest.skip("this machine has GPUs")
+    refused(capsys, argv, out, message)
+
+
+def test_an_unavailable_backend_is_refused(tiny_checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
+    torchrun_env(monkeypatch)
+    monkeypatch.setattr("torch.distributed.is_gloo_available", lambda: False)
+    out = tmp_path / "out"
+    argv = ["landscape", "--model", str(tiny_checkpoint), "--data", str(tiny_data), "--task", "sst2"]
+    refused(capsys, [*argv, "--block", "encoder.0", "--out", str(out)], out, "the gloo backend is not available")
+
+
+def test_light_commands_and_unsplittable_batches_are_refused(tiny_checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
+    torchrun_env(monkeypatch)
+    out = tmp_path / "plan.json"
+    refused(capsys, ["plan", "--report", str(tmp_path), "--uniform", "4", "--out", str(out)], out, "plan runs in one")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN.format(model=tiny_checkpoint, data=tiny_data).replace("batch_size = 16", "batch_size = 15"))
+    out = tmp_path / "run"
+    refused(capsys, ["run", str(cfg), "--out", str(out)], out, "[qat] batch_size 15 is the batch of all 2 processes")
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", str(tiny_checkpoint), "--task", "sst2", "--data", str(tiny_data)]
+    refused(capsys, [*argv, "--batch-size", "15", "--out", str(out)], out, "--batch-size 15 is the batch of all 2")
+
+
+def test_only_the_first_process_of_a_host_prints_the_error(tiny_checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
+    torchrun_env(monkeypatch, rank=1)
+    out = tmp_path / "out"
+    argv = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--parallel", "data"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "" and not out.exists()
