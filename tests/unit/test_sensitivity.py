@@ -193,6 +193,9 @@ def test_draw_fraction_hessian_is_the_dense_hessian_of_the_union(model_task):
     report = estimate_sensitivity(model, task, cfg, blocks=["embeddings.token_type"], progress=False)
     assert report.block("embeddings.token_type").eigenvalues[0] == pytest.approx(top, rel=1e-4)
     assert report.config["draw_fraction"] == 0.3 and len(report.draws[0]["indices"]) == 29
+    from qbert_hessian.report import sensitivity_markdown
+
+    assert "1 draws of 0.3 of the training split (29 examples, in batches of 8)" in sensitivity_markdown(report)
 
 
 @pytest.mark.parametrize(
