@@ -303,7 +303,14 @@ def train_qat(
             module.learn_scales()
     work = Path(work_dir)
     args = _training_args(
-        config, work, len(task.train), progress, setup.metric, setup.greater_is_better, use_cpu=on_cpu(model)
+        config,
+        work,
+        len(task.train),
+        progress,
+        setup.metric,
+        setup.greater_is_better,
+        use_cpu=on_cpu(model),
+        every_weight_used=task.family == "classification",
     )
     trainer = _trainer_class(teacher if distill else None, config)(
         model=model,
@@ -350,6 +357,7 @@ def _training_args(
     greater_is_better: bool = True,
     *,
     use_cpu: bool = True,
+    every_weight_used: bool = False,
 ) -> Any:
     """The Trainer's arguments for ``config``: linear schedule, dev evaluation, the best checkpoint kept."""
     from transformers import TrainingArguments
@@ -384,6 +392,8 @@ def _training_args(
         # The encoders' heads return a mean loss and ignore num_items_in_batch; the Trainer's default would still
         # multiply it by the number of processes under DDP (a world-size larger gradient, clipped differently).
         average_tokens_across_devices=False,
+        # DDP's search for unused weights costs a graph traversal per step; a sentence classifier has none
+        ddp_find_unused_parameters=not every_weight_used,
     )
 
 

@@ -90,6 +90,8 @@ def finetune(
         # BERT heads return a mean loss and ignore num_items_in_batch; the Trainer's default would still multiply
         # it by the number of processes under DDP (a world-size larger gradient, clipped differently).
         average_tokens_across_devices=False,
+        # a sentence classifier uses every weight; token and QA heads leave the pooler unused
+        ddp_find_unused_parameters=task.family != "classification",
     )
     trainer = Trainer(
         model=model,
