@@ -404,7 +404,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from . import stages
+    from . import distributed, stages
     from .artifacts import SensitivityReport
     from .hessian.sensitivity import draw_indices, parallel_mode
     from .models import BlockMap, is_classifier
@@ -432,6 +432,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     parallel_mode(config, len(task.train), len([n for n in names if n not in done]), args.world.size)
     inputs = {"model": stages.model_fingerprint(args.model), "data": stages.data_fingerprint(raw)}
     _start(args)
+    resume = distributed.broadcast_object(resume)  # rank 0's report: every rank resumes the same blocks
     try:
         stages.sensitivity(
             model,

@@ -275,6 +275,7 @@ class Run:
         # rank 0 keeps the ledger: it decides what is cached and tells the others (see _agreed)
         self.record = self._load_record() if self.main else RunRecord(config={})
         self._raw: Any = None
+        self._checkpoint: str | None = None
         self._fp32: Any = None
         self._task: Any = None
         self._fingerprints: dict[str, str] = {}
@@ -361,7 +362,13 @@ class Run:
     # -- stages --------------------------------------------------------------------------------------------
     def checkpoint(self) -> str:
         """The FP32 baseline: the given model if it has a trained head of the task's family (sequence, token or
-        QA), else fine-tune one once."""
+        QA), else fine-tune one once. Decided on the first call (which every rank makes in step: the decision is
+        a collective) and remembered."""
+        if self._checkpoint is None:
+            self._checkpoint = self._baseline_checkpoint()
+        return self._checkpoint
+
+    def _baseline_checkpoint(self) -> str:
         from . import stages
         from .models import is_classifier, load_config
 

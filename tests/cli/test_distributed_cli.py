@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,6 +83,39 @@ frontier = false
 name = "uniform-4"
 uniform = 4
 """
+# a run from a bare encoder: fine-tuning under DDP first (its head starts from each process's own random draw,
+# which DDP replaces by rank 0's, so it is checked for completing, not against one process)
+FROM_BASE = """
+[model]
+name = "{model}"
+task = "sst2"
+data = "{data}"
+max_length = 16
+
+[finetune]
+epochs = 1
+batch_size = 16
+
+[sensitivity]
+draws = 1
+batch_size = 8
+batches_per_draw = 2
+max_iters = 5
+trace = "none"
+
+[allocate]
+groups = "channel"
+
+[run]
+qat = false
+calibration_batches = 1
+batch_size = 8
+frontier = false
+
+[[plans]]
+name = "uniform-8"
+uniform = 8
+"""
 # the worker's library checks: a draw of 4 batches (2 per rank), and the protocol of the data-parallel report
 HVP_BATCHES = [list(range(i, i + 8)) for i in range(0, 32, 8)]
 SENSITIVITY = {"draws": 2, "batch_size": 8, "batches_per_draw": 4, "max_iters": 20, "tol": 1e-6, "trace": "none"}
@@ -142,8 +176,14 @@ def one(tiny_checkpoint, tiny_data, tmp_path_factory):
 def two(tiny_checkpoint, tiny_data, tmp_path_factory):
     """The commands on 2 gloo ranks under torchrun."""
     root = tmp_path_factory.mktemp("two")
+    base = root / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    (root / "from_base.toml").write_text(FROM_BASE.format(model=base, data=tiny_data))
+    from_base = ["run", str(root / "from_base.toml"), "--out", f"{root}/f", "--quiet"]
     spec = {
-        "commands": commands(root, tiny_checkpoint, tiny_data),
+        "commands": {**commands(root, tiny_checkpoint, tiny_data), "from-base": from_base},
         "model": str(tiny_checkpoint),
         "data": str(tiny_data),
         "hvp_batches": HVP_BATCHES,
@@ -163,7 +203,8 @@ def two(tiny_checkpoint, tiny_data, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [[0, 2], [1, 2]]
-    assert all(r["codes"] == {"data": 0, "blocks": 0, "landscape": 0, "run": 0} for r in ranks), ranks
+    expected = {"data": 0, "blocks": 0, "landscape": 0, "run": 0, "from-base": 0}
+    assert all(r["codes"] == expected for r in ranks), ranks
     return root, ranks, proc
 
 
@@ -376,3 +417,14 @@ def test_only_the_first_process_of_a_host_prints_the_error(tiny_checkpoint, tiny
     argv = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--parallel", "data"]
     assert main([*argv, "--out", str(out)]) == 2
     assert capsys.readouterr().err == "" and not out.exists()
+
+
+def test_a_run_that_fine_tunes_first_completes_on_two_ranks(two):
+    """Fine-tuning under DDP, then every stage: the stages every rank takes part in meet in the same order."""
+    root = two[0] / "f"
+    metrics = json.loads((root / "checkpoint" / "metrics.json").read_text())
+    assert metrics["train_examples"] == 96 and metrics["config"]["batch_size"] == 16
+    assert (root / "sensitivity" / "sensitivity.json").is_file() and (root / "report.md").is_file()
+    result = json.loads((root / "results" / "uniform-8" / "metrics.json").read_text())
+    assert result["stage"] == "direct" and result["metrics"]["num_examples"] == 24
+    assert not (root / "checkpoint" / "trainer").exists()  # rank 0 removed the Trainer's checkpoints
