@@ -223,8 +223,9 @@ def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfi
 
 def check_world(config: RunConfig, world: int) -> None:
     """Refuse, before any stage runs, settings that cannot be shared over ``world`` processes: a training batch
-    (``[finetune]``, ``[qat]``: the batch of all processes together) that does not split evenly, or
-    ``[sensitivity] parallel = "data"`` with fewer batches in a draw than processes."""
+    (``[finetune]``, ``[qat]``: the batch of all processes together) that does not split evenly, or a sensitivity
+    stage with fewer batches in a draw than processes (data parallel) and fewer blocks than processes (block
+    parallel)."""
     if world == 1:
         return
     for section, size in (("finetune", config.finetune.batch_size), ("qat", config.qat.batch_size)):
@@ -234,11 +235,23 @@ def check_world(config: RunConfig, world: int) -> None:
                 f"evenly over them; use a multiple of {world} (--set {section}.batch_size=...)"
             )
     s = config.sensitivity
-    if s.parallel == Parallel.DATA and s.draw_fraction is None and s.batches_per_draw < world:
+    if s.draw_fraction is not None or s.batches_per_draw >= world:
+        return  # data parallel works (a draw_fraction's batch count is checked against the data at the stage)
+    if s.parallel == Parallel.DATA:
         raise QBHError(
             f'[sensitivity] parallel = "data" gives every process a share of each draw\'s batches, but a draw has '
             f"{s.batches_per_draw} batch(es) for {world} processes; set batches_per_draw to at least {world}, "
             'draw_fraction, or parallel = "blocks"'
+        )
+    from .models import load_config
+
+    model = load_config(config.model.name)
+    layers = getattr(model, "num_hidden_layers", None) or getattr(model, "n_layers", None)
+    if layers is not None and layers + 1 < world:
+        raise QBHError(
+            f"[sensitivity] a draw has {s.batches_per_draw} batch(es), fewer than the {world} processes, so they "
+            f"would share the run's {layers + 1} blocks (the embeddings and {layers} layers), fewer than the "
+            f"processes; set batches_per_draw to at least {world} (or draw_fraction), or launch fewer processes"
         )
 
 

@@ -428,3 +428,17 @@ def test_a_run_that_fine_tunes_first_completes_on_two_ranks(two):
     result = json.loads((root / "results" / "uniform-8" / "metrics.json").read_text())
     assert result["stage"] == "direct" and result["metrics"]["num_examples"] == 24
     assert not (root / "checkpoint" / "trainer").exists()  # rank 0 removed the Trainer's checkpoints
+
+
+def test_a_run_whose_sensitivity_cannot_be_shared_is_refused_before_any_stage(
+    tiny_checkpoint, tiny_data, tmp_path, capsys, monkeypatch
+):
+    """4 processes, 2 batches per draw and the tiny model's 3 blocks: neither mode gives every process work."""
+    torchrun_env(monkeypatch, size=4)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN.format(model=tiny_checkpoint, data=tiny_data))
+    out = tmp_path / "run"
+    message = "share the run's 3 blocks (the embeddings and 2 layers), fewer than the processes"
+    refused(capsys, ["run", str(cfg), "--out", str(out)], out, message)
+    data_mode = ["run", str(cfg), "--set", 'sensitivity.parallel="data"', "--out", str(out)]
+    refused(capsys, data_mode, out, '[sensitivity] parallel = "data" gives every process a share')
