@@ -709,8 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QBHError as exc:
         print(f"qbert-hessian {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(args.quiet, main=args.world.is_main)
     args.quiet = args.quiet or not args.world.is_main  # progress bars from rank 0 only
+    _setup_logging(args.quiet, main=args.world.is_main)
     try:
         if args.world.distributed:
             _check_world(args)
