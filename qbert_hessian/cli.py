@@ -3,6 +3,11 @@
 Exit codes: 0 success, 2 bad input (a :class:`QBHError` or a usage error, one line on stderr, nothing
 half-written), 130 interrupted (finished work is kept; rerun with ``--resume``), 1 a crash (a bug).
 Heavy imports (torch, transformers) happen inside the commands so ``--help`` is fast.
+
+Launched by ``torchrun`` or ``accelerate launch`` (``-m qbert_hessian``), every process runs the same command:
+the world is read from the environment and checked, each command checks its inputs, then joins the process
+group (so a bad input fails at once on every rank, not after a rendezvous); rank 0 alone prints, logs, draws
+progress bars and writes. ``plan``, ``quantize`` and ``evaluate`` are light and run in one process only.
 """
 
 from __future__ import annotations
@@ -323,8 +328,9 @@ def _name_flags(message: str, flags: dict[str, str]) -> str:
     return re.sub(r"\b\w+(?:Config|Spec)\.(\w+)\b", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _setup_logging(quiet: bool, main: bool = True) -> None:
+    level = logging.ERROR if not main else logging.WARNING if quiet else logging.INFO  # one rank logs
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -334,6 +340,20 @@ def _setup_logging(quiet: bool) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()  # transformers saves shards with the hub's progress bar
+
+
+def _start(args: argparse.Namespace) -> None:
+    """Join the process group of a torchrun / accelerate launch (no-op in one process); called by a command once
+    its inputs are checked."""
+    from . import distributed
+
+    args.started = distributed.start(args.world, args.device) or args.started
+
+
+def _say(args: argparse.Namespace, text: str, *, err: bool = False) -> None:
+    """Print on rank 0 only (every rank runs the command)."""
+    if args.world.is_main:
+        print(text, file=sys.stderr if err else sys.stdout)
 
 
 def _raw_task(args: argparse.Namespace):
@@ -368,18 +388,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if (args.out / "metrics.json").exists() and not (args.force or args.resume):
         raise QBHError(f"'{args.out}' already holds a fine-tuned checkpoint; pass --force to overwrite it")
     config = _from_args(FinetuneConfig, args)
+    if config.batch_size % args.world.size:
+        raise QBHError(
+            f"--batch-size {config.batch_size} is the batch of all {args.world.size} processes together and must "
+            f"split evenly over them; use a multiple of {args.world.size}"
+        )
     raw = _raw_task(args)
+    _start(args)
     result = stages.finetune(
         args.model, raw, config, args.out, device=args.device, resume=args.resume, progress=not args.quiet
     )
     m = result["metrics"]
-    print(f"dev {summary(m, raw.family)} on {m['num_examples']} examples; checkpoint in {args.out}")
+    _say(args, f"dev {summary(m, raw.family)} on {m['num_examples']} examples; checkpoint in {args.out}")
     return 0
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from . import stages
+    from . import distributed, stages
     from .artifacts import SensitivityReport
+    from .hessian.sensitivity import draw_indices, parallel_mode
     from .models import BlockMap, is_classifier
 
     config = _from_args(SensitivityConfig, args)
@@ -398,8 +425,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             "fine-tune it first (qbert-hessian finetune)"
         )
     model, task = stages.load_for_task(args.model, raw, max_length=config.max_length, device=args.device)
-    BlockMap(model).expand(args.blocks)  # unknown blocks fail before any output is written
+    names = BlockMap(model).expand(args.blocks)  # unknown blocks fail before any output is written
+    draw_indices(len(task.train), config)  # so does a draw larger than the data
+    done = {b.name for b in resume.blocks} if resume is not None else set()
+    # so does a world the work cannot be shared over (every rank reaches the same verdict)
+    parallel_mode(config, len(task.train), len([n for n in names if n not in done]), args.world.size)
     inputs = {"model": stages.model_fingerprint(args.model), "data": stages.data_fingerprint(raw)}
+    _start(args)
+    resume = distributed.broadcast_object(resume)  # rank 0's report: every rank resumes the same blocks
     try:
         stages.sensitivity(
             model,
@@ -413,10 +446,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except KeyboardInterrupt:
-        print(f"interrupted; the finished blocks are in {existing}; rerun with --resume to continue", file=sys.stderr)
+        _say(args, f"interrupted; the finished blocks are in {existing}; rerun with --resume to continue", err=True)
         return 130
-    print((args.out / "sensitivity.md").read_text(encoding="utf-8"))
-    print(f"report in {args.out}")
+    if args.world.is_main:
+        print((args.out / "sensitivity.md").read_text(encoding="utf-8"))
+        print(f"report in {args.out}")
     return 0
 
 
@@ -532,11 +566,13 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         if path.exists() and not (args.resume or args.force):
             raise QBHError(f"'{path}' exists; pass --resume to continue it or --force to overwrite it")
     model, task = stages.load_for_task(args.model, _raw_task(args), max_length=args.max_length, device=args.device)
+    stages.check_blocks(model, args.block)
 
     def done(ls, path: Path) -> None:
         lo, hi = min(min(r) for r in ls.loss), max(max(r) for r in ls.loss)
         print(f"{ls.block}: loss {ls.center_loss:.4f} at the weights, {lo:.4f} .. {hi:.4f} on the grid; {path}")
 
+    _start(args)
     try:
         found = stages.landscapes(
             model,
@@ -550,10 +586,10 @@ def cmd_landscape(args: argparse.Namespace) -> int:
             on_done=done,
         )
     except KeyboardInterrupt:
-        print(f"interrupted; finished rows are in {args.out}; rerun with --resume to continue", file=sys.stderr)
+        _say(args, f"interrupted; finished rows are in {args.out}; rerun with --resume to continue", err=True)
         return 130
     if len(found) > 1:
-        print(f"side by side: {args.out / 'panels.png'}")
+        _say(args, f"side by side: {args.out / 'panels.png'}")
     return 0
 
 
@@ -567,7 +603,11 @@ def cmd_density(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise QBHError(f"'{out}' exists; pass --force to overwrite it")
     model, task = stages.load_for_task(args.model, _raw_task(args), max_length=args.max_length, device=args.device)
+    stages.check_blocks(model, args.block)
+    _start(args)
     result = stages.density(model, task, args.block, config, model_name=args.model)
+    if not args.world.is_main:
+        return 0
     for d in result.densities:
         print(f"{d['block']}: mean eigenvalue (trace/n) {d.get('moment1', float('nan')):.4g}")
     result.save(out)
@@ -577,7 +617,7 @@ def cmd_density(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import Run, load_run_config
+    from .pipeline import load_run_config
 
     overrides = list(args.overrides)
     overrides += [f"model.{k}={_toml_str(v)}" for k in ("model", "task", "data") if (v := getattr(args, k))]
@@ -589,7 +629,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if out is None:
         raise QBHError("the run has no output folder; pass --out DIR or set out = '...' in the config")
     _check_out_dir(out)
-    return _execute(Run(config, out, force=args.force, progress=not args.quiet, device=args.device))
+    return _execute(args, _run(args, config, out))
 
 
 def _toml_str(value: str) -> str:
@@ -598,26 +638,34 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def _execute(run) -> int:
+def _execute(args: argparse.Namespace, run) -> int:
     try:
         report = run.execute()
     except KeyboardInterrupt:
-        print(
-            f"interrupted; finished stages are kept in {run.out}; rerun the same command to continue", file=sys.stderr
-        )
+        _say(args, f"interrupted; finished stages are kept in {run.out}; rerun the same command to continue", err=True)
         return 130
-    print(report.read_text(encoding="utf-8"))
-    print(f"report: {report}")
+    if args.world.is_main:
+        print(report.read_text(encoding="utf-8"))
+        print(f"report: {report}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the offline default (MiniLM-L6, BBC News), sized for 2 CPU cores."""
-    from .pipeline import DEMO_CONFIG, Run, apply_overrides, parse_run_config
+    from .pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
 
     config = parse_run_config(apply_overrides(DEMO_CONFIG, args.overrides))
     _check_out_dir(args.out)
-    return _execute(Run(config, args.out, force=args.force, progress=not args.quiet, device=args.device))
+    return _execute(args, _run(args, config, args.out))
+
+
+def _run(args: argparse.Namespace, config, out: Path):
+    """The pipeline over ``out``, once the run's settings are checked against the world (then the ranks meet)."""
+    from .pipeline import Run, check_world
+
+    check_world(config, args.world.size)
+    _start(args)
+    return Run(config, out, force=args.force, progress=not args.quiet, device=args.device)
 
 
 COMMANDS = {
@@ -633,14 +681,47 @@ COMMANDS = {
 }
 
 
+# The commands that share their work over the processes of a torchrun / accelerate launch.
+DISTRIBUTED = ("finetune", "sensitivity", "landscape", "density", "run", "demo")
+
+
+def _check_world(args: argparse.Namespace) -> None:
+    """A multi-process launch: the command must be one that shares its work, and the device must fit the world
+    (``--device cuda`` becomes this rank's GPU)."""
+    from . import distributed
+
+    world = args.world
+    if args.command not in DISTRIBUTED:
+        raise QBHError(
+            f"{args.command} runs in one process, but this is process {world.rank} of {world.size} "
+            f"(WORLD_SIZE={world.size}); run it without torchrun / accelerate launch"
+        )
+    args.device = distributed.check_world(world, args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    from . import distributed
+
+    args.started = False
     try:
+        args.world = distributed.world_from_env()
+    except QBHError as exc:
+        print(f"qbert-hessian {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    args.quiet = args.quiet or not args.world.is_main  # progress bars from rank 0 only
+    _setup_logging(args.quiet, main=args.world.is_main)
+    try:
+        if args.world.distributed:
+            _check_world(args)
         return COMMANDS[args.command](args)
     except QBHError as exc:
-        print(f"qbert-hessian {args.command}: error: {_name_flags(str(exc), args.flags)}", file=sys.stderr)
+        if args.world.local_rank == 0:  # one line per host, not per process
+            print(f"qbert-hessian {args.command}: error: {_name_flags(str(exc), args.flags)}", file=sys.stderr)
         return 2
+    finally:
+        if args.started:
+            distributed.stop()
 
 
 def entry() -> None:

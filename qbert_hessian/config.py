@@ -105,6 +105,21 @@ class EigenMethod(str, Enum):
     POWER = "power"
 
 
+class Parallel(str, Enum):
+    """How the ranks of a torch.distributed job (torchrun) share the sensitivity work; the numbers are the same.
+
+    ``data``: every rank holds the graphs of its share of each draw's batches; a Hessian-vector product is the
+    local sum and one all-reduce. Memory per rank shrinks with the ranks: the mode for large draws.
+    ``blocks``: whole blocks are spread over the ranks, each computed as one process would; no communication
+    during products, but every rank holds whole draws: the mode for many blocks on small draws.
+    ``auto``: ``data`` when every draw has at least one batch per rank, else ``blocks``.
+    """
+
+    AUTO = "auto"
+    DATA = "data"
+    BLOCKS = "blocks"
+
+
 class _Config:
     """Shared ``to_dict`` / ``from_dict`` for the frozen config dataclasses."""
 
@@ -207,8 +222,9 @@ def _non_negative(cls_name: str, **values: int) -> None:
 class SensitivityConfig(_Config):
     """Settings of the Q-BERT sensitivity protocol.
 
-    Each of ``draws`` data draws is ``batches_per_draw`` batches of ``batch_size`` training examples sampled
-    without replacement with the seed ``(seed, draw)``. On each draw the top Hessian eigenvalue of every block
+    Each of ``draws`` data draws is ``batches_per_draw`` batches of ``batch_size`` training examples (or, with
+    ``draw_fraction``, that share of the training split in batches of ``batch_size``) sampled without replacement
+    with the seed ``(seed, draw)``. On each draw the top Hessian eigenvalue of every block
     is found by power iteration (relative tolerance ``tol``, at most ``max_iters`` products), then
     Omega = |mean| + std over draws (Shen et al. 2020, Q-BERT, Sec. 3.2).
 
@@ -216,6 +232,8 @@ class SensitivityConfig(_Config):
         draws: number of data draws (Q-BERT: 10).
         batch_size: examples per batch.
         batches_per_draw: batches averaged into one draw's loss (their graphs are all kept in memory).
+        draw_fraction: instead of batches_per_draw, each draw is this share of the training split (Q-BERT: 0.1),
+            round(fraction x examples) examples in batches of batch_size (the last one smaller).
         method: ``lanczos`` (fewer products) or ``power`` (power iteration, as Q-BERT and PyHessian).
         max_iters: cap on Hessian-vector products per eigenvalue.
         tol: when to stop: Lanczos stops when the residual-based error estimate of the eigenvalue is at most
@@ -232,6 +250,9 @@ class SensitivityConfig(_Config):
             products (the same loss on less padding; 1: never).
         seed: seeds the data draws and the random start vectors.
         max_length: tokenizer truncation length.
+        parallel: how ranks share the work under torchrun: ``data`` (each rank a share of every draw's batches),
+            ``blocks`` (each rank whole blocks) or ``auto`` (``data`` when a draw has a batch per rank, else
+            ``blocks``); the numbers are the same, one process ignores it (see :class:`Parallel`).
     """
 
     draws: int = 10
@@ -249,6 +270,8 @@ class SensitivityConfig(_Config):
     length_buckets: int = 4
     seed: int = 0
     max_length: int = 128
+    draw_fraction: float | None = None
+    parallel: Parallel = Parallel.AUTO
 
     def __post_init__(self) -> None:
         _positive(
@@ -279,6 +302,26 @@ class SensitivityConfig(_Config):
                     f"takes 2 products, its standard error 2 probes); use --trace-samples {HUTCHPP_MIN_PRODUCTS} "
                     "or more"
                 )
+        _set_enum(self, "parallel", Parallel, "parallel mode")
+        f = self.draw_fraction
+        if f is not None:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and 0 < f <= 1):
+                raise QBHError(f"SensitivityConfig.draw_fraction must lie in (0, 1], e.g. 0.1; got {f!r}")
+            if self.batches_per_draw != 1:
+                raise QBHError(
+                    "give SensitivityConfig.draw_fraction or SensitivityConfig.batches_per_draw, not both: a draw "
+                    "is either a share of the training split or a number of batches"
+                )
+
+    def protocol(self) -> dict[str, Any]:
+        """The settings that decide the numbers, as recorded in reports and run caches: :meth:`to_dict` without
+        ``parallel`` (how ranks share the work changes no result) and without ``draw_fraction`` while it is
+        unset (so reports and caches made before it existed still match)."""
+        out = self.to_dict()
+        del out["parallel"]
+        if out["draw_fraction"] is None:
+            del out["draw_fraction"]
+        return out
 
 
 def _set_enum(cfg: object, field: str, enum: type[Enum], what: str) -> None:

@@ -12,6 +12,10 @@ Directions (``d_1``, ``d_2``):
 
 The loss at every grid point averages the same fixed batches. Rows of the grid are written as they finish, so
 an interrupted run resumes without recomputing them.
+
+Under torch.distributed (torchrun) the grid points of each row are dealt out over the ranks and gathered after
+the row; every rank walks rank 0's directions (the eigenvectors come from data-parallel products when there
+are at least as many batches as ranks), so the surface is the one a single process computes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .artifacts import CREATED_BY, read_json, write_json
 from .config import Direction, LandscapeConfig
 from .errors import QBHError
@@ -136,8 +141,10 @@ def directions_for(
         dirs = [filter_normalized(params, generator) for _ in range(config.dims)]
         return dirs, {"kind": kind.value, "normalization": "filter"}
     if kind == Direction.EIGEN:
+        data_parallel = 1 < distributed.world_size() <= len(batches)
         with grads_enabled(params):
-            hvp = BlockHessian(model, params, batches)
+            mine = distributed.shard(batches) if data_parallel else batches
+            hvp = BlockHessian(model, params, mine, data_parallel=data_parallel)
             res = top_eigenvalues(
                 hvp, params, k=config.dims, max_iters=config.max_iters, tol=config.tol, generator=generator
             )
@@ -191,8 +198,9 @@ def loss_landscape(
         model_name: how the model is named in the artifact.
         resume: a partial landscape of the same settings: its finished rows are kept (and its directions
             recomputed identically from the seed).
-        on_row: called with the partial landscape after every finished row.
-        progress: show a tqdm bar over grid points.
+        on_row: called with the partial landscape after every finished row (rank 0 only under torch.distributed,
+            where every rank computes a share of each row and returns the whole surface).
+        progress: show a tqdm bar over grid points (rank 0 only).
 
     Raises:
         QBHError: an unknown block, too little data, or a ``resume`` made with other settings.
@@ -206,6 +214,9 @@ def loss_landscape(
     betas = np.linspace(-config.radius, config.radius, config.grid).tolist() if config.dims == 2 else [0.0]
     with eager_attention(model), curvature_mode(model):
         dirs, desc = directions_for(model, params, batches, config, generator)
+        if distributed.world_size() > 1:  # one set of directions for every rank: rank 0's
+            distributed.broadcast_([t for d in dirs for t in d])
+            desc = distributed.broadcast_object(desc)
         center = _mean_loss(model, batches, device)
         loss = [[math.nan] * len(alphas) for _ in betas]
         if resume is not None:
@@ -227,21 +238,25 @@ def loss_landscape(
         )
         w0 = [p.detach().clone() for p in params]
         todo = sum(1 for row in loss for x in row if not math.isfinite(x))
-        bar = tqdm(total=todo, desc=f"landscape {block}", disable=not progress)
+        bar = tqdm(total=todo, desc=f"landscape {block}", disable=not (progress and distributed.is_main()))
         try:
             for j, b in enumerate(betas):
-                if all(math.isfinite(x) for x in loss[j]):
+                pending = [i for i, x in enumerate(loss[j]) if not math.isfinite(x)]
+                if not pending:
                     continue
-                for i, a in enumerate(alphas):
-                    if math.isfinite(loss[j][i]):
-                        continue
+                mine = {}
+                for i in distributed.shard(pending):
                     with torch.no_grad():
                         for p, w, d1, d2 in zip(params, w0, dirs[0], dirs[-1]):
-                            p.copy_(w + a * d1 + (b * d2 if config.dims == 2 else 0.0))
-                    loss[j][i] = _mean_loss(model, batches, device)
+                            p.copy_(w + alphas[i] * d1 + (b * d2 if config.dims == 2 else 0.0))
+                    mine[i] = _mean_loss(model, batches, device)
                     bar.update(1)
+                for share in distributed.all_gather_objects(mine):
+                    for i, value in share.items():
+                        loss[j][i] = value
+                bar.update(len(pending) - len(mine))
                 ls.seconds = (resume.seconds if resume else 0.0) + time.perf_counter() - start
-                if on_row is not None:
+                if on_row is not None and distributed.is_main():
                     on_row(ls)
         finally:
             bar.close()

@@ -17,6 +17,12 @@ data's fingerprints, upstream artifacts' hashes). A stage whose artifact exists 
 is reused; one whose inputs changed is recomputed, and so is everything downstream of it (their inputs hold its
 hash), and the log says which setting changed. Interrupting a run loses at most the stage in progress (the
 sensitivity stage keeps its finished blocks); ``--force`` redoes everything.
+
+Under torch.distributed (``torchrun ... -m qbert_hessian run``) every rank runs the pipeline: fine-tuning and QAT
+train with DDP, sensitivity shares its blocks or batches; rank 0 decides what is cached (and tells the others),
+runs the light stages (plans, evaluations, export, report) and writes every file while the others wait. The
+ranks read the fine-tuned checkpoint from the run folder, so on several hosts it must be on a shared filesystem
+(as the Trainer's best-checkpoint reload needs anyway).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import tomllib
 
+from . import distributed
 from .artifacts import (
     BitPlan,
     QATLog,
@@ -40,7 +47,16 @@ from .artifacts import (
     StageResult,
     fingerprint,
 )
-from .config import AllocConfig, CalibrationConfig, FinetuneConfig, PlanSpec, SensitivityConfig, _Config, _typed
+from .config import (
+    AllocConfig,
+    CalibrationConfig,
+    FinetuneConfig,
+    Parallel,
+    PlanSpec,
+    SensitivityConfig,
+    _Config,
+    _typed,
+)
 from .errors import QBHError
 from .qat import QATConfig
 
@@ -205,6 +221,40 @@ def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfi
     return parse_run_config(apply_overrides(data, overrides), base_dir=path.parent)
 
 
+def check_world(config: RunConfig, world: int) -> None:
+    """Refuse, before any stage runs, settings that cannot be shared over ``world`` processes: a training batch
+    (``[finetune]``, ``[qat]``: the batch of all processes together) that does not split evenly, or a sensitivity
+    stage with fewer batches in a draw than processes (data parallel) and fewer blocks than processes (block
+    parallel)."""
+    if world == 1:
+        return
+    for section, size in (("finetune", config.finetune.batch_size), ("qat", config.qat.batch_size)):
+        if size % world:
+            raise QBHError(
+                f"[{section}] batch_size {size} is the batch of all {world} processes together and must split "
+                f"evenly over them; use a multiple of {world} (--set {section}.batch_size=...)"
+            )
+    s = config.sensitivity
+    if s.draw_fraction is not None or s.batches_per_draw >= world:
+        return  # data parallel works (a draw_fraction's batch count is checked against the data at the stage)
+    if s.parallel == Parallel.DATA:
+        raise QBHError(
+            f'[sensitivity] parallel = "data" gives every process a share of each draw\'s batches, but a draw has '
+            f"{s.batches_per_draw} batch(es) for {world} processes; set batches_per_draw to at least {world}, "
+            'draw_fraction, or parallel = "blocks"'
+        )
+    from .models import load_config
+
+    model = load_config(config.model.name)
+    layers = getattr(model, "num_hidden_layers", None) or getattr(model, "n_layers", None)
+    if layers is not None and layers + 1 < world:
+        raise QBHError(
+            f"[sensitivity] a draw has {s.batches_per_draw} batch(es), fewer than the {world} processes, so they "
+            f"would share the run's {layers + 1} blocks (the embeddings and {layers} layers), fewer than the "
+            f"processes; set batches_per_draw to at least {world} (or draw_fraction), or launch fewer processes"
+        )
+
+
 def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     """What differs between two JSON-ready values, as ``key: old -> new`` lines."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -232,10 +282,13 @@ class Run:
         self.config, self.out, self.progress, self.device = config, Path(out_dir), progress, device
         if self.out.exists() and not self.out.is_dir():
             raise QBHError(f"run folder '{self.out}' is a file; pass a folder with --out")
-        if force and self.out.exists():
+        self.main = distributed.is_main()
+        if force and self.out.exists() and self.main:
             _remove(*(self.out / child for child in self.OUTPUTS))
-        self.record = self._load_record()
+        # rank 0 keeps the ledger: it decides what is cached and tells the others (see _agreed)
+        self.record = self._load_record() if self.main else RunRecord(config={})
         self._raw: Any = None
+        self._checkpoint: str | None = None
         self._fp32: Any = None
         self._task: Any = None
         self._fingerprints: dict[str, str] = {}
@@ -262,7 +315,16 @@ class Run:
         self.recomputed.append(key)
         return False
 
+    def _agreed(self, key: str, inputs: Any, *paths: Path) -> bool:
+        """:meth:`_cached` decided by rank 0 and told to every rank (for the stages every rank takes part in)."""
+        hit = distributed.broadcast_object(self._cached(key, inputs, *paths) if self.main else None)
+        if not hit and not self.main:
+            self.recomputed.append(key)
+        return hit
+
     def _done(self, key: str, inputs: dict[str, Any]) -> None:
+        if not self.main:
+            return
         self.record.stages[key] = {"hash": fingerprint(inputs), "inputs": inputs}
         self.record.save(self.out / "run.json")
 
@@ -313,7 +375,13 @@ class Run:
     # -- stages --------------------------------------------------------------------------------------------
     def checkpoint(self) -> str:
         """The FP32 baseline: the given model if it has a trained head of the task's family (sequence, token or
-        QA), else fine-tune one once."""
+        QA), else fine-tune one once. Decided on the first call (which every rank makes in step: the decision is
+        a collective) and remembered."""
+        if self._checkpoint is None:
+            self._checkpoint = self._baseline_checkpoint()
+        return self._checkpoint
+
+    def _baseline_checkpoint(self) -> str:
         from . import stages
         from .models import is_classifier, load_config
 
@@ -323,18 +391,21 @@ class Run:
             return name
         ckpt = self.out / "checkpoint"
         cfg = self.config.finetune
-        inputs = {
-            "model": self._fp("base", lambda: stages.model_fingerprint(name)),
-            "data": self.data_fp(),
-            "config": cfg.to_dict(),
-        }
-        if self._cached("finetune", inputs, ckpt / "metrics.json"):
+        inputs = None
+        if self.main:
+            inputs = {
+                "model": self._fp("base", lambda: stages.model_fingerprint(name)),
+                "data": self.data_fp(),
+                "config": cfg.to_dict(),
+            }
+        if self._agreed("finetune", inputs, ckpt / "metrics.json"):
             return str(ckpt)
-        if self.record.stages.get("finetune") is not None or (ckpt / "metrics.json").exists():
+        if self.main and (self.record.stages.get("finetune") is not None or (ckpt / "metrics.json").exists()):
             _remove(ckpt)  # another model, data or settings: its Trainer checkpoints must not be resumed
+        distributed.barrier()
         logger.info("stage finetune: %s on %s -> %s", name, self.config.model.task, ckpt)
         stages.finetune(name, self.raw(), cfg, ckpt, device=self.device, resume=True, progress=self.progress)
-        self._done("finetune", inputs)
+        self._done("finetune", inputs)  # type: ignore[arg-type]
         return str(ckpt)
 
     def _profile_groups(self) -> list[int | str]:
@@ -344,56 +415,82 @@ class Run:
         groups |= {p.groups for p in self.config.plans if p.groups is not None}
         return sorted(groups, key=str)
 
-    def sensitivity(self) -> tuple[SensitivityReport, QuantProfile]:
+    def sensitivity(self) -> tuple[SensitivityReport | None, QuantProfile | None]:
+        """The report and its cost table (on rank 0; the other ranks take part in computing the report and get
+        ``(None, None)``)."""
         from . import stages
 
         out = self.out / "sensitivity"
         path, prof_path = out / "sensitivity.json", out / stages.PROFILE_FILE
-        inputs = {"model": self.model_fp(), "data": self.data_fp(), "config": self.config.sensitivity.to_dict()}
-        range_method = self.config.allocate.range_method
-        p_inputs = {
-            "model": inputs["model"],
-            "groups": [str(g) for g in self._profile_groups()],
-            "range_method": range_method,
-        }
-        if self._cached("sensitivity", inputs, path):
-            report = SensitivityReport.load(path)
-        else:
-            previous = SensitivityReport.load(path) if path.exists() else None
-            if previous is not None and (previous.complete or previous.inputs != inputs):
-                previous = None  # made from other inputs: start afresh (a partial one of these inputs resumes)
-                _remove(out)
-            model, task = self.fp32()
-            logger.info("stage sensitivity -> %s", out)
-            report, profile = stages.sensitivity(
-                model,
-                task,
-                self.config.sensitivity,
-                out,
-                model_name=self.config.model.name,
-                inputs={"model": inputs["model"], "data": inputs["data"]},
-                resume=previous,
-                profile_groups=self._profile_groups(),
-                range_method=range_method,
-                progress=self.progress,
-            )
-            self._done("sensitivity", inputs)
-            self._done("profile", p_inputs)
-            return report, profile  # type: ignore[return-value]
+        inputs = p_inputs = None
+        if self.main:
+            config = self.config.sensitivity.protocol()
+            inputs = {"model": self.model_fp(), "data": self.data_fp(), "config": config}
+            p_inputs = {
+                "model": inputs["model"],
+                "groups": [str(g) for g in self._profile_groups()],
+                "range_method": self.config.allocate.range_method,
+            }
+        if not self._agreed("sensitivity", inputs, path):
+            return self._compute_sensitivity(inputs, p_inputs)
+        if not self.main:
+            return None, None
+        assert inputs is not None and p_inputs is not None
+        report = SensitivityReport.load(path)
         if self._cached("profile", p_inputs, prof_path):
             return report, QuantProfile.load(prof_path)
         model, _ = self.fp32()
-        groups, name = self._profile_groups(), self.config.model.name
         profile = stages.report_profile(
-            model, report, out, groups=groups, model_name=name, model_fp=inputs["model"], range_method=range_method
+            model,
+            report,
+            out,
+            groups=self._profile_groups(),
+            model_name=self.config.model.name,
+            model_fp=inputs["model"],
+            range_method=self.config.allocate.range_method,
         )
         self._done("profile", p_inputs)
         return report, profile
 
-    def plans(self) -> dict[str, BitPlan]:
+    def _compute_sensitivity(
+        self, inputs: dict[str, Any] | None, p_inputs: dict[str, Any] | None
+    ) -> tuple[SensitivityReport | None, QuantProfile | None]:
         from . import stages
 
-        report, profile = self.sensitivity()
+        out = self.out / "sensitivity"
+        path = out / "sensitivity.json"
+        previous = None
+        if self.main:
+            previous = SensitivityReport.load(path) if path.exists() else None
+            if previous is not None and (previous.complete or previous.inputs != inputs):
+                previous = None  # made from other inputs: start afresh (a partial one of these inputs resumes)
+                _remove(out)
+        # rank 0's partial report and fingerprints, so every rank resumes the same blocks
+        previous, made_from = distributed.broadcast_object(
+            (previous, {"model": inputs["model"], "data": inputs["data"]} if inputs else None)
+        )
+        model, task = self.fp32()
+        logger.info("stage sensitivity -> %s", out)
+        report, profile = stages.sensitivity(
+            model,
+            task,
+            self.config.sensitivity,
+            out,
+            model_name=self.config.model.name,
+            inputs=made_from,
+            resume=previous,
+            profile_groups=self._profile_groups(),
+            range_method=self.config.allocate.range_method,
+            progress=self.progress,
+        )
+        self._done("sensitivity", inputs)  # type: ignore[arg-type]
+        self._done("profile", p_inputs)  # type: ignore[arg-type]
+        return (report, profile) if self.main else (None, None)
+
+    def plans(self, report: SensitivityReport, profile: QuantProfile) -> dict[str, BitPlan]:
+        """Every plan of the run (rank 0's work)."""
+        from . import stages
+
         out = self.out / "plans"
         upstream = {
             "sensitivity": stages.file_fingerprint(self.out / "sensitivity" / "sensitivity.json"),
@@ -423,7 +520,7 @@ class Run:
         from .export import fp32_safetensors_bytes
 
         path = self.out / "results" / "fp32.json"
-        inputs = {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
+        inputs = self._base_inputs()
         if self._cached("fp32", inputs, path):
             return StageResult.load(path)
         model, task = self.fp32()
@@ -434,73 +531,107 @@ class Run:
         self._done("fp32", inputs)
         return result
 
-    def evaluate_plan(self, spec: PlanSpec, plan: BitPlan) -> StageResult:
-        """Direct quantization, then (optionally) QAT, export and evaluation from the packed file."""
+    def evaluate_plan(self, spec: PlanSpec, plan: BitPlan) -> StageResult | None:
+        """Direct quantization, then (optionally) QAT, export and evaluation from the packed file.
+
+        Every rank takes part in QAT; rank 0 alone evaluates, exports and writes (the others return None).
+        """
         from . import stages
-        from .evaluate import evaluate
-        from .export import file_sizes, load_packed
         from .qat import train_qat
+        from .quant.apply import sync_activation_ranges
 
         name = spec.name
         qat = self.config.run.qat if spec.qat is None else spec.qat
         out = self.out / "results" / name
-        plan_fp = stages.file_fingerprint(self.out / "plans" / f"{name}.json")
-        base = {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
-        d_inputs = {
-            **base,
-            "plan": plan_fp,
-            "range_method": plan.range_method,  # in the plan too; named so the log says what changed
-            "calibration": self.config.run.calibration.to_dict(),
-        }
         qat_config = self.qat_config(spec)
-        p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
-        model, task = None, None
+        d_inputs = p_inputs = None
         q = None  # the directly quantized model, built once and reused by QAT and export
-        direct_path = out / "direct.json"
-        if self._cached(f"direct:{name}", d_inputs, direct_path):
-            direct = StageResult.load(direct_path).metrics
-        else:
-            model, task = self.fp32()
-            logger.info("stage direct quantization: %s", name)
-            q = stages.quantize_direct(model, plan, task, self.config.run.calibration)
-            direct = evaluate(q, task)
-            StageResult(stage="direct", metrics=direct, family=task.family, plan=name, inputs=d_inputs).save(
-                direct_path
-            )
-            self._done(f"direct:{name}", d_inputs)
+        direct: dict[str, Any] = {}
+        if self.main:
+            d_inputs = {
+                **self._base_inputs(),
+                "plan": stages.file_fingerprint(self.out / "plans" / f"{name}.json"),
+                "range_method": plan.range_method,  # in the plan too; named so the log says what changed
+                "calibration": self.config.run.calibration.to_dict(),
+            }
+            p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
+            q, direct = self._direct(name, plan, d_inputs)
         packed = out / "packed"
         training: QATLog | None = None
-        if not self._cached(f"packed:{name}", p_inputs, packed / "quantization.json"):
+        if not self._agreed(f"packed:{name}", p_inputs, packed / "quantization.json"):
             model, task = self.fp32()
             q = q if q is not None else stages.quantize_direct(model, plan, task, self.config.run.calibration)
             if qat:
                 logger.info("stage QAT: %s", name)
-                training = QATLog(
-                    **train_qat(
-                        q,
-                        self._qat_task(task, qat_config),
-                        qat_config,
-                        work_dir=out / "trainer",
-                        teacher=model,
-                        progress=self.progress,
-                    )
+                log = train_qat(
+                    q,
+                    self._qat_task(task, qat_config),
+                    qat_config,
+                    work_dir=out / "trainer",
+                    teacher=model,
+                    progress=self.progress,
                 )
-                training.save(out / "qat.json")
+                training = QATLog(**log)
             else:
-                (out / "qat.json").unlink(missing_ok=True)
-            stages.export(q, plan, packed, fp32=model, tokenizer=task.tokenizer)
-            self._done(f"packed:{name}", p_inputs)
+                sync_activation_ranges(q)  # every rank exports what rank 0 does (they calibrated alike)
+            if self.main:
+                if training is not None:
+                    training.save(out / "qat.json")
+                else:
+                    (out / "qat.json").unlink(missing_ok=True)
+                stages.export(q, plan, packed, fp32=model, tokenizer=task.tokenizer)
+            distributed.barrier()  # the packed checkpoint is complete before any rank goes on
+            self._done(f"packed:{name}", p_inputs)  # type: ignore[arg-type]
+        if not self.main:
+            return None
+        return self._metrics(spec, plan, qat, direct, training, d_inputs, p_inputs)  # type: ignore[arg-type]
+
+    def _base_inputs(self) -> dict[str, Any]:
+        return {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
+
+    def _direct(self, name: str, plan: BitPlan, d_inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The directly quantized model (None when its metrics are cached) and its metrics (rank 0's work)."""
+        from . import stages
+        from .evaluate import evaluate
+
+        direct_path = self.out / "results" / name / "direct.json"
+        if self._cached(f"direct:{name}", d_inputs, direct_path):
+            return None, StageResult.load(direct_path).metrics
+        model, task = self.fp32()
+        logger.info("stage direct quantization: %s", name)
+        q = stages.quantize_direct(model, plan, task, self.config.run.calibration)
+        direct = evaluate(q, task)
+        StageResult(stage="direct", metrics=direct, family=task.family, plan=name, inputs=d_inputs).save(direct_path)
+        self._done(f"direct:{name}", d_inputs)
+        return q, direct
+
+    def _metrics(
+        self,
+        spec: PlanSpec,
+        plan: BitPlan,
+        qat: bool,
+        direct: dict[str, Any],
+        training: QATLog | None,
+        d_inputs: dict[str, Any],
+        p_inputs: dict[str, Any],
+    ) -> StageResult:
+        """The packed checkpoint evaluated (rank 0's work)."""
+        from . import stages
+        from .evaluate import evaluate
+        from .export import file_sizes, load_packed
+
+        out = self.out / "results" / spec.name
+        packed = out / "packed"
         if training is None and qat and (out / "qat.json").exists():
             training = QATLog.load(out / "qat.json")
         final = out / "metrics.json"
-        m_inputs = {**base, "packed": stages.file_fingerprint(packed / stages.WEIGHTS_FILE)}
-        if self._cached(f"metrics:{name}", m_inputs, final):
+        m_inputs = {**self._base_inputs(), "packed": stages.file_fingerprint(packed / stages.WEIGHTS_FILE)}
+        if self._cached(f"metrics:{spec.name}", m_inputs, final):
             return StageResult.load(final)
-        if task is None:
-            _, task = self.fp32()
+        _, task = self.fp32()
         result = StageResult(
             stage="qat" if qat else "direct",
-            plan=name,
+            plan=spec.name,
             metrics=evaluate(load_packed(packed, device=self.device), task),
             family=task.family,
             direct=direct,
@@ -512,7 +643,7 @@ class Run:
             inputs={**m_inputs, "direct": d_inputs, "export": p_inputs},
         )
         result.save(final)
-        self._done(f"metrics:{name}", m_inputs)
+        self._done(f"metrics:{spec.name}", m_inputs)
         return result
 
     def qat_config(self, spec: PlanSpec) -> QATConfig:
@@ -529,23 +660,33 @@ class Run:
         return tokenize_task(raw, task.tokenizer, max_length=self.config.model.max_length)
 
     def execute(self) -> Path:
-        """Every stage, then ``report.md``; returns the report's path."""
+        """Every stage, then ``report.md``; returns the report's path (on every rank; rank 0 writes it)."""
         from .report import write_run_report
 
         self.raw()  # bad data fails before anything is written
         self.checkpoint()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.record.config = self.config.to_dict()
-        self.record.save(self.out / "run.json")
-        self.baseline()
-        plans = self.plans()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.record.config = self.config.to_dict()
+            self.record.save(self.out / "run.json")
+        report, profile = self.sensitivity()
+        plans = None
+        if self.main:
+            self.baseline()
+            assert report is not None and profile is not None
+            plans = self.plans(report, profile)
+        plans = distributed.broadcast_object(plans)
         for spec in self.config.plans:
             self.evaluate_plan(spec, plans[spec.name])
-        if self.recomputed:
-            logger.info("recomputed: %s", ", ".join(self.recomputed))
-        else:
-            logger.info("every stage's inputs are unchanged; nothing was recomputed")
-        return write_run_report(self.out)
+        path = self.out / "report.md"
+        if self.main:
+            if self.recomputed:
+                logger.info("recomputed: %s", ", ".join(self.recomputed))
+            else:
+                logger.info("every stage's inputs are unchanged; nothing was recomputed")
+            path = write_run_report(self.out)
+        distributed.barrier()
+        return path
 
 
 # The offline default behind `qbert-hessian demo` / `make demo`: MiniLM-L6 on BBC News (5 topics, 1,780 training

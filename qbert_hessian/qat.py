@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .config import _Config, _positive
 from .errors import QBHError
-from .quant.apply import quant_modules
+from .quant.apply import quant_modules, sync_activation_ranges
 from .quant.modules import SCALE_PARAM
-from .train import cuda_available, quiet_trainer
+from .train import on_cpu, quiet_trainer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -258,6 +259,12 @@ def train_qat(
 ) -> dict[str, Any]:
     """Quantization-aware fine-tuning of a fake-quantized model, in place.
 
+    Under torchrun the HF Trainer trains with DDP: ``config.batch_size`` is the batch of all processes together
+    (each takes an equal share, so the steps are those of one process), the activation ranges follow the maximum
+    over the ranks' shares and are averaged over the ranks at the end, so every rank holds the same model. It is
+    one process's model to float tolerance, except that a range can differ slightly where its maximum lay on a
+    padded position: each rank pads its share of a batch to its own longest row.
+
     Args:
         model: the output of :func:`~qbert_hessian.quant.apply.quantize_model`, activation ranges calibrated.
         task: the tokenized task (its dev split picks the best checkpoint).
@@ -269,6 +276,10 @@ def train_qat(
     Returns:
         ``{"train_seconds", "steps", "examples_seen", "best_metric", "log_history", "config"}``
         (``examples_seen`` = steps x batch size); the model holds the best weights and is left in eval mode.
+
+    Raises:
+        QBHError: no quantized module, no teacher for distillation, or a batch that does not split over the
+            processes.
     """
     from .tasks import trainer_setup
 
@@ -277,6 +288,12 @@ def train_qat(
     distill = config.distill != "none"
     if distill and teacher is None:
         raise QBHError(f"distillation ({config.distill}) needs the FP32 teacher model; pass teacher=")
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise QBHError(
+            f"QATConfig.batch_size {config.batch_size} is the batch of all {world} processes together and must split "
+            f"evenly over them; use a multiple of {world}"
+        )
     setup = trainer_setup(task)
     if teacher is not None:
         teacher.eval()  # its forward runs under no_grad; its parameters are left as they are
@@ -285,7 +302,16 @@ def train_qat(
         if config.learn_scales:
             module.learn_scales()
     work = Path(work_dir)
-    args = _training_args(config, work, len(task.train), progress, setup.metric, setup.greater_is_better)
+    args = _training_args(
+        config,
+        work,
+        len(task.train),
+        progress,
+        setup.metric,
+        setup.greater_is_better,
+        use_cpu=on_cpu(model),
+        every_weight_used=task.family == "classification",
+    )
     trainer = _trainer_class(teacher if distill else None, config)(
         model=model,
         args=args,
@@ -297,19 +323,25 @@ def train_qat(
     quiet_trainer(trainer, progress)
     attn = _eager_attention([model, teacher] if config.distill == "full" else [])
     start = time.perf_counter()
+    trained = False
     try:
         out = trainer.train()
+        trained = True
     finally:
         for _, module in quant_modules(model):
             module.noise = 0.0
         for m, impl in attn:
             m.set_attn_implementation(impl)
-        shutil.rmtree(work, ignore_errors=True)
+        if trained:
+            distributed.barrier()  # every rank has loaded the best checkpoint before rank 0 removes it
+        if distributed.is_main():
+            shutil.rmtree(work, ignore_errors=True)
+    sync_activation_ranges(model)
     model.eval()
     return {
         "train_seconds": round(time.perf_counter() - start, 1),
         "steps": int(out.global_step),
-        "examples_seen": int(out.global_step) * config.batch_size * args.world_size,
+        "examples_seen": int(out.global_step) * config.batch_size,
         "best_metric": trainer.state.best_metric,
         "log_history": trainer.state.log_history,
         "config": config.to_dict(),
@@ -323,10 +355,14 @@ def _training_args(
     progress: bool,
     metric: str = "accuracy",
     greater_is_better: bool = True,
+    *,
+    use_cpu: bool = True,
+    every_weight_used: bool = False,
 ) -> Any:
     """The Trainer's arguments for ``config``: linear schedule, dev evaluation, the best checkpoint kept."""
     from transformers import TrainingArguments
 
+    world = distributed.world_size()
     steps_per_epoch = max(1, -(-num_train // config.batch_size))
     total = int(np.ceil(steps_per_epoch * config.epochs))
     eval_steps = config.eval_steps or total
@@ -334,7 +370,7 @@ def _training_args(
         output_dir=str(work),
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=config.batch_size // world,  # the global batch is config.batch_size
         per_device_eval_batch_size=64,
         warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a share of the steps
         weight_decay=config.weight_decay,
@@ -351,8 +387,13 @@ def _training_args(
         report_to=[],
         seed=config.seed,
         disable_tqdm=not progress,
-        use_cpu=not cuda_available(),
+        use_cpu=use_cpu,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        # The encoders' heads return a mean loss and ignore num_items_in_batch; the Trainer's default would still
+        # multiply it by the number of processes under DDP (a world-size larger gradient, clipped differently).
+        average_tokens_across_devices=False,
+        # DDP's search for unused weights costs a graph traversal per step; a sentence classifier has none
+        ddp_find_unused_parameters=not every_weight_used,
     )
 
 

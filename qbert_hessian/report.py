@@ -95,6 +95,18 @@ def _trace_setting(cfg: dict) -> str:
     return f"{cfg['trace']} ({method}, {cfg.get('trace_samples')} products per draw)"
 
 
+def _draws_text(report: SensitivityReport) -> str:
+    """How the report's draws were made: a number of batches, or a share of the training split."""
+    cfg = report.config
+    if cfg.get("draw_fraction"):
+        size = len(report.draws[0]["indices"]) if report.draws else 0
+        return (
+            f"{cfg['draws']} draws of {cfg['draw_fraction']:g} of the training split ({size} examples, in batches "
+            f"of {cfg['batch_size']})"
+        )
+    return f"{cfg['draws']} draws x {cfg['batches_per_draw']} batch(es) of {cfg['batch_size']} training examples"
+
+
 def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensitivity.png") -> str:
     cfg = report.config
     m = report.model
@@ -109,9 +121,8 @@ def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensit
         "",
         f"- model: {m.get('family')}, {m.get('num_layers')} layers, {m.get('num_heads')} heads, "
         f"{m.get('num_params', 0):,} parameters",
-        f"- protocol: {cfg['draws']} draws x {cfg['batches_per_draw']} batch(es) of {cfg['batch_size']} training "
-        f"examples; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max {cfg['max_iters']} products; "
-        f"trace: {_trace_setting(cfg)}; seed {cfg['seed']}",
+        f"- protocol: {_draws_text(report)}; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max "
+        f"{cfg['max_iters']} products; trace: {_trace_setting(cfg)}; seed {cfg['seed']}",
         f"- status: {status}; {report.seconds:.0f} s of compute",
         "- Omega = |mean| + std of the top eigenvalue over draws (Q-BERT); higher means more sensitive "
         "to quantization. A negative eigenvalue means the loss curves down along that direction.",

@@ -4,6 +4,9 @@ inputs) and the notebooks call these same functions, so a stage behaves the same
 
 Every artifact records ``inputs``: fingerprints of what made it (the model's weights, the task's data, the
 settings, upstream artifacts' hashes), so a cached or resumed stage can tell stale work from reusable work.
+
+Under torch.distributed (torchrun) every rank calls the same stage; the work is shared (sensitivity,
+landscapes, density, fine-tuning) and rank 0 alone writes the artifacts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import distributed
 from .allocate import MIB, AllocConfig, Budget, allocate_bits, frontier, uniform_plan
 from .artifacts import (
     BitPlan,
@@ -177,12 +181,15 @@ def sensitivity(
 
     A ``resume`` report is continued only if it was computed from the same inputs (model weights, data and
     settings); otherwise the error says which differs.
+
+    Under torch.distributed every rank calls this with the same arguments and gets the report; rank 0 writes it
+    and measures the cost table (the other ranks get ``None`` for it).
     """
     from .hessian.sensitivity import estimate_sensitivity
     from .report import write_sensitivity
 
     out = Path(out_dir)
-    inputs = {**(inputs or {}), "config": config.to_dict()}
+    inputs = {**(inputs or {}), "config": config.protocol()}
     if resume is not None:
         differs = [k for k in ("model", "data") if resume.inputs.get(k) and resume.inputs.get(k) != inputs.get(k)]
         if differs or not resume.inputs:
@@ -200,6 +207,9 @@ def sensitivity(
     report = estimate_sensitivity(
         model, task, config, blocks=blocks, model_name=model_name, resume=resume, on_block=save, progress=progress
     )
+    report.inputs = inputs
+    if not distributed.is_main():
+        return report, None
     save(report)
     if not report.complete:
         return report, None
@@ -435,14 +445,16 @@ def density(
 
     check_blocks(model, blocks)
     n = min(config.batch_size, len(task.train))
-    batch = task.batch("train", list(range(n)))
+    # Under torch.distributed each rank takes every world_size-th example of the batch (data-parallel products).
+    data_parallel = 1 < distributed.world_size() <= n
+    batch = task.batch("train", distributed.shard(range(n)) if data_parallel else list(range(n)))
     found = []
     generator = torch.Generator().manual_seed(config.seed)
     with eager_attention(model), curvature_mode(model):
         for b in blocks:
             params = block_parameters(model, b)
             with grads_enabled(params):
-                hvp = BlockHessian(model, params, [batch])
+                hvp = BlockHessian(model, params, [batch], data_parallel=data_parallel)
                 res = slq_density(hvp, params, steps=config.steps, num_probes=config.probes, generator=generator)
                 hvp.free()
             found.append((b, sum(p.numel() for p in params), res))
@@ -482,16 +494,22 @@ def landscapes(
     progress: bool = True,
     on_done: Callable[[Any, Path], None] | None = None,
 ) -> list[Any]:
-    """The loss surface of each block (``<out>/<block>/landscape.{json,png}``), rows written as they finish."""
+    """The loss surface of each block (``<out>/<block>/landscape.{json,png}``), rows written as they finish.
+
+    Under torch.distributed every rank computes a share of each row; rank 0 reads the partial files it resumes
+    from, writes the files and calls ``on_done``.
+    """
     from .landscape import Landscape, loss_landscape
     from .report import plot_landscapes
 
     check_blocks(model, blocks)
     out = Path(out_dir)
+    main = distributed.is_main()
     done = []
     for b in blocks:
         path = out / b / "landscape.json"
-        previous = Landscape.load(path) if path.exists() and resume else None
+        previous = Landscape.load(path) if main and path.exists() and resume else None
+        previous = distributed.broadcast_object(previous)
         if previous is not None and previous.complete and previous.config == config.to_dict():
             done.append(previous)
             continue
@@ -505,12 +523,13 @@ def landscapes(
             on_row=lambda partial, path=path: partial.save(path),
             progress=progress,
         )
-        ls.save(path)
-        plot_landscapes([ls.to_dict()], path.with_suffix(".png"))
         done.append(ls)
-        if on_done is not None:
-            on_done(ls, path)
-    if len(done) > 1:
+        if main:
+            ls.save(path)
+            plot_landscapes([ls.to_dict()], path.with_suffix(".png"))
+            if on_done is not None:
+                on_done(ls, path)
+    if len(done) > 1 and main:
         plot_landscapes([ls.to_dict() for ls in done], out / "panels.png")
     return done
 

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import distributed
 from .artifacts import CREATED_BY, METRICS_SCHEMA, publish, write_json
 from .config import FinetuneConfig
+from .errors import QBHError
 from .evaluate import evaluate
 
 if TYPE_CHECKING:
@@ -48,19 +50,31 @@ def finetune(
         progress: show the Trainer's progress bar.
 
     Returns:
-        The content of ``metrics.json``.
+        The content of ``metrics.json`` (on every rank).
+
+    Under torchrun the Trainer trains with DDP: ``config.batch_size`` is the batch of all processes together,
+    each taking an equal share; rank 0 evaluates and writes the checkpoint while the others wait.
+
+    Raises:
+        QBHError: a batch size that does not split evenly over the processes.
     """
     from transformers import Trainer, TrainingArguments
 
     from .tasks import collator
 
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise QBHError(
+            f"FinetuneConfig.batch_size {config.batch_size} is the batch of all {world} processes together and must "
+            f"split evenly over them; use a multiple of {world}"
+        )
     out = Path(out_dir)
     work = out / "trainer"
     args = TrainingArguments(
         output_dir=str(work),
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=config.batch_size // world,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
@@ -71,8 +85,13 @@ def finetune(
         report_to=[],
         seed=config.seed,
         disable_tqdm=not progress,
-        use_cpu=not cuda_available(),
+        use_cpu=on_cpu(model),
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        # BERT heads return a mean loss and ignore num_items_in_batch; the Trainer's default would still multiply
+        # it by the number of processes under DDP (a world-size larger gradient, clipped differently).
+        average_tokens_across_devices=False,
+        # a sentence classifier uses every weight; token and QA heads leave the pooler unused
+        ddp_find_unused_parameters=task.family != "classification",
     )
     trainer = Trainer(
         model=model,
@@ -85,8 +104,18 @@ def finetune(
     has_checkpoint = resume and any(work.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     seconds = time.perf_counter() - start
-    metrics = evaluate(model, task, split="dev")
     model.config.architectures = [type(model).__name__]
+    result = _save_on_main(model, task, config, out, model_name, seconds) if distributed.is_main() else None
+    distributed.barrier()  # the checkpoint is in place before any rank loads it
+    return distributed.broadcast_object(result)
+
+
+def _save_on_main(
+    model: PreTrainedModel, task: Task, config: FinetuneConfig, out: Path, model_name: str, seconds: float
+) -> dict[str, Any]:
+    """Evaluate on dev, then publish the checkpoint and ``metrics.json`` in ``out`` (rank 0's work)."""
+    work = out / "trainer"
+    metrics = evaluate(model, task, split="dev")
     # Save beside the final place, then move file by file; metrics.json comes last and marks a complete
     # checkpoint, so an interrupted save never passes for a finished one.
     staging = out / ".saving"
@@ -122,7 +151,7 @@ def quiet_trainer(trainer: Any, progress: bool) -> None:
         trainer.remove_callback(PrinterCallback)
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def on_cpu(model: Any) -> bool:
+    """Whether ``model`` lives on the CPU: the Trainer then trains there (gloo under torchrun) instead of moving it
+    to a GPU the user did not ask for (the device follows the model)."""
+    return next(model.parameters()).device.type == "cpu"

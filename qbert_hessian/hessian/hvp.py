@@ -23,6 +23,15 @@ An embedding table is looked up only at the draw's token ids, so its Hessian is 
 :class:`BlockHessian` records the rows each plain ``nn.Embedding`` of the block looks up and, in
 :attr:`BlockHessian.like`, offers the compact space of those rows: on SST-2 a few hundred of the 30,522 rows
 of the word table. Eigenvalues and traces are the same there; the solvers' vectors are 50x smaller.
+
+Data parallelism (``data_parallel=True`` under torch.distributed, e.g. torchrun): each rank holds the graphs of
+its share of the batches; the weights n_j / N use the global N (an all-reduce of the local counts), so
+
+    H v = all_reduce_sum( sum_{j on this rank} (n_j / N) H_j v )
+
+is the single-process operator, the same on every rank, and the solvers, which only call ``hvp``, run
+unchanged and identically on every rank. The compact space of an embedding table is built from the union of
+every rank's looked-up rows (an all-gather), so every rank's vectors have the same shape and meaning.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import QBHError
 
 Batch = Mapping[str, Tensor]
@@ -221,10 +231,12 @@ class BlockHessian:
         loss_fn: LossFn | None = None,
         *,
         length_buckets: int = 4,
+        data_parallel: bool = False,
     ) -> None:
+        self.data_parallel = data_parallel and distributed.world_size() > 1
         if not params:
             raise QBHError("the block has no parameters; choose another block")
-        if not batches:
+        if not batches and not self.data_parallel:
             raise QBHError("no data: the curvature needs at least one batch")
         self.params = list(params)
         loss_fn = loss_fn or model_loss
@@ -233,23 +245,25 @@ class BlockHessian:
         parts = [part for batch in batches for part in split_by_length(batch, length_buckets, overhead)]
         # A part with nothing labelled (every word truncated away) has weight 0 and a 0/0 loss: leave it out.
         batches = [b for b in parts if loss_weight(b) > 0]
-        if not batches:
-            raise QBHError("no labelled token in the data: the loss is empty; raise --max-length or use other data")
         sizes = [loss_weight(b) for b in batches]
-        total = float(sum(sizes))
+        # N: what the joint loss averages over, on every rank together
+        (total,) = distributed.all_reduce_floats([sum(sizes)]) if self.data_parallel else [float(sum(sizes))]
+        if total == 0:
+            raise QBHError("no labelled token in the data: the loss is empty; raise --max-length or use other data")
         self.weights = [n / total for n in sizes]
         self.grads: list[list[Tensor | None]] = []
         self.losses: list[float] = []
         touched: list[Tensor] = [torch.zeros(0, dtype=torch.bool, device=device)] * len(self.params)
+        bad: list[float] = []
         with _record_lookups(model, self.params) as lookups:
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
-                    raise QBHError(
-                        f"the loss is not finite ({loss.item()}) on a data batch; check the labels and the "
-                        "model (a diverged fine-tune gives NaN weights)"
-                    )
+                    bad.append(loss.item())
+                    if not self.data_parallel:
+                        break
+                    continue  # every rank must learn of it before raising, or the others wait forever
                 self.losses.append(float(loss.detach()))
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 for i in lookups:  # rows with a non-zero gradient, for the check below
@@ -259,18 +273,52 @@ class BlockHessian:
                 # A gradient that does not depend on theta (e.g. a bias feeding the loss linearly and alone)
                 # contributes no curvature; keep it out of the double backward.
                 self.grads.append([g if g is not None and g.requires_grad else None for g in grads])
-        self.rows: list[Tensor | None] = [None] * len(self.params)
-        for i, ids in lookups.items():
-            rows = torch.unique(torch.cat(ids)).to(device)
-            looked_up = torch.zeros(self.params[i].shape[0], dtype=torch.bool, device=device)
-            looked_up[rows] = True
-            if rows.numel() < looked_up.numel() and not (touched[i].numel() and (touched[i] & ~looked_up).any()):
-                self.rows[i] = rows
+        (num_bad,) = distributed.all_reduce_floats([len(bad)]) if self.data_parallel else [len(bad)]
+        if num_bad:
+            self.free()
+            shown = f" ({bad[0]})" if bad else ""
+            raise QBHError(
+                f"the loss is not finite{shown} on a data batch; check the labels and the model (a diverged "
+                "fine-tune gives NaN weights)"
+            )
+        self._loss = math.fsum(w * l for w, l in zip(self.weights, self.losses))
+        if self.data_parallel:
+            (self._loss,) = distributed.all_reduce_floats([self._loss])
+        self.rows = self._compact_rows(lookups, touched, device)
         self.like: list[Tensor] = [
             p if r is None else p.detach().new_empty((r.numel(), *p.shape[1:])) for p, r in zip(self.params, self.rows)
         ]
         self._dense: list[Tensor | None] = [None] * len(self.params)
         self.num_products = 0
+
+    def _compact_rows(
+        self, lookups: dict[int, list[Tensor]], touched: list[Tensor], device: torch.device
+    ) -> list[Tensor | None]:
+        """For each parameter, the rows its table is cut to (None: kept whole).
+
+        A table is cut to the rows looked up when it is not looked up everywhere and its gradient is zero off
+        those rows. Under data parallelism both are decided over every rank's batches: the rows are the union of
+        the ranks' rows, and a gradient off that union on any rank keeps the table whole.
+        """
+        ids = {i: torch.unique(torch.cat(v)).cpu() for i, v in lookups.items()}
+        if self.data_parallel:
+            union: dict[int, list[Tensor]] = {}
+            for theirs in distributed.all_gather_objects(ids):
+                for i, r in theirs.items():
+                    union.setdefault(i, []).append(r)
+            ids = {i: torch.unique(torch.cat(v)) for i, v in sorted(union.items())}
+        off_rows = []
+        for i, rows in ids.items():
+            looked_up = torch.zeros(self.params[i].shape[0], dtype=torch.bool, device=device)
+            looked_up[rows.to(device)] = True
+            off_rows.append(float(bool(touched[i].numel() and (touched[i] & ~looked_up).any())))
+        if self.data_parallel and off_rows:
+            off_rows = distributed.all_reduce_floats(off_rows, op="max")
+        out: list[Tensor | None] = [None] * len(self.params)
+        for (i, rows), off in zip(ids.items(), off_rows):
+            if rows.numel() < self.params[i].shape[0] and not off:
+                out[i] = rows.to(device)
+        return out
 
     def restrict(self, v: Sequence[Tensor]) -> list[Tensor]:
         """A vector shaped like ``params`` -> shaped like :attr:`like` (the looked-up rows of each table)."""
@@ -292,8 +340,8 @@ class BlockHessian:
 
     @property
     def loss(self) -> float:
-        """The batch-averaged loss at the current parameters."""
-        return math.fsum(w * l for w, l in zip(self.weights, self.losses))
+        """The batch-averaged loss at the current parameters (over every rank's batches under data parallelism)."""
+        return self._loss
 
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
         """H v for a vector shaped like ``params`` or like :attr:`like`; the result is shaped like ``v``."""
@@ -318,7 +366,8 @@ class BlockHessian:
                     h = h if w == 1.0 else h.mul_(w)
                     out[i] = h if out[i] is None else out[i].add_(h)
         self.num_products += 1
-        return [torch.zeros_like(x) if o is None else o for x, o in zip(v, out)]
+        hv = [torch.zeros_like(x) if o is None else o for x, o in zip(v, out)]
+        return distributed.all_reduce_(hv) if self.data_parallel else hv
 
     def free(self) -> None:
         """Drop the graphs (their memory is released once no other reference holds them)."""

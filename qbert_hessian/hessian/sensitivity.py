@@ -14,6 +14,17 @@ block's trace is their mean with standard error sqrt(sum_d se_d^2) / D (:func:`~
 Blocks are processed one at a time, all draws of a block together (the previous draw's eigenvector warm-starts
 the next draw), and ``on_block`` is called with the report after every finished block, so a caller can write
 it out and a later run can resume from it.
+
+A draw is ``batches_per_draw`` batches of ``batch_size`` examples, or Q-BERT's protocol, a share
+``draw_fraction`` of the training split (10%) cut into batches of ``batch_size``.
+
+Under torch.distributed (torchrun) the work is shared in one of two ways (:class:`~qbert_hessian.config.Parallel`),
+with the numbers of one process either way:
+
+- ``data``: every rank holds its share of each draw's batches and the products are all-reduced
+  (:class:`~qbert_hessian.hessian.hvp.BlockHessian` with ``data_parallel``); the solvers run on every rank alike;
+- ``blocks``: the blocks are dealt out in rounds of one per rank, each computed as one process would (same
+  seeds), and gathered after every round; ``on_block`` (the writer) is called on rank 0 only.
 """
 
 from __future__ import annotations
@@ -28,8 +39,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
-from ..config import EigenMethod, SensitivityConfig, TraceMethod, TraceMode
+from ..config import EigenMethod, Parallel, SensitivityConfig, TraceMethod, TraceMode
 from ..errors import QBHError
 from ..models import BlockMap, eager_attention
 from ..names import blocks_overlap
@@ -46,19 +58,63 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def draw_size(num_examples: int, config: SensitivityConfig) -> int:
+    """Examples in one draw: round(draw_fraction x num_examples) (at least 1), else batch_size x batches_per_draw."""
+    if config.draw_fraction is not None:
+        return max(1, round(config.draw_fraction * num_examples))
+    return config.batch_size * config.batches_per_draw
+
+
+def batches_in_draw(num_examples: int, config: SensitivityConfig) -> int:
+    """Batches of ``batch_size`` in one draw (the last one may be smaller with ``draw_fraction``)."""
+    return -(-draw_size(num_examples, config) // config.batch_size)
+
+
 def draw_indices(num_examples: int, config: SensitivityConfig) -> list[list[int]]:
-    """Example indices of every draw: ``batch_size * batches_per_draw`` rows sampled with seed (seed, draw)."""
-    size = config.batch_size * config.batches_per_draw
+    """Example indices of every draw: :func:`draw_size` rows sampled with seed (seed, draw)."""
+    size = draw_size(num_examples, config)
     if size > num_examples:
-        raise QBHError(f"a draw needs {size} training examples but the task has {num_examples}; lower --batch-size")
+        raise QBHError(
+            f"a draw needs {size} training examples but the task has {num_examples}; lower "
+            "SensitivityConfig.batch_size or SensitivityConfig.batches_per_draw (or use a draw_fraction)"
+        )
     return [
         sorted(np.random.default_rng([config.seed, d]).choice(num_examples, size=size, replace=False).tolist())
         for d in range(config.draws)
     ]
 
 
-def _draw_batches(task: Task, indices: list[int], batch_size: int) -> list[Batch]:
-    return [task.batch("train", indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+def parallel_mode(config: SensitivityConfig, num_examples: int, num_blocks: int, world: int) -> Parallel:
+    """The way ``world`` ranks share ``num_blocks`` blocks: ``config.parallel``, with ``auto`` resolved to
+    ``data`` when a draw has at least one batch per rank, else ``blocks``.
+
+    Raises:
+        QBHError: ``data`` with fewer batches in a draw than ranks, or ``blocks`` with fewer blocks than ranks
+            (some ranks would have nothing to do; the message says what to change).
+    """
+    batches = batches_in_draw(num_examples, config)
+    mode = config.parallel
+    if mode == Parallel.AUTO:
+        mode = Parallel.DATA if batches >= world else Parallel.BLOCKS
+    if world > 1 and mode == Parallel.DATA and batches < world:
+        raise QBHError(
+            f"SensitivityConfig.parallel data gives every rank a share of each draw's batches, but a draw has "
+            f"{batches} batch(es) for {world} ranks; raise SensitivityConfig.batches_per_draw to {world} (or use "
+            "SensitivityConfig.draw_fraction), use SensitivityConfig.parallel blocks, or launch fewer ranks"
+        )
+    if world > 1 and mode == Parallel.BLOCKS and num_blocks < world:
+        raise QBHError(
+            f"SensitivityConfig.parallel blocks gives every rank whole blocks, but {num_blocks} block(s) are left "
+            f"for {world} ranks; use SensitivityConfig.parallel data with SensitivityConfig.batches_per_draw of at "
+            f"least {world}, or launch fewer ranks"
+        )
+    return mode
+
+
+def _draw_batches(task: Task, indices: list[int], batch_size: int, *, shard: bool = False) -> list[Batch]:
+    """The draw's batches, or with ``shard`` this rank's share of them (every world_size-th batch)."""
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return [task.batch("train", c) for c in (distributed.shard(chunks) if shard else chunks)]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -80,8 +136,9 @@ def _estimate_block(
     generator: torch.Generator,
     loss_fn: LossFn | None,
     progress: tqdm,
+    data_parallel: bool = False,
 ) -> dict:
-    """Eigenvalues (and traces) of one block on every draw."""
+    """Eigenvalues (and traces) of one block on every draw (``draws`` this rank's share under ``data_parallel``)."""
     eig: list[float] = []
     top_k: list[list[float]] = []
     negative: list[float] = []
@@ -90,7 +147,9 @@ def _estimate_block(
     traces: list[TraceResult] = []
     warm: list[list[torch.Tensor]] | None = None
     for batches in draws:
-        hvp = BlockHessian(model, params, batches, loss_fn, length_buckets=config.length_buckets)
+        hvp = BlockHessian(
+            model, params, batches, loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
+        )
         # The solvers work in the block's compact space (embedding tables cut to the draw's rows); the warm
         # start is kept whole between draws, whose rows differ.
         like = hvp.like
@@ -155,8 +214,10 @@ def _shared_traces(
     draws: list[list[Batch]],
     config: SensitivityConfig,
     loss_fn: LossFn | None,
+    data_parallel: bool = False,
 ) -> list[TraceStats]:
-    """Every block's trace from full-model products, ``trace_samples`` probes per draw, pooled."""
+    """Every block's trace from full-model products, ``trace_samples`` probes per draw, pooled (``draws`` this
+    rank's share under ``data_parallel``)."""
     params, slices = [], []
     for name in names:
         p = block_map.parameters(name)
@@ -165,8 +226,10 @@ def _shared_traces(
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
     samples: list[list[float]] = [[] for _ in names]
     with grads_enabled(params):
-        for batches in tqdm(draws, desc="shared trace", leave=False):
-            hvp = BlockHessian(model, params, batches, loss_fn, length_buckets=config.length_buckets)
+        for batches in tqdm(draws, desc="shared trace", leave=False, disable=not distributed.is_main()):
+            hvp = BlockHessian(
+                model, params, batches, loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
+            )
             results = hutchinson_block_traces(
                 hvp, hvp.like, slices, num_samples=max(2, config.trace_samples), generator=generator
             )
@@ -174,6 +237,27 @@ def _shared_traces(
                 samples[b].extend(res.samples)
             hvp.free()
     return [TraceStats(r.mean, r.stderr, len(r.samples), TraceMethod.HUTCHINSON.value) for r in map(summarize, samples)]
+
+
+def _shared_traces_spread(
+    model: nn.Module,
+    block_map: BlockMap,
+    names: Sequence[str],
+    draws: list[list[Batch]],
+    config: SensitivityConfig,
+    loss_fn: LossFn | None,
+    data_parallel: bool,
+) -> list[TraceStats]:
+    """:func:`_shared_traces` on the ranks: data-parallel when every rank can hold a batch of each draw, else on
+    rank 0 alone (the others receive its result)."""
+    world = distributed.world_size()
+    if world == 1 or data_parallel:
+        return _shared_traces(model, block_map, names, draws, config, loss_fn, data_parallel)
+    if all(len(d) >= world for d in draws):  # blocks mode, whole draws on every rank: share them out
+        shares = [distributed.shard(d) for d in draws]
+        return _shared_traces(model, block_map, names, shares, config, loss_fn, data_parallel=True)
+    stats = _shared_traces(model, block_map, names, draws, config, loss_fn) if distributed.is_main() else None
+    return distributed.broadcast_object(stats)
 
 
 def estimate_sensitivity(
@@ -199,15 +283,16 @@ def estimate_sensitivity(
         model_name: how the model is named in the report.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default the model's own loss.
         resume: a partial report of the same model, task and settings; its finished blocks are kept.
-        on_block: called with the (partial) report after every finished block.
-        progress: show a tqdm bar over blocks x draws.
+        on_block: called with the (partial) report after every finished block (under torch.distributed: on rank 0
+            only, after every round; every rank returns the same report).
+        progress: show a tqdm bar over blocks x draws (rank 0 only).
 
     Returns:
         The :class:`SensitivityReport`.
 
     Raises:
-        QBHError: unknown blocks, too little data, a non-finite loss, or a ``resume`` report that does not
-            match these settings.
+        QBHError: unknown blocks, too little data, a non-finite loss, a ``resume`` report that does not
+            match these settings, or a parallel mode the ranks cannot share (:func:`parallel_mode`).
     """
     block_map = BlockMap(model)
     names = block_map.expand(blocks)
@@ -222,7 +307,7 @@ def estimate_sensitivity(
     report = SensitivityReport(
         model=block_map.describe(model_name),
         task=task.name,
-        config=config.to_dict(),
+        config=config.protocol(),
         draws=[{"draw": d, "seed": [config.seed, d], "indices": idx} for d, idx in enumerate(indices)],
         blocks=[],
         pending=list(names),
@@ -233,34 +318,50 @@ def estimate_sensitivity(
         report.seconds = resume.seconds
         done = {b.name for b in report.blocks}
         report.pending = [n for n in names if n not in done]
-    draws = [_draw_batches(task, idx, config.batch_size) for idx in indices]
     todo = list(report.pending)
-    bar = tqdm(total=len(todo) * config.draws, desc="sensitivity", unit="draw", disable=not progress)
+    world = distributed.world_size()
+    mode = parallel_mode(config, len(task.train), len(todo), world) if todo else Parallel.DATA
+    data_parallel = world > 1 and mode == Parallel.DATA
+    draws = [_draw_batches(task, idx, config.batch_size, shard=data_parallel) for idx in indices]
+    main = distributed.is_main()
+    bar = tqdm(total=len(todo) * config.draws, desc="sensitivity", unit="draw", disable=not (progress and main))
+
+    def compute(name: str) -> BlockSensitivity:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        params = block_map.parameters(name)
+        with grads_enabled(params):
+            generator = _block_generator(config, names.index(name))
+            out = _estimate_block(model, params, draws, config, generator, loss_fn, bar, data_parallel)
+        return _summarize_block(name, block_map.num_params(name), out, config, time.perf_counter() - start)
+
+    # One block per round, computed by every rank together (data) or alone; or one block per rank (blocks).
+    per_round = world if world > 1 and mode == Parallel.BLOCKS else 1
     with eager_attention(model), curvature_mode(model):
-        for name in todo:
-            bar.set_postfix_str(name)
-            start = time.perf_counter()
-            params = block_map.parameters(name)
-            with grads_enabled(params):
-                out = _estimate_block(
-                    model, params, draws, config, _block_generator(config, names.index(name)), loss_fn, bar
-                )
-            report.blocks.append(
-                _summarize_block(name, block_map.num_params(name), out, config, time.perf_counter() - start)
-            )
-            report.seconds += time.perf_counter() - start
-            report.pending.remove(name)
+        for first in range(0, len(todo), per_round):
+            names_now = todo[first : first + per_round]
+            if per_round == 1:
+                finished = [compute(names_now[0])]
+            else:
+                mine = compute(names_now[distributed.rank()]) if distributed.rank() < len(names_now) else None
+                finished = [b for b in distributed.all_gather_objects(mine) if b is not None]
+                bar.update(config.draws * (len(finished) - (mine is not None)))
+            for block in finished:
+                _warn_unconverged(block, config)
+                report.blocks.append(block)
+                report.seconds += block.seconds
+                report.pending.remove(block.name)
             report.blocks.sort(key=lambda b: names.index(b.name))
-            if report.pending or config.trace != TraceMode.SHARED:
-                if on_block is not None:
-                    on_block(report)
+            if (report.pending or config.trace != TraceMode.SHARED) and on_block is not None and main:
+                on_block(report)
         if config.trace == TraceMode.SHARED and todo:
             start = time.perf_counter()
-            for block, stats in zip(report.blocks, _shared_traces(model, block_map, names, draws, config, loss_fn)):
-                block.trace = stats
-                block.normalized_trace = stats.mean / block.num_params
+            stats = _shared_traces_spread(model, block_map, names, draws, config, loss_fn, data_parallel)
+            for block, s in zip(report.blocks, stats):
+                block.trace = s
+                block.normalized_trace = s.mean / block.num_params
             report.seconds += time.perf_counter() - start
-            if on_block is not None:
+            if on_block is not None and main:
                 on_block(report)
     bar.close()
     return report
@@ -286,15 +387,18 @@ def _summarize_block(
     if out["traces"]:
         block.trace = _trace_stats(out["traces"], TraceMethod(config.trace_method))
         block.normalized_trace = block.trace.mean / num_params
-    if not all(out["converged"]):
+    return block
+
+
+def _warn_unconverged(block: BlockSensitivity, config: SensitivityConfig) -> None:
+    if not all(block.converged):
         logger.warning(
             "%s: the eigen-solver hit max_iters=%d on %d of %d draws",
-            name,
+            block.name,
             config.max_iters,
-            out["converged"].count(False),
-            len(out["converged"]),
+            block.converged.count(False),
+            len(block.converged),
         )
-    return block
 
 
 def _trace_stats(traces: list[TraceResult], method: TraceMethod) -> TraceStats:
@@ -318,10 +422,10 @@ def _check_resumable(old: SensitivityReport, new: SensitivityReport) -> None:
     for key in ("family", "num_layers", "num_params"):
         if old.model.get(key) != new.model.get(key):
             diffs.append(f"model {key} {old.model.get(key)!r} vs {new.model.get(key)!r}")
-    for key, value in new.config.items():
-        before = old.config.get(key, _ADDED_SETTINGS.get(key))
-        if before != value:
-            diffs.append(f"{key} {before!r} vs {value!r}")
+    for key in dict.fromkeys([*new.config, *old.config]):  # a setting only one of them records differs too
+        before, now = (c.get(key, _ADDED_SETTINGS.get(key)) for c in (old.config, new.config))
+        if before != now:
+            diffs.append(f"{key} {before!r} vs {now!r}")
     if diffs:
         raise QBHError(
             "cannot resume: the existing report was made with other settings ("

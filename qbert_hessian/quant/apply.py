@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..artifacts import BitPlan
 from ..errors import QBHError
 from ..models import BlockMap
@@ -157,6 +158,23 @@ def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, torch.Te
     if acts and n == 0:
         raise QBHError("calibration got no batches; pass at least one batch of training data")
     return n
+
+
+@torch.no_grad()
+def sync_activation_ranges(model: nn.Module) -> int:
+    """Average every activation range (``amax``) over the ranks of a torch.distributed job, in place, so every
+    rank holds, and would export, the same model; returns the number of ranges (a no-op in one process).
+
+    QAT keeps the ranks' ranges equal already (each update takes the maximum over the ranks' shares of the
+    batch, :meth:`~qbert_hessian.quant.modules.ActQuant.observe`); this makes it hold whatever ran before.
+    """
+    amax = [m.amax for m in model.modules() if isinstance(m, ActQuant)]
+    world = distributed.world_size()
+    if amax and world > 1:
+        distributed.all_reduce_(amax)
+        for a in amax:
+            a.div_(world)
+    return len(amax)
 
 
 def calibration_batches(task: Task, num_batches: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

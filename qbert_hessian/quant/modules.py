@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import QBHError
 from .functional import (
     Kind,
@@ -63,6 +64,10 @@ class ActQuant(nn.Module):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         current = x.detach().abs().amax().float()
+        if self.training:
+            # Under data parallelism each rank sees a share of the batch: the max over every rank's share is the
+            # max over the batch, so every rank's EMA is the one a single process would keep (SyncBatchNorm's idea).
+            distributed.all_reduce_max_(current)
         if self.num_observed == 0 and not self.calibrated:
             self.amax.copy_(current)
         else:

@@ -378,6 +378,27 @@ SILENT = [
         lambda w, t: ["sensitivity", *w.model(), *SENS, "--trace-method", "hutchpp", "--out", str(t / "o")],
         "--trace-samples = 2 is too few for Hutch++",
     ),
+    Case(
+        "sensitivity-draw-fraction-above-one",
+        lambda w, t: ["sensitivity", *w.model(), *SENS, "--draw-fraction", "1.5", "--out", str(t / "o")],
+        "--draw-fraction must lie in (0, 1], e.g. 0.1; got 1.5",
+    ),
+    Case(
+        "sensitivity-draw-fraction-and-batches",
+        lambda w, t: [
+            "sensitivity",
+            *w.model(),
+            *SENS,
+            *("--draw-fraction", "0.1", "--batches-per-draw", "2", "--out", str(t / "o")),
+        ],
+        "give --draw-fraction or --batches-per-draw, not both",
+    ),
+    Case(
+        "sensitivity-parallel-unknown",
+        lambda w, t: ["sensitivity", *w.model(), *SENS, "--parallel", "ranks", "--out", str(t / "o")],
+        "argument --parallel: invalid choice: 'ranks'",
+        usage=True,
+    ),
 ]
 
 

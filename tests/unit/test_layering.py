@@ -15,6 +15,7 @@ LAYERS = {
     "packed_format": 0,
     "artifacts": 0,
     "hub": 0,
+    "distributed": 1,
     "hessian.vec": 1,
     "hessian.hvp": 1,
     "hessian.lanczos": 1,
@@ -43,6 +44,7 @@ LAYERS = {
     "stages": 5,
     "pipeline": 5,
     "cli": 5,
+    "__main__": 5,
 }
 ORDER = list(LAYERS)
 

@@ -143,3 +143,124 @@ def test_draws_are_seeded_and_distinct():
     assert a == draw_indices(1000, FAST)
     assert a != draw_indices(1000, dataclasses.replace(FAST, seed=1))
     assert len({tuple(x) for x in a}) == 3 and all(len(set(x)) == 8 for x in a)
+
+
+# ------------------------------------------------------------------------- draw fraction and parallel modes
+
+
+@pytest.mark.parametrize(
+    ("fraction", "examples", "batches", "sizes"),
+    [(0.25, 24, 3, [8, 8, 8]), (0.3, 29, 4, [8, 8, 8, 5]), (1.0, 96, 12, [8] * 12), (0.001, 1, 1, [1])],
+    ids=["quarter", "uneven", "all", "tiny"],
+)
+def test_draw_fraction_gives_exact_batch_counts(model_task, fraction, examples, batches, sizes):
+    from qbert_hessian.hessian.sensitivity import _draw_batches, batches_in_draw, draw_size
+
+    _, task = model_task
+    cfg = SensitivityConfig(draws=2, batch_size=8, draw_fraction=fraction)
+    assert len(task.train) == 96
+    assert draw_size(96, cfg) == examples and batches_in_draw(96, cfg) == batches
+    draws = draw_indices(96, cfg)
+    assert [len(d) for d in draws] == [examples, examples] and all(len(set(d)) == examples for d in draws)
+    assert [len(b["labels"]) for b in _draw_batches(task, draws[0], 8)] == sizes
+
+
+def test_draw_fraction_hessian_is_the_dense_hessian_of_the_union(model_task):
+    """A draw of 30% of the data is 4 batches; its operator (and its top eigenvalue) is the Hessian of the loss
+    of all 29 examples as one batch (the token-type table: small enough for a dense Hessian in a second)."""
+    import torch
+
+    from qbert_hessian.hessian import vec
+    from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+    from qbert_hessian.hessian.sensitivity import _draw_batches
+    from qbert_hessian.models import BlockMap
+    from tests.helpers import dense_block_hessian
+
+    model, task = model_task
+    cfg = SensitivityConfig(draws=1, batch_size=8, draw_fraction=0.3, tol=1e-7, max_iters=200, trace="none")
+    (idx,) = draw_indices(len(task.train), cfg)
+    params = BlockMap(model).parameters("embeddings.token_type")
+    union = task.batch("train", idx)
+    with curvature_mode(model), grads_enabled(params):
+        H = dense_block_hessian(model, params, union)
+        hvp = BlockHessian(model, params, _draw_batches(task, idx, 8))
+        v = vec.randn_like(params, torch.Generator().manual_seed(0))
+        assert len(hvp.grads) >= 4  # the four batches (or their length buckets)
+        assert torch.allclose(vec.flatten(hvp(v)), H @ vec.flatten(v), rtol=1e-4, atol=1e-6)
+        assert hvp.loss == pytest.approx(float(model(**union).loss.detach()), rel=1e-5)
+    eig = torch.linalg.eigvalsh(H.double())
+    top = eig[eig.abs().argmax()].item()
+    report = estimate_sensitivity(model, task, cfg, blocks=["embeddings.token_type"], progress=False)
+    assert report.block("embeddings.token_type").eigenvalues[0] == pytest.approx(top, rel=1e-4)
+    assert report.config["draw_fraction"] == 0.3 and len(report.draws[0]["indices"]) == 29
+    from qbert_hessian.report import sensitivity_markdown
+
+    assert "1 draws of 0.3 of the training split (29 examples, in batches of 8)" in sensitivity_markdown(report)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"draw_fraction": 0.0}, r"draw_fraction must lie in \(0, 1\]"),
+        ({"draw_fraction": 1.5}, r"draw_fraction must lie in \(0, 1\]"),
+        ({"draw_fraction": float("nan")}, r"draw_fraction must lie in \(0, 1\]"),
+        ({"draw_fraction": True}, r"draw_fraction must lie in \(0, 1\]"),
+        ({"draw_fraction": 0.1, "batches_per_draw": 2}, "draw_fraction or SensitivityConfig.batches_per_draw, not"),
+        ({"parallel": "ranks"}, "unknown parallel mode 'ranks'; choose one of auto, data, blocks"),
+    ],
+    ids=["zero", "above-one", "nan", "bool", "both", "parallel"],
+)
+def test_sensitivity_config_refuses_bad_draws_and_modes(kwargs, message):
+    with pytest.raises(QBHError, match=message):
+        SensitivityConfig(**kwargs)
+
+
+def test_the_protocol_leaves_out_how_ranks_share_the_work():
+    base = SensitivityConfig()
+    assert "parallel" not in base.protocol() and "draw_fraction" not in base.protocol()
+    assert base.protocol() == SensitivityConfig(parallel="blocks").protocol()
+    assert SensitivityConfig(draw_fraction=0.1).protocol()["draw_fraction"] == 0.1
+    assert SensitivityConfig.from_dict(SensitivityConfig(parallel="data").to_dict()).parallel.value == "data"
+
+
+def test_resume_refuses_another_draw_fraction(model_task):
+    model, task = model_task
+    cfg = dataclasses.replace(FAST, draws=1, draw_fraction=0.25, trace="none")
+    report = estimate_sensitivity(model, task, cfg, blocks=["encoder.1"], progress=False)
+    with pytest.raises(QBHError, match="cannot resume.*draw_fraction 0.25 vs None"):
+        estimate_sensitivity(
+            model, task, dataclasses.replace(cfg, draw_fraction=None), blocks=["encoder.1"], resume=report
+        )
+
+
+@pytest.mark.parametrize(
+    ("parallel", "batches", "blocks", "world", "mode"),
+    [
+        ("auto", 1, 3, 1, "data"),
+        ("auto", 2, 3, 2, "data"),
+        ("auto", 1, 3, 2, "blocks"),
+        ("blocks", 4, 2, 2, "blocks"),
+        ("data", 2, 1, 2, "data"),
+    ],
+)
+def test_parallel_mode_resolves_auto(parallel, batches, blocks, world, mode):
+    from qbert_hessian.hessian.sensitivity import parallel_mode
+
+    cfg = SensitivityConfig(batch_size=8, batches_per_draw=batches, parallel=parallel)
+    assert parallel_mode(cfg, 96, blocks, world).value == mode
+
+
+@pytest.mark.parametrize(
+    ("parallel", "batches", "blocks", "message"),
+    [
+        ("data", 1, 3, "a draw has 1 batch"),
+        ("blocks", 4, 1, "1 block"),
+        ("auto", 1, 1, "1 block"),
+    ],
+)
+def test_parallel_mode_refuses_idle_ranks(parallel, batches, blocks, message):
+    from qbert_hessian.hessian.sensitivity import parallel_mode
+
+    cfg = SensitivityConfig(batch_size=8, batches_per_draw=batches, parallel=parallel)
+    with pytest.raises(QBHError, match=message):
+        parallel_mode(cfg, 96, blocks, 2)
