@@ -315,12 +315,15 @@ class SensitivityConfig(_Config):
 
     def protocol(self) -> dict[str, Any]:
         """The settings that decide the numbers, as recorded in reports and run caches: :meth:`to_dict` without
-        ``parallel`` (how ranks share the work changes no result) and without ``draw_fraction`` while it is
-        unset (so reports and caches made before it existed still match)."""
+        ``parallel`` (how ranks share the work changes no result), without ``draw_fraction`` while it is unset
+        and without ``trace_method`` while it is Hutchinson's (so reports and caches made before either existed
+        still match)."""
         out = self.to_dict()
         del out["parallel"]
         if out["draw_fraction"] is None:
             del out["draw_fraction"]
+        if out["trace_method"] == TraceMethod.HUTCHINSON.value:
+            del out["trace_method"]
         return out
 
 

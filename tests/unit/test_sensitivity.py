@@ -81,7 +81,7 @@ def test_sensitivity_with_hutchpp_traces(model_task):
 def test_a_report_from_before_trace_method_resumes(model_task):
     model, task = model_task
     report = estimate_sensitivity(model, task, FAST, blocks=["encoder.0"], progress=False)
-    del report.config["trace_method"]  # as written before the setting existed (Hutchinson's)
+    assert "trace_method" not in report.config  # Hutchinson's: written as before the setting existed
     resumed = estimate_sensitivity(model, task, FAST, blocks=["encoder.0", "encoder.1"], resume=report, progress=False)
     assert resumed.complete and resumed.blocks[0].seconds == report.blocks[0].seconds
     with pytest.raises(QBHError, match="cannot resume.*trace_method 'hutchinson' vs 'hutchpp'"):
@@ -221,6 +221,9 @@ def test_the_protocol_leaves_out_how_ranks_share_the_work():
     assert base.protocol() == SensitivityConfig(parallel="blocks").protocol()
     assert SensitivityConfig(draw_fraction=0.1).protocol()["draw_fraction"] == 0.1
     assert SensitivityConfig.from_dict(SensitivityConfig(parallel="data").to_dict()).parallel.value == "data"
+    # Hutchinson's traces (the default) leave the protocol as it was before trace_method existed: caches still hold.
+    assert "trace_method" not in base.protocol()
+    assert SensitivityConfig(trace_method="hutchpp", trace_samples=6).protocol()["trace_method"] == "hutchpp"
 
 
 def test_resume_refuses_another_draw_fraction(model_task):
