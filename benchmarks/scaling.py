@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     model = classifier(args)
     rows, commands, failures, layers = [], [], 0, 0
     for examples in sizes:
-        reference = None
+        single: dict[int, dict] = {}  # one process's report per thread count
         for procs, mode, threads, skipped in settings(args, examples):
             name = f"{examples}-{procs}x{threads}" + (f"-{mode}" if mode else "")
             if skipped:
@@ -173,9 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads((out / "sensitivity.json").read_text())
             layers = report["model"]["num_layers"]
             compute = compute_wall(report, procs, mode)
-            reference = reference or (report, compute)
-            diff = max_rel_diff(reference[0], report)
-            failures += diff > 1e-6
+            if procs == 1:
+                # One process against the first (every core): BLAS sums in another order with fewer threads, so
+                # this is the floating-point spread of the single-process number itself, reported, not checked.
+                single.setdefault(threads, report)
+                diff = max_rel_diff(next(iter(single.values())), report)
+            else:
+                # N processes against one process with the same threads per process: the distributed operator
+                # must be the single-process one.
+                diff = max_rel_diff(single.get(threads, next(iter(single.values()))), report)
+                failures += diff > 1e-6
             rows.append((examples, procs, mode, threads, wall, compute, diff, ""))
             commands.append((name, threads, cmd))
             print(f"  {wall:.1f} s wall, {compute:.1f} s compute, max relative difference {diff:.1e}", flush=True)
@@ -203,7 +210,7 @@ def write_markdown(args, argv, rows, commands, load: float, model: str, layers: 
         f"{args.max_iters} products; Hutchinson trace, {args.trace_samples} probes.",
         "",
         "| draw (sentences) | processes | mode | threads / process | command wall | sensitivity compute | "
-        "speed-up (compute) | max rel. difference vs 1 process |",
+        "speed-up (compute) | max rel. difference |",
         "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     base: dict[int, float] = {}
@@ -222,8 +229,10 @@ def write_markdown(args, argv, rows, commands, load: float, model: str, layers: 
         "Command wall: the whole command (start-up, model and data loading, the report's files). Sensitivity "
         "compute: the blocks' seconds from the report; in block-parallel mode a round of blocks running side by "
         "side costs its slowest block. Speed-up: against the first row (one process, every core). Max rel. "
-        "difference: over every eigenvalue and trace, against the first row's report of the same draw (the "
-        "benchmark fails above 1e-6).",
+        "difference, over every eigenvalue and trace of the same draw: for N processes, against one process "
+        "with the same threads per process (the benchmark fails above 1e-6); for one process with fewer "
+        "threads, against the first row (BLAS sums in another order: the spread of the one-process number "
+        "itself, not checked).",
         "",
         *projection(rows, args, layers),
         "The commands, as run (environment: `OMP_NUM_THREADS` = threads / process, `PYTHONPATH` = the repository):",
