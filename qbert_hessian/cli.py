@@ -609,7 +609,9 @@ def cmd_density(args: argparse.Namespace) -> int:
     if not args.world.is_main:
         return 0
     for d in result.densities:
-        print(f"{d['block']}: mean eigenvalue (trace/n) {d.get('moment1', float('nan')):.4g}")
+        # The quadrature's first moment, (1/n) tr(H), averaged over the probes.
+        mean = sum(sum(w * x for w, x in zip(ws, xs)) for xs, ws in zip(d["nodes"], d["weights"])) / len(d["nodes"])
+        print(f"{d['block']}: mean eigenvalue (trace/n) {mean:.4g}")
     result.save(out)
     plot_density(result.densities, args.out / "density.png")
     print(f"density in {out} and {args.out / 'density.png'}")

@@ -278,4 +278,8 @@ def test_landscape_and_density_commands(tiny_checkpoint, tiny_data, tmp_path, ca
     assert main(["density", *common, "--block", "encoder.1.ffn_out", "--steps", "12", "--out", str(dens)]) == 0
     data = json.loads((dens / "density.json").read_text())
     assert data["densities"][0]["steps"] == 12 and len(data["densities"][0]["nodes"][0]) == 12
+    d = data["densities"][0]
+    mean = sum(sum(w * x for w, x in zip(ws, xs)) for xs, ws in zip(d["nodes"], d["weights"])) / len(d["nodes"])
+    printed = capsys.readouterr().out.split("mean eigenvalue (trace/n) ")[1].split()[0]
+    assert printed != "nan" and float(printed) == pytest.approx(mean, rel=1e-3)
     assert (dens / "density.png").is_file()
