@@ -88,12 +88,18 @@ def collator(family: str, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
+def _seeded_rows(n: int, keep: int | None, seed: int) -> list[int] | None:
+    """``keep`` of ``n`` row indices drawn with ``seed``, in their order (None: keep every row)."""
+    if keep is None or keep >= n:
+        return None
+    return sorted(np.random.default_rng(seed).choice(n, size=keep, replace=False).tolist())
+
+
 def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
     """A seeded subset of the training split (the dev split is kept whole)."""
-    n = len(raw.train_labels)
-    if max_train is None or max_train >= n:
+    idx = _seeded_rows(len(raw.train_labels), max_train, seed)
+    if idx is None:
         return raw
-    idx = sorted(np.random.default_rng(seed).choice(n, size=max_train, replace=False).tolist())
     return dataclasses.replace(
         raw,
         train_texts=[[col[i] for i in idx] for col in raw.train_texts],
@@ -103,10 +109,9 @@ def subset(raw: RawTask, max_train: int | None, seed: int = 0) -> RawTask:
 
 def dev_subset(raw: RawTask, max_dev: int | None, seed: int = 0) -> RawTask:
     """A seeded subset of ``max_dev`` dev examples, kept in their order (None, or at least the split: all)."""
-    n = len(raw.dev_labels)
-    if max_dev is None or max_dev >= n:
+    idx = _seeded_rows(len(raw.dev_labels), max_dev, seed)
+    if idx is None:
         return raw
-    idx = sorted(np.random.default_rng(seed).choice(n, size=max_dev, replace=False).tolist())
     return dataclasses.replace(
         raw,
         dev_texts=[[col[i] for i in idx] for col in raw.dev_texts],
