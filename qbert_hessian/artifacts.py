@@ -165,6 +165,22 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(_plain(data), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def canonical(value: Any) -> Any:
+    """``value`` as the JSON it is recorded as (tuples are lists, enums their values) with unset (``None``)
+    dictionary entries dropped: a setting added to a config with a ``None`` default ("not set", the behaviour
+    before it existed) leaves the stages recorded before it cached."""
+    plain = json.loads(json.dumps(_plain(value), default=str))
+
+    def drop(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: drop(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [drop(x) for x in v]
+        return v
+
+    return drop(plain)
+
+
 @dataclasses.dataclass
 class TraceStats:
     """A trace estimate, its standard error, and what made it.

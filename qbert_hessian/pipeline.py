@@ -14,8 +14,9 @@ section.key=value`` overrides one setting. Relative paths in the file resolve ag
 
 Caching by inputs: ``run.json`` keeps, per stage, a fingerprint of its inputs (the settings, the model's and the
 data's fingerprints, upstream artifacts' hashes). A stage whose artifact exists and whose inputs are unchanged
-is reused; one whose inputs changed is recomputed, and so is everything downstream of it (their inputs hold its
-hash), and the log says which setting changed. Interrupting a run loses at most the stage in progress (the
+(compared as recorded JSON; a setting added later with an unset ``None`` default is no change) is reused; one
+whose inputs changed is recomputed, and so is everything downstream of it (their inputs hold its hash), and the
+log says which setting changed. Interrupting a run loses at most the stage in progress (the
 sensitivity stage keeps its finished blocks); ``--force`` redoes everything.
 
 Under torch.distributed (``torchrun ... -m qbert_hessian run``) every rank runs the pipeline: fine-tuning and QAT
@@ -45,6 +46,7 @@ from .artifacts import (
     RunRecord,
     SensitivityReport,
     StageResult,
+    canonical,
     fingerprint,
 )
 from .config import (
@@ -256,13 +258,18 @@ def check_world(config: RunConfig, world: int) -> None:
 
 
 def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """What differs between two JSON-ready values, as ``key: old -> new`` lines."""
+    """What differs between two :func:`~qbert_hessian.artifacts.canonical` values, as ``key: old -> new`` lines
+    (numbers by value: ``epochs = 1`` and ``epochs = 1.0`` are one setting; ``true`` is not ``1``)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             out += _changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
-    return [] if old == new else [f"{prefix or 'value'}: {old!r} -> {new!r}"]
+    if isinstance(old, list) and isinstance(new, list):
+        same = len(old) == len(new) and not any(_changes(a, b) for a, b in zip(old, new))
+    else:
+        same = old == new and isinstance(old, bool) == isinstance(new, bool)
+    return [] if same else [f"{prefix or 'value'}: {old!r} -> {new!r}"]
 
 
 def _remove(*paths: Path) -> None:
@@ -307,10 +314,10 @@ class Run:
     # -- the ledger ----------------------------------------------------------------------------------------
     def _cached(self, key: str, inputs: dict[str, Any], *paths: Path) -> bool:
         entry = self.record.stages.get(key)
-        if entry is not None and entry.get("hash") == fingerprint(inputs) and all(p.exists() for p in paths):
+        changed = _changes(canonical(entry.get("inputs")), canonical(inputs)) if entry is not None else []
+        if entry is not None and not changed and all(p.exists() for p in paths):
             return True
         if entry is not None:
-            changed = _changes(entry.get("inputs"), inputs)
             logger.info("stage %s: inputs changed (%s); recomputing", key, "; ".join(changed[:4]) or "artifact missing")
         self.recomputed.append(key)
         return False

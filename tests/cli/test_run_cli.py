@@ -353,3 +353,38 @@ def test_public_api_path_without_the_cli(tiny_checkpoint, tiny_data, tmp_path):
     assert (tmp_path / "packed" / "model.safetensors").stat().st_size == plan.predicted["bytes"]
     with torch.no_grad():
         assert torch.equal(load_packed(tmp_path / "packed")(**batch).logits, q.eval()(**batch).logits)
+
+
+def test_a_run_recorded_before_a_setting_existed_stays_cached(run_dir, tmp_path, caplog):
+    """A stage recorded before an optional setting was added (its entry absent, not null) is still reused, and a
+    list recorded in JSON equals the tuple a config holds; a real change is named in the log."""
+    import shutil
+
+    from qbert_hessian.artifacts import canonical, fingerprint
+    from qbert_hessian.pipeline import _changes
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    record = json.loads((out / "run.json").read_text())
+    for key, entry in record["stages"].items():
+        if key.startswith("plan:"):  # as written before assign / assign_seed existed
+            entry["inputs"]["spec"] = {
+                k: v for k, v in entry["inputs"]["spec"].items() if k not in ("assign", "assign_seed") or v is not None
+            }
+            entry["hash"] = fingerprint(entry["inputs"])
+    (out / "run.json").write_text(json.dumps(record))
+    before = _stage_hashes(out)
+    with caplog.at_level("INFO", logger="qbert_hessian"):
+        assert main(["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]) == 0
+    assert _stage_hashes(out) == before
+    assert "inputs changed" not in caplog.text
+
+    assert (
+        _changes(canonical({"bits": (2, 3), "epochs": 1, "seed": None}), canonical({"bits": [2, 3], "epochs": 1.0}))
+        == []
+    )
+    assert _changes(canonical({"qat": True, "bits": [2, 3]}), canonical({"qat": 1, "bits": [2, 4], "new": 5})) == [
+        "bits: [2, 3] -> [2, 4]",
+        "new: None -> 5",
+        "qat: True -> 1",
+    ]
