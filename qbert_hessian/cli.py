@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "landscape",
-        help="1-D/2-D loss surfaces of blocks along Hessian eigenvectors, random or gradient directions",
+        help="1-D/2-D loss surfaces of blocks along Hessian eigenvectors (top, or extreme), random, gradient",
         description="Loss on a grid around a block's weights. Example: qbert-hessian landscape --model "
         "runs/sst2/checkpoint --task sst2 --data ../shared/data/sst2 --block encoder.0,encoder.5 "
         "--directions eigen --grid 21 --out runs/sst2/landscape",

@@ -623,6 +623,7 @@ class DensityConfig(_Config):
 
 class Direction(str, Enum):
     EIGEN = "eigen"
+    EXTREME = "extreme"
     RANDOM = "random"
     GRADIENT = "gradient"
 
@@ -632,7 +633,9 @@ class LandscapeConfig(_Config):
     """Settings of a loss surface.
 
     Args:
-        directions: ``eigen``, ``random`` or ``gradient``.
+        directions: ``eigen`` (the top eigenvectors), ``extreme`` (the eigenvectors of the largest and of the
+            smallest, most negative, eigenvalue: a saddle curves up along one axis and down along the other; a line
+            follows the smallest), ``random`` or ``gradient``.
         dims: 1 (a line) or 2 (a plane).
         grid: points per axis (Q-BERT: 21).
         radius: the axes run over [-radius, radius] (Q-BERT: 0.4).

@@ -5,6 +5,9 @@
 Directions (``d_1``, ``d_2``):
 - ``eigen``: the top Hessian eigenvectors of the block (unit norm; the second deflated against the first), as
   Q-BERT's Figure 2, so the axes show the sharpest directions;
+- ``extreme``: the eigenvectors of the largest and of the smallest (most negative) eigenvalue, the Ritz vectors
+  of one Lanczos run: at a saddle the surface curves up along the first axis and down along the second (a
+  1-D line follows the second);
 - ``random``: Gaussian directions, filter-normalised (Li et al. 2018): each row of a matrix is rescaled to the
   norm of the same row of the weights, vectors (biases, LayerNorm) are left at zero;
 - ``gradient``: the loss gradient, filter-normalised, then a filter-normalised random second direction
@@ -38,6 +41,7 @@ from .errors import QBHError
 from .hessian import vec
 from .hessian.eigen import top_eigenvalues
 from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled, loss_weight, model_loss
+from .hessian.lanczos import lanczos, randn_start
 from .models import BlockMap, eager_attention
 
 if TYPE_CHECKING:
@@ -140,17 +144,15 @@ def directions_for(
     if kind == Direction.RANDOM:
         dirs = [filter_normalized(params, generator) for _ in range(config.dims)]
         return dirs, {"kind": kind.value, "normalization": "filter"}
-    if kind == Direction.EIGEN:
+    if kind in (Direction.EIGEN, Direction.EXTREME):
         data_parallel = 1 < distributed.world_size() <= len(batches)
         with grads_enabled(params):
             mine = distributed.shard(batches) if data_parallel else batches
             hvp = BlockHessian(model, params, mine, data_parallel=data_parallel)
-            res = top_eigenvalues(
-                hvp, params, k=config.dims, max_iters=config.max_iters, tol=config.tol, generator=generator
-            )
-            hvp.free()
-        desc = {"kind": "eigen", "eigenvalues": res.values, "iterations": res.iters, "converged": res.converged}
-        return [[t.detach() for t in v] for v in res.vectors], desc
+            try:
+                return _eigen_directions(hvp, params, config, generator)
+            finally:
+                hvp.free()
     device = params[0].device
     total = sum(loss_weight(b) for b in batches)
     grads = [torch.zeros_like(p) for p in params]
@@ -167,6 +169,29 @@ def directions_for(
         coef = vec.dot(r, g_dir) / max(vec.dot(g_dir, g_dir), 1e-30)
         dirs.append(vec.axpy(-coef, g_dir, r))
     return dirs, {"kind": "gradient", "normalization": "filter", "gradient_norm": vec.norm(grads)}
+
+
+def _eigen_directions(
+    hvp: BlockHessian, params: list[torch.nn.Parameter], config: LandscapeConfig, generator: torch.Generator
+) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
+    """``eigen``: the ``dims`` largest-magnitude eigenvectors (power iteration with deflation); ``extreme``: the
+    Ritz vectors of the largest and smallest eigenvalue from one Lanczos run (the smallest alone for a line)."""
+    if config.directions == Direction.EIGEN:
+        res = top_eigenvalues(
+            hvp, params, k=config.dims, max_iters=config.max_iters, tol=config.tol, generator=generator
+        )
+        desc = {"kind": "eigen", "eigenvalues": res.values, "iterations": res.iters, "converged": res.converged}
+        return [[t.detach() for t in v] for v in res.vectors], desc
+    ends = lambda evals: np.unique([0, len(evals) - 1])  # noqa: E731  (indices of the smallest and largest Ritz value)
+    run = lanczos(hvp, randn_start(params, generator), max_steps=config.max_iters, tol=config.tol, watch=ends)
+    picks = [len(run.ritz_values) - 1, 0] if config.dims == 2 else [0]
+    desc = {
+        "kind": "extreme",
+        "eigenvalues": [float(run.ritz_values[j]) for j in picks],
+        "iterations": [run.steps] * len(picks),
+        "converged": [run.converged] * len(picks),
+    }
+    return [[t.detach() for t in run.vector(j)] for j in picks], desc
 
 
 @torch.no_grad()

@@ -552,9 +552,15 @@ def write_run_report(run_dir: Path | str) -> Path:
 
 def _landscape_axes(ls: dict[str, Any]) -> tuple[str, str]:
     kind = ls["directions"].get("kind", "?")
+    ev = ls["directions"].get("eigenvalues", [])
     if kind == "eigen":
-        ev = ls["directions"].get("eigenvalues", [])
         names = [f"eigenvector {i + 1} (lambda={v:.3g})" for i, v in enumerate(ev)]
+        return (names + ["", ""])[0], (names + ["", ""])[1]
+    if kind == "extreme":
+        names = [
+            f"{'largest' if v == max(ev) and len(ev) > 1 else 'smallest'} eigenvalue's vector (lambda={v:.3g})"
+            for v in ev
+        ]
         return (names + ["", ""])[0], (names + ["", ""])[1]
     return f"{kind} direction 1", f"{kind} direction 2"
 

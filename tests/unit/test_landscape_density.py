@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -104,6 +105,28 @@ def test_eigen_line_has_the_top_eigenvalue_as_curvature(model_task):
     # L(w + a v) = L(w) + a g.v + a^2 lam / 2 + O(a^3): the second difference gives lam.
     assert (left - 2 * mid + right) / h**2 == pytest.approx(lam, rel=0.05)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights restored
+
+
+def test_extreme_plane_has_the_largest_and_smallest_eigenvalues_as_its_curvatures(model_task):
+    from qbert_hessian.landscape import _batches
+
+    model, task = model_task
+    h = 0.05
+    cfg = LandscapeConfig(directions="extreme", grid=3, radius=h, batch_size=16, num_batches=1, max_iters=400, tol=1e-7)
+    block = "encoder.1.ffn_in"
+    ls = loss_landscape(model, task, cfg, block=block, progress=False)
+    params = BlockMap(model).parameters(block)
+    model.eval()
+    exact = torch.linalg.eigvalsh(dense_block_hessian(model, params, _batches(task, cfg)[0]).double())
+    top, bottom = ls.directions["eigenvalues"]
+    assert ls.directions["kind"] == "extreme" and float(exact[0]) < 0 < float(exact[-1])
+    assert top == pytest.approx(float(exact[-1]), rel=1e-3) and bottom == pytest.approx(float(exact[0]), rel=1e-3)
+    z = np.asarray(ls.loss)
+    # the plane curves up along the first axis by the largest eigenvalue and down along the second by the smallest
+    assert (z[1, 0] - 2 * z[1, 1] + z[1, 2]) / h**2 == pytest.approx(top, rel=0.05)
+    assert (z[0, 1] - 2 * z[1, 1] + z[2, 1]) / h**2 == pytest.approx(bottom, rel=0.05)
+    line = loss_landscape(model, task, dataclasses.replace(cfg, dims=1), block=block, progress=False)
+    assert line.directions["eigenvalues"] == pytest.approx([bottom], rel=1e-6)
 
 
 def test_two_d_grid_centre_resume_and_settings_check(model_task, tmp_path):
