@@ -490,6 +490,8 @@ class PlanSpec(_Config):
             sensitive) or ``random`` (a seeded permutation); the packed size stays the solver's, the objective
             is recomputed and the plan's method says so (None: the solver's own assignment).
         assign_seed: seeds assign = random (None: 0).
+        distill, learn_scales: this plan's QAT recipe, as ``[qat]`` (None: the run's), so one run holds its
+            ablations (e.g. logits-only distillation, or learned steps, beside the run's recipe).
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
             :class:`AllocConfig` (None: the run's ``[allocate]``). ``range_method`` is not among them: the run
             measures one cost table, with ``[allocate] range_method``, for all its plans.
@@ -504,6 +506,8 @@ class PlanSpec(_Config):
     seed: int | None = None
     assign: str | None = None
     assign_seed: int | None = None
+    distill: str | None = None
+    learn_scales: bool | None = None
     bits: tuple[int, ...] | None = None
     groups: int | str | None = None
     measure: str | None = None

@@ -209,7 +209,19 @@ def parse_run_config(data: Mapping[str, Any], base_dir: Path | None = None) -> R
     )
     for p in plans:
         p.alloc_config(config.allocate)  # every plan's settings on top of [allocate] are valid
+        plan_qat_config(config.qat, p)  # ...and on top of [qat]
     return config
+
+
+def plan_qat_config(qat: QATConfig, spec: PlanSpec) -> QATConfig:
+    """``[qat]`` with the plan's own seed and recipe (distill, learn_scales), where it sets them."""
+    over = {k: getattr(spec, k) for k in ("seed", "distill", "learn_scales") if getattr(spec, k) is not None}
+    if not over:
+        return qat
+    try:
+        return dataclasses.replace(qat, **over)
+    except QBHError as exc:
+        raise QBHError(f"plan '{spec.name}': {exc}") from None
 
 
 def load_run_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:
@@ -654,9 +666,8 @@ class Run:
         return result
 
     def qat_config(self, spec: PlanSpec) -> QATConfig:
-        """``[qat]`` with the plan's own seed, if it sets one."""
-        cfg = self.config.qat
-        return cfg if spec.seed is None else dataclasses.replace(cfg, seed=spec.seed)
+        """``[qat]`` with the plan's own seed and recipe (:func:`plan_qat_config`)."""
+        return plan_qat_config(self.config.qat, spec)
 
     def _qat_task(self, task, cfg: QATConfig):
         from .tasks import subset, tokenize_task

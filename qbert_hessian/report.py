@@ -404,6 +404,16 @@ def _finetune_budget(run: Path) -> tuple[int | None, int | None]:
     return seen, config.get("seed")
 
 
+def _recipe(spec: dict[str, Any]) -> str:
+    """A plan's own QAT recipe, for its row's method (`` (distill logits, learned steps)``; empty: the run's)."""
+    parts = []
+    if spec.get("distill") is not None:
+        parts.append(f"distill {spec['distill']}")
+    if spec.get("learn_scales") is not None:
+        parts.append("learned steps" if spec["learn_scales"] else "steps from the range")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
     """The results table of a run folder, from its JSON artifacts alone: one row per model, holding the task
     family's scores (:data:`~qbert_hessian.artifacts.METRIC_COLUMNS`) under their own keys and the family, the
@@ -465,7 +475,7 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family), **direct})
         if res.qat:
             trained = {"examples_seen": res.examples_seen, "seed": spec.get("seed", qat_seed)}
-            rows.append({"method": f"QAT, {kind}", **common, **_scores(res.metrics, family), **trained})
+            rows.append({"method": f"QAT{_recipe(spec)}, {kind}", **common, **_scores(res.metrics, family), **trained})
     return rows
 
 

@@ -165,6 +165,14 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
             "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nassign='reversed'\n",
             "plan 'a': assign = \"reversed\" reassigns the widths of a budget plan",
         ),
+        (
+            "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\ndistill='teacher'\n",
+            "plan 'a': QATConfig.distill 'teacher' is not valid; use none, logits, hidden or full",
+        ),
+        (
+            "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nlearn_scales='yes'\n",
+            "PlanSpec.learn_scales = 'yes' is not true/false",
+        ),
         ("[model\n", "not valid TOML"),
     ],
     ids=[
@@ -178,6 +186,8 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
         "range",
         "bits",
         "assign-uniform",
+        "plan-distill",
+        "plan-learn-scales",
         "toml",
     ],
 )
@@ -388,3 +398,27 @@ def test_a_run_recorded_before_a_setting_existed_stays_cached(run_dir, tmp_path,
         "new: None -> 5",
         "qat: True -> 1",
     ]
+
+
+def test_a_plan_with_its_own_qat_recipe_trains_with_it_and_its_row_says_so(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    before = _stage_hashes(out)
+    cfg = tmp_path / "run.toml"
+    extra = "\n[[plans]]\nname = 'mixed-3-ablation'\navg_bits = 3.0\nbits = [2, 4]\n"
+    extra += "distill = 'logits'\nlearn_scales = true\n"
+    cfg.write_text((run_dir / "run.toml").read_text() + extra)
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    after = _stage_hashes(out)
+    assert {k for k in after if after[k] != before.get(k)} == {
+        f"{stage}:mixed-3-ablation" for stage in ("plan", "direct", "packed", "metrics")
+    }
+    ablation = json.loads((out / "results" / "mixed-3-ablation" / "qat.json").read_text())["config"]
+    run_recipe = json.loads((out / "results" / "mixed-3" / "qat.json").read_text())["config"]
+    assert (ablation["distill"], ablation["learn_scales"]) == ("logits", True)
+    assert (run_recipe["distill"], run_recipe["learn_scales"]) == ("logits", False)  # [qat] distill = true
+    report = (out / "report.md").read_text()
+    assert "| QAT (distill logits, learned steps), mixed (milp) | mixed-3-ablation |" in report
+    assert "| QAT, mixed (milp) | mixed-3 |" in report
