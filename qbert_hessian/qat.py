@@ -27,6 +27,7 @@ The best checkpoint by the task's main dev metric (accuracy; entity F1; SQuAD F1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -43,6 +44,7 @@ from torch import Tensor
 from . import distributed
 from .config import _Config, _positive
 from .errors import QBHError
+from .models import eager_attention
 from .quant.apply import quant_modules, sync_activation_ranges
 from .quant.modules import SCALE_PARAM
 from .train import on_cpu, quiet_trainer
@@ -321,21 +323,22 @@ def train_qat(
         compute_metrics=setup.compute_metrics,
     )
     quiet_trainer(trainer, progress)
-    attn = _eager_attention([model, teacher] if config.distill == "full" else [])
     start = time.perf_counter()
     trained = False
-    try:
-        out = trainer.train()
-        trained = True
-    finally:
-        for _, module in quant_modules(model):
-            module.noise = 0.0
-        for m, impl in attn:
-            m.set_attn_implementation(impl)
-        if trained:
-            distributed.barrier()  # every rank has loaded the best checkpoint before rank 0 removes it
-        if distributed.is_main():
-            shutil.rmtree(work, ignore_errors=True)
+    with contextlib.ExitStack() as attention:
+        if config.distill == "full":  # only eager attention returns the attention maps distilled
+            for m in (model, teacher):
+                attention.enter_context(eager_attention(m))
+        try:
+            out = trainer.train()
+            trained = True
+        finally:
+            for _, module in quant_modules(model):
+                module.noise = 0.0
+            if trained:
+                distributed.barrier()  # every rank has loaded the best checkpoint before rank 0 removes it
+            if distributed.is_main():
+                shutil.rmtree(work, ignore_errors=True)
     sync_activation_ranges(model)
     model.eval()
     return {
@@ -395,15 +398,3 @@ def _training_args(
         # DDP's search for unused weights costs a graph traversal per step; a sentence classifier has none
         ddp_find_unused_parameters=not every_weight_used,
     )
-
-
-def _eager_attention(models: Sequence[nn.Module | None]) -> list[tuple[nn.Module, str]]:
-    """Switch ``models`` to eager attention (the only kind that returns attention maps); the previous kinds."""
-    switched = []
-    for m in models:
-        impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
-        if m is not None and impl is not None and impl != "eager":
-            logger.info("attention distillation: switching %s from %s to eager attention", type(m).__name__, impl)
-            m.set_attn_implementation("eager")  # type: ignore[operator]
-            switched.append((m, impl))
-    return switched
