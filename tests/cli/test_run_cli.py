@@ -220,6 +220,15 @@ def test_run_with_a_missing_model_exits_2_and_writes_nothing(tiny_data, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def _copy_of(run_dir, tmp_path):
+    """A copy of the module's finished run folder, for a test that changes it."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "out", out)
+    return out
+
+
 def _stage_hashes(out):
     return {k: v["hash"] for k, v in json.loads((out / "run.json").read_text())["stages"].items()}
 
@@ -234,10 +243,7 @@ def test_rerun_with_unchanged_inputs_recomputes_nothing(run_dir, caplog):
 
 
 def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, tmp_path):
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(run_dir / "out", out)
+    out = _copy_of(run_dir, tmp_path)
     before = _stage_hashes(out)
     args = ["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]
     assert main([*args, "--set", "sensitivity.draws=3"]) == 0
@@ -261,10 +267,7 @@ def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, 
 
 
 def test_a_plan_with_its_own_seed_trains_with_it_and_leaves_the_others_cached(run_dir, tmp_path):
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(run_dir / "out", out)
+    out = _copy_of(run_dir, tmp_path)
     before = _stage_hashes(out)
     cfg = tmp_path / "run.toml"
     extra = "\n[[plans]]\nname = 'mixed-3-seed1'\navg_bits = 3.0\nbits = [2, 4]\nseed = 1\n"
@@ -287,10 +290,7 @@ def test_a_plan_with_its_own_seed_trains_with_it_and_leaves_the_others_cached(ru
 
 
 def test_a_changed_assignment_recomputes_that_plan_and_its_results_only(run_dir, tmp_path):
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(run_dir / "out", out)
+    out = _copy_of(run_dir, tmp_path)
     cfg = tmp_path / "run.toml"
     text = (run_dir / "run.toml").read_text()
     cfg.write_text(text.replace('assign = "reversed"', 'assign = "random"\nassign_seed = 1'))
@@ -307,12 +307,10 @@ def test_a_changed_assignment_recomputes_that_plan_and_its_results_only(run_dir,
 
 
 def test_a_changed_range_method_recomputes_the_profile_and_everything_after_it(run_dir, tmp_path):
-    import shutil
 
     from qbert_hessian.artifacts import PackedManifest
 
-    out = tmp_path / "out"
-    shutil.copytree(run_dir / "out", out)
+    out = _copy_of(run_dir, tmp_path)
     before = _stage_hashes(out)
     args = ["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]
     assert main([*args, "--weight-range", "max"]) == 0
@@ -368,13 +366,11 @@ def test_public_api_path_without_the_cli(tiny_checkpoint, tiny_data, tmp_path):
 def test_a_run_recorded_before_a_setting_existed_stays_cached(run_dir, tmp_path, caplog):
     """A stage recorded before an optional setting was added (its entry absent, not null) is still reused, and a
     list recorded in JSON equals the tuple a config holds; a real change is named in the log."""
-    import shutil
 
     from qbert_hessian.artifacts import canonical, fingerprint
     from qbert_hessian.pipeline import _changes
 
-    out = tmp_path / "out"
-    shutil.copytree(run_dir / "out", out)
+    out = _copy_of(run_dir, tmp_path)
     record = json.loads((out / "run.json").read_text())
     for key, entry in record["stages"].items():
         if key.startswith("plan:"):  # as written before assign / assign_seed existed
@@ -401,10 +397,7 @@ def test_a_run_recorded_before_a_setting_existed_stays_cached(run_dir, tmp_path,
 
 
 def test_a_plan_with_its_own_qat_recipe_trains_with_it_and_its_row_says_so(run_dir, tmp_path):
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(run_dir / "out", out)
+    out = _copy_of(run_dir, tmp_path)
     before = _stage_hashes(out)
     cfg = tmp_path / "run.toml"
     extra = "\n[[plans]]\nname = 'mixed-3-ablation'\navg_bits = 3.0\nbits = [2, 4]\n"
