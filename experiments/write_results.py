@@ -14,9 +14,10 @@ import platform
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from qbert_hessian.artifacts import write_text
+from qbert_hessian.artifacts import METRIC_COLUMNS, RunRecord, write_text
 from qbert_hessian.report import results_rows, results_table
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -38,6 +39,41 @@ def replace_section(path: Path, name: str, text: str) -> None:
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {gpu}"
+
+
+def seed_groups(run: Path, rows: list[dict]) -> list[str]:
+    """The QAT rows grouped by plan settings apart from name and seed (the same recipe at several seeds), each
+    group's mean and sample standard deviation of the family's scores: the table that tells a difference from
+    seed-to-seed noise. Empty when no two plans differ by their seed alone."""
+    specs = {p["name"]: p for p in RunRecord.load(run / "run.json").config["plans"]}
+    qat = [r for r in rows if r["method"].startswith("QAT")]
+    if not qat:
+        return []
+    family = qat[0]["family"]
+    columns = METRIC_COLUMNS[family][:2]
+    groups: dict[str, list[dict]] = {}
+    for r in qat:
+        key = json.dumps({k: v for k, v in specs[r["plan"]].items() if k not in ("name", "seed")}, sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+    lines = [
+        "Seed-to-seed spread: QAT rows with the same settings apart from the seed, grouped (sample standard "
+        "deviation over the seeds; one group per recipe):",
+        "",
+        "| method | plans | seeds | " + " | ".join(f"{c} mean ± std" for c in columns) + " | values |",
+        "|---|---|---|" + "---|" * len(columns) + "---|",
+    ]
+    for members in groups.values():
+        cells = []
+        for c in columns:
+            v = np.asarray([m[c] for m in members], dtype=float)
+            cells.append(f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}")
+        values = ", ".join(f"{m[columns[0]]:.4f}" for m in members)
+        seeds = ", ".join(str(m["seed"]) for m in members)
+        plans = ", ".join(m["plan"] for m in members)
+        lines.append(f"| {members[0]['method']} | {plans} | {seeds} | " + " | ".join(cells) + f" | {values} |")
+    return lines
 
 
 def main() -> None:
@@ -63,6 +99,7 @@ def main() -> None:
         q = json.loads(res.read_text())
         times.append(f"QAT {res.parent.name}: {q['train_seconds']:.0f} s ({q['steps']} steps)")
     name = args.config.stem
+    spread = seed_groups(run, rows)
     lines = [
         f"## {name}",
         "",
@@ -73,6 +110,7 @@ def main() -> None:
         *([args.note, ""] if args.note else []),
         results_table(rows),
         "",
+        *([*spread, ""] if spread else []),
         "Wall times: " + "; ".join(times) + ".",
         "",
         f"The plans are in `{run}/plans/*.md`; the per-plan metrics, QAT logs and packed checkpoints in "
