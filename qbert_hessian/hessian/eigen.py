@@ -128,7 +128,8 @@ def most_negative_eigenvalue(
         hvp: ``v -> H v`` over ``params``.
         params: tensors giving the shapes of the vectors.
         shift: the largest-magnitude eigenvalue (from :func:`top_eigenvalues`). If it is negative it is
-            already the most negative eigenvalue and is returned as is.
+            already the most negative eigenvalue and is returned as is, with ``init`` (pass the top eigenvector
+            there, or the returned vector is only a random unit vector) and no products.
         max_iters, tol, init, generator: as in :func:`top_eigenvalues`.
 
     Returns:
