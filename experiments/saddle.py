@@ -52,14 +52,17 @@ def _landscape(folder: Path) -> dict:
     return ls
 
 
-def _axis_curvatures(ls: dict) -> tuple[float, float]:
-    """The second differences of the loss through the centre along each axis (at the smallest step)."""
+def _axis_differences(ls: dict) -> tuple[float, float, float, float]:
+    """The loss's slope (central first difference) and curvature (second difference) through the centre along
+    each axis, at the grid's step: ``(slope_1, curvature_1, slope_2, curvature_2)``."""
     z = np.asarray(ls["loss"], dtype=float)
     j, i = len(ls["betas"]) // 2, len(ls["alphas"]) // 2
     ha = ls["alphas"][i + 1] - ls["alphas"][i]
     hb = ls["betas"][j + 1] - ls["betas"][j]
     return (
+        float((z[j, i + 1] - z[j, i - 1]) / (2 * ha)),
         float((z[j, i - 1] - 2 * z[j, i] + z[j, i + 1]) / ha**2),
+        float((z[j + 1, i] - z[j - 1, i]) / (2 * hb)),
         float((z[j - 1, i] - 2 * z[j, i] + z[j + 1, i]) / hb**2),
     )
 
@@ -71,23 +74,30 @@ def landscape_lines(pairs: list[tuple[str, Path]], figure: Path) -> list[str]:
     lines = [
         "",
         "The plane of the largest and the most negative eigenvector of a block (`qbert-hessian landscape "
-        "--directions extreme`, the Ritz vectors of one Lanczos run on 2 training batches of 16): at a saddle the "
-        "loss rises along the first axis and falls along the second. The second difference of the loss through "
-        "the centre checks each eigenvalue against the surface itself.",
+        "--directions extreme`, the Ritz vectors of one Lanczos run on the landscape's own fixed training "
+        "batches, "
+        + ", ".join(
+            f"{label}: {ls['config']['num_batches']} x {ls['config']['batch_size']}, {ls['config']['grid']}^2 points"
+            for (label, _), ls in zip(pairs, surfaces)
+        )
+        + "): at a saddle the loss rises along the first axis and falls along the second. The second difference "
+        "of the loss through the centre (at the grid's step) checks each eigenvalue against the surface itself; "
+        "where the step is large against the curvature's scale, higher-order terms show in it.",
         "",
         f"![saddle landscapes]({figure.name})",
         "",
-        "| task | block | lambda max | lambda min | min / max | loss curvature, axis 1 | axis 2 | "
-        "loss range on the plane | radius |",
+        "| task | block | lambda max | lambda min | min / max | axis 1: slope, curvature | axis 2: slope, "
+        "curvature | loss range on the plane | radius |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for (label, _), ls in zip(pairs, surfaces):
         top, bottom = ls["directions"]["eigenvalues"]
-        c1, c2 = _axis_curvatures(ls)
+        s1, c1, s2, c2 = _axis_differences(ls)
         z = np.asarray(ls["loss"], dtype=float)
         lines.append(
-            f"| {label} | {ls['block']} | {top:.3g} | {bottom:.3g} | {bottom / top:.2f} | {c1:.3g} | {c2:.3g} | "
-            f"{z.min():.3f} to {z.max():.3f} (centre {ls['center_loss']:.3f}) | {ls['alphas'][-1]:g} |"
+            f"| {label} | {ls['block']} | {top:.3g} | {bottom:.3g} | {bottom / top:.2f} | {s1:.3g}, {c1:.3g} | "
+            f"{s2:.3g}, {c2:.3g} | {z.min():.3f} to {z.max():.3f} (centre {ls['center_loss']:.3f}) | "
+            f"{ls['alphas'][-1]:g} |"
         )
     return lines
 
