@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, about in (
         ("run", "the whole pipeline from a TOML config: finetune, sensitivity, plans, quantization, QAT, report"),
-        ("demo", "the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 13 minutes on 2 cores)"),
+        ("demo", "the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 12 minutes on 2 cores)"),
     ):
         p = sub.add_parser(
             name,
