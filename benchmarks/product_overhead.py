@@ -5,14 +5,16 @@
 On one padding-free BBC News batch (16 articles, max length 128), for each block: the seconds to build the
 graph and per Hessian-vector product of :class:`~qbert_hessian.hessian.hvp.BlockHessian`, beside the same
 product as PyHessian makes it (``autograd.grad`` of the create-graph gradient with ``grad_outputs=v``). Both
-are warmed up once; products are averaged over ``--repeats``. Prints a table; run it on a quiet machine (it
+are warmed up once; products are averaged over ``--repeats``, the two kinds interleaved (both graphs alive). Prints a table; run it on a quiet machine (it
 times), with the model from ``make bench``'s BBC checkpoint or any BBC fine-tune.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import DataCollatorWithPadding
@@ -21,6 +23,20 @@ from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
 from qbert_hessian.models import BlockMap, eager_attention, load_model
 from qbert_hessian.tasks import load_raw_task, tokenize_task
+
+
+def interleaved_seconds(calls: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Mean seconds per call of each, after one warm-up each, the calls interleaved so that drift in the
+    machine's speed hits them alike."""
+    for call in calls:
+        call()
+    seconds = [0.0] * len(calls)
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            seconds[i] += time.perf_counter() - start
+    return [s / repeats for s in seconds]
 
 
 def main() -> None:
@@ -47,20 +63,12 @@ def main() -> None:
                 hvp = BlockHessian(model, params, [batch])
                 ours_build = time.perf_counter() - start
                 v = vec.randn_like(hvp.like)
-                hvp(v)
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    hvp(v)
-                ours = (time.perf_counter() - start) / args.repeats
-                hvp.free()
                 start = time.perf_counter()
                 grads = torch.autograd.grad(model(**batch).loss, params, create_graph=True)
                 bare_build = time.perf_counter() - start
-                torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-                bare = (time.perf_counter() - start) / args.repeats
+                bare = functools.partial(torch.autograd.grad, grads, params, grad_outputs=v, retain_graph=True)
+                ours, bare = interleaved_seconds([functools.partial(hvp, v), bare], args.repeats)
+                hvp.free()
             print(
                 f"| {name} | {ours_build:.2f} | {ours * 1e3:.0f} | {bare_build:.2f} | {bare * 1e3:.0f} | "
                 f"{ours / bare:.2f} |"
