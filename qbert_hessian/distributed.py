@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -198,23 +198,28 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Sum ``tensors`` over ranks in place, through one flat buffer per dtype (so one collective per call in
-    the usual all-fp32 case); returns them."""
+def _flat_collective_(tensors: Sequence[Tensor], collective: Callable[[Tensor], Any]) -> list[Tensor]:
+    """Run ``collective`` in place on one flat buffer per dtype of ``tensors`` and copy the result back into
+    them (so one collective per call in the usual all-fp32 case); returns them."""
     tensors = list(tensors)
     if not _active() or not tensors:
         return tensors
     device = _collective_device()
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         group = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in group]).to(device)
-        dist.all_reduce(flat)
+        flat = torch.cat([t.detach().reshape(-1) for t in group]).to(device)
+        collective(flat)
         offset = 0
         with torch.no_grad():
             for t in group:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
     return tensors
+
+
+def all_reduce_(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Sum ``tensors`` over ranks in place, through one flat buffer per dtype; returns them."""
+    return _flat_collective_(tensors, dist.all_reduce)
 
 
 def all_reduce_floats(values: Sequence[float], op: str = "sum") -> list[float]:
@@ -255,9 +260,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> list[Tensor]:
     """Overwrite ``tensors`` in place with rank ``src``'s values (one flat buffer per dtype)."""
-    tensors = list(tensors)
-    if not _active() or not tensors:
-        return tensors
+    return _flat_collective_(tensors, lambda flat: dist.broadcast(flat, src=src))
     device = _collective_device()
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         group = [t for t in tensors if t.dtype == dtype]
