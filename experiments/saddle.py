@@ -37,7 +37,7 @@ def _pairs(items: list[str]) -> list[tuple[str, Path]]:
     for item in items:
         label, sep, folder = item.partition("=")
         if not sep:
-            raise SystemExit(f"'{item}' is not LABEL=FOLDER")
+            raise QBHError(f"'{item}' is not LABEL=FOLDER; write e.g. SQuAD=runs/squad_minilm")
         out.append((label, Path(folder)))
     return out
 
@@ -112,6 +112,8 @@ def main() -> None:
     args = ap.parse_args()
     labels = [label for label, _ in _pairs(args.runs)]
     reports = [_report(folder) for _, folder in _pairs(args.runs)]
+    for _, folder in _pairs(args.landscape):  # every input checked before anything is written
+        _landscape(folder)
     plot_curvature_signs(reports, labels, args.figure)
     rows = curvature_sign_rows(reports, labels)
     settings = "; ".join(
@@ -137,4 +139,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except QBHError as exc:  # a missing or wrong input folder: one line, exit 2, nothing written
+        print(f"saddle.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
