@@ -42,7 +42,7 @@ from .hessian import vec
 from .hessian.eigen import top_eigenvalues
 from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled, loss_weight, model_loss
 from .hessian.lanczos import lanczos, randn_start
-from .models import BlockMap, eager_attention
+from .models import BlockMap, curvature_kernels
 
 if TYPE_CHECKING:
     from torch import nn
@@ -237,7 +237,7 @@ def loss_landscape(
     start = time.perf_counter()
     alphas = np.linspace(-config.radius, config.radius, config.grid).tolist()
     betas = np.linspace(-config.radius, config.radius, config.grid).tolist() if config.dims == 2 else [0.0]
-    with eager_attention(model), curvature_mode(model):
+    with curvature_kernels(model), curvature_mode(model):
         dirs, desc = directions_for(model, params, batches, config, generator)
         if distributed.world_size() > 1:  # one set of directions for every rank: rank 0's
             distributed.broadcast_([t for d in dirs for t in d])

@@ -16,9 +16,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .errors import QBHError
+from .hessian.kernels import gelu, softmax
 from .names import EMBEDDING_PARTS, LINEAR_PARTS, expand_blocks, validate_block
 
 if TYPE_CHECKING:
@@ -347,6 +349,81 @@ def load_model(
     model.to(device).eval()
     adapter_for(model)
     return model, tokenizer
+
+
+SECOND_ORDER_ATTENTION = "qbert_hessian_second_order"
+
+
+def _second_order_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **_: Any,
+) -> tuple[Tensor, Tensor]:
+    """HF's eager attention (the interface every encoder family here dispatches through) with
+    :func:`~qbert_hessian.hessian.kernels.softmax`: the same values and derivatives, a cheap double backward."""
+    # the scale on the query rather than the scores: the same function, a pass over a tensor 4x smaller
+    scores = torch.matmul(query * (query.size(-1) ** -0.5 if scaling is None else scaling), key.transpose(2, 3))
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = nn.functional.dropout(softmax(scores), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class _SecondOrderGelu(nn.Module):
+    """Stands in for an exact GELU module while Hessian products are taken (:func:`curvature_kernels`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    from transformers.activations import GELUActivation
+
+    if type(module) is nn.GELU:
+        return module.approximate == "none"
+    # HF's GELUActivation calls F.gelu (exact) unless built with use_gelu_python (the same function in Python)
+    return type(module) is GELUActivation
+
+
+@contextlib.contextmanager
+def curvature_kernels(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the model, for the duration, with kernels fit for Hessian-vector products by double backward.
+
+    Attention is HF's eager attention (PyTorch's SDPA kernels have no double backward on CPU), and its softmax
+    and every exact GELU module are replaced by versions whose double backward keeps what does not depend on
+    the product's vector (:mod:`~qbert_hessian.hessian.kernels`): the same function and derivatives, cheaper
+    products (benchmarks/PRODUCTS.md). The attention is registered with HF's attention and mask interfaces
+    (every encoder family here dispatches through them); other activations are left as they are. Everything
+    is restored afterwards.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    if before is not None:
+        AttentionInterface.register(SECOND_ORDER_ATTENTION, _second_order_attention)
+        # the additive float mask eager attention expects (HF passes no mask to an attention it has none for)
+        AttentionMaskInterface.register(SECOND_ORDER_ATTENTION, eager_mask)
+        model.set_attn_implementation(SECOND_ORDER_ATTENTION)  # type: ignore[operator]
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if _is_exact_gelu(child):
+                    setattr(parent, name, _SecondOrderGelu())
+                    swapped.append((parent, name, child))
+        yield model
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
+        if before is not None:
+            model.set_attn_implementation(before)  # type: ignore[operator]
 
 
 @contextlib.contextmanager

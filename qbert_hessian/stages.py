@@ -441,7 +441,7 @@ def density(
     from .hessian.density import slq_density, smooth_alike
     from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled
     from .landscape import block_parameters
-    from .models import eager_attention
+    from .models import curvature_kernels
 
     check_blocks(model, blocks)
     n = min(config.batch_size, len(task.train))
@@ -450,7 +450,7 @@ def density(
     batch = task.batch("train", distributed.shard(range(n)) if data_parallel else list(range(n)))
     found = []
     generator = torch.Generator().manual_seed(config.seed)
-    with eager_attention(model), curvature_mode(model):
+    with curvature_kernels(model), curvature_mode(model):
         for b in blocks:
             params = block_parameters(model, b)
             with grads_enabled(params):

@@ -43,7 +43,7 @@ from .. import distributed
 from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
 from ..config import EigenMethod, Parallel, SensitivityConfig, TraceMethod, TraceMode
 from ..errors import QBHError
-from ..models import BlockMap, eager_attention
+from ..models import BlockMap, curvature_kernels
 from ..names import blocks_overlap
 from . import vec
 from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
@@ -337,7 +337,7 @@ def estimate_sensitivity(
 
     # One block per round, computed by every rank together (data) or alone; or one block per rank (blocks).
     per_round = world if world > 1 and mode == Parallel.BLOCKS else 1
-    with eager_attention(model), curvature_mode(model):
+    with curvature_kernels(model), curvature_mode(model):
         for first in range(0, len(todo), per_round):
             names_now = todo[first : first + per_round]
             if per_round == 1:

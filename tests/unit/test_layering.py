@@ -22,6 +22,7 @@ LAYERS = {
     "hessian.eigen": 1,
     "hessian.trace": 1,
     "hessian.density": 1,
+    "hessian.kernels": 1,
     "quant.ranges": 1,
     "quant.functional": 1,
     "models": 2,

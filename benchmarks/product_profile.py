@@ -1,0 +1,134 @@
+"""Where a block's Hessian-vector product spends its time, on one padding-free BBC News batch.
+
+    python benchmarks/product_profile.py --model runs/bbc/checkpoint
+
+For every block of the protocol (embeddings, each encoder layer), on one batch of 16 articles at max length
+128 (no padding):
+
+- **graph**: seconds to build the block's graph (forward + create-graph backward), as the engine does per
+  block and draw; and, once, the graph of every block's parameters together (what one graph per draw shared by
+  all blocks would cost instead of their sum);
+- **product**: milliseconds per product three ways, interleaved so that drift in the machine's speed hits them
+  alike (both graphs alive): a bare ``autograd.grad`` double backward with HF's eager attention and PyTorch's
+  GELU (what PyHessian does), :class:`BlockHessian` with the same kernels, and :class:`BlockHessian` under
+  :func:`~qbert_hessian.models.curvature_kernels` (the engine's default since this script was written).
+
+Writes benchmarks/PRODUCTS.md (command, machine, table). It times: run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding
+
+from qbert_hessian.artifacts import write_text
+from qbert_hessian.hessian import vec
+from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+from qbert_hessian.models import BlockMap, curvature_kernels, eager_attention, load_model
+from qbert_hessian.tasks import load_raw_task, tokenize_task
+
+HERE = Path(__file__).resolve().parent
+
+
+def interleaved_seconds(calls: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Mean seconds per call of each, after one warm-up each, the calls interleaved."""
+    for call in calls:
+        call()
+    seconds = [0.0] * len(calls)
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            seconds[i] += time.perf_counter() - start
+    return [s / repeats for s in seconds]
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a BBC News fine-tune (make bench's runs/bbc/checkpoint)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(HERE / "PRODUCTS.md"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    task = tokenize_task(load_raw_task("bbc-news"), tok, max_length=128)
+    batch = dict(DataCollatorWithPadding(tok)([task.train[i] for i in range(16)]))
+    padding = 1 - batch["attention_mask"].float().mean().item()
+    block_map = BlockMap(model)
+    names = block_map.expand(None)
+    rows, own_builds = [], 0.0
+    with curvature_mode(model):
+        everything = [p for n in names for p in block_map.parameters(n)]
+        with eager_attention(model), grads_enabled(everything):
+            BlockHessian(model, everything, [batch]).free()  # warm-up
+            shared_build, shared = timed(lambda: BlockHessian(model, everything, [batch]))
+            shared.free()
+        for name in names:
+            params = block_map.parameters(name)
+            with grads_enabled(params):
+                with eager_attention(model):
+                    build, stock = timed(lambda params=params: BlockHessian(model, params, [batch]))
+                    grads = torch.autograd.grad(model(**batch).loss, params, create_graph=True)
+                with curvature_kernels(model):
+                    ours = BlockHessian(model, params, [batch])
+                v = vec.randn_like(params, torch.Generator().manual_seed(0))
+                bare = functools.partial(torch.autograd.grad, grads, params, grad_outputs=v, retain_graph=True)
+                diff = vec.flatten(ours(v)).sub(vec.flatten(stock(v))).norm() / vec.flatten(stock(v)).norm()
+                times = interleaved_seconds(
+                    [bare, functools.partial(stock, v), functools.partial(ours, v)], args.repeats
+                )
+                stock.free()
+                ours.free()
+                del grads
+            own_builds += build
+            rows.append((name, build, *times, float(diff)))
+            print(name, [f"{t * 1e3:.0f} ms" for t in times], file=sys.stderr)
+
+    lines = [
+        "# Where a Hessian-vector product spends its time",
+        "",
+        f"Command: `python benchmarks/product_profile.py --model {args.model} --repeats {args.repeats}`",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; {datetime.date.today().isoformat()}. One BBC News batch of "
+        f"{tuple(batch['input_ids'].shape)} tokens, {padding:.0%} padding, model `{args.model}`.",
+        "",
+        "| block | graph (s) | bare double backward (ms) | BlockHessian, PyTorch kernels (ms) | "
+        "BlockHessian, curvature kernels (ms) | kernels' speed-up over bare | rel. difference of the products |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, build, bare, stock, ours, diff in rows:
+        lines.append(
+            f"| {name} | {build:.2f} | {bare * 1e3:.0f} | {stock * 1e3:.0f} | {ours * 1e3:.0f} | "
+            f"{bare / ours:.2f}x | {diff:.1e} |"
+        )
+    total = [sum(r[i] for r in rows) for i in (2, 3, 4)]
+    lines += [
+        f"| all blocks, one product each | {own_builds:.2f} | {total[0] * 1e3:.0f} | {total[1] * 1e3:.0f} | "
+        f"{total[2] * 1e3:.0f} | {total[0] / total[2]:.2f}x | |",
+        "",
+        f"One graph over every block's parameters together: {shared_build:.2f} s, against {own_builds:.2f} s for "
+        "the blocks' own graphs (built once per block and draw by the engine).",
+        "",
+    ]
+    write_text(args.out, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
