@@ -41,11 +41,13 @@ runs/bbc/checkpoint/metrics.json: | $(STAMP)
 	$(VENV)/bin/qbert-hessian finetune --model minilm-l6 --task bbc-news --epochs 2 --batch-size 16 --lr 1e-4 \
 		--out runs/bbc/checkpoint
 
-# Every engine on SST-2 (RESULTS.md) and BBC News (RESULTS_BBC.md), then the trace estimators (TRACES.md).
+# Every engine on SST-2 (RESULTS.md) and BBC News (RESULTS_BBC.md), one product's cost per block (PRODUCTS.md),
+# then the trace estimators (TRACES.md).
 bench: $(STAMP) runs/sst2/checkpoint/metrics.json runs/bbc/checkpoint/metrics.json
 	$(PY) -m pip install -q --no-deps $(BENCH_PEERS)
 	$(PY) benchmarks/bench_sensitivity.py --task sst2 --model runs/sst2/checkpoint --data $(SST2_DATA)
 	$(PY) benchmarks/bench_sensitivity.py --task bbc-news --model runs/bbc/checkpoint
+	$(PY) benchmarks/product_profile.py --model runs/bbc/checkpoint
 	$(PY) benchmarks/bench_traces.py --model runs/sst2/checkpoint --data $(SST2_DATA)
 
 style: $(STAMP)

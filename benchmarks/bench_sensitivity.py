@@ -715,6 +715,9 @@ Where our speed-up comes from:
 4. **Embedding tables cut to the rows looked up.** The word table's Hessian is zero outside the draw's token ids, so
    the solver's vectors hold a few hundred rows instead of 30,522.
 5. **Warm starts**: each draw starts from the previous draw's top eigenvector (kept whole between draws).
+6. **Curvature kernels.** GELU and the attention softmax run, during the products, as functions whose double
+   backward keeps the factors that do not depend on the vector (GELU', g GELU'', g - <g, y>) instead of
+   recomputing them in every product (`qbert_hessian/hessian/kernels.py`; per block in benchmarks/PRODUCTS.md).
 
 Memory: our Lanczos keeps its basis (one vector of the block's size per product) for re-orthogonalisation; ARPACK keeps
 its (20 vectors by default); eigenthings' Lanczos keeps all of its steps' vectors of the whole block (word table

@@ -47,7 +47,7 @@ from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
 from qbert_hessian.hessian.sensitivity import draw_indices
 from qbert_hessian.hessian.trace import hutchinson_block_traces, hutchinson_trace, hutchpp_trace
-from qbert_hessian.models import BlockMap, eager_attention, load_model
+from qbert_hessian.models import BlockMap, curvature_kernels, load_model
 from qbert_hessian.names import blocks_overlap
 from qbert_hessian.tasks import load_raw_task, tokenize_task
 
@@ -150,7 +150,7 @@ def main() -> None:
     started = time.perf_counter()
     points: dict[str, list[dict]] = {n: [] for n in names}
     block_seconds: dict[str, float] = {}
-    with eager_attention(model), curvature_mode(model):
+    with curvature_kernels(model), curvature_mode(model):
         for d, batches in enumerate(draws):
             for b, name in enumerate(names):
                 params = bm.parameters(name)

@@ -398,20 +398,23 @@ def curvature_kernels(model: nn.Module) -> Iterator[nn.Module]:
     and every exact GELU module are replaced by versions whose double backward keeps what does not depend on
     the product's vector (:mod:`~qbert_hessian.hessian.kernels`): the same function and derivatives, cheaper
     products (benchmarks/PRODUCTS.md). The attention is registered with HF's attention and mask interfaces
-    (every encoder family here dispatches through them); other activations are left as they are. Everything
-    is restored afterwards.
+    (every encoder family here dispatches through them; a model class that does not gets plain eager
+    attention); other activations are left as they are. Everything is restored afterwards.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)
+    # a model class that does not dispatch through HF's attention interface gets plain eager attention
+    wanted = SECOND_ORDER_ATTENTION if getattr(model, "_supports_attention_backend", False) else "eager"
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    if before is not None:
+    if wanted == SECOND_ORDER_ATTENTION:
         AttentionInterface.register(SECOND_ORDER_ATTENTION, _second_order_attention)
         # the additive float mask eager attention expects (HF passes no mask to an attention it has none for)
         AttentionMaskInterface.register(SECOND_ORDER_ATTENTION, eager_mask)
-        model.set_attn_implementation(SECOND_ORDER_ATTENTION)  # type: ignore[operator]
+    if before is not None and before != wanted:
+        model.set_attn_implementation(wanted)  # type: ignore[operator]
     try:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -422,7 +425,7 @@ def curvature_kernels(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
-        if before is not None:
+        if before is not None and before != wanted:
             model.set_attn_implementation(before)  # type: ignore[operator]
 
 

@@ -100,3 +100,37 @@ def test_the_swap_changes_no_output_and_is_undone(micro_bert):
     torch.testing.assert_close(swapped, expected, rtol=1e-5, atol=1e-6)
     assert micro_bert.bert.encoder.layer[0].intermediate.intermediate_act_fn is act
     assert micro_bert.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_every_family_swaps_both_kernels_and_keeps_its_hessian(family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "roberta":
+        config = tf.RobertaConfig(
+            vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
+            max_position_embeddings=20, attn_implementation="eager",
+        )  # fmt: skip
+        model = tf.RobertaForSequenceClassification(config).eval()
+    else:
+        config = tf.DistilBertConfig(
+            vocab_size=30, dim=8, n_layers=1, n_heads=2, hidden_dim=12, max_position_embeddings=16,
+            attn_implementation="eager",
+        )  # fmt: skip
+        model = tf.DistilBertForSequenceClassification(config).eval()
+    batch = ragged_batch(30, [3, 9, 5, 12])
+    if family == "distilbert":
+        del batch["token_type_ids"]
+    else:
+        batch["input_ids"] = batch["input_ids"] + 2 * batch["attention_mask"]  # RoBERTa: ids >= 2 (1 is padding)
+    batch["labels"] = batch["labels"] % 2
+    params = BlockMap(model).parameters("encoder.0")
+    H = dense_block_hessian(model, params, batch)
+    v = vec.randn_like(params, torch.Generator().manual_seed(2))
+    gelus = sum(type(m).__name__ == "GELUActivation" for m in model.modules())
+    with curvature_kernels(model), curvature_mode(model), grads_enabled(params):
+        assert model.config._attn_implementation != "eager"
+        assert gelus and not any(type(m).__name__ == "GELUActivation" for m in model.modules())
+        hv = BlockHessian(model, params, [batch], length_buckets=1)(v)
+    assert torch.allclose(vec.flatten(hv), H @ vec.flatten(v), rtol=1e-4, atol=1e-5)
