@@ -6,7 +6,8 @@ report), same tolerance, every engine on one block at a time:
 - **PyHessian 0.1**: power iteration, applied to one block by freezing every other parameter.
 - **curvlinops 3.x**: its ``HessianLinearOperator`` restricted to the block's parameters, on the same batch,
   exported with ``to_scipy`` (float32) to SciPy's ``eigsh`` (ARPACK, implicitly restarted Lanczos), ``which="LM"``
-  (largest magnitude, as the protocol's score), ``tol`` = the protocol's tolerance, a seeded start vector.
+  (largest magnitude, as the protocol's score), ``tol`` = the protocol's tolerance, a seeded start vector, its
+  restarts capped at about ``max_iters`` products.
 - **hessian-eigenthings 1.0 (alpha)**: its ``HessianOperator`` with a parameter filter selecting the block, and
   its two solvers: ``deflated_power_iteration(k=1, max_iter, tol)`` and ``lanczos(k=1, max_iter, tol)``, which
   runs a fixed number of steps: it is run at 10, 20, 40, 80 and ``max_iters`` steps until its own convergence
@@ -245,8 +246,16 @@ def counted_scipy(operator, counter: list[int]):
     return LinearOperator(A.shape, matvec=matvec, matmat=matmat, dtype=np.float32)
 
 
+ARPACK_NCV = 20  # eigsh's default number of Lanczos vectors for k=1
+
+
 def curvlinops_engine(model, task, bm, names, batches, cfg) -> tuple[Eigs, int]:
-    """SciPy's ``eigsh`` (ARPACK) over curvlinops' operator: k=1, ``which="LM"``, ``tol`` = the protocol's."""
+    """SciPy's ``eigsh`` (ARPACK) over curvlinops' operator: k=1, ``which="LM"``, ``tol`` = the protocol's.
+
+    ARPACK's own cap is ten times the operator's size in restarts (millions of products for a layer), so its
+    restarts are capped at max_iters // ncv: about max_iters products, like every other engine's cap. A
+    block-draw it does not converge on within that is NaN in the tables (its products are counted).
+    """
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     eig: Eigs = {n: [] for n in names}
@@ -258,7 +267,16 @@ def curvlinops_engine(model, task, bm, names, batches, cfg) -> tuple[Eigs, int]:
                 A = counted_scipy(curvlinops_operator(model, params, batch), products)
                 v0 = np.random.default_rng([cfg.seed, b, d]).standard_normal(A.shape[0]).astype(np.float32)
                 try:
-                    w = eigsh(A, k=1, which="LM", tol=cfg.tol, v0=v0, return_eigenvectors=False)
+                    w = eigsh(
+                        A,
+                        k=1,
+                        which="LM",
+                        tol=cfg.tol,
+                        v0=v0,
+                        ncv=ARPACK_NCV,
+                        maxiter=max(1, cfg.max_iters // ARPACK_NCV),
+                        return_eigenvectors=False,
+                    )
                 except ArpackNoConvergence as exc:  # reported as NaN: no converged value to compare
                     w = exc.eigenvalues
                 eig[name].append(float(w[0]) if len(w) else float("nan"))
@@ -672,7 +690,7 @@ How each engine runs one block on one draw:
 - curvlinops: `HessianLinearOperator` over the block's parameters and the draw's batch (mean cross-entropy of the
   logits, the model's own loss), `to_scipy(float32)`, then `scipy.sparse.linalg.eigsh(k=1, which="LM", tol={cfg.tol})`
   from a seeded start. ARPACK's `tol` bounds the Ritz residual relative to the eigenvalue (so the eigenvalue's error
-  too); it has no product cap (its restarts are counted in the products).
+  too); its restarts are capped at {max(1, cfg.max_iters // ARPACK_NCV)} (about {cfg.max_iters} products; every product of every restart counted).
 - hessian-eigenthings: `HessianOperator` with a parameter filter for the block, loss `model(**batch).loss`. Power
   iteration (`deflated_power_iteration(k=1, max_iter={cfg.max_iters}, tol={cfg.tol})`) stops when both the change and the residual are
   within the tolerance. Its Lanczos runs a fixed number of steps: it is run at {", ".join(map(str, lanczos_schedule(cfg.max_iters)))} steps until its
