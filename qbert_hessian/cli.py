@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         model="a fine-tuned model (classifier, token tagger or QA): folder, hub name or minilm-l6",
         out="folder for sensitivity.{json,csv,md,png} and profile.json",
-        resume="keep the finished blocks of OUT/sensitivity.json",
+        resume="keep the finished blocks and draws of OUT/sensitivity.json",
         force="overwrite an existing report in OUT",
     )
     p.add_argument(
@@ -446,7 +446,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except KeyboardInterrupt:
-        _say(args, f"interrupted; the finished blocks are in {existing}; rerun with --resume to continue", err=True)
+        _say(args, f"interrupted; the finished draws are kept in {args.out}; rerun with --resume to continue", err=True)
         return 130
     if args.world.is_main:
         print((args.out / "sensitivity.md").read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ from .artifacts import (
     QuantProfile,
     SensitivityReport,
     SizeReport,
+    atomic_write,
     fingerprint,
     sha256_file,
     write_text,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PROFILE_FILE = "profile.json"
+# The draws a stopped sensitivity run has finished, for --resume (removed once its blocks are finished).
+SENSITIVITY_STATE_FILE = "sensitivity.state.pt"
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -204,8 +207,32 @@ def sensitivity(
         report.inputs = inputs
         write_sensitivity(report, out)
 
+    import torch
+
+    state_path = out / SENSITIVITY_STATE_FILE
+
+    def save_draw(report: SensitivityReport, state: dict | None) -> None:
+        if state is None:  # the blocks are finished: their report is written, the draws so far are not needed
+            state_path.unlink(missing_ok=True)
+            return
+        save(report)
+        atomic_write(state_path, lambda tmp: torch.save({**state, "inputs": inputs}, tmp))
+
+    state = None
+    if resume is not None:  # every rank resumes from rank 0's saved draws
+        state = _load_state(state_path, inputs) if distributed.is_main() else None
+        state = distributed.broadcast_object(state)
     report = estimate_sensitivity(
-        model, task, config, blocks=blocks, model_name=model_name, resume=resume, on_block=save, progress=progress
+        model,
+        task,
+        config,
+        blocks=blocks,
+        model_name=model_name,
+        resume=resume,
+        resume_state=state,
+        on_block=save,
+        on_draw=save_draw,
+        progress=progress,
     )
     report.inputs = inputs
     if not distributed.is_main():
@@ -217,6 +244,24 @@ def sensitivity(
         model, report, out, groups=profile_groups, model_name=model_name, range_method=range_method
     )
     return report, profile
+
+
+def _load_state(path: Path, inputs: dict[str, Any]) -> dict | None:
+    """The draws a stopped sensitivity run saved, if they were computed from ``inputs`` (else None: a run of
+    other inputs, or a file that cannot be read, is not resumed from; its blocks start over)."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # a torn or foreign file: resuming from it would give wrong numbers
+        logger.warning("cannot read '%s' (%s); the pending blocks start over", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("inputs") != inputs:
+        logger.warning("'%s' was saved from other inputs; the pending blocks start over", path)
+        return None
+    return state
 
 
 def report_profile(

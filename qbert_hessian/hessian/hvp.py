@@ -322,13 +322,11 @@ class BlockHessian:
 
     def restrict(self, v: Sequence[Tensor]) -> list[Tensor]:
         """A vector shaped like ``params`` -> shaped like :attr:`like` (the looked-up rows of each table)."""
-        return [x if r is None else x.index_select(0, r) for x, r in zip(v, self.rows)]
+        return _restrict(v, self.rows)
 
     def expand(self, v: Sequence[Tensor]) -> list[Tensor]:
         """A vector shaped like :attr:`like` -> shaped like ``params`` (zero on the rows not looked up)."""
-        return [
-            x if r is None else x.new_zeros(p.shape).index_copy_(0, r, x) for x, p, r in zip(v, self.params, self.rows)
-        ]
+        return _expand(v, self.params, self.rows)
 
     def _full(self, i: int, x: Tensor) -> Tensor:
         """Component i as a whole table; a compact one is written into a zero buffer kept for the purpose."""
@@ -343,33 +341,99 @@ class BlockHessian:
         """The batch-averaged loss at the current parameters (over every rank's batches under data parallelism)."""
         return self._loss
 
-    def __call__(self, v: list[Tensor]) -> list[Tensor]:
-        """H v for a vector shaped like ``params`` or like :attr:`like`; the result is shaped like ``v``."""
-        compact = [r is not None and x.shape != p.shape for x, p, r in zip(v, self.params, self.rows)]
-        full = [self._full(i, x) for i, x in enumerate(v)]
-        out: list[Tensor | None] = [None] * len(self.params)
+    def _product(self, sel: Sequence[int], v: Sequence[Tensor]) -> list[Tensor]:
+        """H_ss v for the parameters ``self.params[i], i in sel`` (``v`` aligned with ``sel``), the others fixed:
+        one double backward per batch from the gradients of ``sel`` to ``sel``, through the graphs kept."""
+        params = [self.params[i] for i in sel]
+        compact = [self.rows[i] is not None and x.shape != self.params[i].shape for i, x in zip(sel, v)]
+        full = [self._full(i, x) for i, x in zip(sel, v)]
+        out: list[Tensor | None] = [None] * len(sel)
         for w, grads in zip(self.weights, self.grads):
-            idx = [i for i, g in enumerate(grads) if g is not None]
-            if not idx:
+            pos = [j for j, i in enumerate(sel) if grads[i] is not None]
+            if not pos:
                 continue
             hv = torch.autograd.grad(
-                [grads[i] for i in idx],
-                self.params,
-                grad_outputs=[full[i] for i in idx],
+                [grads[sel[j]] for j in pos],
+                params,
+                grad_outputs=[full[j] for j in pos],
                 retain_graph=True,
                 allow_unused=True,
             )
-            for i, h in enumerate(hv):
+            for j, h in enumerate(hv):
                 if h is not None:
                     h = h.detach()
-                    h = h.index_select(0, self.rows[i]) if compact[i] else h  # a compact sum: no whole tables
+                    h = h.index_select(0, self.rows[sel[j]]) if compact[j] else h  # a compact sum: no whole tables
                     h = h if w == 1.0 else h.mul_(w)
-                    out[i] = h if out[i] is None else out[i].add_(h)
-        self.num_products += 1
+                    out[j] = h if out[j] is None else out[j].add_(h)
         hv = [torch.zeros_like(x) if o is None else o for x, o in zip(v, out)]
         return distributed.all_reduce_(hv) if self.data_parallel else hv
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        """H v for a vector shaped like ``params`` or like :attr:`like`; the result is shaped like ``v``."""
+        self.num_products += 1
+        return self._product(range(len(self.params)), v)
+
+    def block(self, params: Sequence[nn.Parameter]) -> BlockView:
+        """The Hessian of the same loss restricted to ``params`` (some of this operator's parameters), through
+        the graphs already built: a product is one double backward from the gradients of ``params`` to
+        ``params``, which visits only what they depend on, so it costs what the block's own graph would cost
+        (one graph per draw over every block's parameters then serves every block).
+
+        Raises:
+            QBHError: a parameter this operator does not cover.
+        """
+        index = {id(p): i for i, p in enumerate(self.params)}
+        missing = [i for i, p in enumerate(params) if id(p) not in index]
+        if missing:
+            raise QBHError(
+                f"parameter {missing[0]} of the block is not among the {len(self.params)} this Hessian's graphs "
+                "were built for; build the BlockHessian over every block's parameters"
+            )
+        return BlockView(self, [index[id(p)] for p in params])
 
     def free(self) -> None:
         """Drop the graphs (their memory is released once no other reference holds them)."""
         self.grads = []
         self._dense = [None] * len(self.params)
+
+
+class BlockView:
+    """The diagonal block H_ss of a :class:`BlockHessian` for some of its parameters (:meth:`BlockHessian.block`),
+    with the same interface: ``like``, ``rows``, ``restrict``, ``expand``, ``loss``, ``num_products`` and
+    ``v -> H_ss v``. It shares the parent's graphs; :meth:`free` is the parent's to call."""
+
+    def __init__(self, parent: BlockHessian, sel: Sequence[int]) -> None:
+        self.parent = parent
+        self.sel = list(sel)
+        self.params = [parent.params[i] for i in self.sel]
+        self.rows = [parent.rows[i] for i in self.sel]
+        self.like = [parent.like[i] for i in self.sel]
+        self.num_products = 0
+
+    @property
+    def loss(self) -> float:
+        return self.parent.loss
+
+    def restrict(self, v: Sequence[Tensor]) -> list[Tensor]:
+        """A vector shaped like ``params`` -> shaped like :attr:`like`."""
+        return _restrict(v, self.rows)
+
+    def expand(self, v: Sequence[Tensor]) -> list[Tensor]:
+        """A vector shaped like :attr:`like` -> shaped like ``params`` (zero on the rows not looked up)."""
+        return _expand(v, self.params, self.rows)
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        """H_ss v for a vector shaped like ``params`` or like :attr:`like`; the result is shaped like ``v``."""
+        self.num_products += 1
+        return self.parent._product(self.sel, v)
+
+    def free(self) -> None:
+        """Nothing to drop: the graphs are the parent's."""
+
+
+def _restrict(v: Sequence[Tensor], rows: Sequence[Tensor | None]) -> list[Tensor]:
+    return [x if r is None else x.index_select(0, r) for x, r in zip(v, rows)]
+
+
+def _expand(v: Sequence[Tensor], params: Sequence[nn.Parameter], rows: Sequence[Tensor | None]) -> list[Tensor]:
+    return [x if r is None else x.new_zeros(p.shape).index_copy_(0, r, x) for x, p, r in zip(v, params, rows)]

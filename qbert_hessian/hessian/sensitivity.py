@@ -11,9 +11,13 @@ trace Tr(H_bb) (Hutchinson, or Hutch++ with ``trace_method = "hutchpp"``) and HA
 Tr(H_bb) / n_b. Hutchinson's samples are pooled over the draws; Hutch++ gives one estimate per draw, and the
 block's trace is their mean with standard error sqrt(sum_d se_d^2) / D (:func:`~.trace.pool_estimates`).
 
-Blocks are processed one at a time, all draws of a block together (the previous draw's eigenvector warm-starts
-the next draw), and ``on_block`` is called with the report after every finished block, so a caller can write
-it out and a later run can resume from it.
+The blocks advance together, draw by draw: a draw's batches get one forward and one ``create_graph`` backward
+over every block's parameters, and each block's products run through that one graph
+(:meth:`~.hvp.BlockHessian.block`), where a per-block graph would cost one more forward and backward per block
+(benchmarks/PRODUCTS.md). The previous draw's eigenvector warm-starts each block's next draw. After every draw
+``on_draw`` gets the report and the state to resume from (each block's values so far, warm start and random
+generator), so a stopped run continues with the numbers of a run never stopped; ``on_block`` gets the report
+once the blocks are finished.
 
 A draw is ``batches_per_draw`` batches of ``batch_size`` examples, or Q-BERT's protocol, a share
 ``draw_fraction`` of the training split (10%) cut into batches of ``batch_size``.
@@ -23,12 +27,13 @@ with the numbers of one process either way:
 
 - ``data``: every rank holds its share of each draw's batches and the products are all-reduced
   (:class:`~qbert_hessian.hessian.hvp.BlockHessian` with ``data_parallel``); the solvers run on every rank alike;
-- ``blocks``: the blocks are dealt out in rounds of one per rank, each computed as one process would (same
-  seeds), and gathered after every round; ``on_block`` (the writer) is called on rank 0 only.
+- ``blocks``: every rank takes every world-th block, computed as one process would (same seeds); the ranks'
+  states are gathered after every draw and their blocks at the end; the writers are called on rank 0 only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -40,14 +45,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats
+from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats, fingerprint
 from ..config import EigenMethod, Parallel, SensitivityConfig, TraceMethod, TraceMode
 from ..errors import QBHError
 from ..models import BlockMap, curvature_kernels
 from ..names import blocks_overlap
 from . import vec
 from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
-from .hvp import Batch, BlockHessian, LossFn, curvature_mode, grads_enabled
+from .hvp import Batch, BlockHessian, BlockView, LossFn, curvature_mode, grads_enabled
 from .trace import TraceResult, hutchinson_block_traces, hutchinson_trace, hutchpp_trace, pool_estimates, summarize
 
 if TYPE_CHECKING:
@@ -128,83 +133,126 @@ def _block_generator(config: SensitivityConfig, block_index: int) -> torch.Gener
     return torch.Generator().manual_seed(config.seed * 1_000_003 + block_index)
 
 
-def _estimate_block(
-    model: nn.Module,
-    params: list[torch.nn.Parameter],
-    draws: list[list[Batch]],
-    config: SensitivityConfig,
-    generator: torch.Generator,
-    loss_fn: LossFn | None,
-    progress: tqdm,
-    data_parallel: bool = False,
-) -> dict:
-    """Eigenvalues (and traces) of one block on every draw (``draws`` this rank's share under ``data_parallel``)."""
-    eig: list[float] = []
-    top_k: list[list[float]] = []
-    negative: list[float] = []
-    iters: list[int] = []
-    converged: list[bool] = []
-    traces: list[TraceResult] = []
+@dataclasses.dataclass
+class _BlockProgress:
+    """One block's results over the draws done so far, and what its next draw starts from (the previous
+    draw's eigenvectors, the block's random generator)."""
+
+    generator: torch.Generator
+    eig: list[float] = dataclasses.field(default_factory=list)
+    top_k: list[list[float]] = dataclasses.field(default_factory=list)
+    negative: list[float] = dataclasses.field(default_factory=list)
+    iters: list[int] = dataclasses.field(default_factory=list)
+    converged: list[bool] = dataclasses.field(default_factory=list)
+    traces: list[TraceResult] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
     warm: list[list[torch.Tensor]] | None = None
-    for batches in draws:
-        hvp = BlockHessian(
-            model, params, batches, loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
+
+    def to_state(self) -> dict:
+        """Plain data and CPU tensors (``torch.save``-able, loadable with ``weights_only``)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["generator"] = self.generator.get_state()
+        fields["traces"] = [dataclasses.asdict(t) for t in self.traces]
+        fields["warm"] = None if self.warm is None else [[t.detach().cpu() for t in v] for v in self.warm]
+        return fields
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> _BlockProgress:
+        generator = torch.Generator()
+        generator.set_state(state["generator"])
+        warm = state["warm"]
+        return cls(
+            **{
+                **state,
+                "generator": generator,
+                "traces": [TraceResult(**t) for t in state["traces"]],
+                "warm": None if warm is None else [[t.to(device) for t in v] for v in warm],
+            }
         )
-        # The solvers work in the block's compact space (embedding tables cut to the draw's rows); the warm
-        # start is kept whole between draws, whose rows differ.
-        like = hvp.like
-        start = [hvp.restrict(v) for v in warm] if warm is not None and config.warm_start else None
-        if start is not None and vec.norm(start[0]) == 0.0:
-            start = None  # the previous eigenvector lives on rows this draw does not use
-        if config.method == EigenMethod.LANCZOS:
-            res = lanczos_eigenvalues(
+
+
+def _solve_draw(hvp: BlockHessian | BlockView, block: _BlockProgress, config: SensitivityConfig) -> None:
+    """The block's eigenvalues (and trace) on one draw, appended to ``block``; its warm start moves on."""
+    generator = block.generator
+    # The solvers work in the block's compact space (embedding tables cut to the draw's rows); the warm start is
+    # kept whole between draws, whose rows differ.
+    like = hvp.like
+    start = [hvp.restrict(v) for v in block.warm] if block.warm is not None and config.warm_start else None
+    if start is not None and vec.norm(start[0]) == 0.0:
+        start = None  # the previous eigenvector lives on rows this draw does not use
+    if config.method == EigenMethod.LANCZOS:
+        res = lanczos_eigenvalues(
+            hvp,
+            like,
+            k=config.top_k,
+            max_iters=config.max_iters,
+            tol=config.tol,
+            most_negative=config.most_negative,
+            init=start[0] if start else None,
+            generator=generator,
+        )
+        iters = res.iters[0]
+    else:
+        res = top_eigenvalues(
+            hvp, like, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
+        )
+        iters = sum(res.iters)
+        if config.most_negative:
+            neg = most_negative_eigenvalue(
                 hvp,
                 like,
-                k=config.top_k,
+                shift=res.values[0],
                 max_iters=config.max_iters,
                 tol=config.tol,
-                most_negative=config.most_negative,
-                init=start[0] if start else None,
+                init=res.vectors[0] if res.values[0] <= 0 else None,
                 generator=generator,
             )
-            iters.append(res.iters[0])
-        else:
-            res = top_eigenvalues(
-                hvp, like, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
+            res.smallest = neg.values[0]
+            iters += neg.iters[0]
+    block.warm = [hvp.expand(v) for v in res.vectors]
+    block.iters.append(iters)
+    block.eig.append(res.values[0])
+    block.top_k.append(res.values)
+    block.converged.append(all(res.converged))
+    if res.smallest is not None:
+        block.negative.append(res.smallest)
+    if config.trace == TraceMode.BLOCK:
+        estimator = hutchpp_trace if config.trace_method == TraceMethod.HUTCHPP else hutchinson_trace
+        m = config.trace_samples
+        block.traces.append(estimator(hvp, like, min_samples=m, max_samples=m, generator=generator))
+
+
+def _estimate_blocks(
+    model: nn.Module,
+    blocks: dict[str, list[torch.nn.Parameter]],
+    progress: dict[str, _BlockProgress],
+    draws: list[list[Batch]],
+    first_draw: int,
+    config: SensitivityConfig,
+    loss_fn: LossFn | None,
+    bar: tqdm,
+    after_draw: Callable[[int], None],
+    data_parallel: bool = False,
+) -> None:
+    """Every block of ``blocks`` on draws ``first_draw``.. (``draws`` this rank's share under ``data_parallel``),
+    draw by draw: one graph per draw over all their parameters, each block's products through it
+    (:meth:`BlockHessian.block`). ``after_draw(d)`` is called once draw ``d`` is done for every block."""
+    union = list({id(p): p for params in blocks.values() for p in params}.values())
+    with grads_enabled(union):
+        for d in range(first_draw, len(draws)):
+            start = time.perf_counter()
+            hvp = BlockHessian(
+                model, union, draws[d], loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
             )
-            iters.append(sum(res.iters))
-            if config.most_negative:
-                neg = most_negative_eigenvalue(
-                    hvp,
-                    like,
-                    shift=res.values[0],
-                    max_iters=config.max_iters,
-                    tol=config.tol,
-                    init=res.vectors[0] if res.values[0] <= 0 else None,
-                    generator=generator,
-                )
-                res.smallest = neg.values[0]
-                iters[-1] += neg.iters[0]
-        warm = [hvp.expand(v) for v in res.vectors]
-        eig.append(res.values[0])
-        top_k.append(res.values)
-        converged.append(all(res.converged))
-        if res.smallest is not None:
-            negative.append(res.smallest)
-        if config.trace == TraceMode.BLOCK:
-            estimator = hutchpp_trace if config.trace_method == TraceMethod.HUTCHPP else hutchinson_trace
-            m = config.trace_samples
-            traces.append(estimator(hvp, like, min_samples=m, max_samples=m, generator=generator))
-        hvp.free()
-        progress.update(1)
-    return {
-        "eig": eig,
-        "top_k": top_k,
-        "negative": negative,
-        "iters": iters,
-        "converged": converged,
-        "traces": traces,
-    }
+            graph = (time.perf_counter() - start) / len(blocks)  # the shared graph, charged to every block alike
+            for name, params in blocks.items():
+                bar.set_postfix_str(name)
+                start = time.perf_counter()
+                _solve_draw(hvp.block(params), progress[name], config)
+                progress[name].seconds += graph + time.perf_counter() - start
+                bar.update(1)
+            hvp.free()
+            after_draw(d)
 
 
 def _shared_traces(
@@ -269,10 +317,17 @@ def estimate_sensitivity(
     model_name: str = "model",
     loss_fn: LossFn | None = None,
     resume: SensitivityReport | None = None,
+    resume_state: dict | None = None,
     on_block: Callable[[SensitivityReport], None] | None = None,
+    on_draw: Callable[[SensitivityReport, dict | None], None] | None = None,
     progress: bool = True,
 ) -> SensitivityReport:
     """Run the Q-BERT protocol on every requested block.
+
+    The pending blocks advance together, draw by draw: each draw's batches get one forward and one
+    ``create_graph`` backward over all their parameters, and every block's products run through that graph
+    (:meth:`BlockHessian.block`; a product costs what it costs through the block's own graph, and the draw pays
+    one graph instead of one per block).
 
     Args:
         model: an HF encoder classifier (fine-tuned); it is switched to eager attention and evaluated with
@@ -283,8 +338,13 @@ def estimate_sensitivity(
         model_name: how the model is named in the report.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default the model's own loss.
         resume: a partial report of the same model, task and settings; its finished blocks are kept.
-        on_block: called with the (partial) report after every finished block (under torch.distributed: on rank 0
-            only, after every round; every rank returns the same report).
+        resume_state: the last state ``on_draw`` was given for ``resume`` (its pending blocks' draws so far);
+            the run continues from it, with the same numbers as a run never stopped. One of other settings or
+            blocks is not used (those blocks start from their first draw).
+        on_block: called with the report once blocks are finished (under torch.distributed: on rank 0 only).
+        on_draw: called after every draw with the report (its pending blocks unfinished) and the state to
+            resume from, plain data and CPU tensors (``torch.save``-able); with ``None`` as the state once the
+            blocks are finished. Under torch.distributed pass it on every rank alike; it is called on rank 0.
         progress: show a tqdm bar over blocks x draws (rank 0 only).
 
     Returns:
@@ -324,36 +384,54 @@ def estimate_sensitivity(
     data_parallel = world > 1 and mode == Parallel.DATA
     draws = [_draw_batches(task, idx, config.batch_size, shard=data_parallel) for idx in indices]
     main = distributed.is_main()
-    bar = tqdm(total=len(todo) * config.draws, desc="sensitivity", unit="draw", disable=not (progress and main))
+    # Every rank takes the pending blocks (data) or every world-th of them (blocks), all draw by draw.
+    mine = todo[distributed.rank() :: world] if world > 1 and mode == Parallel.BLOCKS else todo
+    draws_id = fingerprint([config.protocol(), indices])
+    first = _resumable_draws(resume_state, todo, draws_id, config.draws) if resume is not None else 0
+    device = next(model.parameters()).device
+    state = {
+        n: _BlockProgress.from_state(resume_state["blocks"][n], device)  # type: ignore[index]
+        if first
+        else _BlockProgress(_block_generator(config, names.index(n)))
+        for n in mine
+    }
+    bar = tqdm(
+        total=len(todo) * config.draws,
+        initial=len(todo) * first,
+        desc="sensitivity",
+        unit="draw",
+        disable=not (progress and main),
+    )
 
-    def compute(name: str) -> BlockSensitivity:
-        bar.set_postfix_str(name)
-        start = time.perf_counter()
-        params = block_map.parameters(name)
-        with grads_enabled(params):
-            generator = _block_generator(config, names.index(name))
-            out = _estimate_block(model, params, draws, config, generator, loss_fn, bar, data_parallel)
-        return _summarize_block(name, block_map.num_params(name), out, config, time.perf_counter() - start)
+    def after_draw(d: int) -> None:
+        bar.update(len(todo) - len(mine))  # the other ranks' blocks (blocks mode)
+        if on_draw is None or d + 1 == config.draws:
+            return
+        ours = {n: p.to_state() for n, p in state.items()}
+        gathered = distributed.all_gather_objects(ours) if len(mine) < len(todo) else [ours]
+        if main:
+            every = {n: s for part in gathered for n, s in part.items()}
+            on_draw(report, {"draws_done": d + 1, "draws_id": draws_id, "blocks": every})
 
-    # One block per round, computed by every rank together (data) or alone; or one block per rank (blocks).
-    per_round = world if world > 1 and mode == Parallel.BLOCKS else 1
     with curvature_kernels(model), curvature_mode(model):
-        for first in range(0, len(todo), per_round):
-            names_now = todo[first : first + per_round]
-            if per_round == 1:
-                finished = [compute(names_now[0])]
-            else:
-                mine = compute(names_now[distributed.rank()]) if distributed.rank() < len(names_now) else None
-                finished = [b for b in distributed.all_gather_objects(mine) if b is not None]
-                bar.update(config.draws * (len(finished) - (mine is not None)))
+        if mine and first < config.draws:
+            params = {n: block_map.parameters(n) for n in mine}
+            _estimate_blocks(model, params, state, draws, first, config, loss_fn, bar, after_draw, data_parallel)
+        if todo:
+            finished = [_summarize_block(n, block_map.num_params(n), state[n], config) for n in mine]
+            if len(mine) < len(todo):
+                finished = [b for part in distributed.all_gather_objects(finished) for b in part]
             for block in finished:
                 _warn_unconverged(block, config)
                 report.blocks.append(block)
                 report.seconds += block.seconds
                 report.pending.remove(block.name)
             report.blocks.sort(key=lambda b: names.index(b.name))
-            if (report.pending or config.trace != TraceMode.SHARED) and on_block is not None and main:
-                on_block(report)
+            if config.trace != TraceMode.SHARED and main:
+                if on_block is not None:
+                    on_block(report)
+                if on_draw is not None:
+                    on_draw(report, None)
         if config.trace == TraceMode.SHARED and todo:
             start = time.perf_counter()
             stats = _shared_traces_spread(model, block_map, names, draws, config, loss_fn, data_parallel)
@@ -361,31 +439,48 @@ def estimate_sensitivity(
                 block.trace = s
                 block.normalized_trace = s.mean / block.num_params
             report.seconds += time.perf_counter() - start
-            if on_block is not None and main:
-                on_block(report)
+            if main:
+                if on_block is not None:
+                    on_block(report)
+                if on_draw is not None:
+                    on_draw(report, None)
     bar.close()
     return report
 
 
-def _summarize_block(
-    name: str, num_params: int, out: dict, config: SensitivityConfig, seconds: float
-) -> BlockSensitivity:
-    mean, std = _mean_std(out["eig"])
+def _resumable_draws(state: dict | None, todo: Sequence[str], draws_id: str, num_draws: int) -> int:
+    """How many draws of ``state`` a resumed run keeps: all it holds when it is of these blocks, draws and
+    settings, else 0 (it is logged and the blocks start over)."""
+    if not state:
+        return 0
+    done = state.get("draws_done", 0)
+    blocks = state.get("blocks", {})
+    if state.get("draws_id") != draws_id or sorted(blocks) != sorted(todo) or not 0 < done < num_draws:
+        logger.warning("the saved draws are of other blocks or settings; the pending blocks start over")
+        return 0
+    if any(len(b["eig"]) != done for b in blocks.values()):
+        logger.warning("the saved draws are incomplete; the pending blocks start over")
+        return 0
+    return int(done)
+
+
+def _summarize_block(name: str, num_params: int, out: _BlockProgress, config: SensitivityConfig) -> BlockSensitivity:
+    mean, std = _mean_std(out.eig)
     block = BlockSensitivity(
         name=name,
         num_params=num_params,
-        eigenvalues=out["eig"],
+        eigenvalues=out.eig,
         mean=mean,
         std=std,
         omega=abs(mean) + std,
-        iterations=out["iters"],
-        converged=out["converged"],
-        seconds=seconds,
-        top_k=out["top_k"] if config.top_k > 1 else None,
-        most_negative=out["negative"] or None,
+        iterations=out.iters,
+        converged=out.converged,
+        seconds=out.seconds,
+        top_k=out.top_k if config.top_k > 1 else None,
+        most_negative=out.negative or None,
     )
-    if out["traces"]:
-        block.trace = _trace_stats(out["traces"], TraceMethod(config.trace_method))
+    if out.traces:
+        block.trace = _trace_stats(out.traces, TraceMethod(config.trace_method))
         block.normalized_trace = block.trace.mean / num_params
     return block
 

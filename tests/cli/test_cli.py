@@ -89,6 +89,53 @@ def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data
     assert main([*args, "--resume", "--draws", "3"]) == 2  # other settings: cannot resume
 
 
+def test_sensitivity_cli_resumes_an_interrupted_draw_with_the_same_numbers(
+    tiny_checkpoint, tiny_data, tmp_path, monkeypatch
+):
+    """Ctrl-C in the middle of the second draw: the first draw of every block is kept (report and state on disk)
+    and --resume finishes with the numbers of a run never stopped; the state file is gone afterwards."""
+    import qbert_hessian.hessian.sensitivity as sensitivity
+    from qbert_hessian.stages import SENSITIVITY_STATE_FILE
+
+    base = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS]
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "sensitivity.json").read_text())
+    assert not (tmp_path / "whole" / SENSITIVITY_STATE_FILE).exists()
+
+    out = tmp_path / "stopped"
+    args = [*base, "--out", str(out)]
+    solve, calls = sensitivity._solve_draw, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # the second draw of the second block (3 blocks per draw)
+            raise KeyboardInterrupt
+        return solve(*a, **k)
+
+    monkeypatch.setattr(sensitivity, "_solve_draw", interrupted)
+    assert main(args) == 130
+    monkeypatch.setattr(sensitivity, "_solve_draw", solve)
+    stopped = json.loads((out / "sensitivity.json").read_text())
+    assert stopped["pending"] == ["embeddings", "encoder.0", "encoder.1"] and not stopped["complete"]
+    assert (out / SENSITIVITY_STATE_FILE).exists()
+    assert main([*args, "--resume"]) == 0
+    resumed = json.loads((out / "sensitivity.json").read_text())
+    assert resumed["complete"] and not (out / SENSITIVITY_STATE_FILE).exists()
+    for a, b in zip(resumed["blocks"], whole["blocks"]):
+        assert a["eigenvalues"] == b["eigenvalues"] and a["trace"]["mean"] == b["trace"]["mean"]
+
+    # A torn state file is not resumed from: the pending blocks start over (same numbers, a warning).
+    monkeypatch.setattr(sensitivity, "_solve_draw", interrupted)
+    calls.clear()
+    assert main([*args, "--force"]) == 130
+    monkeypatch.setattr(sensitivity, "_solve_draw", solve)
+    state = out / SENSITIVITY_STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "sensitivity.json").read_text())
+    assert [b["eigenvalues"] for b in again["blocks"]] == [b["eigenvalues"] for b in whole["blocks"]]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -197,3 +197,32 @@ def test_a_table_used_elsewhere_stays_whole(micro_bert):
 
     hvp = BlockHessian(micro_bert, [table], [batch], loss_fn)
     assert hvp.rows == [None] and hvp.like[0].shape == table.shape
+
+
+def test_block_view_of_a_shared_graph_is_the_blocks_own_hessian(micro_bert):
+    """One graph over several blocks' parameters; each block's view gives that block's own H_bb v (against the
+    block's own operator and the dense Hessian), in the same compact space, on two batches."""
+    batches = [random_batch(micro_bert.config.vocab_size, num_labels=3, seed=s) for s in (0, 1)]
+    bm = BlockMap(micro_bert)
+    # overlapping blocks too: the graph holds each parameter once
+    blocks = {name: bm.parameters(name) for name in ("embeddings", "encoder.0.query", "encoder.0.ffn_out", "encoder.0")}
+    union = list({id(p): p for params in blocks.values() for p in params}.values())
+    joint = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    with grads_enabled(union):
+        shared = BlockHessian(micro_bert, union, batches)
+        for i, (name, params) in enumerate(blocks.items()):
+            view, own = shared.block(params), BlockHessian(micro_bert, params, batches)
+            assert [x.shape for x in view.like] == [x.shape for x in own.like], name
+            assert any(r is not None for r in view.rows) == (name == "embeddings")  # the word table is cut
+            v = vec.randn_like(view.like, torch.Generator().manual_seed(i))
+            hv = view(v)
+            assert torch.allclose(vec.flatten(hv), vec.flatten(own(v)), rtol=1e-5, atol=1e-7), name
+            H = dense_block_hessian(micro_bert, params, joint)
+            assert torch.allclose(
+                vec.flatten(view.expand(hv)), H @ vec.flatten(view.expand(v)), rtol=1e-4, atol=1e-5
+            ), name
+            assert view.num_products == 1 and shared.num_products == 0
+            own.free()
+        with pytest.raises(QBHError, match="not among the .* this Hessian's graphs"):
+            shared.block([micro_bert.classifier.weight])
+        shared.free()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -49,17 +50,56 @@ def test_power_and_lanczos_agree_on_converged_blocks(model_task):
 
 def test_sensitivity_is_reproducible_and_resumes(model_task):
     model, task = model_task
-    seen = []
-    full = estimate_sensitivity(model, task, FAST, progress=False, on_block=lambda r: seen.append(len(r.blocks)))
-    assert seen == [1, 2, 3]  # written after every block
+    seen, states = [], []
+
+    def on_draw(report, state):
+        states.append(None if state is None else (list(report.pending), copy.deepcopy(state)))
+
+    full = estimate_sensitivity(
+        model, task, FAST, progress=False, on_block=lambda r: seen.append(len(r.blocks)), on_draw=on_draw
+    )
+    assert seen == [3]  # the blocks finish together, after the last draw
+    assert [s and s[1]["draws_done"] for s in states] == [1, 2, None]  # saved after every draw but the last
+    assert states[0][0] == ["embeddings", "encoder.0", "encoder.1"]  # the report written with them: all pending
+    again = estimate_sensitivity(model, task, FAST, progress=False)
+    for a, b in zip(full.blocks, again.blocks):
+        assert a.eigenvalues == b.eigenvalues and a.trace.mean == b.trace.mean  # reproducible to the bit
+
+    # A finished block kept from the report; the others continue from the state saved after draw 1 or 2.
     partial = SensitivityReport.from_dict(full.to_dict())
-    partial.blocks = partial.blocks[:1]
+    partial.blocks = []
+    partial.pending = ["embeddings", "encoder.0", "encoder.1"]
+    for _, state in states[:2]:
+        resumed = estimate_sensitivity(model, task, FAST, progress=False, resume=partial, resume_state=state)
+        assert resumed.complete
+        for a, b in zip(full.blocks, resumed.blocks):
+            assert a.eigenvalues == b.eigenvalues and a.iterations == b.iterations, a.name
+            assert a.trace.mean == b.trace.mean and a.trace.samples == b.trace.samples, a.name
+    partial.blocks = partial.blocks[:0] + [full.blocks[0]]
     partial.pending = ["encoder.0", "encoder.1"]
-    resumed = estimate_sensitivity(model, task, FAST, progress=False, resume=partial)
+    # the saved draws are of three blocks, not these two: not used, the two start over (same numbers)
+    resumed = estimate_sensitivity(model, task, FAST, progress=False, resume=partial, resume_state=states[0][1])
     assert resumed.complete
     for a, b in zip(full.blocks, resumed.blocks):
         assert a.eigenvalues == pytest.approx(b.eigenvalues, rel=1e-6)
     assert resumed.blocks[0].seconds == full.blocks[0].seconds  # kept, not recomputed
+    other = dataclasses.replace(FAST, seed=FAST.seed + 1)
+    with pytest.raises(QBHError, match="cannot resume"):
+        estimate_sensitivity(model, task, other, progress=False, resume=partial, resume_state=states[0][1])
+
+
+def test_blocks_share_one_graph_per_draw_with_their_own_numbers(model_task):
+    """Blocks computed together (one graph per draw) give the numbers each gives alone (its own graphs)."""
+    model, task = model_task
+    cfg = dataclasses.replace(FAST, max_iters=200)
+    together = estimate_sensitivity(model, task, cfg, progress=False)
+    for block in together.blocks:
+        alone = estimate_sensitivity(model, task, cfg, blocks=[block.name], progress=False).blocks[0]
+        assert all(block.converged) and all(alone.converged)
+        # The same products up to float32 rounding, which can move a stop by a step: both within the tolerance.
+        assert alone.eigenvalues == pytest.approx(block.eigenvalues, rel=2 * cfg.tol), block.name
+        if alone.iterations == block.iterations:  # then the trace's probes, drawn after the solver, are the same
+            assert alone.trace.mean == pytest.approx(block.trace.mean, rel=1e-3, abs=1e-6), block.name
 
 
 def test_sensitivity_with_hutchpp_traces(model_task):
