@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         model="a fine-tuned model (classifier, token tagger or QA): folder, hub name or minilm-l6",
         out="folder for sensitivity.{json,csv,md,png} and profile.json",
-        resume="keep the finished blocks and draws of OUT/sensitivity.json",
+        resume="continue OUT/sensitivity.json from its finished blocks and draws (OUT/sensitivity.state.pt)",
         force="overwrite an existing report in OUT",
     )
     p.add_argument(

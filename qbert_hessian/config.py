@@ -66,7 +66,7 @@ def check_bits(bits: object, what: str = "bits", *, role: str = "weight") -> int
 class TraceMode(str, Enum):
     """How the Hutchinson trace of each block is estimated.
 
-    ``block``: Rademacher probes over one block at a time, reusing that block's graph (exact in expectation).
+    ``block``: Rademacher probes over one block at a time, through the draw's graph (exact in expectation).
     ``shared``: one full-model probe per sample; each block's trace is read off the same Hv (the cross-block
     terms v_b^T H_bc v_c have mean zero, so it is unbiased, but noisier; its variance is reported).
     ``none``: skip the trace.

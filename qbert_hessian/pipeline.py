@@ -17,7 +17,7 @@ data's fingerprints, upstream artifacts' hashes). A stage whose artifact exists 
 (compared as recorded JSON; a setting added later with an unset ``None`` default is no change) is reused; one
 whose inputs changed is recomputed, and so is everything downstream of it (their inputs hold its hash), and the
 log says which setting changed. Interrupting a run loses at most the stage in progress (the
-sensitivity stage keeps its finished blocks); ``--force`` redoes everything.
+sensitivity stage keeps its finished draws); ``--force`` redoes everything.
 
 Under torch.distributed (``torchrun ... -m qbert_hessian run``) every rank runs the pipeline: fine-tuning and QAT
 train with DDP, sensitivity shares its blocks or batches; rank 0 decides what is cached (and tells the others),

@@ -178,7 +178,8 @@ def sensitivity(
     range_method: str = DEFAULT_RANGE_METHOD,
     progress: bool = True,
 ) -> tuple[SensitivityReport, QuantProfile | None]:
-    """The Q-BERT sensitivity report of ``model`` on ``task``, written to ``out_dir`` after every block, and,
+    """The Q-BERT sensitivity report of ``model`` on ``task``, written to ``out_dir`` after every draw (with the
+    state to resume from beside it, :data:`SENSITIVITY_STATE_FILE`, removed once the report is complete) and,
     once complete, the allocator's cost table (``profile.json``) for the report's blocks, its errors measured
     with ``range_method``.
 
@@ -240,6 +241,7 @@ def sensitivity(
     save(report)
     if not report.complete:
         return report, None
+    (out / SENSITIVITY_STATE_FILE).unlink(missing_ok=True)  # also one left by a run stopped as it finished
     profile = report_profile(
         model, report, out, groups=profile_groups, model_name=model_name, range_method=range_method
     )

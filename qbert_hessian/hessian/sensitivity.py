@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -128,9 +129,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def _block_generator(config: SensitivityConfig, block_index: int) -> torch.Generator:
-    # Seeded per block, so one block's numbers can be reproduced alone (and resume gives the same numbers).
-    return torch.Generator().manual_seed(config.seed * 1_000_003 + block_index)
+def _block_generator(config: SensitivityConfig, block: str) -> torch.Generator:
+    # Seeded by the block's name, so a block's numbers are the same whichever other blocks run beside it.
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(block.encode()))
 
 
 @dataclasses.dataclass
@@ -387,14 +388,13 @@ def estimate_sensitivity(
     # Every rank takes the pending blocks (data) or every world-th of them (blocks), all draw by draw.
     mine = todo[distributed.rank() :: world] if world > 1 and mode == Parallel.BLOCKS else todo
     draws_id = fingerprint([config.protocol(), indices])
-    first = _resumable_draws(resume_state, todo, draws_id, config.draws) if resume is not None else 0
     device = next(model.parameters()).device
-    state = {
-        n: _BlockProgress.from_state(resume_state["blocks"][n], device)  # type: ignore[index]
-        if first
-        else _BlockProgress(_block_generator(config, names.index(n)))
-        for n in mine
-    }
+    first, resumed = _resumed_draws(resume_state if resume is not None else None, todo, draws_id, config.draws, device)
+    state = {n: resumed[n] if first else _BlockProgress(_block_generator(config, n)) for n in mine}
+    # Whether the states are gathered after every draw: one decision for every rank (the writer is rank 0's).
+    saving = on_draw is not None
+    if len(mine) < len(todo):
+        saving = distributed.broadcast_object(saving)
     bar = tqdm(
         total=len(todo) * config.draws,
         initial=len(todo) * first,
@@ -405,11 +405,11 @@ def estimate_sensitivity(
 
     def after_draw(d: int) -> None:
         bar.update(len(todo) - len(mine))  # the other ranks' blocks (blocks mode)
-        if on_draw is None or d + 1 == config.draws:
-            return
+        if not saving or d + 1 == config.draws or (len(mine) == len(todo) and not main):
+            return  # (data mode: every rank holds the same state; rank 0's is written)
         ours = {n: p.to_state() for n, p in state.items()}
         gathered = distributed.all_gather_objects(ours) if len(mine) < len(todo) else [ours]
-        if main:
+        if main and on_draw is not None:
             every = {n: s for part in gathered for n, s in part.items()}
             on_draw(report, {"draws_done": d + 1, "draws_id": draws_id, "blocks": every})
 
@@ -448,20 +448,27 @@ def estimate_sensitivity(
     return report
 
 
-def _resumable_draws(state: dict | None, todo: Sequence[str], draws_id: str, num_draws: int) -> int:
-    """How many draws of ``state`` a resumed run keeps: all it holds when it is of these blocks, draws and
-    settings, else 0 (it is logged and the blocks start over)."""
+def _resumed_draws(
+    state: dict | None, todo: Sequence[str], draws_id: str, num_draws: int, device: torch.device
+) -> tuple[int, dict[str, _BlockProgress]]:
+    """The draws of ``state`` a resumed run keeps (all it holds, when it is of these blocks, draws and settings)
+    and each block's progress from it; else (0, {}) and the pending blocks start over (logged)."""
     if not state:
-        return 0
+        return 0, {}
     done = state.get("draws_done", 0)
     blocks = state.get("blocks", {})
     if state.get("draws_id") != draws_id or sorted(blocks) != sorted(todo) or not 0 < done < num_draws:
         logger.warning("the saved draws are of other blocks or settings; the pending blocks start over")
-        return 0
-    if any(len(b["eig"]) != done for b in blocks.values()):
+        return 0, {}
+    try:
+        progress = {n: _BlockProgress.from_state(s, device) for n, s in blocks.items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        logger.warning("the saved draws cannot be read (%s); the pending blocks start over", exc)
+        return 0, {}
+    if any(len(p.eig) != done for p in progress.values()):
         logger.warning("the saved draws are incomplete; the pending blocks start over")
-        return 0
-    return int(done)
+        return 0, {}
+    return int(done), progress
 
 
 def _summarize_block(name: str, num_params: int, out: _BlockProgress, config: SensitivityConfig) -> BlockSensitivity:
