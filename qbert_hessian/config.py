@@ -253,6 +253,9 @@ class SensitivityConfig(_Config):
         parallel: how ranks share the work under torchrun: ``data`` (each rank a share of every draw's batches),
             ``blocks`` (each rank whole blocks) or ``auto`` (``data`` when a draw has a batch per rank, else
             ``blocks``); the numbers are the same, one process ignores it (see :class:`Parallel`).
+        shared_graph: build one graph per draw over every pending block's parameters and run each block's products
+            through it (one forward and backward per draw instead of one per block); off, each block builds its
+            own, which needs less memory at once. The numbers are the same (to float rounding).
     """
 
     draws: int = 10
@@ -272,6 +275,7 @@ class SensitivityConfig(_Config):
     max_length: int = 128
     draw_fraction: float | None = None
     parallel: Parallel = Parallel.AUTO
+    shared_graph: bool = True
 
     def __post_init__(self) -> None:
         _positive(
@@ -315,11 +319,12 @@ class SensitivityConfig(_Config):
 
     def protocol(self) -> dict[str, Any]:
         """The settings that decide the numbers, as recorded in reports and run caches: :meth:`to_dict` without
-        ``parallel`` (how ranks share the work changes no result), without ``draw_fraction`` while it is unset
+        ``parallel`` and ``shared_graph`` (how the work is shared out changes no result), without ``draw_fraction``
+        while it is unset
         and without ``trace_method`` while it is Hutchinson's (so reports and caches made before either existed
         still match)."""
         out = self.to_dict()
-        del out["parallel"]
+        del out["parallel"], out["shared_graph"]
         if out["draw_fraction"] is None:
             del out["draw_fraction"]
         if out["trace_method"] == TraceMethod.HUTCHINSON.value:

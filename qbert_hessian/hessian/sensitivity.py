@@ -236,23 +236,31 @@ def _estimate_blocks(
     data_parallel: bool = False,
 ) -> None:
     """Every block of ``blocks`` on draws ``first_draw``.. (``draws`` this rank's share under ``data_parallel``),
-    draw by draw: one graph per draw over all their parameters, each block's products through it
-    (:meth:`BlockHessian.block`). ``after_draw(d)`` is called once draw ``d`` is done for every block."""
+    draw by draw: with ``config.shared_graph`` one graph per draw over all their parameters, each block's products
+    through it (:meth:`BlockHessian.block`), else one graph per block and draw. ``after_draw(d)`` is called once
+    draw ``d`` is done for every block."""
+
+    def operator(params: list[torch.nn.Parameter], batches: list[Batch]) -> BlockHessian:
+        return BlockHessian(
+            model, params, batches, loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
+        )
+
     union = list({id(p): p for params in blocks.values() for p in params}.values())
     with grads_enabled(union):
         for d in range(first_draw, len(draws)):
             start = time.perf_counter()
-            hvp = BlockHessian(
-                model, union, draws[d], loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
-            )
+            shared = operator(union, draws[d]) if config.shared_graph else None
             graph = (time.perf_counter() - start) / len(blocks)  # the shared graph, charged to every block alike
             for name, params in blocks.items():
                 bar.set_postfix_str(name)
                 start = time.perf_counter()
-                _solve_draw(hvp.block(params), progress[name], config)
+                hvp = shared.block(params) if shared is not None else operator(params, draws[d])
+                _solve_draw(hvp, progress[name], config)
+                hvp.free()  # a view's is a no-op: the shared graph is dropped below
                 progress[name].seconds += graph + time.perf_counter() - start
                 bar.update(1)
-            hvp.free()
+            if shared is not None:
+                shared.free()
             after_draw(d)
 
 

@@ -100,6 +100,10 @@ def test_blocks_share_one_graph_per_draw_with_their_own_numbers(model_task):
         assert alone.eigenvalues == pytest.approx(block.eigenvalues, rel=2 * cfg.tol), block.name
         if alone.iterations == block.iterations:  # then the trace's probes, drawn after the solver, are the same
             assert alone.trace.mean == pytest.approx(block.trace.mean, rel=1e-3, abs=1e-6), block.name
+    separate = estimate_sensitivity(model, task, dataclasses.replace(cfg, shared_graph=False), progress=False)
+    assert separate.config == together.config  # how the graphs are built is not a setting of the numbers
+    for a, b in zip(separate.blocks, together.blocks):
+        assert a.eigenvalues == pytest.approx(b.eigenvalues, rel=2 * cfg.tol), a.name
     assert any(  # (seeded by the block's name: the same probes whichever blocks run beside it)
         estimate_sensitivity(model, task, cfg, blocks=[b.name], progress=False).blocks[0].iterations == b.iterations
         for b in together.blocks
