@@ -1,4 +1,4 @@
-"""Benchmark: the Q-BERT sensitivity protocol with qbert_hessian and its peers, in one process.
+"""Benchmark: the Q-BERT sensitivity protocol with qbert_hessian and its peers, each in a fresh process.
 
 Same model, same blocks (embeddings + every encoder layer), same data draws (the batches recorded in our
 report), same tolerance, every engine on one block at a time:
@@ -12,8 +12,14 @@ report), same tolerance, every engine on one block at a time:
   its two solvers: ``deflated_power_iteration(k=1, max_iter, tol)`` and ``lanczos(k=1, max_iter, tol)``, which
   runs a fixed number of steps: it is run at 10, 20, 40, 80 and ``max_iters`` steps until its own convergence
   test (Ritz residual <= tol |lambda|) passes, every product counted.
-- **qbert_hessian**: power iteration and Lanczos (the default); on padded data also Lanczos without length
-  buckets, to show what they bring.
+- **qbert_hessian**: power iteration and Lanczos (the default); Lanczos with a graph per block and draw, and with
+  the system allocator's defaults (``reuse_memory=False``), to show what the shared graph and the memory reuse
+  bring; on padded data also Lanczos without length buckets. PyHessian is also run inside our
+  :func:`~qbert_hessian.hessian.memory.reuse_freed_memory`, so the table shows what that alone would give it.
+
+Each engine is timed in a fresh interpreter (the model and batches loaded there before the clock starts), so no
+engine inherits another's heap, allocator settings or warm caches, and the order of the engines does not matter
+(``--in-process`` times them all in this one, as before).
 
 Every peer's operator is wrapped to count its products. Errors are against a converged reference (our Lanczos
 at tol / 1000); memory is the peak above the loaded model in a fresh process over 2 draws.
@@ -59,6 +65,7 @@ from qbert_hessian.artifacts import write_text
 from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled, split_by_length
+from qbert_hessian.hessian.memory import reuse_freed_memory
 from qbert_hessian.hessian.sensitivity import draw_indices, estimate_sensitivity
 from qbert_hessian.hessian.vec import randn_like
 from qbert_hessian.models import BlockMap, load_model
@@ -331,6 +338,16 @@ def eigenthings_engine(method: str) -> Callable:
     return run
 
 
+def with_reused_memory(engine: Callable) -> Callable:
+    """A peer's runner inside :func:`reuse_freed_memory` (what our engine does by default)."""
+
+    def run(*args) -> tuple[Eigs, int]:
+        with reuse_freed_memory():
+            return engine(*args)
+
+    return run
+
+
 def ours(**overrides) -> Callable:
     def run(model, task, bm, names, batches, cfg) -> tuple[Eigs, int]:
         rep = estimate_sensitivity(model, task, dataclasses.replace(cfg, **overrides), blocks=names, progress=False)
@@ -349,6 +366,9 @@ class Engine:
 
 ENGINES = {
     "pyhessian": Engine("PyHessian {v}", pyhessian_engine, "pyhessian"),
+    "pyhessian-reuse-memory": Engine(
+        "PyHessian {v}, inside our reuse_freed_memory", with_reused_memory(pyhessian_engine), "pyhessian"
+    ),
     "curvlinops": Engine("curvlinops {v} + SciPy eigsh (ARPACK)", curvlinops_engine, "curvlinops"),
     "eigenthings-power": Engine(
         "hessian-eigenthings {v}, power iteration", eigenthings_engine("power"), "hessian_eigenthings"
@@ -360,6 +380,9 @@ ENGINES = {
     "lanczos": Engine("qbert_hessian, Lanczos (default)", ours(method="lanczos")),
     "lanczos-block-graphs": Engine(
         "qbert_hessian, Lanczos, a graph per block and draw", ours(method="lanczos", shared_graph=False)
+    ),
+    "lanczos-system-memory": Engine(
+        "qbert_hessian, Lanczos, the system allocator's defaults", ours(method="lanczos", reuse_memory=False)
     ),
     "lanczos-padded": Engine(
         "qbert_hessian, Lanczos, no length buckets", ours(method="lanczos", length_buckets=1), padded_only=True
@@ -424,15 +447,48 @@ def memory_probe(args) -> None:
     print(json.dumps({"peak_mib": mem.mib}))
 
 
-def probe(engine: str, args) -> float:
-    """Run :func:`memory_probe` in a fresh process, so one engine's heap growth is not charged to the next."""
-    cmd = [sys.executable, __file__, "--memory-probe", engine, "--task", args.task, "--model", args.model]
-    cmd += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--device", args.device]
+def time_engine(args) -> None:
+    """Child process: one engine over the whole protocol, timed after the model and batches are loaded."""
+    model, task, cfg, bm, names = setup(args)
+    batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
+    with curvature_mode(model):
+        t0 = clock(args.device)
+        eig, products = ENGINES[args.time_engine].run(model, task, bm, names, batches, cfg)
+        seconds = clock(args.device) - t0
+    print(json.dumps({"seconds": seconds, "products": products, "eig": eig}))
+
+
+def child_args(args) -> list[str]:
+    """The options that make a child process set up what this one does."""
+    cmd = ["--task", args.task, "--model", args.model, "--batch-size", str(args.batch_size)]
+    cmd += ["--max-length", str(args.max_length), "--device", args.device, "--draws", str(args.draws)]
     cmd += ["--max-iters", str(args.max_iters), "--tol", str(args.tol)]
     cmd += ["--data", args.data] if args.data else []
     cmd += ["--blocks", args.blocks] if args.blocks else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return cmd
+
+
+def child(flag: str, engine: str, args) -> dict:
+    """Run this script with ``flag engine`` in a fresh interpreter; its last stdout line, parsed."""
+    cmd = [sys.executable, __file__, flag, engine, *child_args(args)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def timed_run(key: str, model, task, bm, names, batches, cfg, args) -> tuple[float, int, Eigs]:
+    """(seconds, products, eigenvalues) of one engine: in a fresh process unless ``--in-process``."""
+    if not args.in_process:
+        out = child("--time-engine", key, args)
+        return out["seconds"], out["products"], out["eig"]
+    with curvature_mode(model):
+        t0 = clock(args.device)
+        eig, products = ENGINES[key].run(model, task, bm, names, batches, cfg)
+        return clock(args.device) - t0, products, eig
+
+
+def probe(engine: str, args) -> float:
+    """Run :func:`memory_probe` in a fresh process, so one engine's heap growth is not charged to the next."""
+    return child("--memory-probe", engine, args)["peak_mib"]
 
 
 def time_it(fn, reps: int, device: str) -> float:
@@ -488,7 +544,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-engine memory probes (quick checks)")
     ap.add_argument("--out", default=None, help="default benchmarks/RESULTS.md (SST-2), RESULTS_BBC.md (BBC)")
+    ap.add_argument("--in-process", action="store_true", help="time every engine in this process (one after another)")
     ap.add_argument("--memory-probe", choices=list(ENGINES), help=argparse.SUPPRESS)
+    ap.add_argument("--time-engine", choices=list(ENGINES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_default, data_default, batch_default, length_default, out_default = TASKS[args.task]
     args.model = args.model or model_default
@@ -505,6 +563,8 @@ def main() -> None:
 
     if args.memory_probe:
         return memory_probe(args)
+    if args.time_engine:
+        return time_engine(args)
     model, task, cfg, bm, names = setup(args)
     batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
     padded = any(bool(b["attention_mask"].eq(0).any()) for b in batches)
@@ -518,10 +578,7 @@ def main() -> None:
         if why is not None:
             missing[key] = why
             continue
-        with curvature_mode(model):
-            t0 = clock(dev)
-            eig, products = ENGINES[key].run(model, task, bm, names, batches, cfg)
-            seconds = clock(dev) - t0
+        seconds, products, eig = timed_run(key, model, task, bm, names, batches, cfg, args)
         runs[key] = (seconds, float("nan") if args.no_memory else probe(key, args), products, eig)
         print(f"{label(key)}: {seconds:.1f} s, {products} products", file=sys.stderr)
     if not runs:
@@ -701,6 +758,8 @@ How each engine runs one block on one draw:
 - Ours: power iteration stops by PyHessian's rule plus a residual check; Lanczos when its residual-based error estimate
   is at most the tolerance (relative); warm starts across draws, embedding tables cut to the rows looked up.
 
+{"Every engine ran in this one process, one after another (`--in-process`)." if args.in_process else "Every engine ran in a fresh process of its own, timed from after the model and batches were loaded, so none inherited another's heap or allocator settings and their order does not matter."}
+
 | engine | wall time | speed-up vs {label(base)} | Hessian-vector products | max error vs converged | {memory} |
 |---|---:|---:|---:|---:|---:|
 {chr(10).join(summary)}
@@ -740,6 +799,11 @@ Where our speed-up comes from:
 6. **Curvature kernels.** GELU and the attention softmax run, during the products, as functions whose double
    backward keeps the factors that do not depend on the vector (GELU', g GELU'', g - <g, y>) instead of
    recomputing them in every product (`qbert_hessian/hessian/kernels.py`; per block in benchmarks/PRODUCTS.md).
+7. **Freed memory reused.** A product frees a few hundred MiB of intermediates that the next one allocates again; with
+   glibc's defaults those pages go back to the kernel and come back zero-filled, one fault per 4 KiB page. Our
+   engine keeps them in the process while it runs (`qbert_hessian/hessian/memory.py`). The rows "the system
+   allocator's defaults" (ours without it) and "inside our reuse_freed_memory" (PyHessian with it) show what it
+   gives each.
 
 Memory: our Lanczos keeps its basis (one vector of the block's size per product) for re-orthogonalisation; ARPACK keeps
 its (20 vectors by default); eigenthings' Lanczos keeps all of its steps' vectors of the whole block (word table

@@ -256,6 +256,9 @@ class SensitivityConfig(_Config):
         shared_graph: build one graph per draw over every pending block's parameters and run each block's products
             through it (one forward and backward per draw instead of one per block); off, each block builds its
             own, which needs less memory at once. The numbers are the same (to float rounding).
+        reuse_memory: keep the memory the products free in the process for the next product instead of handing
+            it back to the kernel (glibc; see :mod:`qbert_hessian.hessian.memory`): no page faults after the
+            first product. The numbers are the same; off, the system allocator's defaults.
     """
 
     draws: int = 10
@@ -276,6 +279,7 @@ class SensitivityConfig(_Config):
     draw_fraction: float | None = None
     parallel: Parallel = Parallel.AUTO
     shared_graph: bool = True
+    reuse_memory: bool = True
 
     def __post_init__(self) -> None:
         _positive(
@@ -319,12 +323,12 @@ class SensitivityConfig(_Config):
 
     def protocol(self) -> dict[str, Any]:
         """The settings that decide the numbers, as recorded in reports and run caches: :meth:`to_dict` without
-        ``parallel`` and ``shared_graph`` (how the work is shared out changes no result), without ``draw_fraction``
-        while it is unset
+        ``parallel``, ``shared_graph`` and ``reuse_memory`` (how the work is shared out and where its memory comes
+        from change no result), without ``draw_fraction`` while it is unset
         and without ``trace_method`` while it is Hutchinson's (so reports and caches made before either existed
         still match)."""
         out = self.to_dict()
-        del out["parallel"], out["shared_graph"]
+        del out["parallel"], out["shared_graph"], out["reuse_memory"]
         if out["draw_fraction"] is None:
             del out["draw_fraction"]
         if out["trace_method"] == TraceMethod.HUTCHINSON.value:

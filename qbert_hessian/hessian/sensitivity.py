@@ -54,6 +54,7 @@ from ..names import blocks_overlap
 from . import vec
 from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
 from .hvp import Batch, BlockHessian, BlockView, LossFn, curvature_mode, grads_enabled
+from .memory import reuse_freed_memory
 from .trace import TraceResult, hutchinson_block_traces, hutchinson_trace, hutchpp_trace, pool_estimates, summarize
 
 if TYPE_CHECKING:
@@ -421,7 +422,7 @@ def estimate_sensitivity(
             every = {n: s for part in gathered for n, s in part.items()}
             on_draw(report, {"draws_done": d + 1, "draws_id": draws_id, "blocks": every})
 
-    with curvature_kernels(model), curvature_mode(model):
+    with curvature_kernels(model), curvature_mode(model), reuse_freed_memory(config.reuse_memory):
         if mine and first < config.draws:
             params = {n: block_map.parameters(n) for n in mine}
             _estimate_blocks(model, params, state, draws, first, config, loss_fn, bar, after_draw, data_parallel)

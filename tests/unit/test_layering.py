@@ -23,6 +23,7 @@ LAYERS = {
     "hessian.trace": 1,
     "hessian.density": 1,
     "hessian.kernels": 1,
+    "hessian.memory": 1,
     "quant.ranges": 1,
     "quant.functional": 1,
     "models": 2,

@@ -110,6 +110,17 @@ def test_blocks_share_one_graph_per_draw_with_their_own_numbers(model_task):
     )
 
 
+def test_sensitivity_numbers_do_not_depend_on_the_allocator(model_task):
+    """Reusing freed memory (the default) changes where tensors live, not a number or a recorded setting."""
+    model, task = model_task
+    on = estimate_sensitivity(model, task, FAST, progress=False)
+    off = estimate_sensitivity(model, task, dataclasses.replace(FAST, reuse_memory=False), progress=False)
+    assert on.config == off.config
+    for a, b in zip(on.blocks, off.blocks):
+        assert a.eigenvalues == b.eigenvalues and a.iterations == b.iterations, a.name
+        assert a.trace.mean == b.trace.mean, a.name
+
+
 def test_sensitivity_with_hutchpp_traces(model_task):
     model, task = model_task
     cfg = dataclasses.replace(FAST, trace_method="hutchpp", trace_samples=6)
@@ -267,6 +278,7 @@ def test_the_protocol_leaves_out_how_ranks_share_the_work():
     base = SensitivityConfig()
     assert "parallel" not in base.protocol() and "draw_fraction" not in base.protocol()
     assert base.protocol() == SensitivityConfig(parallel="blocks").protocol()
+    assert base.protocol() == SensitivityConfig(reuse_memory=False, shared_graph=False).protocol()
     assert SensitivityConfig(draw_fraction=0.1).protocol()["draw_fraction"] == 0.1
     assert SensitivityConfig.from_dict(SensitivityConfig(parallel="data").to_dict()).parallel.value == "data"
     # Hutchinson's traces (the default) leave the protocol as it was before trace_method existed: caches still hold.
