@@ -13,7 +13,16 @@ For every block of the protocol (embeddings, each encoder layer), on one batch o
   GELU (what PyHessian does), :class:`BlockHessian` with the same kernels, and :class:`BlockHessian` under
   :func:`~qbert_hessian.models.curvature_kernels` (the engine's default since this script was written).
 
-Writes benchmarks/PRODUCTS.md (command, machine, table). It times: run it on a quiet machine.
+Then one product of ``encoder.0`` (whose gradient runs through every layer), taken apart:
+
+- **by operation**: every aten operation of the product timed on its own (a ``TorchDispatchMode``; CPU
+  operations are synchronous), matrix products apart from the rest, with their FLOPs (PyTorch's
+  ``FlopCounterMode``) and the rate they ran at, beside one lone (2048 x 384) @ (384 x 1536) product's rate (what
+  this machine's BLAS does at best on these shapes) and the matrix-product FLOPs of one forward pass;
+- **page faults**: minor faults and milliseconds per product with the system allocator's defaults and inside
+  :func:`~qbert_hessian.hessian.memory.reuse_freed_memory` (the engine's default), in that order.
+
+Writes benchmarks/PRODUCTS.md (command, machine, tables). It times: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -22,17 +31,22 @@ import argparse
 import datetime
 import functools
 import platform
+import resource
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import DataCollatorWithPadding
 
 from qbert_hessian.artifacts import write_text
 from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+from qbert_hessian.hessian.memory import reuse_freed_memory
 from qbert_hessian.models import BlockMap, curvature_kernels, eager_attention, load_model
 from qbert_hessian.tasks import load_raw_task, tokenize_task
 
@@ -56,6 +70,86 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul"}
+
+
+class OpClock(TorchDispatchMode):
+    """Seconds spent in every aten operation run under it, by operation name (CPU operations are synchronous,
+    so the wall time around each call is its cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[func.overloadpacket.__name__] += time.perf_counter() - start
+        return out
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def product_anatomy(model, block_map, batch, repeats: int) -> list[str]:
+    """One product of encoder.0 by operation, and its page faults with and without reuse_freed_memory."""
+    params = block_map.parameters("encoder.0")
+    with curvature_mode(model), curvature_kernels(model), grads_enabled(params):
+        v = vec.randn_like(params, torch.Generator().manual_seed(0))
+        # Page faults first, in a process whose allocator has not been retuned yet.
+        faults, seconds = {}, {}
+        for mode in (False, True):
+            with reuse_freed_memory(mode):
+                hvp = BlockHessian(model, params, [batch])
+                hvp(v)  # warm-up: the first product takes its pages from the kernel in either mode
+                f0, t0 = minor_faults(), time.perf_counter()
+                for _ in range(repeats):
+                    hvp(v)
+                seconds[mode] = (time.perf_counter() - t0) / repeats
+                faults[mode] = (minor_faults() - f0) / repeats
+                hvp.free()
+        with reuse_freed_memory():
+            hvp = BlockHessian(model, params, [batch])
+            hvp(v)
+            clock = OpClock()
+            with FlopCounterMode(display=False) as counter, clock:
+                t0 = time.perf_counter()
+                hvp(v)
+                total = time.perf_counter() - t0
+            hvp.free()
+        with torch.no_grad(), FlopCounterMode(display=False) as forward:
+            model(**batch)
+    a, b = torch.randn(2048, 384), torch.randn(384, 1536)
+    lone = min(timed(lambda: a @ b)[0] for _ in range(20))
+    flops = counter.get_total_flops()
+    mm = sum(t for op, t in clock.seconds.items() if op in MATMULS)
+    ops = sum(clock.seconds.values())
+    top = sorted(((t, op) for op, t in clock.seconds.items() if op not in MATMULS), reverse=True)[:4]
+    return [
+        "## One product of encoder.0, taken apart",
+        "",
+        f"Its gradient runs through all {model.config.num_hidden_layers} layers. Every aten operation timed on its own "
+        f"(sum {ops * 1e3:.0f} ms; the product took {total * 1e3:.0f} ms):",
+        "",
+        "| | ms | share |",
+        "|---|---:|---:|",
+        f"| matrix products (mm, bmm) | {mm * 1e3:.0f} | {mm / ops:.0%} |",
+        *(f"| {op} | {t * 1e3:.0f} | {t / ops:.0%} |" for t, op in top),
+        f"| everything else | {(ops - mm - sum(t for t, _ in top)) * 1e3:.0f} | "
+        f"{(ops - mm - sum(t for t, _ in top)) / ops:.0%} |",
+        "",
+        f"The matrix products do {flops / 1e9:.1f} GFLOP, {flops / forward.get_total_flops():.2f} times the matrix "
+        f"work of one forward pass of the model on the batch, at {flops / mm / 1e9:.0f} GFLOP/s; a lone "
+        f"(2048 x 384) @ (384 x 1536) product runs at {2 * 2048 * 384 * 1536 / lone / 1e9:.0f} GFLOP/s here.",
+        "",
+        f"Page faults: {faults[False]:,.0f} minor faults and {seconds[False] * 1e3:.0f} ms per product with the "
+        f"system allocator's defaults; {faults[True]:,.0f} and {seconds[True] * 1e3:.0f} ms inside "
+        f"`reuse_freed_memory` (the engine's default); {repeats} products each, after one warm-up.",
+        "",
+    ]
 
 
 def main() -> None:
@@ -126,6 +220,7 @@ def main() -> None:
         "the blocks' own graphs (built once per block and draw by the engine).",
         "",
     ]
+    lines += product_anatomy(model, block_map, batch, args.repeats)
     write_text(args.out, "\n".join(lines))
     print("\n".join(lines))
 
