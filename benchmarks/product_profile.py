@@ -20,7 +20,8 @@ Then one product of ``encoder.0`` (whose gradient runs through every layer), tak
   ``FlopCounterMode``) and the rate they ran at, beside one lone (2048 x 384) @ (384 x 1536) product's rate (what
   this machine's BLAS does at best on these shapes) and the matrix-product FLOPs of one forward pass;
 - **page faults**: minor faults and milliseconds per product with the system allocator's defaults and inside
-  :func:`~qbert_hessian.hessian.memory.reuse_freed_memory` (the engine's default), in that order.
+  :func:`~qbert_hessian.hessian.memory.reuse_freed_memory` (the engine's default), each in a fresh process
+  (a long-lived heap, like this one's after the table above, hides the faults a run starts with).
 
 Writes benchmarks/PRODUCTS.md (command, machine, tables). It times: run it on a quiet machine.
 """
@@ -30,8 +31,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import json
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -90,64 +93,86 @@ class OpClock(TorchDispatchMode):
         return out
 
 
+def load(model_path: str) -> tuple[torch.nn.Module, dict]:
+    """The model and the first 16 BBC News training articles at max length 128, as one batch."""
+    torch.manual_seed(0)
+    model, tok = load_model(model_path)
+    task = tokenize_task(load_raw_task("bbc-news"), tok, max_length=128)
+    return model, dict(DataCollatorWithPadding(tok)([task.train[i] for i in range(16)]))
+
+
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def product_anatomy(model, block_map, batch, repeats: int) -> list[str]:
-    """One product of encoder.0 by operation, and its page faults with and without reuse_freed_memory."""
+def fault_probe(model_path: str, mode: str, repeats: int) -> None:
+    """Child process: minor page faults and seconds per product of encoder.0, in a process whose allocator has
+    not been retuned before (``mode`` "on": inside reuse_freed_memory)."""
+    model, batch = load(model_path)
+    params = BlockMap(model).parameters("encoder.0")
+    with curvature_mode(model), curvature_kernels(model), grads_enabled(params):
+        v = vec.randn_like(params, torch.Generator().manual_seed(0))
+        with reuse_freed_memory(mode == "on"):
+            hvp = BlockHessian(model, params, [batch])
+            hvp(v)  # warm-up: the first product takes its pages from the kernel in either mode
+            f0, t0 = minor_faults(), time.perf_counter()
+            for _ in range(repeats):
+                hvp(v)
+            seconds = (time.perf_counter() - t0) / repeats
+            faults = (minor_faults() - f0) / repeats
+    print(json.dumps({"faults": faults, "seconds": seconds}))
+
+
+def faults_in_fresh_process(model_path: str, mode: str, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--model", model_path, "--repeats", str(repeats), "--fault-probe", mode]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def product_anatomy(model, block_map, batch, args) -> list[str]:
+    """One product of encoder.0 by operation, and its page faults with and without reuse_freed_memory (each in a
+    fresh process: this one's heap has been shaped by everything above)."""
     params = block_map.parameters("encoder.0")
     with curvature_mode(model), curvature_kernels(model), grads_enabled(params):
         v = vec.randn_like(params, torch.Generator().manual_seed(0))
-        # Page faults first, in a process whose allocator has not been retuned yet.
-        faults, seconds = {}, {}
-        for mode in (False, True):
-            with reuse_freed_memory(mode):
-                hvp = BlockHessian(model, params, [batch])
-                hvp(v)  # warm-up: the first product takes its pages from the kernel in either mode
-                f0, t0 = minor_faults(), time.perf_counter()
-                for _ in range(repeats):
-                    hvp(v)
-                seconds[mode] = (time.perf_counter() - t0) / repeats
-                faults[mode] = (minor_faults() - f0) / repeats
-                hvp.free()
-        with reuse_freed_memory():
-            hvp = BlockHessian(model, params, [batch])
+        hvp = BlockHessian(model, params, [batch])
+        hvp(v)
+        clock = OpClock()
+        with FlopCounterMode(display=False) as counter, clock:
+            t0 = time.perf_counter()
             hvp(v)
-            clock = OpClock()
-            with FlopCounterMode(display=False) as counter, clock:
-                t0 = time.perf_counter()
-                hvp(v)
-                total = time.perf_counter() - t0
-            hvp.free()
+            total = time.perf_counter() - t0
+        hvp.free()
         with torch.no_grad(), FlopCounterMode(display=False) as forward:
             model(**batch)
     a, b = torch.randn(2048, 384), torch.randn(384, 1536)
     lone = min(timed(lambda: a @ b)[0] for _ in range(20))
+    off, on = (faults_in_fresh_process(args.model, mode, args.repeats) for mode in ("off", "on"))
     flops = counter.get_total_flops()
     mm = sum(t for op, t in clock.seconds.items() if op in MATMULS)
     ops = sum(clock.seconds.values())
     top = sorted(((t, op) for op, t in clock.seconds.items() if op not in MATMULS), reverse=True)[:4]
+    rest = ops - mm - sum(t for t, _ in top)
     return [
         "## One product of encoder.0, taken apart",
         "",
-        f"Its gradient runs through all {model.config.num_hidden_layers} layers. Every aten operation timed on its own "
-        f"(sum {ops * 1e3:.0f} ms; the product took {total * 1e3:.0f} ms):",
+        f"Its gradient runs through all {model.config.num_hidden_layers} layers. Every aten operation timed on its "
+        f"own (sum {ops * 1e3:.0f} ms; the product took {total * 1e3:.0f} ms):",
         "",
         "| | ms | share |",
         "|---|---:|---:|",
         f"| matrix products (mm, bmm) | {mm * 1e3:.0f} | {mm / ops:.0%} |",
         *(f"| {op} | {t * 1e3:.0f} | {t / ops:.0%} |" for t, op in top),
-        f"| everything else | {(ops - mm - sum(t for t, _ in top)) * 1e3:.0f} | "
-        f"{(ops - mm - sum(t for t, _ in top)) / ops:.0%} |",
+        f"| everything else | {rest * 1e3:.0f} | {rest / ops:.0%} |",
         "",
         f"The matrix products do {flops / 1e9:.1f} GFLOP, {flops / forward.get_total_flops():.2f} times the matrix "
         f"work of one forward pass of the model on the batch, at {flops / mm / 1e9:.0f} GFLOP/s; a lone "
         f"(2048 x 384) @ (384 x 1536) product runs at {2 * 2048 * 384 * 1536 / lone / 1e9:.0f} GFLOP/s here.",
         "",
-        f"Page faults: {faults[False]:,.0f} minor faults and {seconds[False] * 1e3:.0f} ms per product with the "
-        f"system allocator's defaults; {faults[True]:,.0f} and {seconds[True] * 1e3:.0f} ms inside "
-        f"`reuse_freed_memory` (the engine's default); {repeats} products each, after one warm-up.",
+        "Page faults, each mode in a fresh process (graph built, one warm-up product, then "
+        f"{args.repeats} products): {off['faults']:,.0f} minor faults and {off['seconds'] * 1e3:.0f} ms per product "
+        f"with the system allocator's defaults; {on['faults']:,.0f} and {on['seconds'] * 1e3:.0f} ms inside "
+        "`reuse_freed_memory` (the engine's default).",
         "",
     ]
 
@@ -157,11 +182,11 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a BBC News fine-tune (make bench's runs/bbc/checkpoint)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "PRODUCTS.md"))
+    ap.add_argument("--fault-probe", choices=["on", "off"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_model(args.model)
-    task = tokenize_task(load_raw_task("bbc-news"), tok, max_length=128)
-    batch = dict(DataCollatorWithPadding(tok)([task.train[i] for i in range(16)]))
+    if args.fault_probe:
+        return fault_probe(args.model, args.fault_probe, args.repeats)
+    model, batch = load(args.model)
     padding = 1 - batch["attention_mask"].float().mean().item()
     block_map = BlockMap(model)
     names = block_map.expand(None)
@@ -220,7 +245,7 @@ def main() -> None:
         "the blocks' own graphs (built once per block and draw by the engine).",
         "",
     ]
-    lines += product_anatomy(model, block_map, batch, args.repeats)
+    lines += product_anatomy(model, block_map, batch, args)
     write_text(args.out, "\n".join(lines))
     print("\n".join(lines))
 
