@@ -5,19 +5,19 @@ as large as an attention-score tensor (16 x 12 x 128 x 128 floats: 12 MiB), and 
 product. PyTorch's CPU tensors come from ``malloc``. With glibc's defaults such blocks are either mapped with
 ``mmap`` and unmapped on ``free``, or served from the heap whose free top is handed back to the kernel once it
 exceeds the trim threshold. Either way the next product gets fresh pages, and every 4 KiB page is a fault that
-the kernel zero-fills: 40,000-70,000 faults per product of a BERT layer on a BBC batch, measured with
-``getrusage`` (benchmarks/PRODUCTS.md gives the time it costs).
+the kernel zero-fills: about 26,000 per product of MiniLM's first layer on a BBC batch (benchmarks/PRODUCTS.md).
 
 :func:`reuse_freed_memory` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and the trim
 threshold out of reach for its duration, so a product's blocks come from the heap and stay there for the next
-product: after the first product, products fault no pages. The process's resident size stays at the peak it
-reached (the peak itself is unchanged). On leaving it the thresholds are set where glibc's own dynamic rule
-settles after freeing a block of the mmap threshold's size (mmap threshold 32 MiB, trim threshold twice that),
-and ``malloc_trim`` hands the retained memory back.
+product: about 5,400 faults per product there, and the product 1.14x faster. The process's resident size stays
+at the peak it reached; the peak itself moved by less than the measurement's spread (benchmarks/RESULTS_BBC.md).
+On leaving, the thresholds are set where glibc's own dynamic rule settles after freeing a block of the mmap
+threshold's size (mmap threshold 32 MiB, trim threshold twice that), and ``malloc_trim`` hands the retained
+memory back.
 
 This changes where memory comes from, never a number. Where the C library is not glibc (macOS, musl) it does
-nothing and says so in its return value. It is what ``LD_PRELOAD`` of jemalloc or tcmalloc does for PyTorch's
-CPU performance guides, without a library to install.
+nothing and says so in its return value. PyTorch's CPU performance guides get the same effect by preloading
+jemalloc or tcmalloc (``LD_PRELOAD``); this needs no library to install.
 """
 
 from __future__ import annotations
