@@ -465,14 +465,19 @@ def memory_probe(args) -> None:
     print(json.dumps({"peak_mib": mem.mib}))
 
 
+def run_engine(key: str, model, task, bm, names, batches, cfg, device: str) -> tuple[float, int, Eigs]:
+    """(seconds, products, eigenvalues) of one engine over the whole protocol, in this process."""
+    with curvature_mode(model):
+        t0 = clock(device)
+        eig, products = ENGINES[key].run(model, task, bm, names, batches, cfg)
+        return clock(device) - t0, products, eig
+
+
 def time_engine(args) -> None:
     """Child process: one engine over the whole protocol, timed after the model and batches are loaded."""
     model, task, cfg, bm, names = setup(args)
     batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
-    with curvature_mode(model):
-        t0 = clock(args.device)
-        eig, products = ENGINES[args.time_engine].run(model, task, bm, names, batches, cfg)
-        seconds = clock(args.device) - t0
+    seconds, products, eig = run_engine(args.time_engine, model, task, bm, names, batches, cfg, args.device)
     print(json.dumps({"seconds": seconds, "products": products, "eig": eig, "lanczos": LANCZOS_RUNS}))
 
 
@@ -496,14 +501,12 @@ def child(flag: str, engine: str, args) -> dict:
 def timed_run(key: str, model, task, bm, names, batches, cfg, args) -> tuple[float, int, Eigs, list]:
     """(seconds, products, eigenvalues, our Lanczos runs' tridiagonals) of one engine: in a fresh process unless
     ``--in-process``."""
-    LANCZOS_RUNS.clear()
     if not args.in_process:
         out = child("--time-engine", key, args)
         return out["seconds"], out["products"], out["eig"], out["lanczos"]
-    with curvature_mode(model):
-        t0 = clock(args.device)
-        eig, products = ENGINES[key].run(model, task, bm, names, batches, cfg)
-        return clock(args.device) - t0, products, eig, list(LANCZOS_RUNS)
+    LANCZOS_RUNS.clear()  # a peer's run records none: no earlier engine's runs may be charged to it
+    seconds, products, eig = run_engine(key, model, task, bm, names, batches, cfg, args.device)
+    return seconds, products, eig, list(LANCZOS_RUNS)
 
 
 def products_against_minimum(
