@@ -18,11 +18,18 @@ from qbert_hessian.hessian.memory import _glibc, reuse_freed_memory
 glibc_only = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
 
 # Rounds of 8 tensors of 12 MiB (an attention-score tensor of a BBC batch), each written once, then all freed:
-# the second round's minor page faults, in pages of the 96 MiB it writes.
+# the second round's minor page faults, in pages of the 96 MiB it writes. In about a third of fresh interpreters,
+# whatever the thread count, one tensor of the tuned second round extends the heap (1/8 of its pages fault; CI saw
+# it) where a small block has split one freed hole; the heap's high-water mark is reached then and later rounds
+# fault nothing. The bound allows two of the eight to do that; the default allocator faults all eight. One
+# intra-op thread, as tests run: a pool sized by the machine's cores starts inside the first round, and its small
+# blocks once made the default allocator's second round reuse the pages too (the control then fails).
 PROBE = textwrap.dedent(
     """
     import resource, sys, torch
     from qbert_hessian.hessian.memory import reuse_freed_memory
+
+    torch.set_num_threads(1)  # as the test process runs (tests/conftest.py)
 
     def round_faults():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -50,7 +57,7 @@ def probe(mode: str) -> tuple[bool, float, float]:
 def test_freed_memory_is_reused_without_faults_and_handed_back_after():
     tuned, second, after_exit = probe("on")
     assert tuned
-    assert second < 0.05  # the second round writes into the first round's pages
+    assert second < 0.3  # the second round writes into the first round's pages (all but at most two tensors)
     assert after_exit > 0.5  # on leaving, freed memory above the trim threshold goes back to the kernel again
     untuned, second_default, _ = probe("off")
     assert not untuned
