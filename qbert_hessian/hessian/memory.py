@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc on 64-bit: HEAP_MAX_SIZE / 2; larger values are refused
-TRIM_THRESHOLD_KEEP = 1 << 62  # never trim
+TRIM_THRESHOLD_NEVER = -1  # mallopt takes an int; glibc keeps the trim threshold unsigned, where -1 is never
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,12 +57,6 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def _set(libc: ctypes.CDLL, param: int, value: int) -> bool:
-    # mallopt takes an int; the trim threshold is an unsigned long inside glibc, and -1 reads as "never".
-    value = -1 if value >= 2**31 else value
-    return bool(libc.mallopt(param, value))
-
-
 @contextlib.contextmanager
 def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """For the ``with`` block, keep freed heap memory for reuse instead of returning it to the kernel.
@@ -77,12 +71,14 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    if not (_set(libc, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and _set(libc, M_TRIM_THRESHOLD, TRIM_THRESHOLD_KEEP)):
+    if not (
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_NEVER)
+    ):
         logger.debug("mallopt refused the thresholds; freed memory is handled as usual")
         yield False
         return
     try:
         yield True
     finally:
-        _set(libc, M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX)
         libc.malloc_trim(0)
