@@ -56,6 +56,7 @@ style: $(STAMP)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check qbert_hessian tests benchmarks experiments notebooks
+	$(VENV)/bin/ruff format --check qbert_hessian tests benchmarks experiments notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -37,6 +37,18 @@ QBERT_DRAW = 6735  # 10% of SST-2's 67,349 training sentences: one draw of Q-BER
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+def portable(text: str) -> str:
+    """A command or path as anyone can rerun it: this machine's folders as paths relative to the repository."""
+    for local, shown in (
+        (str(TORCHRUN), "torchrun"),
+        (sys.executable, "python"),
+        (str(REPO.parent / "shared"), "../shared"),
+        (str(REPO) + "/", ""),
+    ):
+        text = text.replace(local, shown)
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm-l6", help="a fine-tuned classifier folder, or minilm-l6 (trained first)")
@@ -205,7 +217,8 @@ def write_markdown(args, argv, rows, commands, load: float, model: str, layers: 
         "",
         f"Machine: {platform.machine()}, {cores()} CPU cores, {device}; torch {torch.__version__}, Python "
         f"{platform.python_version()}; load average {load:.2f} when the benchmark started.",
-        f"Model: `{model}` (from `{args.model}`); task {args.task} (`{args.data}`), max length {args.max_length}. "
+        f"Model: `{portable(str(model))}` (from `{args.model}`); task {args.task} (`{portable(str(args.data))}`), "
+        f"max length {args.max_length}. "
         f"One draw in batches of {args.batch_size}; blocks {args.blocks}; Lanczos, tol {args.tol}, at most "
         f"{args.max_iters} products; Hutchinson trace, {args.trace_samples} probes.",
         "",
@@ -237,7 +250,7 @@ def write_markdown(args, argv, rows, commands, load: float, model: str, layers: 
         *projection(rows, args, layers),
         "The commands, as run (environment: `OMP_NUM_THREADS` = threads / process, `PYTHONPATH` = the repository):",
         "",
-        *[f"- {name}: `{shlex.join(cmd)}`" for name, _, cmd in commands],
+        *[f"- {name}: `{portable(shlex.join(cmd))}`" for name, _, cmd in commands],
         "",
         *GPU_SECTION,
     ]

@@ -32,11 +32,10 @@ import copy
 import dataclasses
 import logging
 import shutil
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from . import distributed
 from .artifacts import (

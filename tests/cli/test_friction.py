@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from qbert_hessian.cli import build_parser, main
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+GUIDES = sorted((ROOT / "docs").glob("*.md"))  # the guides the README links to
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -77,12 +80,33 @@ def test_the_readme_python_snippets_run(tiny_checkpoint, tiny_data, tmp_path):
         "num_batches=8, batch_size=32": "num_batches=2, batch_size=8",  # 96 training sentences
         '"out/packed"': f'"{tmp_path / "packed"}"',
     }
-    blocks = _python_blocks(README.read_text(encoding="utf-8"))
-    assert len(blocks) >= 2
-    for block in blocks:
+    documents = [README, *GUIDES]
+    blocks = [(doc, block) for doc in documents for block in _python_blocks(doc.read_text(encoding="utf-8"))]
+    assert {doc.name for doc, _ in blocks} >= {"README.md", "sensitivity.md", "plans.md"}
+    for doc, block in blocks:
         for old, new in swaps.items():
             block = block.replace(old, new)
-        assert "runs/" not in block, f"a README path the test does not map:\n{block}"
-        exec(compile(block, str(README), "exec"), {})  # noqa: S102  (the README's own code)
+        assert "runs/" not in block, f"a {doc.name} path the test does not map:\n{block}"
+        exec(compile(block, str(doc), "exec"), {})  # noqa: S102  (the documentation's own code)
     assert (tmp_path / "bbc_sensitivity" / "sensitivity.json").is_file()
     assert (tmp_path / "packed" / "model.safetensors").is_file()
+
+
+def _tracked_text_files() -> list[Path]:
+    try:
+        names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    suffixes = {".md", ".py", ".toml", ".txt", ".json", ".cfg", ".ini", ".yml", ".yaml", ""}
+    return [ROOT / n for n in names.splitlines() if Path(n).suffix in suffixes and (ROOT / n).is_file()]
+
+
+def test_no_committed_file_names_a_machine_path():
+    """Results and docs give commands anyone can rerun: paths relative to the repository, never this machine's."""
+    machine = re.compile("(?:/" + "work/|/" + "root/|/" + r"home/\w|[A-Z]:\\\\Users)")  # split: this file is tracked
+    found = []
+    for path in _tracked_text_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if machine.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not found, "machine paths in committed files:\n" + "\n".join(found)
