@@ -362,6 +362,13 @@ class Run:
             self._raw = dev_subset(raw, m.max_eval_samples, self.config.run.seed)
         return self._raw
 
+    def _head_labels(self) -> None:
+        """Number the data's labels as the checkpoint's head does (matched by name), or refuse."""
+        from .models import load_config
+        from .stages import head_labels
+
+        self._raw = head_labels(self.raw(), load_config(self.checkpoint()), self.checkpoint())
+
     def data_fp(self) -> str:
         from .stages import data_fingerprint
 
@@ -683,6 +690,7 @@ class Run:
 
         self.raw()  # bad data fails before anything is written
         self.checkpoint()
+        self._head_labels()  # so do labels the checkpoint's head names otherwise
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.record.config = self.config.to_dict()

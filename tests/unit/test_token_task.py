@@ -130,16 +130,22 @@ def test_seqeval_scores_on_hand_cases():
 
 
 def test_token_scores_skip_ignored_and_padded_positions(conll_dir, wordpiece):
+    dev = "Peter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n\nBRUSSELS NNP B-NP B-LOC\n"
+    (conll_dir / "valid.txt").write_text(dev, encoding="utf-8")
     task = tokenize_task(load_raw_task("conll03", data_dir=conll_dir), wordpiece)
     names = task.label_names  # B-LOC B-MISC B-ORG B-PER I-PER O
-    labels = np.array([[-100, 3, 4, -100], [-100, 0, -100, -100]])
-    logits = np.full((2, 4, 6), -100.0)
-    for row, col, tag in [(0, 1, 3), (0, 2, 4), (0, 0, 0), (0, 3, 0), (1, 1, 2), (1, 2, 0)]:
-        logits[row, col, tag] = 1.0  # predictions at ignored positions (col 0, 3) must not count
-    s = task_scores(task, "dev", logits, labels)
-    # gold: PER (row 0), LOC (row 1); predicted: PER, ORG -> P = R = 1/2; tokens 2 of 3 right
+    # rows: [CLS] peter black ##burn [SEP] and [CLS] brussels [SEP]; only first sub-tokens are labelled
+    assert task.dev["word_index"] == [[-1, 0, 1, -1, -1], [-1, 0, -1]]
+    logits = np.full((2, 5, 6), -100.0)
+    for row, col, tag in [(0, 1, 3), (0, 2, 4), (0, 0, 0), (0, 3, 0), (0, 4, 0), (1, 1, 2), (1, 2, 0), (1, 3, 0)]:
+        logits[row, col, tag] = 1.0  # predictions at ignored and padded positions must not count
+    s = task_scores(task, "dev", logits, None)
+    # gold: PER (row 0), LOC (row 1); predicted: PER, ORG -> P = R = 1/2; words 2 of 3 right
     assert names[3] == "B-PER"
-    assert s == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "accuracy": 2 / 3, "num_examples": 2})
+    assert s == pytest.approx(
+        {"precision": 0.5, "recall": 0.5, "f1": 0.5, "accuracy": 2 / 3, "num_examples": 2, "num_words": 3,
+         "num_unseen_words": 0, "num_windowed": 0}
+    )  # fmt: skip
 
 
 def test_evaluate_averages_the_loss_over_labelled_tokens(conll_dir, wordpiece):
@@ -166,6 +172,9 @@ def test_evaluate_averages_the_loss_over_labelled_tokens(conll_dir, wordpiece):
         "accuracy",
         "loss",
         "num_examples",
+        "num_words",
+        "num_unseen_words",
+        "num_windowed",
     }
 
 
