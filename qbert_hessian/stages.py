@@ -486,15 +486,15 @@ def load_for_task(
     from .models import load_model, load_tokenizer
     from .tasks import tokenize_task
 
+    from .models import load_config
+
+    config = load_config(str(name_or_path))
+    raw = head_labels(raw, config, str(name_or_path))
     if is_packed(name_or_path):
+        check_head(config, raw, str(name_or_path))  # before the weights are read into a head of the wrong size
         model = load_packed(name_or_path, eager=eager, device=device)
-        raw = head_labels(raw, model.config, str(name_or_path))  # type: ignore[attr-defined]
-        check_head(model, raw, str(name_or_path))
         tokenizer = load_tokenizer(str(name_or_path))
     else:
-        from .models import load_config
-
-        raw = head_labels(raw, load_config(str(name_or_path)), str(name_or_path))
         model, tokenizer = load_model(
             str(name_or_path), task_family=raw.family, num_labels=len(raw.label_names), eager=eager, device=device
         )
@@ -512,12 +512,12 @@ def head_labels(raw: RawTask, config: Any, name: str) -> RawTask:
     return match_labels(raw, getattr(config, "id2label", None), name)
 
 
-def check_head(model: nn.Module, raw: RawTask, name: str) -> None:
-    """Refuse a model whose task head does not fit the task: another family (a sequence classifier for a NER
-    task), or another number of labels."""
+def check_head(model: Any, raw: RawTask, name: str) -> None:
+    """Refuse a model (or its HF config) whose task head does not fit the task: another family (a sequence
+    classifier for a NER task), or another number of labels."""
     from .models import head_family
 
-    config = model.config  # type: ignore[attr-defined]
+    config = getattr(model, "config", model)
     family = head_family(getattr(config, "architectures", None))
     if family is not None and family != raw.family:
         raise QBHError(
