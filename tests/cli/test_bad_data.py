@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli.test_bad_inputs import Case, _exit_code, _snapshot
+from qbert_hessian.cli import main
+from tests.cli.test_bad_inputs import RUN_TOML, Case, _exit_code, _snapshot
 from tests.helpers import make_tiny_checkpoint, write_ner_dir, write_squad_dir, write_tsv
 
 SENTIMENT = ["negative", "positive"]
@@ -224,6 +225,11 @@ CASES = [
         "the data's labels are integers without names",
     ),
     Case(
+        "labels-integers-against-named-head-run",
+        lambda w, t: _run(w, t, w.named),
+        "the data's labels are integers without names",
+    ),
+    Case(
         "labels-txt-too-few-names",
         lambda w, t: _evaluate(w.named, "sst2", _labelled(t, lambda y: str(y + 1), names="negative\npositive\n")),
         "label 2 of",
@@ -325,6 +331,12 @@ CASES = [
 ]
 
 
+def _run(w: World, tmp: Path, model: Path) -> list[str]:
+    cfg = tmp / "run.toml"
+    cfg.write_text(RUN_TOML.format(model=model, data=w.data), encoding="utf-8")
+    return ["run", str(cfg), "--out", str(tmp / "out"), "--quiet"]
+
+
 def _zero_width_dev(tmp: Path) -> Path:
     d = write_ner_dir(tmp / "ner")
     (d / "valid.txt").write_text("\u200b NN O B-POS\n\u200b NN O O\n\n")
@@ -351,3 +363,78 @@ def test_bad_data(case: Case, world: World, tmp_path: Path, capsys):
     if not case.usage:
         assert len(lines) == 1, err
     assert after == before, "the command wrote, changed or deleted files"
+
+
+# ------------------------------------------------------------------------------------- the right number
+
+
+def _scores(argv: list[str], out: Path) -> dict:
+    assert main([*argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())["results"][0]
+
+
+def _same(a: dict, b: dict, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+
+
+def test_label_order_and_form_do_not_change_the_score(world, tmp_path):
+    """The same dev data scores the same written as names, as integers named by labels.txt (in either order), and
+    against a head that numbers the classes the other way round."""
+    words = _labelled(tmp_path / "a", lambda y: SENTIMENT[y])
+    ints = _labelled(tmp_path / "b", str, names="negative\npositive\n")
+    flipped = _labelled(tmp_path / "c", lambda y: str(1 - y), names="positive\nnegative\n")
+    swapped = swapped_head(world.named, tmp_path / "swapped")
+    base = _scores(_evaluate(world.named, "sst2", words), tmp_path / "1.json")
+    # teeth: numbered alphabetically against the swapped head, every prediction would count the other way
+    assert base["accuracy"] != pytest.approx(0.5)
+    keys = ("accuracy", "macro_f1", "loss")
+    _same(base, _scores(_evaluate(swapped, "sst2", words), tmp_path / "2.json"), keys)
+    _same(base, _scores(_evaluate(world.named, "sst2", ints), tmp_path / "3.json"), keys)
+    _same(base, _scores(_evaluate(world.named, "sst2", flipped), tmp_path / "4.json"), keys)
+    _same(base, _scores(_evaluate(swapped, "sst2", flipped), tmp_path / "5.json"), keys)
+
+
+def test_tag_order_and_form_do_not_change_the_score(world, tmp_path):
+    """CoNLL string tags and JSONL integer tags named by labels.txt in another order score the same."""
+    strings = write_ner_dir(tmp_path / "conll")
+    order = ["O", "B-POS", "B-NEG"]
+    ints = _ner_jsonl(tmp_path, order.index, names="\n".join(order) + "\n")
+    base = _scores(_evaluate(world.tagger, "conll03", strings), tmp_path / "1.json")
+    other = _scores(_evaluate(world.tagger, "ner", ints), tmp_path / "2.json")
+    _same(base, other, ("f1", "precision", "recall", "accuracy", "loss"))
+
+
+def test_mnli_labels_take_glue_order(tmp_path):
+    from qbert_hessian.tasks import load_raw_task
+
+    for split in ("train", "dev"):
+        rows = ["premise\thypothesis\tlabel"] + [
+            f"a fun movie\tit was {w}\t{label}"
+            for w, label in zip(["good", "bad", "fine"], ["contradiction", "entailment", "neutral"])
+        ]
+        (tmp_path / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    raw = load_raw_task("mnli", data_dir=tmp_path)
+    assert raw.label_names == ["entailment", "neutral", "contradiction"]
+    assert raw.train_labels == [2, 0, 1] and raw.dev_labels == [2, 0, 1]
+    (tmp_path / "labels.txt").write_text("neutral\nentailment\ncontradiction\n")  # labels.txt decides
+    assert load_raw_task("mnli", data_dir=tmp_path).train_labels == [2, 1, 0]
+
+
+@pytest.mark.parametrize("family", ["classification", "token", "qa"])
+def test_max_eval_samples_on_every_family(world, tmp_path, family):
+    """evaluate and finetune score a seeded subset of the dev split and say so."""
+    task, model, data = {
+        "classification": ("sst2", world.ckpt, world.data),
+        "token": ("conll03", world.tagger, write_ner_dir(tmp_path / "ner")),
+        "qa": ("squad", world.reader, write_squad_dir(tmp_path / "squad")),
+    }[family]
+    row = _scores(_evaluate(model, task, data, "--max-eval-samples", "5", "--seed", "3"), tmp_path / "e.json")
+    assert row["num_examples"] == 5 and row["max_eval_samples"] == 5 and row["eval_seed"] == 3
+    full = _scores(_evaluate(model, task, data), tmp_path / "full.json")
+    assert full["num_examples"] > 5 and "max_eval_samples" not in full
+    ft = ["finetune", "--model", str(world.ckpt), "--task", task, "--data", str(data), "--max-length", "32",
+          "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "3", "--quiet"]  # fmt: skip
+    assert main([*ft, "--out", str(tmp_path / "ft")]) == 0
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["metrics"]["num_examples"] == 3 and metrics["max_eval_samples"] == 3 and metrics["eval_seed"] == 0
