@@ -438,3 +438,21 @@ def test_max_eval_samples_on_every_family(world, tmp_path, family):
     assert main([*ft, "--out", str(tmp_path / "ft")]) == 0
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert metrics["metrics"]["num_examples"] == 3 and metrics["max_eval_samples"] == 3 and metrics["eval_seed"] == 0
+
+
+def test_finetune_keeps_a_trained_heads_order_and_gives_a_fresh_one_the_documented_order(world, tmp_path):
+    words = _labelled(tmp_path / "a", lambda y: SENTIMENT[y])
+    swapped = swapped_head(world.named, tmp_path / "swapped")
+    mnli = _labelled(tmp_path / "b", lambda y: ["contradiction", "entailment"][y])
+    (mnli / "dev.tsv").write_text((mnli / "dev.tsv").read_text() + "a movie\tneutral\n")
+    (mnli / "train.tsv").write_text((mnli / "train.tsv").read_text() + "a movie\tneutral\n")
+    for model, data, want in (
+        (swapped, words, ["positive", "negative"]),  # the trained head's meaning is kept
+        (world.ckpt, mnli, ["entailment", "neutral", "contradiction"]),  # a fresh head: GLUE's MNLI order
+    ):
+        out = tmp_path / f"ft-{len(want)}"
+        argv = ["finetune", "--model", str(model), "--task", "sst2", "--data", str(data), "--max-length", "16",
+                "--epochs", "1", "--max-train-samples", "8", "--quiet", "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert [config["id2label"][str(i)] for i in range(len(want))] == want
