@@ -196,13 +196,35 @@ def load_token(name: str, *, data_dir: Path | str | None = None) -> RawTask:
     return tag_ids(name.lower(), train, dev, f"'{data}'", read_label_file(data), dev_source=f"'{dev_path}'")
 
 
-def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
-    """One label per sub-token: the word's tag on its first sub-token, -100 elsewhere (specials included)."""
-    labels, previous = [], None
-    for w in word_ids:
-        labels.append(IGNORE if w is None or w == previous else tags[w])
-        previous = w
-    return labels
+def label_positions(word_ids: Sequence[Sequence[int | None]], rows: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Which word each position of each row is labelled with (-1: none): a word's first sub-token carries its
+    tag, once per sentence, in the row where it has the most context (min of tokens left and right in the row;
+    the earlier row on a tie), as BERT's SQuAD code picks a token's window. Other sub-tokens, special tokens and
+    the second copy of a word in an overlapping window get -1.
+
+    Args:
+        word_ids: per row, the word of each position (None: a special token), as ``enc.word_ids(i)``.
+        rows: per row, (its sentence, the position of its first content token in the sentence's sub-tokens).
+    """
+    first: dict[tuple[int, int], int] = {}  # (sentence, word) -> position of its first sub-token
+    for ids, (sentence, start) in zip(word_ids, rows):
+        for j, w in enumerate(w for w in ids if w is not None):
+            first[(sentence, w)] = min(first.get((sentence, w), start + j), start + j)
+    best: dict[tuple[int, int], tuple[int, int]] = {}  # (sentence, word) -> (context, row)
+    for i, (ids, (sentence, start)) in enumerate(zip(word_ids, rows)):
+        content = [w for w in ids if w is not None]
+        for j, w in enumerate(content):
+            context = min(j, len(content) - 1 - j)
+            if start + j == first[(sentence, w)] and context > best.get((sentence, w), (-1, -1))[0]:
+                best[(sentence, w)] = (context, i)
+    out = []
+    for i, (ids, (sentence, _)) in enumerate(zip(word_ids, rows)):
+        previous, row = None, []
+        for w in ids:
+            row.append(w if w is not None and w != previous and best[(sentence, w)][1] == i else -1)
+            previous = w
+        out.append(row)
+    return out
 
 
 def window_stride(tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[int, int]:
@@ -232,40 +254,15 @@ def _encode(
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise QBHError(f"the tokenizer cannot take pre-split words ({first}); use a BERT-style tokenizer") from None
-    rows = len(enc["input_ids"])
-    samples = list(enc.pop("overflow_to_sample_mapping")) if windows else list(range(rows))
-    word_ids = [enc.word_ids(i) for i in range(rows)]
-    # window k of a sentence holds its content tokens [k (content - stride), ... + content)
-    starts, seen = [], {}
-    for s in samples:
-        k = seen[s] = seen.get(s, -1) + 1
-        starts.append(k * (content - stride))
-    # per sentence and word: its first sub-token (global position) and the window giving it the most context
-    first: dict[tuple[int, int], int] = {}
-    for i, ids in enumerate(word_ids):
-        content_ids = [w for w in ids if w is not None]
-        for j, w in enumerate(content_ids):
-            key = (samples[i], w)
-            first[key] = min(first.get(key, starts[i] + j), starts[i] + j)
-    best: dict[tuple[int, int], tuple[int, int]] = {}  # (sentence, word) -> (context, row)
-    for i, ids in enumerate(word_ids):
-        n = sum(w is not None for w in ids)
-        for j, w in enumerate([w for w in ids if w is not None]):
-            g = first[(samples[i], w)]
-            if starts[i] + j == g:
-                context = min(j, n - 1 - j)
-                if (samples[i], w) not in best or context > best[(samples[i], w)][0]:
-                    best[(samples[i], w)] = (context, i)
-    labels, word_index = [], []
-    for i, ids in enumerate(word_ids):
-        row_labels, row_words, j = [], [], 0
-        for w in ids:
-            mine = w is not None and starts[i] + j == first[(samples[i], w)] and best[(samples[i], w)][1] == i
-            row_labels.append(tags[samples[i]][w] if mine else IGNORE)
-            row_words.append(w if mine else -1)
-            j += w is not None
-        labels.append(row_labels)
-        word_index.append(row_words)
+    num_rows = len(enc["input_ids"])
+    samples = list(enc.pop("overflow_to_sample_mapping")) if windows else list(range(num_rows))
+    # the k-th window of a sentence starts at its sub-token k * (content - stride) (the tokenizer's overflow)
+    rows, seen = [], {}
+    for sentence in samples:
+        k = seen[sentence] = seen.get(sentence, -1) + 1
+        rows.append((sentence, k * (content - stride)))
+    word_index = label_positions([enc.word_ids(i) for i in range(num_rows)], rows)
+    labels = [[IGNORE if w < 0 else tags[s][w] for w in index] for s, index in zip(samples, word_index)]
     return {**enc, "labels": labels, "example_index": samples, "word_index": word_index}
 
 

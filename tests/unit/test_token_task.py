@@ -8,7 +8,7 @@ import torch
 
 from qbert_hessian.errors import QBHError
 from qbert_hessian.tasks import load_raw_task, subset, task_scores, tokenize_task
-from qbert_hessian.tasks.token import align_labels, entity_scores, read_conll
+from qbert_hessian.tasks.token import entity_scores, label_positions, read_conll
 
 CONLL_TRAIN = """-DOCSTART- -X- -X- O
 
@@ -104,7 +104,7 @@ def test_first_subtoken_carries_the_tag(wordpiece):
     assert wordpiece.convert_ids_to_tokens(enc["input_ids"]) == [
         "[CLS]", "eu", "rej", "##ects", "black", "##burn", ".", "[SEP]",
     ]  # fmt: skip
-    assert align_labels(enc.word_ids(), [2, 5, 3, 5]) == [-100, 2, 5, -100, 3, -100, 5, -100]
+    assert label_positions([enc.word_ids()], [(0, 0)]) == [[-1, 0, 1, -1, 2, -1, 3, -1]]
 
 
 def test_tokenized_batches_pad_labels_with_ignore_index(conll_dir, wordpiece):
