@@ -386,6 +386,7 @@ class Run:
         from .tasks import tokenize_task
 
         if self._fp32 is None:
+            self._head_labels()  # the task numbered as the checkpoint's head, however the run was entered
             raw = self.raw()
             model, tokenizer = load_model(
                 self.checkpoint(),

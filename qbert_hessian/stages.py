@@ -119,6 +119,7 @@ def finetune(
     from .tasks.labels import head_names
     from .train import finetune as train
 
+    recorded = eval_subset(max_eval_samples, config.seed)
     base = load_config(model_name)
     names = head_names(getattr(base, "id2label", None), len(raw.label_names))
     if head_family(base.architectures) == raw.family and names and set(names) == set(raw.label_names):
@@ -143,7 +144,7 @@ def finetune(
         model_name=model_name,
         resume=resume,
         progress=progress,
-        eval_subset=eval_subset(max_eval_samples, config.seed),
+        eval_subset=recorded,
     )
 
 
@@ -483,10 +484,8 @@ def load_for_task(
     """An FP32 checkpoint or a packed one, and the task tokenized with its tokenizer, its labels numbered as the
     model's head numbers them (matched by name: :func:`~qbert_hessian.tasks.match_labels`)."""
     from .export import is_packed, load_packed
-    from .models import load_model, load_tokenizer
+    from .models import load_config, load_model, load_tokenizer
     from .tasks import tokenize_task
-
-    from .models import load_config
 
     config = load_config(str(name_or_path))
     raw = head_labels(raw, config, str(name_or_path))
