@@ -118,6 +118,20 @@ def _add_data_args(p: argparse.ArgumentParser, *, max_length: int = SensitivityC
     p.add_argument("--max-length", type=int, default=max_length, help="tokenizer truncation length")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer; e.g. 2000")
+    return value
+
+
+def _add_max_eval(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--max-eval-samples", type=_positive_int, default=None, help=help)
+
+
 def _add_common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
@@ -167,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         force="overwrite a finished checkpoint in OUT",
     )
     _add_config(p, FinetuneConfig, skip=["max_length"])
+    _add_max_eval(p, "score the checkpoint on a subset of this many dev examples, drawn with --seed (default: all)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -254,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", type=Path, action="append", default=[], help="also evaluate a packed folder (repeat)")
     p.add_argument("--out", type=Path, default=None, help="evaluation JSON file to write")
     _add_config(p, CalibrationConfig)
+    _add_max_eval(p, "score every model on the same subset of this many dev examples, drawn with --seed (default: all)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -396,7 +412,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     raw = _raw_task(args)
     _start(args)
     result = stages.finetune(
-        args.model, raw, config, args.out, device=args.device, resume=args.resume, progress=not args.quiet
+        args.model,
+        raw,
+        config,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+        progress=not args.quiet,
+        max_eval_samples=args.max_eval_samples,
     )
     m = result["metrics"]
     _say(args, f"dev {summary(m, raw.family)} on {m['num_examples']} examples; checkpoint in {args.out}")
@@ -542,6 +565,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         calibration=calibration,
         max_length=args.max_length,
         device=args.device,
+        max_eval_samples=args.max_eval_samples,
+        eval_seed=calibration.seed,
     )
     cols = [*METRIC_COLUMNS[raw.family], "loss"]
     print(f"| model | kind | size MiB | {' | '.join(cols)} |\n|---|---|---:|{'---:|' * len(cols)}")

@@ -361,6 +361,13 @@ class Run:
             self._raw = dev_subset(raw, m.max_eval_samples, self.config.run.seed)
         return self._raw
 
+    def _head_labels(self) -> None:
+        """Number the data's labels as the checkpoint's head does (matched by name), or refuse."""
+        from .models import load_config
+        from .stages import head_labels
+
+        self._raw = head_labels(self.raw(), load_config(self.checkpoint()), self.checkpoint())
+
     def data_fp(self) -> str:
         from .stages import data_fingerprint
 
@@ -378,6 +385,7 @@ class Run:
         from .tasks import tokenize_task
 
         if self._fp32 is None:
+            self._head_labels()  # the task numbered as the checkpoint's head, however the run was entered
             raw = self.raw()
             model, tokenizer = load_model(
                 self.checkpoint(),
@@ -538,7 +546,7 @@ class Run:
         from .export import fp32_safetensors_bytes
 
         path = self.out / "results" / "fp32.json"
-        inputs = self._base_inputs()
+        inputs = {**self._base_inputs(), **self._scoring()}
         if self._cached("fp32", inputs, path):
             return StageResult.load(path)
         model, task = self.fp32()
@@ -573,6 +581,7 @@ class Run:
                 "calibration": self.config.run.calibration.to_dict(),
             }
             p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
+            d_inputs = {**d_inputs, **self._scoring()}  # how it is scored: not an input of the packed model
             q, direct = self._direct(name, plan, d_inputs)
         packed = out / "packed"
         training: QATLog | None = None
@@ -606,6 +615,12 @@ class Run:
 
     def _base_inputs(self) -> dict[str, Any]:
         return {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
+
+    def _scoring(self) -> dict[str, str]:
+        """How an evaluation stage scores, where it changed: NER on the full gold (every word of every dev
+        sentence, in windows) instead of the words inside max_length. Entered only for token tasks, so the
+        metrics of other tasks stay cached; the packed and QAT stages never see it (scoring changes no weight)."""
+        return {"scoring": "full-gold"} if self.raw().family == "token" else {}
 
     def _direct(self, name: str, plan: BitPlan, d_inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The directly quantized model (None when its metrics are cached) and its metrics (rank 0's work)."""
@@ -643,7 +658,11 @@ class Run:
         if training is None and qat and (out / "qat.json").exists():
             training = QATLog.load(out / "qat.json")
         final = out / "metrics.json"
-        m_inputs = {**self._base_inputs(), "packed": stages.file_fingerprint(packed / stages.WEIGHTS_FILE)}
+        m_inputs = {
+            **self._base_inputs(),
+            "packed": stages.file_fingerprint(packed / stages.WEIGHTS_FILE),
+            **self._scoring(),
+        }
         if self._cached(f"metrics:{spec.name}", m_inputs, final):
             return StageResult.load(final)
         _, task = self.fp32()
@@ -682,6 +701,7 @@ class Run:
 
         self.raw()  # bad data fails before anything is written
         self.checkpoint()
+        self._head_labels()  # so do labels the checkpoint's head names otherwise
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.record.config = self.config.to_dict()

@@ -105,14 +105,27 @@ def finetune(
     device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    max_eval_samples: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_name`` with a new head of the task's family on the seeded subset ``config`` names; the
-    checkpoint and ``metrics.json`` go to ``out_dir``. Returns the metrics record."""
-    from .models import load_model
-    from .tasks import subset, tokenize_task
+    checkpoint and ``metrics.json`` go to ``out_dir``. Returns the metrics record.
+
+    The head's label order is the data's (:mod:`~qbert_hessian.tasks.labels`), or the base model's own when it
+    already has a trained head of the family naming the same labels. ``max_eval_samples`` scores the
+    checkpoint on a subset of that many dev examples, drawn with ``config.seed`` (recorded in the metrics).
+    """
+    from .models import head_family, load_config, load_model
+    from .tasks import dev_subset, match_labels, subset, tokenize_task
+    from .tasks.labels import head_names
     from .train import finetune as train
 
+    recorded = eval_subset(max_eval_samples, config.seed)
+    base = load_config(model_name)
+    names = head_names(getattr(base, "id2label", None), len(raw.label_names))
+    if head_family(base.architectures) == raw.family and names and set(names) == set(raw.label_names):
+        raw = match_labels(raw, base.id2label, model_name)  # keep the trained head's meaning
     raw = subset(raw, config.max_train_samples, config.seed)
+    raw = dev_subset(raw, max_eval_samples, config.seed)
     model, tokenizer = load_model(
         model_name,
         task_family=raw.family,
@@ -123,7 +136,25 @@ def finetune(
         new_head=True,
     )
     task = tokenize_task(raw, tokenizer, max_length=config.max_length)
-    return train(model, task, config, out_dir, model_name=model_name, resume=resume, progress=progress)
+    return train(
+        model,
+        task,
+        config,
+        out_dir,
+        model_name=model_name,
+        resume=resume,
+        progress=progress,
+        eval_subset=recorded,
+    )
+
+
+def eval_subset(max_eval_samples: int | None, seed: int) -> dict[str, int]:
+    """What a result records of a dev subset (nothing when the whole dev split is scored)."""
+    if max_eval_samples is None:
+        return {}
+    if max_eval_samples < 1:
+        raise QBHError(f"--max-eval-samples must be at least 1, got {max_eval_samples}")
+    return {"max_eval_samples": max_eval_samples, "eval_seed": seed}
 
 
 def evaluate_models(
@@ -135,12 +166,20 @@ def evaluate_models(
     calibration: CalibrationConfig | None = None,
     max_length: int = 128,
     device: str = "cpu",
+    max_eval_samples: int | None = None,
+    eval_seed: int = 0,
 ) -> Evaluation:
     """Dev metrics of a model (FP32 or packed), of its direct quantization under each plan, and of packed
-    checkpoints, each with its size in MiB (file bytes; the plan's prediction for a direct quantization)."""
+    checkpoints, each with its size in MiB (file bytes; the plan's prediction for a direct quantization).
+
+    ``max_eval_samples`` scores every model on the same subset of that many dev examples, drawn with
+    ``eval_seed``; each row records both."""
     from .evaluate import evaluate
     from .export import file_sizes, fp32_safetensors_bytes, is_packed
+    from .tasks import dev_subset
 
+    subset_info = eval_subset(max_eval_samples, eval_seed)
+    raw = dev_subset(raw, max_eval_samples, eval_seed)
     for p in packed:
         if not is_packed(p):
             raise QBHError(f"'{p}' is not a packed checkpoint (no quantization.json); export one with quantize")
@@ -161,6 +200,8 @@ def evaluate_models(
         qmodel, ptask = load_for_task(p, raw, max_length=max_length, eager=False, device=device)
         rows.append({"name": str(p), "kind": "packed", "size_mib": file_sizes(p)["weights_bytes"] / MIB})
         rows[-1].update(evaluate(qmodel, ptask))
+    for row in rows:
+        row.update(subset_info)
     return Evaluation(task=raw.name, results=rows)
 
 
@@ -440,14 +481,17 @@ def export(
 def load_for_task(
     name_or_path: str | Path, raw: RawTask, *, max_length: int, eager: bool = True, device: str = "cpu"
 ) -> tuple[nn.Module, Task]:
-    """An FP32 checkpoint or a packed one, and the task tokenized with its tokenizer."""
+    """An FP32 checkpoint or a packed one, and the task tokenized with its tokenizer, its labels numbered as the
+    model's head numbers them (matched by name: :func:`~qbert_hessian.tasks.match_labels`)."""
     from .export import is_packed, load_packed
-    from .models import load_model, load_tokenizer
+    from .models import load_config, load_model, load_tokenizer
     from .tasks import tokenize_task
 
+    config = load_config(str(name_or_path))
+    raw = head_labels(raw, config, str(name_or_path))
     if is_packed(name_or_path):
+        check_head(config, raw, str(name_or_path))  # before the weights are read into a head of the wrong size
         model = load_packed(name_or_path, eager=eager, device=device)
-        check_head(model, raw, str(name_or_path))
         tokenizer = load_tokenizer(str(name_or_path))
     else:
         model, tokenizer = load_model(
@@ -456,12 +500,23 @@ def load_for_task(
     return model, tokenize_task(raw, tokenizer, max_length=max_length)
 
 
-def check_head(model: nn.Module, raw: RawTask, name: str) -> None:
-    """Refuse a model whose task head does not fit the task: another family (a sequence classifier for a NER
-    task), or another number of labels."""
+def head_labels(raw: RawTask, config: Any, name: str) -> RawTask:
+    """``raw`` numbered as a trained head of its family numbers its labels (by name); a model without such a head
+    (a base encoder, another family's head) names nothing, and ``raw`` is returned as it is."""
+    from .models import head_family
+    from .tasks import match_labels
+
+    if head_family(getattr(config, "architectures", None)) != raw.family:
+        return raw
+    return match_labels(raw, getattr(config, "id2label", None), name)
+
+
+def check_head(model: Any, raw: RawTask, name: str) -> None:
+    """Refuse a model (or its HF config) whose task head does not fit the task: another family (a sequence
+    classifier for a NER task), or another number of labels."""
     from .models import head_family
 
-    config = model.config  # type: ignore[attr-defined]
+    config = getattr(model, "config", model)
     family = head_family(getattr(config, "architectures", None))
     if family is not None and family != raw.family:
         raise QBHError(
@@ -597,6 +652,7 @@ __all__ = [
     "export",
     "load_for_task",
     "check_head",
+    "head_labels",
     "density",
     "landscapes",
     "WEIGHTS_FILE",

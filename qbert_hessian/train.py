@@ -37,6 +37,7 @@ def finetune(
     model_name: str = "model",
     resume: bool = False,
     progress: bool = True,
+    eval_subset: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``task.train``, save it to ``out_dir`` and return its metrics.
 
@@ -48,6 +49,7 @@ def finetune(
         model_name: the base model's name, recorded in the metrics.
         resume: continue from the newest Trainer checkpoint in ``out_dir/trainer``.
         progress: show the Trainer's progress bar.
+        eval_subset: how ``task.dev`` was subset (``max_eval_samples``, ``eval_seed``), recorded in the metrics.
 
     Returns:
         The content of ``metrics.json`` (on every rank).
@@ -105,13 +107,20 @@ def finetune(
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     seconds = time.perf_counter() - start
     model.config.architectures = [type(model).__name__]
-    result = _save_on_main(model, task, config, out, model_name, seconds) if distributed.is_main() else None
+    main = distributed.is_main()
+    result = _save_on_main(model, task, config, out, model_name, seconds, eval_subset or {}) if main else None
     distributed.barrier()  # the checkpoint is in place before any rank loads it
     return distributed.broadcast_object(result)
 
 
 def _save_on_main(
-    model: PreTrainedModel, task: Task, config: FinetuneConfig, out: Path, model_name: str, seconds: float
+    model: PreTrainedModel,
+    task: Task,
+    config: FinetuneConfig,
+    out: Path,
+    model_name: str,
+    seconds: float,
+    eval_subset: dict[str, Any],
 ) -> dict[str, Any]:
     """Evaluate on dev, then publish the checkpoint and ``metrics.json`` in ``out`` (rank 0's work)."""
     work = out / "trainer"
@@ -134,6 +143,7 @@ def _save_on_main(
         "model": model_name,
         "task": task.name,
         "split": "dev",
+        **eval_subset,
         "metrics": metrics,
         "train_examples": len(task.train),
         "train_seconds": round(seconds, 1),

@@ -24,6 +24,7 @@ from ..errors import QBHError
 from . import classification, qa, token
 from .base import FAMILIES, MODEL_INPUTS, RawTask, Task, collator, dev_subset, subset
 from .classification import BBC_DEV_FRACTION, BBC_NEWS, BBC_SPLIT_SEED, GLUE, TaskSpec, classification_metrics
+from .labels import LABELS_FILE, match_labels
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,6 +35,7 @@ __all__ = [
     "BBC_SPLIT_SEED",
     "FAMILIES",
     "GLUE",
+    "LABELS_FILE",
     "MODEL_INPUTS",
     "RawTask",
     "Task",
@@ -44,6 +46,7 @@ __all__ = [
     "family_of_task",
     "load_raw_task",
     "load_task",
+    "match_labels",
     "pad_stack",
     "subset",
     "dev_subset",

@@ -8,7 +8,8 @@ Sources, in the order they are tried:
     a fixed seed; the offline default.
   * ``--data DIR`` (or a task name that is a folder): local ``train.*`` and ``dev.*`` (or ``validation.*``)
     files in TSV, CSV, JSON or JSONL, with named text and label columns. GLUE's TSVs (``sentence\\tlabel``)
-    work as they are.
+    work as they are. Labels are integers or class names; an optional ``labels.txt`` names integer labels
+    (line i names label i) and fixes the class order (see :mod:`.labels`).
   * a hub dataset (``glue/sst2``, ``glue/mnli``, ``imdb`` ...) through ``datasets.load_dataset``.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..errors import QBHError
 from .base import RawTask, Task, hub_dataset, read_text
+from .labels import label_index, order_labels, read_label_file
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -64,14 +66,22 @@ _SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 # ----------------------------------------------------------------------------------------------- raw sources
 
 
-def _labels_to_ids(train: list[Any], dev: list[Any], source: str) -> tuple[list[int], list[int], list[str]]:
-    """Map raw labels to 0..C-1 (sorted numerically when they are all integers, else as strings)."""
-    raw = sorted({str(x) for x in train}, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
-    index = {name: i for i, name in enumerate(raw)}
-    unseen = sorted({str(x) for x in dev} - set(index))
+def _labels_to_ids(
+    train: list[Any], dev: list[Any], source: str, names: list[str] | None = None
+) -> tuple[list[int], list[int], list[str]]:
+    """Map raw labels to 0..C-1 in the order :func:`~.labels.order_labels` gives (``names``: ``labels.txt``)."""
+    for split, values in (("training", train), ("dev", dev)):
+        bad = next((v for v in values if v is None or isinstance(v, (list, dict))), "ok")
+        if bad != "ok":
+            raise QBHError(
+                f"a {split} label of {source} is {bad!r}; labels must be integers or class names: fix the data"
+            )
+    ordered = order_labels(train if names is None else [*train, *dev], names, source)
+    index = {name: i for i, name in enumerate(ordered)}
+    unseen = sorted({str(x) for x in dev} - set(index)) if names is None else []
     if unseen:
         raise QBHError(f"dev labels {unseen[:5]} of {source} do not occur in its training split; fix the data")
-    return [index[str(x)] for x in train], [index[str(x)] for x in dev], raw
+    return [label_index(x, ordered, index) for x in train], [label_index(x, ordered, index) for x in dev], ordered
 
 
 def _bbc_news() -> RawTask:
@@ -170,8 +180,21 @@ def _local(name: str, data_dir: Path, text_columns: Sequence[str], label_column:
     dev_path = _find_file(data_dir, ["dev", "validation", "valid", "val"])
     train_texts, train_raw = _columns(_read_rows(train_path), text_columns, label_column, train_path)
     dev_texts, dev_raw = _columns(_read_rows(dev_path), text_columns, label_column, dev_path)
-    train_labels, dev_labels, names = _labels_to_ids(train_raw, dev_raw, str(data_dir))
+    for texts, path in ((train_texts, train_path), (dev_texts, dev_path)):
+        _check_texts(texts, text_columns, path)
+    train_labels, dev_labels, names = _labels_to_ids(train_raw, dev_raw, str(data_dir), read_label_file(data_dir))
     return RawTask(name, train_texts, train_labels, dev_texts, dev_labels, names)
+
+
+def _check_texts(texts: list[list[str]], text_columns: Sequence[str], path: Path) -> None:
+    """A text column that is empty in every row is refused: a model trained on it learns the label frequencies
+    only, and every later stage would analyse that model as if it read the texts."""
+    for column, values in zip(text_columns, texts):
+        if all(not v for v in values):
+            raise QBHError(
+                f"column '{column}' of '{path}' is empty in all {len(values)} rows; fix the file or name the text "
+                "column with --text-columns"
+            )
 
 
 def _hub(name: str, spec: TaskSpec) -> RawTask:
@@ -224,6 +247,11 @@ def load_classification(
         text_columns: text column(s); one for single sentences, two for sentence pairs.
         label_column: the label column.
     """
+    if text_columns is not None and len(text_columns) > 2:
+        raise QBHError(
+            f"--text-columns takes one column, or two for a sentence pair; got {len(text_columns)} "
+            f"({', '.join(text_columns)}): join the texts into one or two columns"
+        )
     key = name.removeprefix("glue/")
     spec = GLUE.get(key)
     if name == BBC_NEWS and data_dir is None:

@@ -70,8 +70,14 @@ def _paragraph_examples(path: Path, where: str, paragraph: Any) -> list[Example]
             raise _fail(path, f"question {qid}", "needs a 'question' and at least one answer (SQuAD v2 is not read)")
         texts, starts = [], []
         for a in answers:
-            text, start = a.get("text"), a.get("answer_start")
-            if not isinstance(text, str) or not isinstance(start, int) or context[start : start + len(text)] != text:
+            text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
+            if not isinstance(text, str) or not text.strip():
+                raise _fail(
+                    path, f"question {qid}", f"an answer's text is {text!r}; every answer needs a non-empty text"
+                )
+            if not isinstance(start, int) or isinstance(start, bool):
+                raise _fail(path, f"question {qid}", f"answer_start {start!r} is not an integer (a character offset)")
+            if start < 0 or context[start : start + len(text)] != text:
                 raise _fail(path, f"question {qid}", f"answer_start {start} does not point at the answer {text!r}")
             texts.append(text)
             starts.append(start)
@@ -186,9 +192,11 @@ def prepare_features(
 ) -> dict[str, list[Any]]:
     """Windows over each context with the first answer's token span (CLS when outside), offsets (None off
     the context) and the example each feature came from."""
+    questions = [q.lstrip() for q in questions]  # leading spaces waste window room (run_qa does the same)
+    _check_room(tokenizer, questions, max_length=max_length, stride=stride)
     try:
         enc = tokenizer(
-            [q.lstrip() for q in questions],  # leading spaces waste window room (run_qa does the same)
+            questions,
             list(contexts),
             truncation="only_second",
             max_length=max_length,
@@ -221,6 +229,22 @@ def prepare_features(
         "offset_mapping": offsets,
         "example_index": list(samples),
     }
+
+
+def _check_room(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *, max_length: int, stride: int) -> None:
+    """Every window must hold more context tokens than ``stride`` beside its question, or the Rust tokenizer
+    panics (an error that is no ``Exception`` and prints a backtrace): refuse such a length first."""
+    if not questions:
+        return
+    lengths = [len(ids) for ids in tokenizer(list(questions), add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    room = max_length - lengths[longest] - tokenizer.num_special_tokens_to_add(pair=True)
+    if room <= stride:
+        raise QBHError(
+            f"--max-length {max_length} is too short for question {questions[longest][:60]!r} ({lengths[longest]} "
+            f"tokens): it leaves {max(room, 0)} context tokens per window, not more than the stride {stride}; raise "
+            "--max-length (384 is usual)"
+        )
 
 
 def tokenize_qa(

@@ -8,20 +8,30 @@ Sources:
     "tags": [...]}`` per line.
   * ``--task conll03`` online: the hub dataset ``conll2003``.
 
-Tag names come from the training split, sorted (``O`` included); a dev tag unseen in training is an error.
-Labels are aligned to sub-tokens as HF's ``run_ner`` example does: the first sub-token of a word carries its
-tag, the other sub-tokens and the special tokens carry -100, which the loss ignores. So the loss is
+Tags are IOB/IOB2 strings (``O``, ``B-TYPE``, ``I-TYPE``); anything else (``b-per``, integers) is refused,
+except integers named by a ``labels.txt`` beside the files (line i names tag i, as HF's ``conll2003``
+``ner_tags`` features do). Tag names come from ``labels.txt`` or the training split, sorted (``O``
+included); a dev tag unseen in training is an error. Labels are aligned to sub-tokens as HF's ``run_ner``
+example does: the first sub-token of a word carries its tag, the other sub-tokens and the special tokens carry
+-100, which the loss ignores. So the loss is
 
     L = (1 / |T|) sum_{t in T} CE(z_t, y_t),   T = the labelled (first) sub-tokens,
 
-and the metric is entity-level precision / recall / F1 over those positions (``seqeval``, CoNLL rules, as
-``run_ner`` reports it) plus token accuracy. Words cut off by ``max_length`` carry no label and are scored
-neither in the loss nor in the metric.
+and the metric is entity-level precision / recall / F1 (``seqeval``, CoNLL rules, as ``run_ner`` reports it)
+plus word accuracy, on the full gold: every word of every sentence. Training rows are cut at ``max_length``
+(the words past it carry no label). Dev sentences longer than that are cut into overlapping windows of
+``max_length`` tokens, ``stride`` = a third of a window shared with the next (as QA's contexts are); each word is
+labelled in the one window where it has the most context on both sides (BERT's "max context"), so the dev
+loss and the metric see every word once. A word the model never sees (no sub-token, e.g. a lone control
+character, or cut from a training row) counts as predicted ``O``; the metrics say how many
+(``num_words``, ``num_unseen_words``, ``num_windowed``: sentences scored over several windows).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +40,7 @@ import numpy as np
 
 from ..errors import QBHError
 from .base import RawTask, Task, hub_dataset, read_text
+from .labels import LABELS_FILE, is_integer_name, label_index, order_labels, read_label_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,6 +52,7 @@ _TRAIN = ("train.txt", "train.conll", "train.jsonl")
 _DEV = ("valid.txt", "dev.txt", "validation.txt", "valid.conll", "dev.conll", "dev.jsonl", "validation.jsonl")
 
 Sentences = tuple[list[list[str]], list[list[str]]]  # (words per sentence, tags per sentence)
+IOB_TAG = re.compile(r"O|[BI]-\S+")
 
 
 def read_conll(path: Path) -> Sentences:
@@ -114,19 +126,47 @@ def _read(path: Path) -> Sentences:
     return read_jsonl(path) if path.suffix == ".jsonl" else read_conll(path)
 
 
-def tag_ids(name: str, train: Sentences, dev: Sentences, dev_source: str) -> RawTask:
-    """Tags -> ids over the sorted training tag set; a dev tag unseen in training is an error."""
-    names = sorted({t for sent in train[1] for t in sent})
+def check_tags(tags: Sequence[str], source: str) -> None:
+    """Every tag is an IOB/IOB2 string (``O``, ``B-TYPE``, ``I-TYPE``); seqeval would read anything else as
+    no entity at all, and every F1 would be 0.
+
+    Raises:
+        QBHError: integer tags (without ``labels.txt``) or tags such as ``b-per``, ``PER``, ``junk``.
+    """
+    numbers = sorted({t for t in tags if is_integer_name(t)}, key=int)
+    if numbers:
+        raise QBHError(
+            f"the tags of {source} are integers ({', '.join(numbers[:5])} ...) without names; write the tag names in "
+            f"{LABELS_FILE} beside the data (line i names tag i, e.g. O, B-PER, I-PER, ...), or use tag strings"
+        )
+    bad = sorted({t for t in tags if not IOB_TAG.fullmatch(t)})
+    if bad:
+        raise QBHError(
+            f"tags {', '.join(repr(t) for t in bad[:5])} of {source} are not IOB/IOB2 tags (O, B-TYPE, I-TYPE: "
+            "upper-case B or I, a hyphen, the entity type); fix the data"
+        )
+
+
+def tag_ids(
+    name: str, train: Sentences, dev: Sentences, source: str, names: list[str] | None = None, dev_source: str = ""
+) -> RawTask:
+    """Tags -> ids over the sorted training tag set, or over ``names`` (``labels.txt``; integer tags are ids into
+    it). A tag that is not IOB/IOB2 is an error naming ``source``; a dev tag unseen in training, ``dev_source``."""
+    given = names is not None
+    check_tags(names if given else sorted({t for sent in [*train[1], *dev[1]] for t in sent}), source)
+    every = [t for sent in train[1] for t in sent] + ([t for sent in dev[1] for t in sent] if given else [])
+    names = order_labels(every, names, source)
     index = {t: i for i, t in enumerate(names)}
-    unseen = sorted({t for sent in dev[1] for t in sent} - set(index))
+    unseen = [] if given else sorted({t for sent in dev[1] for t in sent} - set(index))
     if unseen:
-        raise QBHError(f"dev tags {unseen[:5]} in '{dev_source}' do not occur in the training split; fix the data")
+        where = dev_source or source
+        raise QBHError(f"dev tags {unseen[:5]} in {where} do not occur in the training split; fix the data")
     return RawTask(
         name,
         [train[0]],
-        [[index[t] for t in sent] for sent in train[1]],
+        [[label_index(t, names, index) for t in sent] for sent in train[1]],
         [dev[0]],
-        [[index[t] for t in sent] for sent in dev[1]],
+        [[label_index(t, names, index) for t in sent] for sent in dev[1]],
         names,
         family="token",
     )
@@ -152,38 +192,98 @@ def load_token(name: str, *, data_dir: Path | str | None = None) -> RawTask:
     if not data.is_dir():
         raise QBHError(f"data folder '{data}' does not exist; pass a folder holding train.txt and valid.txt")
     train_path, dev_path = _find(data, _TRAIN), _find(data, _DEV)
-    return tag_ids(name.lower(), _read(train_path), _read(dev_path), str(dev_path))
+    train, dev = _read(train_path), _read(dev_path)
+    return tag_ids(name.lower(), train, dev, f"'{data}'", read_label_file(data), dev_source=f"'{dev_path}'")
 
 
-def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
-    """One label per sub-token: the word's tag on its first sub-token, -100 elsewhere (specials included)."""
-    labels, previous = [], None
-    for w in word_ids:
-        labels.append(IGNORE if w is None or w == previous else tags[w])
-        previous = w
-    return labels
+def label_positions(word_ids: Sequence[Sequence[int | None]], rows: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Which word each position of each row is labelled with (-1: none): a word's first sub-token carries its
+    tag, once per sentence, in the row where it has the most context (min of tokens left and right in the row;
+    the earlier row on a tie), as BERT's SQuAD code picks a token's window. Other sub-tokens, special tokens and
+    the second copy of a word in an overlapping window get -1.
+
+    Args:
+        word_ids: per row, the word of each position (None: a special token), as ``enc.word_ids(i)``.
+        rows: per row, (its sentence, the position of its first content token in the sentence's sub-tokens).
+    """
+    first: dict[tuple[int, int], int] = {}  # (sentence, word) -> position of its first sub-token
+    for ids, (sentence, start) in zip(word_ids, rows):
+        for j, w in enumerate(w for w in ids if w is not None):
+            first[(sentence, w)] = min(first.get((sentence, w), start + j), start + j)
+    best: dict[tuple[int, int], tuple[int, int]] = {}  # (sentence, word) -> (context, row)
+    for i, (ids, (sentence, start)) in enumerate(zip(word_ids, rows)):
+        content = [w for w in ids if w is not None]
+        for j, w in enumerate(content):
+            context = min(j, len(content) - 1 - j)
+            if start + j == first[(sentence, w)] and context > best.get((sentence, w), (-1, -1))[0]:
+                best[(sentence, w)] = (context, i)
+    out = []
+    for i, (ids, (sentence, _)) in enumerate(zip(word_ids, rows)):
+        previous, row = None, []
+        for w in ids:
+            row.append(w if w is not None and w != previous and best[(sentence, w)][1] == i else -1)
+            previous = w
+        out.append(row)
+    return out
+
+
+def window_stride(tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[int, int]:
+    """(content tokens per window, tokens shared with the next window: a third) at ``max_length``."""
+    content = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if content < 1:
+        raise QBHError(
+            f"--max-length {max_length} leaves no room for words (the tokenizer adds "
+            f"{max_length - content} special tokens); raise it (128 is usual)"
+        )
+    return content, content // 3
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, words: list[list[str]], tags: list[list[int]], max_length: int, windows: bool
+) -> dict[str, list[Any]]:
+    """Rows of ``words``: cut at ``max_length`` (one row per sentence), or with ``windows`` overlapping windows
+    covering every sub-token, each word labelled in the window where it has the most context.
+
+    Besides the model inputs and ``labels``, each row holds ``example_index`` (its sentence) and ``word_index``
+    (per position, the word labelled there, -1 elsewhere), so scores map back to every word of every sentence.
+    """
+    content, stride = window_stride(tokenizer, max_length)
+    extra = {"stride": stride, "return_overflowing_tokens": True} if windows else {}
+    try:
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length, **extra)
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QBHError(f"the tokenizer cannot take pre-split words ({first}); use a BERT-style tokenizer") from None
+    num_rows = len(enc["input_ids"])
+    samples = list(enc.pop("overflow_to_sample_mapping")) if windows else list(range(num_rows))
+    # the k-th window of a sentence starts at its sub-token k * (content - stride) (the tokenizer's overflow)
+    rows, seen = [], {}
+    for sentence in samples:
+        k = seen[sentence] = seen.get(sentence, -1) + 1
+        rows.append((sentence, k * (content - stride)))
+    word_index = label_positions([enc.word_ids(i) for i in range(num_rows)], rows)
+    labels = [[IGNORE if w < 0 else tags[s][w] for w in index] for s, index in zip(samples, word_index)]
+    return {**enc, "labels": labels, "example_index": samples, "word_index": word_index}
 
 
 def tokenize_token(raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128) -> Task:
-    """Tokenize pre-split words (truncated to ``max_length``) and align the tags to first sub-tokens."""
+    """Tokenize pre-split words and align the tags to first sub-tokens: training rows cut at ``max_length``,
+    dev sentences in overlapping windows so every word is scored (see the module docstring)."""
     from datasets import Dataset
 
     if not tokenizer.is_fast:
         raise QBHError("token classification needs a fast tokenizer (word_ids); load one with use_fast=True")
-
-    def encode(words: list[list[str]], tags: list[list[int]]) -> Dataset:
-        try:
-            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        except ValueError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise QBHError(f"the tokenizer cannot take pre-split words ({first}); use a BERT-style tokenizer") from None
-        labels = [align_labels(enc.word_ids(i), t) for i, t in enumerate(tags)]
-        return Dataset.from_dict({**enc, "labels": labels})
-
+    train = _encode(tokenizer, raw.train_texts[0], raw.train_labels, max_length, windows=False)
+    dev = _encode(tokenizer, raw.dev_texts[0], raw.dev_labels, max_length, windows=True)
+    if all(w < 0 for row in dev["word_index"] for w in row):
+        raise QBHError(
+            f"no dev word of task '{raw.name}' has a sub-token in this model's vocabulary (the tokenizer drops them "
+            "all), so nothing can be scored; check the dev file's words and encoding"
+        )
     return Task(
         raw.name,
-        encode(raw.train_texts[0], raw.train_labels),
-        encode(raw.dev_texts[0], raw.dev_labels),
+        Dataset.from_dict(train),
+        Dataset.from_dict(dev),
         raw.label_names,
         tokenizer,
         max_length,
@@ -205,14 +305,33 @@ def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict[str, flo
 
 
 def token_scores(task: Task, split: str, predictions: Any, label_ids: Any) -> dict[str, float]:
-    """The metric from logits (rows, width, tags) or tag ids (rows, width) and labels (rows, width), -100 padded."""
+    """The metric on the split's full gold, from logits (rows, width, tags) or tag ids (rows, width) stacked
+    over its rows in order (-100 padded); ``label_ids`` are not needed: the gold tags come from the raw data.
+
+    A word is predicted at the position its row labels (``word_index``); a word no row labels (no sub-token, or
+    cut from a training row) is predicted ``O``, so its entity counts as missed.
+    """
     pred = np.asarray(predictions)
     pred = pred.argmax(-1) if pred.ndim == 3 else pred
-    labels = np.asarray(label_ids)
+    data = task.dev if split == "dev" else task.train
+    if task.raw is None or "word_index" not in data.column_names:
+        raise QBHError("token scores need the task's words; build the task with tokenize_task")
+    words = task.raw.dev_texts[0] if split == "dev" else task.raw.train_texts[0]
+    gold_ids = task.raw.dev_labels if split == "dev" else task.raw.train_labels
     names = task.label_names
-    gold_tags, pred_tags = [], []
-    for p_row, l_row in zip(pred, labels):
-        keep = l_row != IGNORE
-        gold_tags.append([names[i] for i in l_row[keep]])
-        pred_tags.append([names[i] for i in p_row[keep]])
-    return {**entity_scores(gold_tags, pred_tags), "num_examples": len(labels)}
+    predicted: list[list[str | None]] = [[None] * len(w) for w in words]
+    for row, sentence, index in zip(pred, data["example_index"], data["word_index"]):
+        for position, w in enumerate(index):
+            if w >= 0:
+                predicted[sentence][w] = names[int(row[position])]
+    unseen = sum(t is None for sent in predicted for t in sent)
+    pred_tags = [["O" if t is None else t for t in sent] for sent in predicted]
+    gold_tags = [[names[i] for i in sent] for sent in gold_ids]
+    counts = Counter(data["example_index"])
+    return {
+        **entity_scores(gold_tags, pred_tags),
+        "num_examples": len(words),
+        "num_words": sum(len(w) for w in words),
+        "num_unseen_words": unseen,
+        "num_windowed": sum(c > 1 for c in counts.values()),
+    }

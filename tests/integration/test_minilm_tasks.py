@@ -73,8 +73,10 @@ def test_conll_minilm_oracle_scores_eval_and_bucketed_curvature(conll_sample):
     labels = np.stack([np.pad(r, (0, 64 - len(r)), constant_values=-100) for r in task.dev["labels"]])
     assert task_scores(task, "dev", np.where(labels < 0, 0, labels), labels)["f1"] == 1.0
     metrics = evaluate(model, task, batch_size=16)
-    assert set(metrics) == {"precision", "recall", "f1", "accuracy", "loss", "num_examples"}
+    scored = {"num_words", "num_unseen_words", "num_windowed"}  # the full gold: every word of every sentence
+    assert set(metrics) == {"precision", "recall", "f1", "accuracy", "loss", "num_examples", *scored}
     assert metrics["num_examples"] == 32 and np.isfinite(metrics["loss"])
+    assert metrics["num_words"] == sum(len(s) for s in raw.dev_texts[0]) and metrics["num_unseen_words"] == 0
     # One block's curvature on two real batches: the same operator with and without length buckets.
     batches = [task.batch("train", range(i, i + 16)) for i in (0, 16)]
     assert len(split_by_length(batches[0], 4, overhead=64)) > 1  # real sentences do get cut

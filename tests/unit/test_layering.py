@@ -29,6 +29,7 @@ LAYERS = {
     "models": 2,
     "tasks": 2,
     "tasks.base": 2,
+    "tasks.labels": 2,
     "tasks.classification": 2,
     "tasks.token": 2,
     "tasks.qa": 2,
