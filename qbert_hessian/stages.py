@@ -132,15 +132,18 @@ def evaluate_models(
     *,
     plans: Sequence[tuple[str, BitPlan]] = (),
     packed: Sequence[Path | str] = (),
+    onnx: Sequence[Path | str] = (),
     calibration: CalibrationConfig | None = None,
     max_length: int = 128,
     device: str = "cpu",
 ) -> Evaluation:
-    """Dev metrics of a model (FP32 or packed), of its direct quantization under each plan, and of packed
-    checkpoints, each with its size in MiB (file bytes; the plan's prediction for a direct quantization)."""
+    """Dev metrics of a model (FP32 or packed), of its direct quantization under each plan, of packed
+    checkpoints and of ONNX exports (scored by ONNX Runtime from the file), each with its size in MiB (file bytes;
+    the plan's prediction for a direct quantization)."""
     from .evaluate import evaluate
     from .export import file_sizes, fp32_safetensors_bytes, is_packed
 
+    onnx_models = [_onnx_model(p, raw) for p in onnx]  # refuse a folder that is not an export before any work
     for p in packed:
         if not is_packed(p):
             raise QBHError(f"'{p}' is not a packed checkpoint (no quantization.json); export one with quantize")
@@ -161,7 +164,32 @@ def evaluate_models(
         qmodel, ptask = load_for_task(p, raw, max_length=max_length, eager=False, device=device)
         rows.append({"name": str(p), "kind": "packed", "size_mib": file_sizes(p)["weights_bytes"] / MIB})
         rows[-1].update(evaluate(qmodel, ptask))
+    for p, om in zip(onnx, onnx_models):
+        from .deploy.runtime import evaluate_onnx
+        from .tasks import tokenize_task
+
+        otask = tokenize_task(raw, om.tokenizer, max_length=max_length)
+        rows.append({"name": str(p), "kind": f"onnx-{om.mode}", "size_mib": om.file_bytes / MIB})
+        rows[-1].update(evaluate_onnx(om, otask))
     return Evaluation(task=raw.name, results=rows)
+
+
+def _onnx_model(path: Path | str, raw: RawTask) -> Any:
+    """The ONNX export at ``path`` (``deploy.runtime.OnnxModel``), its head checked against the task."""
+    from .deploy.runtime import OnnxModel
+
+    model = OnnxModel(path)
+    if model.family != raw.family:
+        raise QBHError(
+            f"ONNX export '{path}' has a {model.family} head but task '{raw.name}' is a {raw.family} task; "
+            "export the model fine-tuned on this task"
+        )
+    if model.id2label and len(model.id2label) != len(raw.label_names):
+        raise QBHError(
+            f"ONNX export '{path}' has a {len(model.id2label)}-label head but task '{raw.name}' has "
+            f"{len(raw.label_names)} labels; export the model fine-tuned on this task"
+        )
+    return model
 
 
 def sensitivity(

@@ -150,4 +150,3 @@ def export_compressed_tensors(packed_dir: Path | str, out_dir: Path | str, *, fo
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s (%d config groups)", out_dir / WEIGHTS_FILE, len(qconfig["config_groups"]))
     return out_dir / WEIGHTS_FILE
-

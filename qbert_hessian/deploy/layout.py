@@ -62,9 +62,7 @@ def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.stack([pack_bits(r, bits) for r in codes]) if len(codes) else np.zeros((0, 0), np.uint8)
 
 
-def block_size(
-    in_features: int, col_groups: int, bits: int, *, symmetric: bool, name: str, tile: bool = False
-) -> int:
+def block_size(in_features: int, col_groups: int, bits: int, *, symmetric: bool, name: str, tile: bool = False) -> int:
     """The block along ``in`` (K): it divides a column group (per-head columns; every row when ``tile``, as
     ``GatherBlockQuantized`` needs), and among those the one with the fewest bytes (codes padded to whole blocks, a
     float scale and a zero point per block).

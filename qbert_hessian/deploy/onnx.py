@@ -255,4 +255,7 @@ def _check_loads(path: Path) -> None:
     try:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises its own exception types)
-        raise QBHError(f"ONNX Runtime {ort.__version__} cannot load the exported graph ({exc}); nothing was written")
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise QBHError(
+            f"ONNX Runtime {ort.__version__} cannot load the exported graph ({first}); upgrade onnxruntime"
+        ) from None

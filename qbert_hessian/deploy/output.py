@@ -28,7 +28,9 @@ def require(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise QBHError(f"exporting or running a deployed model needs {name}, which is not installed; {INSTALL}") from None
+            raise QBHError(
+                f"exporting or running a deployed model needs {name}, which is not installed; {INSTALL}"
+            ) from None
 
 
 def check_source(packed: Path) -> None:
