@@ -767,6 +767,7 @@ FAMILIES = [
     ),
 ]
 
+
 def _export(w: World, tmp: Path, src: Path | None = None, out: Path | None = None, *extra: str) -> list[str]:
     return ["export", str(src or w.packed), "--format", "onnx", "--out", str(out or tmp / "deploy"), "--quiet", *extra]
 

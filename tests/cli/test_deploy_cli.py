@@ -20,7 +20,23 @@ def packed(tiny_checkpoint, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy_cli")
     model = ["--model", str(tiny_checkpoint), *DATA, "--data", str(tiny_data)]
     plan = root / "plan.json"
-    assert main(["plan", "--report", str(_report(model, root)), "--uniform", "3", "--groups", "channel", "--out", str(plan), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--report",
+                str(_report(model, root)),
+                "--uniform",
+                "3",
+                "--groups",
+                "channel",
+                "--out",
+                str(plan),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["quantize", *model, "--plan", str(plan), "--out", str(root / "packed"), "--quiet"]) == 0
     return model, root
 
