@@ -14,6 +14,10 @@ format, not the fast path (that is ``onnx.py``). The mapping, exact for the weig
   * each quantized linear's static 8-bit input range as ``input_activations`` (``tensor`` strategy, static,
     ``input_scale`` = amax / 127).
 
+Embedding tables are stored as dense float32 holding their dequantized values (exact, but FP32 bytes):
+transformers cannot initialise a compressed ``nn.Embedding`` at load (its weight initialisation expects the dense
+weight), so only the linears are packed.
+
 One difference, in the activations: our input quantizer clips to [-127, 127] * s (symmetric), compressed-tensors'
 int8 range is [-128, 127], so an input below -127.5 * s (beyond the calibrated range, on the negative side)
 becomes -128 * s there instead of -127 * s. Weights and every input inside the calibrated range give the same
