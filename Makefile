@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev,demo]" "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev,demo,deploy]" "torch==$(TORCH_VERSION)"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -62,6 +62,11 @@ _EXPORTS = {
     "train_qat": "qat",
     "save_packed": "export",
     "load_packed": "export",
+    # deployment (the deploy extra)
+    "export_onnx": "deploy.onnx",
+    "export_compressed_tensors": "deploy.compressed",
+    "OnnxModel": "deploy.runtime",
+    "evaluate_onnx": "deploy.runtime",
     # pictures
     "LandscapeConfig": "config",
     "loss_landscape": "landscape",

@@ -267,10 +267,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--plan", type=Path, action="append", default=[], help="also evaluate direct quantization (repeat)")
     p.add_argument("--packed", type=Path, action="append", default=[], help="also evaluate a packed folder (repeat)")
+    p.add_argument(
+        "--onnx", type=Path, action="append", default=[], help="also evaluate an ONNX export with ONNX Runtime (repeat)"
+    )
     p.add_argument("--out", type=Path, default=None, help="evaluation JSON file to write")
     _add_config(p, CalibrationConfig)
     _add_max_eval(p, "score every model on the same subset of this many dev examples, drawn with --seed (default: all)")
     _add_common(p)
+
+    p = sub.add_parser(
+        "export",
+        help="a packed checkpoint for deployment: ONNX Runtime (2/4/8-bit kernels) or compressed-tensors",
+        description="Export a packed checkpoint. Example: qbert-hessian export runs/sst2/packed --format onnx "
+        "--out runs/sst2/deploy (needs pip install 'qbert_hessian[deploy]')",
+    )
+    p.add_argument("packed", type=Path, help="packed checkpoint folder (from qbert-hessian quantize)")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "compressed-tensors"],
+        required=True,
+        help="onnx: onnx/model.onnx with MatMulNBits int8 kernels; compressed-tensors: loads with from_pretrained",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder to write (Hugging Face layout)")
+    p.add_argument(
+        "--exact", action="store_true", help="onnx: float32 compute with the static activation ranges (Q/DQ)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
+    _add_common(p, device=False)
 
     p = sub.add_parser(
         "landscape",
@@ -562,6 +585,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raw,
         plans=plans,
         packed=args.packed,
+        onnx=args.onnx,
         calibration=calibration,
         max_length=args.max_length,
         device=args.device,
@@ -576,6 +600,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         result.task = args.task
         result.save(args.out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .deploy.output import check_out, check_source, require
+
+    if args.exact and args.format != "onnx":
+        raise QBHError("--exact applies to --format onnx; drop it")
+    require(*(("onnx", "onnxruntime") if args.format == "onnx" else ("compressed_tensors",)))
+    check_source(args.packed)
+    check_out(args.out, force=args.force)
+    if args.format == "onnx":
+        from .deploy.onnx import export_onnx
+
+        path = export_onnx(args.packed, args.out, exact=args.exact, force=args.force)
+    else:
+        from .deploy.compressed import export_compressed_tensors
+
+        path = export_compressed_tensors(args.packed, args.out, force=args.force)
+    print(f"{args.format} export {path}: {path.stat().st_size / MIB:.3f} MiB")
     return 0
 
 
@@ -701,6 +745,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "quantize": cmd_quantize,
     "evaluate": cmd_evaluate,
+    "export": cmd_export,
     "landscape": cmd_landscape,
     "density": cmd_density,
     "run": cmd_run,

@@ -11,7 +11,8 @@ labelled tokens (token) or features (qa); see ``hessian.hvp.loss_weight``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from .tasks import classification_metrics, pad_stack, task_scores
 if TYPE_CHECKING:
     from .tasks import Task
 
-__all__ = ["METRIC_COLUMNS", "classification_metrics", "evaluate", "summary"]
+__all__ = ["METRIC_COLUMNS", "classification_metrics", "evaluate", "evaluate_forward", "summary"]
 
 
 def summary(metrics: dict[str, float], family: str) -> str:
@@ -51,26 +52,46 @@ def evaluate(
         "f1", "accuracy", "loss", "num_examples"}`` (examples are sentences); qa: ``{"exact_match", "f1",
         "loss", "num_examples"}`` (examples are questions). Scores are fractions in [0, 1].
     """
-    data = task.dev if split == "dev" else task.train
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    try:
+        return evaluate_forward(
+            lambda batch: model(**{k: v.to(device) for k, v in batch.items()}),
+            task,
+            split=split,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_forward(
+    forward: Callable[[dict[str, torch.Tensor]], Any],
+    task: Task,
+    *,
+    split: str = "dev",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, float]:
+    """:func:`evaluate` for any forward: ``forward(batch)`` returns an HF-style output (``logits``, or
+    ``start_logits``/``end_logits`` for QA, and ``loss``), e.g. an ONNX Runtime session's; same batches, same
+    metric code."""
+    data = task.dev if split == "dev" else task.train
     preds: list[list[np.ndarray]] = []
     labels: list[np.ndarray] = []
     losses: list[tuple[float, int]] = []
-    try:
-        for start in tqdm(range(0, len(data), batch_size), desc=f"evaluate {split}", disable=not progress):
-            batch = task.batch(split, range(start, min(start + batch_size, len(data))))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            weight = loss_weight(batch)
-            if weight:  # a token batch whose words were all truncated away has no loss
-                losses.append((float(out.loss), weight))
-            preds.append(_outputs(out, task.family))
-            if "labels" in batch:
-                labels.append(batch["labels"].cpu().numpy())
-    finally:
-        model.train(was_training)
+    for start in tqdm(range(0, len(data), batch_size), desc=f"evaluate {split}", disable=not progress):
+        batch = task.batch(split, range(start, min(start + batch_size, len(data))))
+        out = forward(batch)
+        weight = loss_weight(batch)
+        if weight:  # a token batch whose words were all truncated away has no loss
+            losses.append((float(out.loss), weight))
+        preds.append(_outputs(out, task.family))
+        if "labels" in batch:
+            labels.append(batch["labels"].cpu().numpy())
     stacked = [pad_stack([p[i] for p in preds]) for i in range(len(preds[0]))]
     predictions = tuple(stacked) if task.family == "qa" else stacked[0]
     label_ids = pad_stack(labels) if labels else None

@@ -163,14 +163,16 @@ def evaluate_models(
     *,
     plans: Sequence[tuple[str, BitPlan]] = (),
     packed: Sequence[Path | str] = (),
+    onnx: Sequence[Path | str] = (),
     calibration: CalibrationConfig | None = None,
     max_length: int = 128,
     device: str = "cpu",
     max_eval_samples: int | None = None,
     eval_seed: int = 0,
 ) -> Evaluation:
-    """Dev metrics of a model (FP32 or packed), of its direct quantization under each plan, and of packed
-    checkpoints, each with its size in MiB (file bytes; the plan's prediction for a direct quantization).
+    """Dev metrics of a model (FP32 or packed), of its direct quantization under each plan, of packed
+    checkpoints and of ONNX exports (scored by ONNX Runtime from the file), each with its size in MiB (file bytes;
+    the plan's prediction for a direct quantization).
 
     ``max_eval_samples`` scores every model on the same subset of that many dev examples, drawn with
     ``eval_seed``; each row records both."""
@@ -179,6 +181,7 @@ def evaluate_models(
     from .tasks import dev_subset
 
     subset_info = eval_subset(max_eval_samples, eval_seed)
+    onnx_models = [_onnx_model(p, raw) for p in onnx]  # refuse a folder that is not an export before any work
     raw = dev_subset(raw, max_eval_samples, eval_seed)
     for p in packed:
         if not is_packed(p):
@@ -200,9 +203,36 @@ def evaluate_models(
         qmodel, ptask = load_for_task(p, raw, max_length=max_length, eager=False, device=device)
         rows.append({"name": str(p), "kind": "packed", "size_mib": file_sizes(p)["weights_bytes"] / MIB})
         rows[-1].update(evaluate(qmodel, ptask))
+    for p, om in zip(onnx, onnx_models):
+        from .deploy.runtime import evaluate_onnx
+        from .models import load_config
+        from .tasks import tokenize_task
+
+        oraw = head_labels(raw, load_config(str(p)), str(p))  # the export's head numbers the labels by name
+        otask = tokenize_task(oraw, om.tokenizer, max_length=max_length)
+        rows.append({"name": str(p), "kind": f"onnx-{om.mode}", "size_mib": om.file_bytes / MIB})
+        rows[-1].update(evaluate_onnx(om, otask))
     for row in rows:
         row.update(subset_info)
     return Evaluation(task=raw.name, results=rows)
+
+
+def _onnx_model(path: Path | str, raw: RawTask) -> Any:
+    """The ONNX export at ``path`` (``deploy.runtime.OnnxModel``), its head checked against the task."""
+    from .deploy.runtime import OnnxModel
+
+    model = OnnxModel(path)
+    if model.family != raw.family:
+        raise QBHError(
+            f"ONNX export '{path}' has a {model.family} head but task '{raw.name}' is a {raw.family} task; "
+            "export the model fine-tuned on this task"
+        )
+    if model.id2label and len(model.id2label) != len(raw.label_names):
+        raise QBHError(
+            f"ONNX export '{path}' has a {len(model.id2label)}-label head but task '{raw.name}' has "
+            f"{len(raw.label_names)} labels; export the model fine-tuned on this task"
+        )
+    return model
 
 
 def sensitivity(

@@ -767,7 +767,44 @@ FAMILIES = [
     ),
 ]
 
-CASES = [*SILENT, *TYPES, *OUT_PATHS, *CORRUPT, *GAPS, *ALREADY, *FAMILIES]
+
+def _export(w: World, tmp: Path, src: Path | None = None, out: Path | None = None, *extra: str) -> list[str]:
+    return ["export", str(src or w.packed), "--format", "onnx", "--out", str(out or tmp / "deploy"), "--quiet", *extra]
+
+
+def _exported(w: World, tmp: Path) -> Path:
+    """An earlier ONNX export of the world's packed checkpoint."""
+    assert main(_export(w, tmp)) == 0
+    return tmp / "deploy"
+
+
+DEPLOY = [
+    Case("export-not-packed", lambda w, t: _export(w, t, w.ckpt), "is not a packed checkpoint"),
+    Case(
+        "export-compressed-not-packed",
+        lambda w, t: ["export", str(w.ckpt), "--format", "compressed-tensors", "--out", str(t / "o")],
+        "is not a packed checkpoint",
+    ),
+    Case("export-over-an-export", lambda w, t: _export(w, t, out=_exported(w, t)), "pass --force to replace"),
+    Case(
+        "export-force-foreign-folder",
+        lambda w, t: _export(w, t, None, _foreign_dir(t), "--force"),
+        "exists and is not an exported model",
+    ),
+    Case("export-out-under-file", lambda w, t: _export(w, t, out=_file(t) / "o"), "is not a writable folder"),
+    Case(
+        "export-exact-compressed",
+        lambda w, t: ["export", str(w.packed), "--format", "compressed-tensors", "--exact", "--out", str(t / "o")],
+        "--exact applies to --format onnx",
+    ),
+    Case(
+        "evaluate-onnx-not-an-export",
+        lambda w, t: ["evaluate", *w.model(), "--onnx", str(w.packed), "--quiet"],
+        "is not an ONNX export",
+    ),
+]
+
+CASES = [*SILENT, *TYPES, *OUT_PATHS, *CORRUPT, *GAPS, *ALREADY, *FAMILIES, *DEPLOY]
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple]:
