@@ -94,6 +94,29 @@ def test_certification_accepts_a_good_ritz_vector_with_one_exact_product():
     assert res.values[0] == pytest.approx(10.0, rel=1e-4)
 
 
+def test_certification_covers_top_k_and_the_most_negative_value():
+    values = [10.0, -8.0, 6.0, 3.0, 1.0, -4.0, *np.linspace(0.1, 0.01, 30)]
+    A = sym_with_spectrum(values)
+    E = 1e-5 * sym_with_spectrum(list(np.linspace(-1, 1, 36)), seed=3)
+    exact, calls = counted(matrix_hvp(A))
+    res = certified_lanczos_eigenvalues(
+        matrix_hvp(A + E), exact, [torch.zeros(36, dtype=torch.float64)], k=2, most_negative=True, tol=1e-5,
+        max_iters=36, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert len(calls) == 2  # one certificate per watched value: the top two, the second also the most negative
+    assert res.values == pytest.approx([10.0, -8.0], rel=1e-5)
+    assert res.smallest == pytest.approx(-8.0, rel=1e-5)
+    assert res.converged == [True, True]
+    k1, calls1 = counted(matrix_hvp(A))
+    res = certified_lanczos_eigenvalues(
+        matrix_hvp(A + E), k1, [torch.zeros(36, dtype=torch.float64)], most_negative=True, tol=1e-5,
+        max_iters=36, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert len(calls1) == 2 and res.values == pytest.approx([10.0], rel=1e-5)
+    assert res.smallest == pytest.approx(-8.0, rel=1e-5)
+    assert res.converged == [True]
+
+
 def test_certification_catches_a_poor_ritz_vector_and_continues_exactly():
     A = sym_with_spectrum([10.0, 9.0, 3.0, 1.0, 0.5, -0.2, *np.linspace(0.1, 0.01, 30)])
     # A low-precision operator whose top eigenvector is another direction: its Ritz vector is a poor one for A.
