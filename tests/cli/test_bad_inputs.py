@@ -412,6 +412,11 @@ SILENT = [
         usage=True,
     ),
     Case(
+        "density-precision-mixed",
+        lambda w, t: ["density", *w.model(), "--block", "encoder.0", "--precision", "mixed", "--out", str(t / "o")],
+        "--precision 'mixed' certifies eigenvalues, and a density has none to certify",
+    ),
+    Case(
         "toml-precision-unknown",
         lambda w, t: _run(w, t, _set("sensitivity", 'precision = "fp16"')),
         "unknown precision 'fp16'; choose one of fp32, bf16, mixed",

@@ -245,3 +245,22 @@ def test_a_report_from_before_precision_resumes_and_fp32_numbers_are_unchanged(m
             resume=report,
             progress=False,
         )
+
+
+def test_bf16_densities_say_so_and_keep_their_moments(model_task):
+    from qbert_hessian import stages
+    from qbert_hessian.config import DensityConfig
+
+    model, task = model_task
+    cfg = DensityConfig(steps=12, batch_size=8)
+    fp32 = stages.density(model, task, ["encoder.0"], cfg).densities[0]
+    bf16 = stages.density(model, task, ["encoder.0"], dataclasses.replace(cfg, precision="bf16")).densities[0]
+    assert "precision" not in fp32 and bf16["precision"] == "bf16"
+
+    def mean_eigenvalue(d):  # the quadrature's first moment, (1/n) tr(H)
+        return sum(w * x for w, x in zip(d["weights"][0], d["nodes"][0]))
+
+    assert mean_eigenvalue(bf16) == pytest.approx(mean_eigenvalue(fp32), rel=3e-2)
+    assert mean_eigenvalue(bf16) != mean_eigenvalue(fp32)
+    with pytest.raises(QBHError, match="precision 'mixed' certifies eigenvalues"):
+        DensityConfig(precision="mixed")
