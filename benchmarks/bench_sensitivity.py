@@ -16,6 +16,11 @@ report), same tolerance, every engine on one block at a time:
   the system allocator's defaults (``reuse_memory=False``), to show what the shared graph and the memory reuse
   bring; on padded data also Lanczos without length buckets. PyHessian is also run inside our
   :func:`~qbert_hessian.hessian.memory.reuse_freed_memory`, so the table shows what that alone would give it.
+- **qbert_hessian under a product precision** (``SensitivityConfig.precision``): ``lanczos-bf16`` (every product's
+  matrix products in bf16, unchecked), ``lanczos-mixed`` (bf16 Lanczos, every block-draw's value certified by one
+  fp32 product, fp32 Lanczos from the Ritz vector when the bound misses the tolerance) and ``power-mixed``; the
+  products column says how many were bf16. ``benchmarks/precision_probe.py`` times the ways of getting the fp32
+  products beside the bf16 ones.
 
 Each engine is timed in a fresh interpreter (the model and batches loaded there before the clock starts), so no
 engine inherits another's heap, allocator settings or warm caches, and the order of the engines does not matter
@@ -64,6 +69,7 @@ from torch import nn
 from qbert_hessian.artifacts import write_text
 from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.hessian import eigen as eigen_module
+from qbert_hessian.hessian import sensitivity as sensitivity_module
 from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled, split_by_length
 from qbert_hessian.hessian.lanczos import tridiagonal_eigh
@@ -352,23 +358,36 @@ def with_reused_memory(engine: Callable) -> Callable:
 
 # The tridiagonal (alpha, beta) of every Lanczos run of our engine's last run, in the order it made them.
 LANCZOS_RUNS: list[tuple[list[float], list[float]]] = []
+# The bf16 products of our engine's last run (precision bf16 or mixed; the rest of its products are float32).
+BF16_PRODUCTS = [0]
 
 
 def ours(**overrides) -> Callable:
     def run(model, task, bm, names, batches, cfg) -> tuple[Eigs, int]:
-        real = eigen_module.lanczos
+        real, real_low = eigen_module.lanczos, sensitivity_module.autocast_products
         LANCZOS_RUNS.clear()
+        BF16_PRODUCTS[0] = 0
 
         def recording(*args, **kwargs):  # keeps each run's T_m (no product, no change to the run)
             res = real(*args, **kwargs)
             LANCZOS_RUNS.append((res.alpha.tolist(), res.beta.tolist()))
             return res
 
+        def counting_low(hvp, *args, **kwargs):  # counts the bf16 products (no change to them)
+            low = real_low(hvp, *args, **kwargs)
+
+            def counted(v):
+                BF16_PRODUCTS[0] += 1
+                return low(v)
+
+            return counted
+
         eigen_module.lanczos = recording
+        sensitivity_module.autocast_products = counting_low
         try:
             rep = estimate_sensitivity(model, task, dataclasses.replace(cfg, **overrides), blocks=names, progress=False)
         finally:
-            eigen_module.lanczos = real
+            eigen_module.lanczos, sensitivity_module.autocast_products = real, real_low
         return {b.name: b.eigenvalues for b in rep.blocks}, sum(sum(b.iterations) for b in rep.blocks)
 
     return run
@@ -404,6 +423,16 @@ ENGINES = {
     ),
     "lanczos-padded": Engine(
         "qbert_hessian, Lanczos, no length buckets", ours(method="lanczos", length_buckets=1), padded_only=True
+    ),
+    "lanczos-mixed": Engine(
+        "qbert_hessian, Lanczos, bf16 products certified in fp32 (precision mixed)",
+        ours(method="lanczos", precision="mixed"),
+    ),
+    "lanczos-bf16": Engine(
+        "qbert_hessian, Lanczos, bf16 products, unchecked (precision bf16)", ours(method="lanczos", precision="bf16")
+    ),
+    "power-mixed": Engine(
+        "qbert_hessian, power iteration, bf16 then fp32 (precision mixed)", ours(method="power", precision="mixed")
     ),
 }
 
@@ -478,7 +507,8 @@ def time_engine(args) -> None:
     model, task, cfg, bm, names = setup(args)
     batches = [task.batch("train", idx) for idx in draw_indices(len(task.train), cfg)]
     seconds, products, eig = run_engine(args.time_engine, model, task, bm, names, batches, cfg, args.device)
-    print(json.dumps({"seconds": seconds, "products": products, "eig": eig, "lanczos": LANCZOS_RUNS}))
+    out = {"seconds": seconds, "products": products, "eig": eig, "lanczos": LANCZOS_RUNS, "bf16": BF16_PRODUCTS[0]}
+    print(json.dumps(out))
 
 
 def child_args(args) -> list[str]:
@@ -498,15 +528,16 @@ def child(flag: str, engine: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def timed_run(key: str, model, task, bm, names, batches, cfg, args) -> tuple[float, int, Eigs, list]:
-    """(seconds, products, eigenvalues, our Lanczos runs' tridiagonals) of one engine: in a fresh process unless
-    ``--in-process``."""
+def timed_run(key: str, model, task, bm, names, batches, cfg, args) -> tuple[float, int, Eigs, list, int]:
+    """(seconds, products, eigenvalues, our Lanczos runs' tridiagonals, bf16 products among the products) of one
+    engine: in a fresh process unless ``--in-process``."""
     if not args.in_process:
         out = child("--time-engine", key, args)
-        return out["seconds"], out["products"], out["eig"], out["lanczos"]
+        return out["seconds"], out["products"], out["eig"], out["lanczos"], out["bf16"]
     LANCZOS_RUNS.clear()  # a peer's run records none: no earlier engine's runs may be charged to it
+    BF16_PRODUCTS[0] = 0
     seconds, products, eig = run_engine(key, model, task, bm, names, batches, cfg, args.device)
-    return seconds, products, eig, list(LANCZOS_RUNS)
+    return seconds, products, eig, list(LANCZOS_RUNS), BF16_PRODUCTS[0]
 
 
 def products_against_minimum(
@@ -627,12 +658,15 @@ def main() -> None:
     runs: dict[str, tuple[float, float, int, Eigs]] = {}  # key -> (seconds, peak MiB, products, eigenvalues)
     missing: dict[str, str] = {}
     tridiagonals: dict[str, list] = {}  # key -> our Lanczos runs' T_m (empty for the others)
+    bf16: dict[str, int] = {}  # key -> how many of its products were bf16 (ours under bf16 or mixed)
     for key in keys:
         why = unavailable(key)
         if why is not None:
             missing[key] = why
             continue
-        seconds, products, eig, tridiagonals[key] = timed_run(key, model, task, bm, names, batches, cfg, args)
+        seconds, products, eig, tridiagonals[key], bf16[key] = timed_run(
+            key, model, task, bm, names, batches, cfg, args
+        )
         runs[key] = (seconds, float("nan") if args.no_memory else probe(key, args), products, eig)
         print(f"{label(key)}: {seconds:.1f} s, {products} products", file=sys.stderr)
     if not runs:
@@ -683,7 +717,21 @@ def main() -> None:
             tridiagonals["lanczos"], runs["lanczos"][3], reference, names, cfg.draws, cfg.tol
         )
     text = render(
-        args, about, cfg, ref_cfg, names, batches, padded, runs, missing, reference, errors, checks, t_fb, hvp_rows
+        args,
+        about,
+        cfg,
+        ref_cfg,
+        names,
+        batches,
+        padded,
+        runs,
+        missing,
+        reference,
+        errors,
+        checks,
+        t_fb,
+        hvp_rows,
+        bf16,
     )
     text += render_minimum(minimum, cfg)
     write_text(args.out, text)
@@ -717,7 +765,7 @@ most any stopping rule could save on these Krylov spaces.
 
 
 def render(
-    args, about, cfg, ref_cfg, names, batches, padded, runs, missing, reference, errors, checks, t_fb, hvp_rows
+    args, about, cfg, ref_cfg, names, batches, padded, runs, missing, reference, errors, checks, t_fb, hvp_rows, bf16
 ) -> str:
     """The results file."""
     dev = args.device
@@ -737,7 +785,8 @@ def render(
     for key, (t, m, n, eig) in runs.items():
         err = errors(eig)
         mem = "not measured" if np.isnan(m) else f"{m:.0f} MiB"
-        summary.append(f"| {label(key)} | {t:.1f} s | {t_base / t:.2f}x | {n} | {pct(np.nanmax(err))} | {mem} |")
+        products = f"{n} ({bf16[key]} bf16)" if bf16.get(key) else f"{n}"
+        summary.append(f"| {label(key)} | {t:.1f} s | {t_base / t:.2f}x | {products} | {pct(np.nanmax(err))} | {mem} |")
     for key, why in missing.items():
         summary.append(f"| {label(key)} | not run: {why} | | | | |")
 
@@ -843,6 +892,11 @@ How each engine runs one block on one draw:
   own test (Ritz residual <= tol |lambda|) passes, and every product of every attempt is counted.
 - Ours: power iteration stops by PyHessian's rule plus a residual check; Lanczos when its residual-based error estimate
   is at most the tolerance (relative); warm starts across draws, embedding tables cut to the rows looked up.
+- Ours under a precision: `bf16` runs every product's matrix products in bfloat16 (autocast) through the same float32
+  graph, unchecked; `mixed` runs Lanczos on those bf16 products, then certifies each block-draw's value with one float32
+  product of its Ritz vector (Rayleigh quotient, residual bound with the gap to the next Ritz value) and continues in
+  float32 from that vector when the bound misses the tolerance. Their products column counts both kinds (bf16 ones
+  in brackets).
 
 {"Every engine ran in this one process, one after another (`--in-process`)." if args.in_process else "Every engine ran in a fresh process of its own, timed from after the model and batches were loaded, so none inherited another's heap or allocator settings and their order does not matter."}
 

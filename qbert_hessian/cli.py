@@ -36,6 +36,7 @@ from .config import (
     FinetuneConfig,
     LandscapeConfig,
     PlanSpec,
+    Precision,
     SensitivityConfig,
 )
 from .errors import QBHError
@@ -344,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(f"--{key}", default=None, help=f"override [model] {'name' if key == 'model' else key}")
             p.add_argument(
                 "--weight-range", choices=RANGE_METHODS, default=None, help="override [allocate] range_method"
+            )
+            p.add_argument(
+                "--precision",
+                choices=[m.value for m in Precision],
+                default=None,
+                help="override [sensitivity] precision: "
+                + SensitivityConfig.field_help()["precision"].replace("%", "%%"),
             )
         default_out = Path("runs/demo") if name == "demo" else None
         p.add_argument("--out", type=Path, default=default_out, help="run folder (run: default, the config's 'out')")
@@ -695,6 +703,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = [o.replace("model.model=", "model.name=") for o in overrides]
     if args.weight_range is not None:
         overrides.append(f"allocate.range_method={_toml_str(args.weight_range)}")
+    if args.precision is not None:
+        overrides.append(f"sensitivity.precision={_toml_str(args.precision)}")
     config = load_run_config(args.config, overrides)
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:

@@ -95,6 +95,16 @@ def _trace_setting(cfg: dict) -> str:
     return f"{cfg['trace']} ({method}, {cfg.get('trace_samples')} products per draw)"
 
 
+def _precision_text(cfg: dict) -> str:
+    """The products' precision when not float32 (reports from before the setting, and fp32 ones, say nothing)."""
+    about = {
+        "bf16": "bf16 matrix products, unchecked (about 1% per product)",
+        "mixed": "bf16 search, every eigenvalue certified in float32 to tol; traces float32",
+    }
+    precision = cfg.get("precision", "fp32")
+    return f"; products: {about.get(precision, precision)}" if precision != "fp32" else ""
+
+
 def _draws_text(report: SensitivityReport) -> str:
     """How the report's draws were made: a number of batches, or a share of the training split."""
     cfg = report.config
@@ -122,7 +132,7 @@ def sensitivity_markdown(report: SensitivityReport, figure: str | None = "sensit
         f"- model: {m.get('family')}, {m.get('num_layers')} layers, {m.get('num_heads')} heads, "
         f"{m.get('num_params', 0):,} parameters",
         f"- protocol: {_draws_text(report)}; {cfg.get('method', 'power')} eigen-solver, tol {cfg['tol']}, max "
-        f"{cfg['max_iters']} products; trace: {_trace_setting(cfg)}; seed {cfg['seed']}",
+        f"{cfg['max_iters']} products; trace: {_trace_setting(cfg)}; seed {cfg['seed']}{_precision_text(cfg)}",
         f"- status: {status}; {report.seconds:.0f} s of compute",
         "- Omega = |mean| + std of the top eigenvalue over draws (Q-BERT); higher means more sensitive "
         "to quantization. A negative eigenvalue means the loss curves down along that direction.",

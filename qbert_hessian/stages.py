@@ -37,6 +37,7 @@ from .config import (
     CalibrationConfig,
     DensityConfig,
     PlanSpec,
+    Precision,
     SensitivityConfig,
     check_range_method,
 )
@@ -571,7 +572,7 @@ def density(
     import torch
 
     from .hessian.density import slq_density, smooth_alike
-    from .hessian.hvp import BlockHessian, curvature_mode, grads_enabled
+    from .hessian.hvp import BlockHessian, autocast_products, curvature_mode, grads_enabled
     from .landscape import block_parameters
     from .models import curvature_kernels
 
@@ -587,18 +588,21 @@ def density(
             params = block_parameters(model, b)
             with grads_enabled(params):
                 hvp = BlockHessian(model, params, [batch], data_parallel=data_parallel)
-                res = slq_density(hvp, params, steps=config.steps, num_probes=config.probes, generator=generator)
+                products = autocast_products(hvp) if config.precision == Precision.BF16 else hvp
+                res = slq_density(products, params, steps=config.steps, num_probes=config.probes, generator=generator)
                 hvp.free()
             found.append((b, sum(p.numel() for p in params), res))
             lo, hi = res.extremes
             logger.info("%s: Ritz values from %.4g to %.4g; mean eigenvalue %.4g", b, lo, hi, res.moment(1))
     smooth_alike([r for _, _, r in found])  # one kernel width, so the curves compare
+    precision = {} if config.precision == Precision.FP32 else {"precision": config.precision.value}
     return DensityReport(
         model=model_name,
         task=task.name,
         batch_size=n,
         probes=config.probes,
-        densities=[{"block": b, "num_params": k, **r.to_dict()} for b, k, r in found],
+        # a bf16 density says so (an fp32 one is written as before the setting existed)
+        densities=[{"block": b, "num_params": k, **r.to_dict(), **precision} for b, k, r in found],
     )
 
 

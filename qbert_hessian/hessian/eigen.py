@@ -18,6 +18,17 @@ lam_min - sigma, and lam_min follows.
 products; it stops when the residual-based error estimate of the wanted values is at most tol relative
 (:mod:`.lanczos`), and gives the most negative eigenvalue from the same run.
 
+Certified low-precision eigenvalues (:func:`certified_lanczos_eigenvalues`): Lanczos runs on a cheap operator
+H~ (bf16 products, about 1% off H), then each wanted Ritz vector y (unit) is checked with one product of the
+exact operator H: the Rayleigh quotient rho = y^T H y and the residual r = ||H y - rho y||. For symmetric H some
+eigenvalue lies within r of rho, and within r^2 / delta when the rest of the spectrum is at least delta > r away
+from rho (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, Sec. 10.5 and 11.7). The quotient is
+accurate to second order in the vector's error, so a vector from H~ gives rho to about (1%)^2 relative. The gap
+delta is read off H~'s other Ritz values, each moved towards rho by its own residual and by what separates H~
+from H along y (|theta - rho| + r~ + r): an estimate, as in the stopping rule. When the bound misses
+``tol`` |rho|, Lanczos continues on H from y until its own rule holds, so every value returned meets the exact
+operator's criterion.
+
 The functions take an ``hvp(v) -> H v`` callable and never see a model or a batch.
 """
 
@@ -191,3 +202,101 @@ def lanczos_eigenvalues(
         converged=[res.converged] * len(order),
         smallest=float(res.ritz_values[0]) if most_negative else None,
     )
+
+
+@dataclasses.dataclass
+class Certificate:
+    """One exact product's verdict on an approximate unit eigenvector y: the Rayleigh quotient ``value`` =
+    y^T H y, the ``residual`` ||H y - value y||, and ``product`` = H y."""
+
+    value: float
+    residual: float
+    product: list[Tensor]
+
+
+def rayleigh_check(hvp: HVP, y: list[Tensor]) -> Certificate:
+    """The :class:`Certificate` of the unit vector ``y``: one product of ``hvp``."""
+    hy = hvp(y)
+    rho = vec.dot(y, hy)
+    return Certificate(rho, vec.norm(vec.axpy(-rho, y, hy)), hy)
+
+
+def residual_bound(residual: float, gap: float) -> float:
+    """A bound on |lambda - rho| for the eigenvalue lambda nearest rho: the residual r, or r^2 / gap when the
+    rest of the spectrum is at least ``gap`` > r away from rho (Kato-Temple)."""
+    return min(residual, residual * residual / gap) if gap > residual else residual
+
+
+def certified_lanczos_eigenvalues(
+    hvp_low: HVP,
+    hvp: HVP,
+    params: Sequence[Tensor],
+    *,
+    k: int = 1,
+    max_iters: int = 100,
+    tol: float = 1e-3,
+    most_negative: bool = False,
+    init: list[Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> EigenResult:
+    """:func:`lanczos_eigenvalues` on the cheap operator ``hvp_low``, every returned value certified on ``hvp``.
+
+    Lanczos runs on ``hvp_low`` (e.g. bf16 products) as :func:`lanczos_eigenvalues` would. Each watched Ritz
+    vector (the ``k`` of largest magnitude, and the smallest with ``most_negative``) then costs one product of
+    ``hvp``: its Rayleigh quotient is the value returned when :func:`residual_bound`, with the gap read off
+    the other Ritz values (module docstring), is at most ``tol`` times its magnitude for every watched value.
+    Otherwise Lanczos continues on ``hvp`` from the top Ritz vector (its product reused) until its own rule
+    holds, and returns that run's values: either way within ``tol`` of ``hvp``'s (by the estimates the
+    float32 engine stops on).
+
+    Args:
+        hvp_low: the cheap ``v -> H~ v`` the search runs on.
+        hvp: the exact ``v -> H v`` that certifies.
+        params, k, max_iters, tol, most_negative, init, generator: as in :func:`lanczos_eigenvalues`
+            (``max_iters`` caps each of the two runs).
+
+    Returns:
+        An :class:`EigenResult` whose ``iters`` holds every product made (both operators) for every entry.
+    """
+
+    def watched(evals: np.ndarray) -> np.ndarray:
+        order = np.argsort(-np.abs(evals), kind="stable")[:k]
+        return np.union1d(order, [0]) if most_negative else order
+
+    start = list(init) if init is not None else randn_start(params, generator)
+    res = lanczos(hvp_low, start, max_steps=max_iters, tol=tol, watch=watched)
+    theta, low_residuals = res.ritz_values, res.residuals
+    top = np.argsort(-np.abs(theta), kind="stable")[:k]
+    products = res.steps
+    certs: dict[int, tuple[list[Tensor], Certificate]] = {}
+    certified = True
+    for j in dict.fromkeys([*top.tolist(), *([0] if most_negative else [])]):
+        y = res.vector(j)
+        c = rayleigh_check(hvp, y)
+        products += 1
+        certs[j] = (y, c)
+        # H~'s other Ritz values, each moved towards rho by its own residual and by H~'s distance from H along y
+        slack = abs(theta[j] - c.value) + low_residuals[j] + c.residual
+        others = np.delete(np.abs(theta - c.value) - low_residuals, j)
+        gap = float(others.min()) - slack if others.size else 0.0
+        certified &= residual_bound(c.residual, gap) <= tol * abs(c.value)
+    if certified:
+        by_value = sorted(top.tolist(), key=lambda j: -abs(certs[j][1].value))
+        return EigenResult(
+            values=[certs[j][1].value for j in by_value],
+            vectors=[certs[j][0] for j in by_value],
+            iters=[products] * len(by_value),
+            converged=[True] * len(by_value),
+            smallest=certs[0][1].value if most_negative else None,
+        )
+    y, c = certs[int(top[0])]
+    known = [c.product]
+
+    def exact(v: list[Tensor]) -> list[Tensor]:  # the first product is y's, already made
+        return known.pop() if known else hvp(v)
+
+    out = lanczos_eigenvalues(
+        exact, params, k=k, max_iters=max_iters, tol=tol, most_negative=most_negative, init=y, generator=generator
+    )
+    out.iters = [products + out.iters[0] - 1] * len(out.iters)
+    return out

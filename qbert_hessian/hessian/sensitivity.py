@@ -47,13 +47,13 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats, fingerprint
-from ..config import EigenMethod, Parallel, SensitivityConfig, TraceMethod, TraceMode
+from ..config import EigenMethod, Parallel, Precision, SensitivityConfig, TraceMethod, TraceMode
 from ..errors import QBHError
 from ..models import BlockMap, curvature_kernels
 from ..names import blocks_overlap
 from . import vec
-from .eigen import lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
-from .hvp import Batch, BlockHessian, BlockView, LossFn, curvature_mode, grads_enabled
+from .eigen import certified_lanczos_eigenvalues, lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
+from .hvp import Batch, BlockHessian, BlockView, LossFn, autocast_products, curvature_mode, grads_enabled
 from .memory import reuse_freed_memory
 from .trace import TraceResult, hutchinson_block_traces, hutchinson_trace, hutchpp_trace, pool_estimates, summarize
 
@@ -182,35 +182,45 @@ def _solve_draw(hvp: BlockHessian | BlockView, block: _BlockProgress, config: Se
     start = [hvp.restrict(v) for v in block.warm] if block.warm is not None and config.warm_start else None
     if start is not None and vec.norm(start[0]) == 0.0:
         start = None  # the previous eigenvector lives on rows this draw does not use
+    # bf16 and mixed search on bf16 products; mixed certifies every value with float32 products (the same graph)
+    low = hvp if config.precision == Precision.FP32 else autocast_products(hvp)
+    mixed = config.precision == Precision.MIXED
     if config.method == EigenMethod.LANCZOS:
-        res = lanczos_eigenvalues(
-            hvp,
-            like,
-            k=config.top_k,
-            max_iters=config.max_iters,
-            tol=config.tol,
-            most_negative=config.most_negative,
-            init=start[0] if start else None,
-            generator=generator,
-        )
+        kwargs = dict(k=config.top_k, max_iters=config.max_iters, tol=config.tol, most_negative=config.most_negative)
+        init = start[0] if start else None
+        if mixed:
+            res = certified_lanczos_eigenvalues(low, hvp, like, **kwargs, init=init, generator=generator)
+        else:
+            res = lanczos_eigenvalues(low, like, **kwargs, init=init, generator=generator)
         iters = res.iters[0]
     else:
         res = top_eigenvalues(
-            hvp, like, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
+            low, like, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=start, generator=generator
         )
         iters = sum(res.iters)
+        if mixed:  # power iteration's own rule, in float32, from the bf16 vectors
+            res = top_eigenvalues(
+                hvp, like, k=config.top_k, max_iters=config.max_iters, tol=config.tol, init=res.vectors
+            )
+            iters += sum(res.iters)
         if config.most_negative:
+            shift = res.values[0]
             neg = most_negative_eigenvalue(
-                hvp,
+                low,
                 like,
-                shift=res.values[0],
+                shift=shift,
                 max_iters=config.max_iters,
                 tol=config.tol,
-                init=res.vectors[0] if res.values[0] <= 0 else None,
+                init=res.vectors[0] if shift <= 0 else None,
                 generator=generator,
             )
-            res.smallest = neg.values[0]
             iters += neg.iters[0]
+            if mixed:
+                neg = most_negative_eigenvalue(
+                    hvp, like, shift=shift, max_iters=config.max_iters, tol=config.tol, init=neg.vectors[0]
+                )
+                iters += neg.iters[0]
+            res.smallest = neg.values[0]
     block.warm = [hvp.expand(v) for v in res.vectors]
     block.iters.append(iters)
     block.eig.append(res.values[0])
@@ -221,7 +231,9 @@ def _solve_draw(hvp: BlockHessian | BlockView, block: _BlockProgress, config: Se
     if config.trace == TraceMode.BLOCK:
         estimator = hutchpp_trace if config.trace_method == TraceMethod.HUTCHPP else hutchinson_trace
         m = config.trace_samples
-        block.traces.append(estimator(hvp, like, min_samples=m, max_samples=m, generator=generator))
+        # bf16 traces under bf16 only: no certificate exists for an estimate, so mixed keeps them float32
+        probe = low if config.precision == Precision.BF16 else hvp
+        block.traces.append(estimator(probe, like, min_samples=m, max_samples=m, generator=generator))
 
 
 def _estimate_blocks(
@@ -288,8 +300,9 @@ def _shared_traces(
             hvp = BlockHessian(
                 model, params, batches, loss_fn, length_buckets=config.length_buckets, data_parallel=data_parallel
             )
+            probe = autocast_products(hvp) if config.precision == Precision.BF16 else hvp
             results = hutchinson_block_traces(
-                hvp, hvp.like, slices, num_samples=max(2, config.trace_samples), generator=generator
+                probe, hvp.like, slices, num_samples=max(2, config.trace_samples), generator=generator
             )
             for b, res in enumerate(results):
                 samples[b].extend(res.samples)
@@ -523,7 +536,7 @@ def _trace_stats(traces: list[TraceResult], method: TraceMethod) -> TraceStats:
 
 
 # Settings added after reports were first written, with the value every earlier report was made with.
-_ADDED_SETTINGS = {"trace_method": TraceMethod.HUTCHINSON.value}
+_ADDED_SETTINGS = {"trace_method": TraceMethod.HUTCHINSON.value, "precision": Precision.FP32.value}
 
 
 def _check_resumable(old: SensitivityReport, new: SensitivityReport) -> None:

@@ -399,6 +399,28 @@ SILENT = [
         "argument --parallel: invalid choice: 'ranks'",
         usage=True,
     ),
+    Case(
+        "sensitivity-precision-unknown",
+        lambda w, t: ["sensitivity", *w.model(), *SENS, "--precision", "fp16", "--out", str(t / "o")],
+        "argument --precision: invalid choice: 'fp16'",
+        usage=True,
+    ),
+    Case(
+        "run-precision-unknown",
+        lambda w, t: _run(w, t, lambda s: s, "--precision", "fp16"),
+        "argument --precision: invalid choice: 'fp16'",
+        usage=True,
+    ),
+    Case(
+        "density-precision-mixed",
+        lambda w, t: ["density", *w.model(), "--block", "encoder.0", "--precision", "mixed", "--out", str(t / "o")],
+        "--precision 'mixed' certifies eigenvalues, and a density has none to certify",
+    ),
+    Case(
+        "toml-precision-unknown",
+        lambda w, t: _run(w, t, _set("sensitivity", 'precision = "fp16"')),
+        "unknown precision 'fp16'; choose one of fp32, bf16, mixed",
+    ),
 ]
 
 

@@ -71,6 +71,15 @@ def test_sensitivity_cli_hutchpp_traces_are_named_in_the_report(tiny_checkpoint,
     assert "hutchpp" in (out / "sensitivity.csv").read_text().splitlines()[1]
 
 
+def test_sensitivity_cli_mixed_precision_is_recorded(tiny_checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "mixed"
+    args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS[:-3], "--quiet"]
+    assert main([*args, "--precision", "mixed", "--blocks", "encoder.0", "--out", str(out)]) == 0
+    data = json.loads((out / "sensitivity.json").read_text())
+    assert data["config"]["precision"] == "mixed"
+    assert "products: bf16 search, every eigenvalue certified in float32" in (out / "sensitivity.md").read_text()
+
+
 def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "r"
     args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--out", str(out)]
