@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--weight-range", choices=RANGE_METHODS, default=None, help="override [allocate] range_method"
             )
-            _add_rounding(p, "[allocate]'s")
+            _add_rounding(p, "[allocate]'s", dest_prefix="set_")
         default_out = Path("runs/demo") if name == "demo" else None
         p.add_argument("--out", type=Path, default=default_out, help="run folder (run: default, the config's 'out')")
         p.add_argument(
@@ -325,14 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_rounding(p: argparse.ArgumentParser, default: str) -> None:
+def _add_rounding(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
     """``--rounding``, ``--calib-samples`` and ``--damp`` overriding a plan's (or a run's) settings; checked by the
-    configs, so a bad value is one line."""
+    configs, so a bad value is one line. ``dest_prefix`` keeps the run's TOML keys out of the flag names its errors
+    are given (a bad ``[allocate] rounding`` is named as the file names it)."""
     helps = AllocConfig.field_help()
     for name in ("rounding", "calib_samples", "damp"):
         kind = {"rounding": str, "calib_samples": int, "damp": float}[name]
+        flag = "--" + name.replace("_", "-")
         p.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=None, help=f"{helps[name]} (default: {default})"
+            flag, dest=dest_prefix + name, type=kind, default=None, help=f"{helps[name]} (default: {default})"
         )
 
 
@@ -641,9 +643,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = [o.replace("model.model=", "model.name=") for o in overrides]
     if args.weight_range is not None:
         overrides.append(f"allocate.range_method={_toml_str(args.weight_range)}")
-    if args.rounding is not None:
-        overrides.append(f"allocate.rounding={_toml_str(args.rounding)}")
-    overrides += [f"allocate.{k}={v!r}" for k in ("calib_samples", "damp") if (v := getattr(args, k)) is not None]
+    if args.set_rounding is not None:
+        overrides.append(f"allocate.rounding={_toml_str(args.set_rounding)}")
+    overrides += [
+        f"allocate.{k}={v!r}" for k in ("calib_samples", "damp") if (v := getattr(args, f"set_{k}")) is not None
+    ]
     config = load_run_config(args.config, overrides)
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:
