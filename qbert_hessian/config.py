@@ -488,8 +488,9 @@ class AllocConfig(_Config):
         range_method: how each group's range is chosen, ``max`` (Q-BERT: the group's extent) or ``mse`` (the
             clipping ratio of least squared error, ``quant/ranges.py``). The cost table must be measured with
             the same method (its errors depend on it); one method serves every plan of a run.
-        rounding: how each weight rounds onto that grid: ``nearest``, or ``gptq`` (second-order rounding on
-            calibration inputs, layer by layer, Frantar et al. 2023; embedding tables keep nearest).
+        rounding: how each weight rounds onto its group's grid (the range method's): ``nearest``, or ``gptq``
+            (second-order rounding on calibration inputs, layer by layer, Frantar et al. 2023; embedding tables
+            keep nearest).
         calib_samples: ``gptq``: training sequences (seeded) whose inputs make each layer's Hessian.
         damp: ``gptq``: dampening of each layer's Hessian, a fraction of its mean diagonal.
     """
