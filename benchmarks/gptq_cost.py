@@ -3,8 +3,8 @@ quantized linear's input Hessian and round the whole encoder, against nearest ro
 
     PYTHONPATH=. python benchmarks/gptq_cost.py --model minilm-l6 --data ../shared/data/sst2 --max-length 64
     PYTHONPATH=. python benchmarks/gptq_cost.py --model bert-base-random --data ../shared/data/sst2 --max-length 64
-    PYTHONPATH=. python benchmarks/gptq_cost.py --model minilm-l6 --task squad --data ../shared/data/squad-full \
-        --max-length 384
+    PYTHONPATH=. python benchmarks/gptq_cost.py --model minilm-l6 --task squad --data ../shared/data/squad \
+        --max-length 384      # SQuAD-length calibration sequences (128 windows of up to 384 tokens)
 
 ``bert-base-random`` is BERT-base's shape (12 layers, hidden 768, 12 heads, FFN 3072, MiniLM's vocabulary and
 tokenizer) with random weights: the cost does not depend on the weights. Every encoder linear is rounded (uniform
