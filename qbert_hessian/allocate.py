@@ -386,6 +386,8 @@ def _plan(
         act_bits=config.act_bits,
         symmetric=profile.symmetric,
         range_method=config.range_method,  # the profile's: build_problem refuses any other
+        rounding=config.rounding,
+        gptq=config.gptq_config().to_dict() if config.rounding == "gptq" else None,
         method=method,
         budget=budget,
         measure=config.measure.value,
@@ -413,8 +415,17 @@ def _plan(
                 for b, (u, k) in enumerate(zip(problem.units, choice))
             },
         },
-        notes=notes,
+        notes=[*notes, *_rounding_notes(config)],
     )
+
+
+def _rounding_notes(config: AllocConfig) -> list[str]:
+    if config.rounding == "nearest":
+        return []
+    return [
+        f"weights round by {config.rounding} ({config.calib_samples} calibration sequences, damp {config.damp}); the "
+        "errors and objective above are round-to-nearest's (the cost table's), not the rounding's own"
+    ]
 
 
 def allocate_bits(

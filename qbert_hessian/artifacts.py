@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .config import check_bits, check_range_method
+from .config import GPTQConfig, check_bits, check_range_method, check_rounding
 from .errors import QBHError
 from .names import validate_block
 from .packed_format import PACKED_SCHEMA
@@ -319,6 +319,8 @@ class BitPlan(Artifact):
     (the classifier head always does). A finer block (``encoder.3.query``) overrides its layer's entry.
     ``act_bits`` is the activation width on every quantized linear's input (None: FP32 activations).
     ``range_method`` how each group's range was chosen (``max`` or ``mse``, ``quant/ranges.py``; old plans: max).
+    ``rounding`` how each weight rounds onto that grid: ``nearest`` (old plans), or ``gptq`` with its settings in
+    ``gptq`` (:class:`~qbert_hessian.config.GPTQConfig`: calibration sequences, dampening, act-order, block size).
     ``model`` describes the model the plan was made for (name, family, num_layers, num_heads, hidden_size);
     ``predicted`` the sizes the allocator promised (bytes, MiB, compression, average encoder bits, objective).
     """
@@ -330,6 +332,8 @@ class BitPlan(Artifact):
     act_bits: int | None = 8
     symmetric: bool = True
     range_method: str = "max"
+    rounding: str = "nearest"
+    gptq: dict[str, Any] | None = None
     method: str = "manual"
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     measure: str | None = None
@@ -354,6 +358,20 @@ class BitPlan(Artifact):
         if not isinstance(self.symmetric, bool):
             raise QBHError(f"plan 'symmetric' must be true or false, got {self.symmetric!r}; regenerate the plan")
         check_range_method(self.range_method, "plan range_method")
+        check_rounding(self.rounding, "plan rounding")
+        if self.rounding == "gptq":
+            if self.gptq is not None and not isinstance(self.gptq, dict):
+                raise QBHError(f"plan 'gptq' must be a table of settings, got {self.gptq!r}; regenerate the plan")
+            self.gptq = GPTQConfig.from_dict(self.gptq or {}).to_dict()  # every setting, defaults filled in
+        elif self.gptq is not None:
+            raise QBHError(
+                f"plan rounds to {self.rounding} but carries gptq settings; drop 'gptq' or set rounding to gptq"
+            )
+
+    @property
+    def gptq_config(self) -> GPTQConfig | None:
+        """The GPTQ settings of a plan rounded by GPTQ (None: nearest rounding)."""
+        return GPTQConfig.from_dict(self.gptq) if self.rounding == "gptq" and self.gptq is not None else None
 
 
 @dataclasses.dataclass

@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="each group's range: max or mse (default: the plan's own)",
     )
+    _add_rounding(p, "the plan's own")
     _add_config(p, CalibrationConfig)
     _add_common(p)
 
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="override [sensitivity] precision: "
                 + SensitivityConfig.field_help()["precision"].replace("%", "%%"),
             )
+            _add_rounding(p, "[allocate]'s", dest_prefix="set_")
         default_out = Path("runs/demo") if name == "demo" else None
         p.add_argument("--out", type=Path, default=default_out, help="run folder (run: default, the config's 'out')")
         p.add_argument(
@@ -368,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():  # which option sets each config field, so errors can name the flag
         p.set_defaults(flags={a.dest: a.option_strings[-1] for a in p._actions if a.option_strings})
     return parser
+
+
+def _add_rounding(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
+    """``--rounding``, ``--calib-samples`` and ``--damp`` overriding a plan's (or a run's) settings; checked by the
+    configs, so a bad value is one line. ``dest_prefix`` keeps the run's TOML keys out of the flag names its errors
+    are given (a bad ``[allocate] rounding`` is named as the file names it)."""
+    helps = AllocConfig.field_help()
+    for name in ("rounding", "calib_samples", "damp"):
+        kind = {"rounding": str, "calib_samples": int, "damp": float}[name]
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(
+            flag, dest=dest_prefix + name, type=kind, default=None, help=f"{helps[name]} (default: {default})"
+        )
 
 
 def _name_flags(message: str, flags: dict[str, str]) -> str:
@@ -561,9 +576,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_out_dir(args.out.parent)
     calibration = _from_args(CalibrationConfig, args)
     plan = stages.with_range_method(BitPlan.load(args.plan), args.weight_range)
+    plan = stages.with_rounding(plan, args.rounding, calib_samples=args.calib_samples, damp=args.damp)
     raw = _raw_task(args)
     model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
-    qmodel = stages.quantize_direct(model, plan, task, calibration)  # validates the plan before anything is written
+    # validates the plan before anything is written
+    qmodel = stages.quantize_direct(model, plan, task, calibration, progress=not args.quiet)
     size = stages.export(qmodel, plan, args.out, fp32=model, tokenizer=task.tokenizer)
     predicted = size.predicted_bytes
     print(
@@ -705,6 +722,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"allocate.range_method={_toml_str(args.weight_range)}")
     if args.precision is not None:
         overrides.append(f"sensitivity.precision={_toml_str(args.precision)}")
+    if args.set_rounding is not None:
+        overrides.append(f"allocate.rounding={_toml_str(args.set_rounding)}")
+    overrides += [
+        f"allocate.{k}={v!r}" for k in ("calib_samples", "damp") if (v := getattr(args, f"set_{k}")) is not None
+    ]
     config = load_run_config(args.config, overrides)
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:

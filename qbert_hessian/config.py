@@ -52,6 +52,19 @@ def check_range_method(value: object, what: str = "range method") -> str:
     return value
 
 
+# How each weight rounds onto its grid (the grid itself comes from the range method either way): to its nearest
+# level, or by second-order rounding on calibration inputs (GPTQ, ``quant/gptq.py``).
+ROUNDINGS = ("nearest", "gptq")
+DEFAULT_ROUNDING = "nearest"
+
+
+def check_rounding(value: object, what: str = "rounding") -> str:
+    """``value`` if it names a rounding, else a :class:`QBHError` naming the valid ones."""
+    if not isinstance(value, str) or value not in ROUNDINGS:
+        raise QBHError(f"{what} {value!r} is not known; use one of {', '.join(ROUNDINGS)}")
+    return value
+
+
 def check_bits(bits: object, what: str = "bits", *, role: str = "weight") -> int:
     """``bits`` as an int in its role's range (weights and embeddings 2..8, activations 2..16), else a
     :class:`QBHError` naming the value and the range. The one width check of the package."""
@@ -233,6 +246,33 @@ def _non_negative(cls_name: str, **values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise QBHError(f"{cls_name}.{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(_Config):
+    """Settings of second-order rounding (GPTQ, Frantar et al. 2023; ``quant/gptq.py``), as a plan records them.
+
+    Args:
+        calib_samples: training sequences (a seeded draw) whose inputs to every quantized linear make its Hessian
+            H = 2 X X^T (GPTQ: 128).
+        damp: dampening added to the diagonal of H, as a fraction of its mean (GPTQ: 0.01).
+        act_order: round the input columns by decreasing diag(H); the grid stays fixed (static groups).
+        block_size: columns per lazy batch update (the codes do not depend on it beyond float rounding).
+    """
+
+    calib_samples: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QBHError(f"GPTQConfig.{name} must be a positive integer, got {value!r}")
+        _positive("GPTQConfig", damp=self.damp)
+        if not isinstance(self.act_order, bool):
+            raise QBHError(f"GPTQConfig.act_order must be true or false, got {self.act_order!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +512,11 @@ class AllocConfig(_Config):
         range_method: how each group's range is chosen, ``max`` (Q-BERT: the group's extent) or ``mse`` (the
             clipping ratio of least squared error, ``quant/ranges.py``). The cost table must be measured with
             the same method (its errors depend on it); one method serves every plan of a run.
+        rounding: how each weight rounds onto its group's grid (the range method's): ``nearest``, or ``gptq``
+            (second-order rounding on calibration inputs, layer by layer, Frantar et al. 2023; embedding tables
+            keep nearest).
+        calib_samples: ``gptq``: training sequences (seeded) whose inputs make each layer's Hessian.
+        damp: ``gptq``: dampening of each layer's Hessian, a fraction of its mean diagonal.
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -483,6 +528,9 @@ class AllocConfig(_Config):
     embedding_groups: int | str = "channel"
     act_bits: int | None = 8
     range_method: str = DEFAULT_RANGE_METHOD
+    rounding: str = DEFAULT_ROUNDING
+    calib_samples: int = GPTQConfig.calib_samples
+    damp: float = GPTQConfig.damp
 
     def __post_init__(self) -> None:
         bits = tuple(sorted({check_bits(b, "candidate bits") for b in self.bits}))
@@ -499,6 +547,25 @@ class AllocConfig(_Config):
         _set_enum(self, "measure", Measure, "sensitivity measure")
         _set_enum(self, "method", Method, "allocation method")
         check_range_method(self.range_method, "AllocConfig.range_method")
+        check_rounding(self.rounding, "AllocConfig.rounding")
+        self.gptq_config()  # validates calib_samples and damp
+
+    def gptq_config(self) -> GPTQConfig:
+        """The GPTQ settings (used when ``rounding`` is ``gptq``)."""
+        try:
+            return GPTQConfig(calib_samples=self.calib_samples, damp=self.damp)
+        except QBHError as exc:
+            raise QBHError(str(exc).replace("GPTQConfig.", "AllocConfig.")) from None
+
+    def protocol(self) -> dict[str, Any]:
+        """The settings that decide a plan, as run caches record them: :meth:`to_dict` without ``rounding``,
+        ``calib_samples`` and ``damp`` while they are at their defaults (so run folders made before rounding was a
+        setting still match)."""
+        out = self.to_dict()
+        for f in dataclasses.fields(self):
+            if f.name in ("rounding", "calib_samples", "damp") and out[f.name] == f.default:
+                del out[f.name]
+        return out
 
 
 PLAN_KINDS = ("uniform", "avg_bits", "budget_mb", "ratio")
@@ -525,8 +592,9 @@ class PlanSpec(_Config):
         assign_seed: seeds assign = random (None: 0).
         distill, learn_scales: this plan's QAT recipe, as ``[qat]`` (None: the run's), so one run holds its
             ablations (e.g. logits-only distillation, or learned steps, beside the run's recipe).
-        bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits: as
-            :class:`AllocConfig` (None: the run's ``[allocate]``). ``range_method`` is not among them: the run
+        bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits, rounding,
+            calib_samples, damp: as :class:`AllocConfig` (None: the run's ``[allocate]``); one run can hold the
+            same plan rounded to nearest and by GPTQ. ``range_method`` is not among them: the run
             measures one cost table, with ``[allocate] range_method``, for all its plans.
     """
 
@@ -549,6 +617,9 @@ class PlanSpec(_Config):
     position_bits: int | None = None
     embedding_groups: int | str | None = None
     act_bits: int | None = None
+    rounding: str | None = None
+    calib_samples: int | None = None
+    damp: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanSpec:

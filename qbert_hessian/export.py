@@ -86,6 +86,7 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             "kind": module.kind,
             "range_method": module.spec.range_method,  # how the range was chosen, or initialised when learned
             "learned_scale": module.weight_scale is not None,  # LSQ: the scale is the trained step
+            "rounding": module.rounding,  # how the codes were chosen (before any training): nearest or gptq
         }
     learned = {f"{path}.{SCALE_PARAM}" for path in quantized}  # stored above as the fp16 ".weight.scale"
     for key, t in model.state_dict().items():
@@ -123,6 +124,11 @@ def save_packed(
                 f"{key} was quantized with {e['range_method']} {'symmetric' if e['symmetric'] else 'asymmetric'} "
                 f"ranges, the plan says {plan.range_method} {'symmetric' if plan.symmetric else 'asymmetric'}; "
                 "pass the plan the model was quantized with"
+            )
+        if e["kind"] != "embedding" and e["rounding"] != plan.rounding:  # tables always round to nearest
+            raise QBHError(
+                f"{key} was rounded by {e['rounding']}, the plan says {plan.rounding}; pass the plan the model was "
+                "quantized with"
             )
     tmp = out_dir.with_name(out_dir.name + ".saving")
     if tmp.exists():
@@ -209,7 +215,10 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
         q = Quantized(
             (codes + qmin).reshape(len(scale), -1), scale, zero, e["bits"], tuple(e["shape"]), tuple(e["grid"])
         )
-        module.set_quantized(q)
+        if e.get("rounding", "nearest") == "nearest":  # manifests written before roundings: nearest
+            module.set_quantized(q)
+        else:  # the grid the codes were chosen on is held too, so training on from here keeps it
+            module.set_rounded(q, e["rounding"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in manifest.tensors]
     if missing or unexpected:

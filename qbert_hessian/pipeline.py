@@ -521,7 +521,7 @@ class Run:
         upstream = {
             "sensitivity": stages.file_fingerprint(self.out / "sensitivity" / "sensitivity.json"),
             "profile": stages.file_fingerprint(self.out / "sensitivity" / stages.PROFILE_FILE),
-            "allocate": self.config.allocate.to_dict(),
+            "allocate": self.config.allocate.protocol(),
         }
         source = {"sensitivity": "sensitivity/sensitivity.json", "profile": "sensitivity/profile.json", **upstream}
         plans = {}
@@ -578,6 +578,8 @@ class Run:
                 **self._base_inputs(),
                 "plan": stages.file_fingerprint(self.out / "plans" / f"{name}.json"),
                 "range_method": plan.range_method,  # in the plan too; named so the log says what changed
+                # likewise, only away from nearest, so run folders made before roundings were a setting match
+                **({"rounding": plan.rounding, "gptq": plan.gptq} if plan.rounding != "nearest" else {}),
                 "calibration": self.config.run.calibration.to_dict(),
             }
             p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
@@ -587,7 +589,7 @@ class Run:
         training: QATLog | None = None
         if not self._agreed(f"packed:{name}", p_inputs, packed / "quantization.json"):
             model, task = self.fp32()
-            q = q if q is not None else stages.quantize_direct(model, plan, task, self.config.run.calibration)
+            q = q if q is not None else self._quantize(model, plan, task)
             if qat:
                 logger.info("stage QAT: %s", name)
                 log = train_qat(
@@ -624,7 +626,6 @@ class Run:
 
     def _direct(self, name: str, plan: BitPlan, d_inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The directly quantized model (None when its metrics are cached) and its metrics (rank 0's work)."""
-        from . import stages
         from .evaluate import evaluate
 
         direct_path = self.out / "results" / name / "direct.json"
@@ -632,11 +633,16 @@ class Run:
             return None, StageResult.load(direct_path).metrics
         model, task = self.fp32()
         logger.info("stage direct quantization: %s", name)
-        q = stages.quantize_direct(model, plan, task, self.config.run.calibration)
+        q = self._quantize(model, plan, task)
         direct = evaluate(q, task)
         StageResult(stage="direct", metrics=direct, family=task.family, plan=name, inputs=d_inputs).save(direct_path)
         self._done(f"direct:{name}", d_inputs)
         return q, direct
+
+    def _quantize(self, model: Any, plan: BitPlan, task: Any) -> Any:
+        from . import stages
+
+        return stages.quantize_direct(model, plan, task, self.config.run.calibration, progress=self.progress)
 
     def _metrics(
         self,

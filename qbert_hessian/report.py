@@ -288,7 +288,7 @@ def plan_markdown(plan: BitPlan) -> str:
         f"{_fmt(p.get('fp32_mib'))} MiB: **{_fmt(p.get('compression'), 3)}x** smaller",
         f"- encoder average: {_fmt(p.get('encoder_avg_bits'), 3)} bits; activations: "
         f"{plan.act_bits or 'FP32'} bits; {'symmetric' if plan.symmetric else 'asymmetric'} weight ranges chosen by "
-        f"{plan.range_method}",
+        f"{plan.range_method}; weights rounded by {rounding_text(plan)}",
         f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
     ]
     lines += [f"- note: {n}" for n in plan.notes]
@@ -361,6 +361,14 @@ def plan_kind(plan: BitPlan) -> str:
         return "uniform"
     seed = plan.source.get("reassigned_from", {}).get("seed")
     return f"mixed ({plan.method}{'' if seed is None else f', seed {seed}'})"
+
+
+def rounding_text(plan: BitPlan) -> str:
+    """How a plan's weights round, as the results table names it: ``nearest`` or ``gptq (128 seq, damp 0.01)``."""
+    g = plan.gptq or {}
+    return (
+        plan.rounding if plan.rounding == "nearest" else f"{plan.rounding} ({g['calib_samples']} seq, damp {g['damp']})"
+    )
 
 
 def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
@@ -446,6 +454,7 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "e_bits": "32",
             "a_bits": "32",
             "groups": "-",
+            "rounding": "-",
             "family": family,
             **_scores(base.metrics, family),
             "mib": fp32_bytes / 2**20,
@@ -474,6 +483,7 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "e_bits": e,
             "a_bits": a,
             "groups": g,
+            "rounding": rounding_text(plan),
             "family": family,
             "mib": res.bytes / 2**20,
             "compression": fp32_bytes / res.bytes,
@@ -497,18 +507,20 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`results_rows` as markdown, with their family's score columns."""
     family = rows[0].get("family", "classification") if rows else "classification"
     labels = METRIC_LABELS[family]
-    head = " | ".join(["method", "plan", "w-bits", "e-bits", "a-bits", "groups", *labels.values(), "size MiB"])
+    head = " | ".join(["method", "plan", "w-bits", "e-bits", "a-bits", "groups", "rounding", *labels.values()])
+    head += " | size MiB"
     tail = "compression | encoder comp. | embedding comp. | examples seen | seed"
     lines = [
         f"| {head} | {tail} |",
-        f"|---|---|---|---:|---:|---|{'---:|' * len(labels)}---:|---:|---:|---:|---:|---:|",
+        f"|---|---|---|---:|---:|---|---|{'---:|' * len(labels)}---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         scores = " | ".join(f"{r[k]:.4f}" for k in labels)
         seen = r.get("examples_seen")
         lines.append(
             f"| {r['method']} | {r['plan']} | {r['w_bits']} | {r['e_bits']} | {r['a_bits']} | {r['groups']} | "
-            f"{scores} | {r['mib']:.2f} | {r['compression']:.2f}x | {_ratio(r.get('encoder_compression'))} | "
+            f"{r.get('rounding', 'nearest')} | {scores} | {r['mib']:.2f} | {r['compression']:.2f}x | "
+            f"{_ratio(r.get('encoder_compression'))} | "
             f"{_ratio(r.get('embedding_compression'))} | {'-' if seen is None else f'{seen:,}'} | "
             f"{'-' if r.get('seed') is None else r['seed']} |"
         )

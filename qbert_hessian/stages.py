@@ -36,10 +36,12 @@ from .config import (
     DEFAULT_RANGE_METHOD,
     CalibrationConfig,
     DensityConfig,
+    GPTQConfig,
     PlanSpec,
     Precision,
     SensitivityConfig,
     check_range_method,
+    check_rounding,
 )
 from .errors import QBHError
 from .models import BlockMap, resolve_model_path
@@ -476,8 +478,41 @@ def with_range_method(plan: BitPlan, range_method: str | None) -> BitPlan:
     return dataclasses.replace(plan, range_method=range_method, notes=[*plan.notes, note])
 
 
-def quantize_direct(model: nn.Module, plan: BitPlan, task: Task, calibration: CalibrationConfig) -> nn.Module:
-    """The plan applied to a copy of ``model``, activation ranges from seeded training batches (post-training)."""
+def with_rounding(
+    plan: BitPlan, rounding: str | None, *, calib_samples: int | None = None, damp: float | None = None
+) -> BitPlan:
+    """``plan`` with its weights rounded by ``rounding`` (None: the plan's own) and, for ``gptq``, these calibration
+    settings (None: the plan's, else the defaults); ``plan`` itself when nothing changes.
+
+    The copy says so in its notes: the predicted sizes hold (a rounding changes no stored tensor's size), the
+    predicted errors and objective are those the plan was made with.
+    """
+    rounding = plan.rounding if rounding is None else check_rounding(rounding, "rounding")
+    gptq = None
+    if rounding == "gptq":
+        settings = {**(plan.gptq or {})}
+        settings.update({k: v for k, v in (("calib_samples", calib_samples), ("damp", damp)) if v is not None})
+        try:
+            gptq = GPTQConfig.from_dict(settings).to_dict()
+        except QBHError as exc:
+            raise QBHError(str(exc).replace("GPTQConfig.", "AllocConfig.")) from None
+    elif calib_samples is not None or damp is not None:
+        raise QBHError("--calib-samples and --damp set second-order rounding; add --rounding gptq (or drop them)")
+    if (rounding, gptq) == (plan.rounding, plan.gptq):
+        return plan
+    what = "nearest rounding" if gptq is None else f"gptq ({gptq['calib_samples']} sequences, damp {gptq['damp']})"
+    note = (
+        f"rounded by {what}; the plan was made with {plan.rounding} rounding (its predicted sizes hold, its errors "
+        f"and objective are those it was made with)"
+    )
+    return dataclasses.replace(plan, rounding=rounding, gptq=gptq, notes=[*plan.notes, note])
+
+
+def quantize_direct(
+    model: nn.Module, plan: BitPlan, task: Task, calibration: CalibrationConfig, *, progress: bool = False
+) -> nn.Module:
+    """The plan applied to a copy of ``model`` (weights rounded as the plan says: nearest, or GPTQ on seeded
+    training sequences), activation ranges from seeded training batches (post-training)."""
     from .quant.apply import quantize_calibrated
 
     return quantize_calibrated(
@@ -487,6 +522,7 @@ def quantize_direct(model: nn.Module, plan: BitPlan, task: Task, calibration: Ca
         num_batches=calibration.calibration_batches,
         batch_size=calibration.batch_size,
         seed=calibration.seed,
+        progress=progress,
     )
 
 
@@ -682,6 +718,7 @@ __all__ = [
     "write_plan",
     "write_frontier",
     "with_range_method",
+    "with_rounding",
     "quantize_direct",
     "export",
     "load_for_task",

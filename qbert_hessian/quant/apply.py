@@ -24,6 +24,7 @@ from ..models import BlockMap
 from ..names import LINEAR_PARTS
 from .functional import Kind, QuantSpec, group_layout
 from .modules import QUANT_MODULES, ActQuant, QuantEmbedding, QuantLinear
+from .rounding import calibration_sequences, round_gptq_
 
 if TYPE_CHECKING:
     from ..tasks import Task
@@ -185,11 +186,24 @@ def calibration_batches(task: Task, num_batches: int, batch_size: int, seed: int
 
 
 def quantize_calibrated(
-    model: nn.Module, plan: BitPlan, task: Task, *, num_batches: int = 8, batch_size: int = 32, seed: int = 0
+    model: nn.Module,
+    plan: BitPlan,
+    task: Task,
+    *,
+    num_batches: int = 8,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
 ) -> nn.Module:
-    """:func:`quantize_model` (a copy), then its activation ranges from seeded training batches when the plan
-    quantizes activations: the direct (post-training) quantization every stage evaluates and exports."""
+    """:func:`quantize_model` (a copy); its weights rounded by GPTQ on ``plan.gptq``'s number of seeded training
+    sequences when the plan says ``rounding = gptq`` (:mod:`.rounding`); then its activation ranges from seeded
+    training batches when the plan quantizes activations: the direct (post-training) quantization every stage
+    evaluates and exports. ``seed`` draws both calibration sets."""
     qmodel = quantize_model(model, plan)
+    gptq = plan.gptq_config
+    if gptq is not None:
+        sequences = calibration_sequences(task, gptq.calib_samples, batch_size, seed)
+        round_gptq_(qmodel, sequences, gptq, progress=progress)
     if plan.act_bits:
         calibrate_activations(qmodel, calibration_batches(task, num_batches, batch_size, seed))
     return qmodel

@@ -145,6 +145,14 @@ def quantize_with(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, grid
     return _encode(g, fp16_up(scale.detach().float()), zero, bits, tuple(w.shape), grid)  # type: ignore[arg-type]
 
 
+def fake_quantize_with(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, grid: tuple[int, int]) -> Tensor:
+    """Q(w) on a fixed grid (the value of :func:`quantize_with`), identity gradient to every weight (STE); the
+    scales are not trained. What a module rounded by GPTQ trains on: its grid stays the one the codes were
+    chosen on."""
+    q = quantize_with(w, scale, zero, bits, grid).dequantize().to(w.dtype)
+    return w + (q - w).detach()
+
+
 def _encode(
     g: Tensor, scale: Tensor, zero: Tensor | None, bits: int, shape: tuple[int, int], grid: tuple[int, int]
 ) -> Quantized:

@@ -10,7 +10,10 @@ every training step) and then holds the ratio r, the range following the weight 
 initialised from that range, and the forward, :meth:`~_QuantWeight.quantized` and the packed file all use
 fp16_up(step). After
 :meth:`~_QuantWeight.set_quantized` (what loading a packed checkpoint does) the module holds Q(W) itself and its
-stored scales, and uses them as they are.
+stored scales, and uses them as they are. After :meth:`~_QuantWeight.set_rounded` (second-order rounding,
+``rounding.py``) it holds the chosen codes the same way and, besides, the grid they were chosen on: once the weight
+trains (QAT), it is rounded on that fixed grid (straight-through), so training starts from exactly the rounded
+model and the scales GPTQ's error feedback assumed do not move under it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .functional import (
     fake_quantize,
     fake_quantize_activation,
     fake_quantize_learned,
+    fake_quantize_with,
     from_groups,
     quantize,
     quantize_with,
@@ -106,6 +110,10 @@ class _QuantWeight:
         self.weight_scale: nn.Parameter | None = None  # LSQ step per group, after learn_scales()
         self.register_buffer("weight_zero", None, persistent=False)  # type: ignore[attr-defined]  # its zero points
         self.register_buffer("clip_ratio", None, persistent=False)  # type: ignore[attr-defined]  # mse: held ratios
+        # the grid of set_rounded (scales, zero points per group): held while the weight trains
+        self.register_buffer("grid_scale", None, persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("grid_zero", None, persistent=False)  # type: ignore[attr-defined]
+        self.rounding = "nearest"  # how the codes were chosen: nearest, or gptq (set_rounded)
 
     def quantized(self) -> Quantized:
         """Integer codes and scales of the current weight (the stored ones after ``set_quantized``)."""
@@ -113,6 +121,8 @@ class _QuantWeight:
             return self._frozen
         if self.weight_scale is not None:
             return quantize_with(self.weight, self.weight_scale, self.weight_zero, self.spec.bits, self.grid)
+        if self.grid_scale is not None:
+            return quantize_with(self.weight, self.grid_scale, self.grid_zero, self.spec.bits, self.grid)
         spec = self.spec
         return quantize(self.weight, spec.bits, self.grid, spec.symmetric, spec.range_method, self._clip_ratio())
 
@@ -149,6 +159,20 @@ class _QuantWeight:
         self._frozen = q
         self._frozen_version = self._frozen_key()
 
+    def set_rounded(self, q: Quantized, rounding: str) -> None:
+        """Hold codes chosen by a rounding other than nearest (``rounding``, e.g. ``gptq``) on the module's own grid.
+
+        The weight becomes Q(W) and the forward uses ``q``'s codes as they are (as :meth:`set_quantized`); when the
+        weight then trains, it is rounded on ``q``'s grid (scales and zero points fixed), not on a range searched
+        afresh, so the codes stay on the grid they were chosen for.
+        """
+        self.set_quantized(q)
+        dev = self.weight.device
+        self.grid_scale = q.scale.detach().float().to(dev)
+        self.grid_zero = None if q.zero is None else q.zero.detach().to(dev)
+        self.rounding = rounding
+        self._cache = None
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # Moving the module (``.to(device)``) must keep the stored codes, not re-quantize Q(W).
         valid = self._frozen is not None and self._frozen_key() == self._frozen_version
@@ -184,6 +208,8 @@ class _QuantWeight:
             return fake_quantize_learned(
                 self.weight, self.weight_scale, self.weight_zero, self.spec.bits, self.grid, self._grad_scale()
             )
+        if self.grid_scale is not None:
+            return fake_quantize_with(self.weight, self.grid_scale, self.grid_zero, self.spec.bits, self.grid)
         spec = self.spec
         return fake_quantize(self.weight, spec.bits, self.grid, spec.symmetric, spec.range_method, self._clip_ratio())
 

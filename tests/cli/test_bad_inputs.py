@@ -626,6 +626,37 @@ GAPS = [
         ],
         "not reachable",
     ),
+    # second-order rounding's settings: one line each, nothing written
+    Case(
+        "quantize-rounding-unknown",
+        lambda w, t: _quantize(w, t, w.plan, None, "--rounding", "obq"),
+        "rounding 'obq' is not known; use one of nearest, gptq",
+    ),
+    Case(
+        "quantize-damp-0",
+        lambda w, t: _quantize(w, t, w.plan, None, "--rounding", "gptq", "--damp", "0"),
+        "--damp must be a positive number, got 0.0",
+    ),
+    Case(
+        "quantize-calib-samples-above-the-data",
+        lambda w, t: _quantize(w, t, w.plan, None, "--rounding", "gptq", "--calib-samples", "100000"),
+        "pass --calib-samples 96 or fewer",
+    ),
+    Case(
+        "plan-calib-samples-0",
+        lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "3", "--rounding", "gptq", "--calib-samples", "0"),
+        "--calib-samples must be a positive integer, got 0",
+    ),
+    Case(
+        "plan-json-rounding-unknown",
+        lambda w, t: _quantize(w, t, _edited_plan(w, t, lambda d: d.update(rounding="babai"))),
+        "plan rounding 'babai' is not known",
+    ),
+    Case(
+        "toml-rounding-unknown",
+        lambda w, t: _run(w, t, _set("allocate", 'rounding = "obs"')),
+        "AllocConfig.rounding 'obs' is not known; use one of nearest, gptq",
+    ),
 ]
 
 ALREADY = [

@@ -99,13 +99,13 @@ def test_run_reports_the_task_familys_scores(family_run):
     # every score cell is a fraction, and the FP32 row holds the baseline's own scores, in the header's order
     fp32 = json.loads((out / "results" / "fp32.json").read_text())
     assert fp32["family"] == ("token" if task == "conll03" else "qa")
-    assert rows[0][6 : 6 + len(keys)] == [f"{fp32['metrics'][k]:.4f}" for k in keys]
+    assert rows[0][7 : 7 + len(keys)] == [f"{fp32['metrics'][k]:.4f}" for k in keys]
     for r in rows:
-        assert all(0.0 <= float(c) <= 1.0 for c in r[6 : 6 + len(keys)])
-        assert float(r[6 + len(keys)]) > 0 and r[7 + len(keys)].endswith("x")
+        assert all(0.0 <= float(c) <= 1.0 for c in r[7 : 7 + len(keys)])
+        assert float(r[7 + len(keys)]) > 0 and r[8 + len(keys)].endswith("x")
     qat = json.loads((out / "results" / "mixed-3" / "metrics.json").read_text())
     assert qat["stage"] == "qat" and set(keys) <= set(qat["metrics"]) and set(keys) <= set(qat["direct"])
-    assert rows[3][6 : 6 + len(keys)] == [f"{qat['metrics'][k]:.4f}" for k in keys]
+    assert rows[3][7 : 7 + len(keys)] == [f"{qat['metrics'][k]:.4f}" for k in keys]
     # the model was fine-tuned with the family's head, and the packed checkpoints kept it
     for folder in ("checkpoint", "results/uniform-4/packed", "results/mixed-3/packed"):
         assert json.loads((out / folder / "config.json").read_text())["architectures"][0].endswith(head), folder

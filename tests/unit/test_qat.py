@@ -215,3 +215,29 @@ def test_qat_training_arguments_follow_the_budget_settings(tmp_path):
     assert args.train_sampling_strategy == "group_by_length" and args.num_train_epochs == 0.5
     assert args.eval_steps == 7  # ceil(ceil(100 / 8) * 0.5)
     assert _training_args(QATConfig(), tmp_path, 100, False).train_sampling_strategy == "random"
+
+
+def test_qat_after_gptq_starts_from_the_rounded_model_and_trains_on_its_grid(tiny_task, tmp_path):
+    """QAT from second-order rounding: training starts from the GPTQ-rounded weights, keeps each layer on the grid
+    GPTQ chose its codes on (the scales do not move with the weight), and exports what it trained."""
+    from qbert_hessian.export import load_packed, save_packed
+    from qbert_hessian.quant.apply import quantize_calibrated
+
+    model, task = tiny_task
+    blocks = {f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}
+    plan = BitPlan(model={}, blocks=blocks, range_method="mse", rounding="gptq", gptq={"calib_samples": 32})
+    q = quantize_calibrated(model, plan, task, num_batches=2, batch_size=16)
+    layer = q.bert.encoder.layer[0].intermediate.dense
+    rounded = layer.quantized()
+    assert layer.rounding == "gptq" and torch.equal(layer.weight.detach(), rounded.dequantize())
+    cfg = QATConfig(epochs=2, lr=3e-3, batch_size=16, warmup_ratio=0.0)
+    train_qat(q, task, cfg, work_dir=tmp_path / "w", teacher=model, progress=False)
+    trained = layer.quantized()
+    assert not torch.equal(layer.weight.detach(), rounded.dequantize())  # the master weights trained
+    assert torch.equal(trained.scale, rounded.scale) and not torch.equal(trained.codes, rounded.codes)
+    save_packed(q, tmp_path / "packed", plan=plan)
+    back = load_packed(tmp_path / "packed")
+    batch = random_batch(model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        assert torch.equal(back(**inputs).logits, q(**inputs).logits)
