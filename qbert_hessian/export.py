@@ -27,7 +27,7 @@ from torch import nn
 
 from .artifacts import BitPlan, PackedManifest, publish
 from .errors import QBHError
-from .models import auto_model_class, head_family
+from .models import TOKENIZER_FILES, auto_model_class, head_family
 from .packed_format import (
     MANIFEST_FILE,
     METADATA,
@@ -144,13 +144,37 @@ def save_packed(
         manifest.sha256 = manifest.digest(tmp / WEIGHTS_FILE)
         manifest.save(tmp / MANIFEST_FILE)
         publish(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir / WEIGHTS_FILE
+
+
+# What a packed folder's writers put there: save_packed (weights, manifest, HF config, tokenizer files) and the
+# size report beside it. Anything else in a folder being replaced is a person's own and is kept.
+WRITTEN_FILES = frozenset(
+    {WEIGHTS_FILE, MANIFEST_FILE, "config.json", "generation_config.json", "size.json", *TOKENIZER_FILES}
+    | {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja"}
+)
+
+
+def _replace_folder(new: Path, out_dir: Path) -> None:
+    """Put the finished folder ``new`` at ``out_dir``. An existing packed folder there is replaced, except for
+    the files and folders it holds that no writer of a packed folder makes (a note, a results file), which
+    are moved into the new one (after the swap, so a failure never takes them down with ``new``)."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = out_dir.with_name(out_dir.name + ".replaced")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    for entry in old.iterdir():
+        if entry.name not in WRITTEN_FILES and not (out_dir / entry.name).exists():
+            os.replace(entry, out_dir / entry.name)
+    shutil.rmtree(old)
 
 
 def is_packed(path: Path | str) -> bool:
