@@ -216,11 +216,10 @@ def _check_settings(path: Path, manifest: PackedManifest) -> None:
 
 def _check_checksum(path: Path, manifest: PackedManifest) -> None:
     """The weights file and the manifest are the ones written together (:meth:`PackedManifest.digest`)."""
-    if manifest.sha256 is None:
-        # Written before checksums: still loaded (re-exporting a run's QAT model means retraining it), with every
-        # size, scale and setting checked; only a code changed in place, at the right length, would go unseen.
-        logger.warning("'%s' records no checksum (written by an older version); re-export it to add one", path)
-    elif manifest.digest(path / WEIGHTS_FILE) != manifest.sha256:
+    # Written before checksums (sha256 None): still loaded (re-exporting a run's QAT model means retraining it),
+    # with every size, scale and setting checked; only a code changed in place, at the right length, would go
+    # unseen. load_packed says so once the folder has passed those checks.
+    if manifest.sha256 is not None and manifest.digest(path / WEIGHTS_FILE) != manifest.sha256:
         raise QBHError(
             f"packed checkpoint '{path}' is damaged or was edited: {WEIGHTS_FILE} and {MANIFEST_FILE} do not match "
             "the checksum recorded when they were written; re-export it (qbert-hessian quantize)"
@@ -308,6 +307,8 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
             f"packed checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "re-export it"
         )
+    if manifest.sha256 is None:
+        logger.warning("'%s' records no checksum (written by an older version); re-export it to add one", path)
     return model.to(device).eval()
 
 

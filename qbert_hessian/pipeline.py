@@ -346,6 +346,7 @@ class RunLock:
     def acquire(self) -> None:
         self._created = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._times = os.stat(self.folder)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -368,12 +369,16 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
-    def release(self) -> None:
+    def release(self, *, wrote: bool = True) -> None:
+        """Unlock and remove the lock file; ``wrote=False`` (a run refused before its first write) also gives
+        the folder back its times, so a refused run leaves the workspace exactly as it found it."""
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)  # while still locked, so no one locks the removed file
         os.close(self._fd)
         self._fd = None
+        if not wrote and self.folder.exists():
+            os.utime(self.folder, ns=(self._times.st_atime_ns, self._times.st_mtime_ns))
         for folder in self._created:
             if any(folder.iterdir()):
                 break
@@ -395,6 +400,7 @@ class Run:
         # from an empty one, so every stage is recomputed and rewrites its own files (and nothing else)
         self.record = self._load_record() if self.main and not force else RunRecord(config={})
         self._artifacts: dict[str, tuple[Path, ...]] = {}
+        self._writing = False
         self._raw: Any = None
         self._checkpoint: str | None = None
         self._fp32: Any = None
@@ -813,7 +819,7 @@ class Run:
             return self._execute()
         finally:
             if lock is not None:
-                lock.release()
+                lock.release(wrote=self._writing)
 
     def _check_inputs(self) -> None:
         """What the stages would refuse (the data, the model and its tokenizer, the head against the task),
@@ -838,6 +844,7 @@ class Run:
         from .report import write_run_report
 
         self._check_inputs()
+        self._writing = True  # from here on the stages may write
         self.checkpoint()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
