@@ -725,7 +725,11 @@ def _check_world(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import distributed
+    try:
+        from . import distributed  # torch: seconds, during which Ctrl-C must not end in a traceback
+    except KeyboardInterrupt:
+        print(f"qbert-hessian {args.command}: interrupted before it started", file=sys.stderr)
+        return 130
 
     args.started = False
     try:
@@ -734,11 +738,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qbert-hessian {args.command}: error: {exc}", file=sys.stderr)
         return 2
     args.quiet = args.quiet or not args.world.is_main  # progress bars from rank 0 only
-    _setup_logging(args.quiet, main=args.world.is_main)
     try:
+        _setup_logging(args.quiet, main=args.world.is_main)
         if args.world.distributed:
             _check_world(args)
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # the commands that keep finished work say what they kept; one line for the rest
+        _say(args, f"qbert-hessian {args.command}: interrupted; rerun it (with --resume where it has one)", err=True)
+        return 130
     except QBHError as exc:
         message = _name_flags(str(exc), args.flags)
         if args.command in ("run", "demo"):  # the run's settings come from its TOML tables

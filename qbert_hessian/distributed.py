@@ -164,13 +164,19 @@ def start(world: World, device: str, *, timeout_s: float = 1800.0, connect_timeo
 
 def _reach_store(world: World, timeout_s: float) -> None:
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    saved = os.dup(2)  # c10d prints each failed try, with a C++ stack, straight to stderr: one line says it all
     try:
-        dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, OSError):  # DistStoreError (a RuntimeError) when it times out
         raise QBHError(
             f"process RANK={world.rank} of WORLD_SIZE={world.size} found no rendezvous at {addr}:{port} within "
             f"{timeout_s:g} s: rank 0 is not running; start every process together ({LAUNCH_HINT.split(', ')[0]})"
         ) from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def stop() -> None:

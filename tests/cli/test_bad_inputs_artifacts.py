@@ -13,6 +13,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -315,3 +321,212 @@ def test_bad_input(case: Case, world: World, done_run: Path, tmp_path: Path, cap
     assert lines and case.message in lines[-1], err
     assert len(lines) == 1, err
     assert after == before, "the command wrote, changed or deleted files"
+
+
+# ------------------------------------------------------------------------- what a table row cannot show
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _cli(*argv: str, stderr: Path, env: dict | None = None) -> subprocess.Popen:
+    """The command in its own process, its stderr into a file (a pipe left unread could stall it)."""
+    with stderr.open("w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qbert_hessian", *argv],
+            cwd=REPO,
+            env=env or ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def _lines(stderr: Path) -> list[str]:
+    return [line for line in stderr.read_text().strip().splitlines() if line.strip()]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.02)
+    return path.exists() and proc.poll() is None
+
+
+def _long_qat(w: World, tmp: Path) -> Path:
+    """A run config whose QAT takes a while (so a second process, or Ctrl-C, finds it training)."""
+    cfg = tmp / "slow.toml"
+    text = CHANNEL(RUN_TOML.format(model=w.ckpt, data=w.data)).replace("qat = false", "qat = true")
+    cfg.write_text(text.replace("epochs = 1", "epochs = 200"), encoding="utf-8")
+    return cfg
+
+
+def test_two_processes_on_one_run_folder_then_sigint_in_qat(world, tmp_path, capsys):  # noqa: F811
+    """A second run on a folder another run is writing refuses at once (one line, exit 2, nothing touched);
+    Ctrl-C in the first one's QAT ends it with exit 130 and one line, keeps the finished stages, leaves no
+    half-made packed folder and releases the folder."""
+    out, log = tmp_path / "out", tmp_path / "first.err"
+    first = _cli("run", str(_long_qat(world, tmp_path)), "--out", str(out), "--quiet", stderr=log)
+    try:
+        assert _wait_for(out / "results" / "uniform-4" / "direct.json", first), log.read_text()
+        assert (out / ".run.lock").read_text().strip() == str(first.pid)
+        time.sleep(1.0)  # QAT of uniform-4 is under way
+        capsys.readouterr()
+        cfg = tmp_path / "other.toml"  # other settings, same folder
+        cfg.write_text(CHANNEL(RUN_TOML.format(model=world.ckpt, data=world.data)).replace("draws = 2", "draws = 3"))
+        before = _snapshot(out / "sensitivity", out / "plans")
+        assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by another run (process {first.pid})" in err[0], err
+        assert _snapshot(out / "sensitivity", out / "plans") == before
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=600)
+    assert first.returncode == 130, log.read_text()
+    assert _lines(log)[-1].startswith("interrupted; finished stages are kept"), log.read_text()
+    assert not (out / ".run.lock").exists()  # released on the signal
+    assert not (out / "results" / "uniform-4" / "packed").exists()  # the stage in progress left nothing
+    assert (out / "sensitivity" / "sensitivity.json").is_file()  # the finished stages are kept
+
+
+def test_a_dead_process_lock_is_taken_over(world, done_run, tmp_path):  # noqa: F811
+    out = _copy(done_run, tmp_path / "out")
+    (out / ".run.lock").write_text("999999\n")  # left by a process that died (nobody holds the flock)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(CHANNEL(RUN_TOML.format(model=world.ckpt, data=world.data)))
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert not (out / ".run.lock").exists()
+
+
+def test_sigint_in_quantize_exits_130_with_one_line(world, tmp_path):  # noqa: F811
+    """Ctrl-C at any moment: one line, exit 130, no folder half-written (tries several moments, since the tiny
+    model quantizes in a blink)."""
+    seen = []
+    for delay in (12.0, 6.0, 2.0):
+        out = tmp_path / f"q{delay}"
+        log = tmp_path / f"q{delay}.err"
+        proc = _cli("quantize", *world.model(), "--plan", str(world.plan), "--out", str(out), "--quiet", stderr=log)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=600)
+        if proc.returncode == 0:
+            continue  # finished before the signal
+        lines = _lines(log)
+        assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], log.read_text()
+        assert not out.with_name(out.name + ".saving").exists()
+        assert not out.exists() or (out / "quantization.json").is_file()
+        seen.append(delay)
+    assert seen, "every quantize finished before the signal"
+
+
+def test_a_lone_rank_says_so_instead_of_waiting(world, tmp_path):  # noqa: F811
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env["QBH_RENDEZVOUS_TIMEOUT"] = "2"
+    log = tmp_path / "rank1.err"
+    proc = _cli("sensitivity", *world.model(), *SENS, "--out", str(tmp_path / "o"), stderr=log, env=env)
+    proc.wait(timeout=600)
+    lines = _lines(log)
+    assert proc.returncode == 2 and len(lines) == 1, log.read_text()
+    assert "RANK=1 of WORLD_SIZE=2 found no rendezvous" in lines[0] and "rank 0 is not running" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def _rerun(w: World, out: Path, tmp: Path, caplog, *extra: str) -> str:
+    import logging
+
+    cfg = tmp / "run.toml"
+    cfg.write_text(CHANNEL(RUN_TOML.format(model=w.ckpt, data=w.data)))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qbert_hessian"):
+        assert main(["run", str(cfg), "--out", str(out), "--quiet", *extra]) == 0
+    return caplog.text
+
+
+def test_an_edited_or_copied_artifact_is_recomputed_not_reused(world, done_run, tmp_path, caplog):  # noqa: F811
+    out = _copy(done_run, tmp_path / "out")
+    assert "nothing was recomputed" in _rerun(world, out, tmp_path, caplog)
+    # a sensitivity/ from another run (3 draws) copied over this run's (2 draws)
+    other = tmp_path / "other"
+    cfg = tmp_path / "other.toml"
+    cfg.write_text(CHANNEL(RUN_TOML.format(model=world.ckpt, data=world.data)).replace("draws = 2", "draws = 3"))
+    assert main(["run", str(cfg), "--out", str(other), "--quiet"]) == 0
+    shutil.rmtree(out / "sensitivity")
+    shutil.copytree(other / "sensitivity", out / "sensitivity")
+    log = _rerun(world, out, tmp_path, caplog)
+    assert "sensitivity/sensitivity.json is not the file this run wrote" in log
+    assert json.loads((out / "sensitivity" / "sensitivity.json").read_text())["config"]["draws"] == 2
+    # an edited plan
+    plan = out / "plans" / "uniform-4.json"
+    data = json.loads(plan.read_text())
+    data["notes"] = ["edited by hand"]
+    plan.write_text(json.dumps(data))
+    log = _rerun(world, out, tmp_path, caplog)
+    assert "plans/uniform-4.json is not the file this run wrote" in log
+    assert "edited by hand" not in plan.read_text()
+
+
+def test_a_ledger_without_artifact_hashes_is_reused_and_pinned(world, done_run, tmp_path, caplog):  # noqa: F811
+    """A run folder made before artifact hashes: its stages are reused (their recorded inputs match) and the
+    files found are pinned, so a later edit is caught."""
+    out = _copy(done_run, tmp_path / "out")
+    ledger = json.loads((out / "run.json").read_text())
+    for entry in ledger["stages"].values():
+        del entry["artifacts"]
+    (out / "run.json").write_text(json.dumps(ledger))
+    assert "nothing was recomputed" in _rerun(world, out, tmp_path, caplog)
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert all(entry.get("artifacts") for entry in stages.values()), stages.keys()
+    (out / "results" / "fp32.json").write_text((out / "results" / "fp32.json").read_text().replace("{", "{ ", 1))
+    assert "results/fp32.json is not the file this run wrote" in _rerun(world, out, tmp_path, caplog)
+
+
+def test_run_force_keeps_a_persons_files(world, done_run, tmp_path, caplog):  # noqa: F811
+    out = _copy(done_run, tmp_path / "out")
+    mine = [
+        out / "plans" / "my-notes.txt",
+        out / "results" / "my-table.csv",
+        out / "sensitivity" / "my-plot.png",
+        out / "results" / "uniform-4" / "packed" / "README.txt",
+    ]
+    for path in mine:
+        path.write_text("mine\n")
+    log = _rerun(world, out, tmp_path, caplog, "--force")
+    assert "recomputed: " in log and "sensitivity" in log
+    assert all(path.read_text() == "mine\n" for path in mine)
+
+
+def test_quantize_force_keeps_a_note_in_the_packed_folder(world, tmp_path):  # noqa: F811
+    packed = _copy(world.packed, tmp_path / "packed")
+    (packed / "note.txt").write_text("evaluated on the 3rd\n")
+    (packed / "logs").mkdir()
+    (packed / "logs" / "a.log").write_text("x\n")
+    assert main(_quantize(world, tmp_path, world.plan, packed, "--force")) == 0
+    assert (packed / "note.txt").read_text() == "evaluated on the 3rd\n" and (packed / "logs" / "a.log").exists()
+    assert (packed / "quantization.json").is_file() and not (tmp_path / "packed.replaced").exists()
+
+
+def test_evaluate_force_overwrites_its_own_file(world, tmp_path):  # noqa: F811
+    out = _existing_json(tmp_path)
+    assert main([*_eval(world, world.ckpt), "--out", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["schema"].startswith("qbert_hessian.evaluation/")
+
+
+def test_qat_counts_the_examples_it_saw(world, tmp_path):  # noqa: F811
+    from qbert_hessian.artifacts import BitPlan
+    from qbert_hessian.models import load_model
+    from qbert_hessian.qat import QATConfig, train_qat
+    from qbert_hessian.quant.apply import calibrate_activations, quantize_model
+    from qbert_hessian.tasks import load_raw_task, subset, tokenize_task
+    from tests.helpers import random_batch
+
+    model, tok = load_model(str(world.ckpt), task_family="classification", num_labels=2)
+    task = tokenize_task(subset(load_raw_task("sst2", data_dir=world.data), 10, 0), tok, max_length=16)
+    q = quantize_model(model, BitPlan(model={}, blocks={"encoder.0": {"bits": 4, "groups": "channel"}}))
+    calibrate_activations(q, [random_batch(model.config.vocab_size, batch_size=4, seq_len=8)])
+    cfg = QATConfig(epochs=2, batch_size=4, warmup_ratio=0.0)
+    result = train_qat(q, task, cfg, work_dir=tmp_path / "w", progress=False)
+    assert result["steps"] == 2 * 3  # ceil(10 / 4) steps per epoch
+    assert result["examples_seen"] == 2 * 10  # not steps x batch (24): each epoch's last batch holds 2
