@@ -349,7 +349,11 @@ def _start(args: argparse.Namespace) -> None:
     from . import distributed
 
     connect = float(os.environ.get("QBH_RENDEZVOUS_TIMEOUT", "300"))  # seconds a rank > 0 waits for rank 0
-    args.started = distributed.start(args.world, args.device, connect_timeout_s=connect) or args.started
+    try:
+        args.started = distributed.start(args.world, args.device, connect_timeout_s=connect) or args.started
+    except QBHError:
+        args.alone = True  # only this process knows: it says so whatever its local rank
+        raise
 
 
 def _say(args: argparse.Namespace, text: str, *, err: bool = False) -> None:
@@ -752,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pipeline import toml_names
 
             message = toml_names(message)
-        if args.world.local_rank == 0:  # one line per host, not per process
+        if args.world.local_rank == 0 or getattr(args, "alone", False):  # one line per host, not per process
             print(f"qbert-hessian {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
