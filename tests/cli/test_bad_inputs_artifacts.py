@@ -263,7 +263,7 @@ LATE = [
     Case(
         "plan-groups-7-with-model",
         lambda w, t: _plan_report(w, t, w.report, "--avg-bits", "3", "--groups", "7", "--model", str(w.ckpt)),
-        "7",
+        "groups=7 do not divide its 16x16 weight",
     ),
     Case(
         "plan-method-uniform-with-budget",
