@@ -99,17 +99,19 @@ def _sensitivity(report: SensitivityReport, unit: str, measure: Measure) -> floa
     return max(float(block.normalized_trace), 0.0)
 
 
-def _check_coverage(report: SensitivityReport, profile: QuantProfile, units: Sequence[str]) -> None:
-    """Every encoder layer scored (as a layer or as all six linears), every scored block known to the profile."""
+def check_report_coverage(report: SensitivityReport, num_layers: int | None = None) -> None:
+    """The report is complete and scores every encoder layer (as a layer or as all six linears), so a plan
+    leaves none in FP32; checked before anything is measured for it.
+
+    Raises:
+        QBHError: a partial report, no encoder blocks, or a layer left unscored.
+    """
     if not report.complete:
         raise QBHError(f"the sensitivity report is partial ({', '.join(report.pending)} pending); finish it first")
-    unknown = [b.name for b in report.blocks if b.name.startswith("encoder.") and b.name not in profile.units]
-    if unknown:
-        raise QBHError(
-            f"the report scores {', '.join(unknown)}, which the quantization profile lacks; measure the profile "
-            "from this report (plan --model MODEL) or use the report it was made with"
-        )
-    layers = profile.model.get("num_layers") or report.model.get("num_layers")
+    units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
+    if not units:
+        raise QBHError("the sensitivity report scores no encoder blocks; run sensitivity on the default blocks")
+    layers = num_layers or report.model.get("num_layers")
     covered = set(units)
     missing = [
         f"encoder.{i}"
@@ -120,6 +122,17 @@ def _check_coverage(report: SensitivityReport, profile: QuantProfile, units: Seq
         raise QBHError(
             f"the report does not score {', '.join(missing)}, which a plan would leave in FP32; run sensitivity "
             "on every layer (the default blocks, or --blocks layers / linears)"
+        )
+
+
+def _check_coverage(report: SensitivityReport, profile: QuantProfile) -> None:
+    """The report covers every layer (:func:`check_report_coverage`), every scored block known to the profile."""
+    check_report_coverage(report, profile.model.get("num_layers"))
+    unknown = [b.name for b in report.blocks if b.name.startswith("encoder.") and b.name not in profile.units]
+    if unknown:
+        raise QBHError(
+            f"the report scores {', '.join(unknown)}, which the quantization profile lacks; measure the profile "
+            "from this report (plan --model MODEL) or use the report it was made with"
         )
 
 
@@ -141,7 +154,7 @@ def build_problem(
     units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
     if not units:
         raise QBHError("the sensitivity report scores no encoder blocks; run sensitivity on the default blocks")
-    _check_coverage(report, profile, units)
+    _check_coverage(report, profile)
     measured = profile.unit(units[0]).cost(config.groups).error
     missing = [str(b) for b in config.bits if str(b) not in measured]
     if missing:
@@ -464,7 +477,10 @@ def allocate_bits(
         >>> plan = allocate_bits(report, profile, Budget(avg_bits=2.5))  # doctest: +SKIP
     """
     if config.method == Method.UNIFORM:
-        raise QBHError("use uniform_plan(report, profile, bits, config) for a uniform plan; it takes no budget")
+        raise QBHError(
+            "method 'uniform' gives every block one width and takes no budget; ask for the width instead "
+            "(plan --uniform BITS, or uniform = BITS in [[plans]]), or use method milp or rank with a budget"
+        )
     if assign is not None and assign not in [a.value for a in Assign]:
         raise QBHError(f"assign {assign!r} is not known; use reversed or random, or None for the solver's own")
     if assign_seed is not None and assign != Assign.RANDOM.value:

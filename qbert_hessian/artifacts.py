@@ -595,13 +595,28 @@ class Evaluation(Artifact):
 
 @dataclasses.dataclass
 class PackedManifest(Artifact):
-    """``quantization.json`` of a packed checkpoint: the plan, the attention kernel, one entry per weight."""
+    """``quantization.json`` of a packed checkpoint: the plan, the attention kernel, one entry per weight, and
+    ``sha256``: the SHA-256 of the weights file's bytes followed by this manifest's own JSON without the
+    ``sha256`` key (:meth:`digest`), so a damaged code or scale, or an edited setting (``symmetric``, bits,
+    shapes), is found at load. Folders written before it have ``None``."""
 
     SCHEMA: ClassVar[str] = PACKED_SCHEMA
 
     plan: BitPlan
     attn_implementation: str
     tensors: dict[str, dict[str, Any]]
+    sha256: str | None = None
+
+    def digest(self, weights_file: Path | str) -> str:
+        """The checksum of ``weights_file`` together with this manifest's settings (its JSON as written and
+        read back, the ``sha256`` key left out)."""
+        h = hashlib.sha256()
+        with Path(weights_file).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        settings = {k: v for k, v in _finite(self.to_dict()).items() if k != "sha256"}
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        return h.hexdigest()
 
     @classmethod
     def _field_from_json(cls, name: str, value: Any) -> Any:

@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx", type=Path, action="append", default=[], help="also evaluate an ONNX export with ONNX Runtime (repeat)"
     )
     p.add_argument("--out", type=Path, default=None, help="evaluation JSON file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     _add_config(p, CalibrationConfig)
     _add_max_eval(p, "score every model on the same subset of this many dev examples, drawn with --seed (default: all)")
     _add_common(p)
@@ -409,7 +410,12 @@ def _start(args: argparse.Namespace) -> None:
     its inputs are checked."""
     from . import distributed
 
-    args.started = distributed.start(args.world, args.device) or args.started
+    connect = float(os.environ.get("QBH_RENDEZVOUS_TIMEOUT", "300"))  # seconds a rank > 0 waits for rank 0
+    try:
+        args.started = distributed.start(args.world, args.device, connect_timeout_s=connect) or args.started
+    except QBHError:
+        args.alone = True  # only this process knows: it says so whatever its local rank
+        raise
 
 
 def _say(args: argparse.Namespace, text: str, *, err: bool = False) -> None:
@@ -436,7 +442,17 @@ def _check_out_dir(path: Path, flag: str = "--out") -> None:
             return
 
 
+def _check_not_link(path: Path, flag: str = "--out") -> None:
+    """An output path that is a symbolic link is refused: replacing it would either break the link or write
+    through it into a file the command did not make."""
+    if path.is_symlink():
+        raise QBHError(
+            f"{flag} '{path}' is a symbolic link (to '{os.readlink(path)}'); pass the real path or a new one"
+        )
+
+
 def _check_out_file(path: Path, flag: str = "--out") -> None:
+    _check_not_link(path, flag)
     if path.is_dir():
         raise QBHError(f"{flag} '{path}' is a folder; give a file path, e.g. {path / 'result.json'}")
     _check_out_dir(path.parent, flag)
@@ -525,6 +541,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from . import stages
+    from .allocate import check_report_coverage
     from .artifacts import SensitivityReport
 
     out = args.out if args.out.suffix == ".json" else args.out / "plan.json"
@@ -550,6 +567,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         bits=(args.uniform,) if args.uniform is not None else args.bits,
         act_bits=None if args.no_act_quant else args.act_bits,
     )
+    if args.uniform is None:  # before the cost table is measured (and profile.json rewritten) for nothing
+        check_report_coverage(report)
     profile = stages.load_profile(
         report_file, report, model=args.model, groups=config.groups, range_method=config.range_method
     )
@@ -568,6 +587,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .artifacts import BitPlan
     from .export import is_packed
 
+    _check_not_link(args.out)
     if args.out.exists():
         if not is_packed(args.out):
             raise QBHError(f"'{args.out}' exists and is not a packed checkpoint; choose a new folder for --out")
@@ -578,10 +598,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     plan = stages.with_range_method(BitPlan.load(args.plan), args.weight_range)
     plan = stages.with_rounding(plan, args.rounding, calib_samples=args.calib_samples, damp=args.damp)
     raw = _raw_task(args)
-    model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
-    # validates the plan before anything is written
-    qmodel = stages.quantize_direct(model, plan, task, calibration, progress=not args.quiet)
-    size = stages.export(qmodel, plan, args.out, fp32=model, tokenizer=task.tokenizer)
+    try:
+        model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
+        # validates the plan before anything is written
+        qmodel = stages.quantize_direct(model, plan, task, calibration, progress=not args.quiet)
+        size = stages.export(qmodel, plan, args.out, fp32=model, tokenizer=task.tokenizer)
+    except KeyboardInterrupt:
+        _say(args, f"interrupted; nothing was written to {args.out} (a packed checkpoint there is unchanged)", err=True)
+        return 130
     predicted = size.predicted_bytes
     print(
         f"packed checkpoint {args.out / 'model.safetensors'}: {size.packed_bytes / MIB:.3f} MiB on disk vs FP32 "
@@ -602,6 +626,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         _check_out_file(args.out)
+        if args.out.exists() and not args.force:
+            raise QBHError(f"'{args.out}' exists; pass --force to overwrite it, or another --out")
     calibration = _from_args(CalibrationConfig, args)
     raw = _raw_task(args)
     plans = [(str(p), BitPlan.load(p)) for p in args.plan]  # refuse bad plans before any work
@@ -805,7 +831,11 @@ def _check_world(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import distributed
+    try:
+        from . import distributed  # torch: seconds, during which Ctrl-C must not end in a traceback
+    except KeyboardInterrupt:
+        print(f"qbert-hessian {args.command}: interrupted before it started", file=sys.stderr)
+        return 130
 
     args.started = False
     try:
@@ -814,14 +844,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qbert-hessian {args.command}: error: {exc}", file=sys.stderr)
         return 2
     args.quiet = args.quiet or not args.world.is_main  # progress bars from rank 0 only
-    _setup_logging(args.quiet, main=args.world.is_main)
     try:
+        _setup_logging(args.quiet, main=args.world.is_main)
         if args.world.distributed:
             _check_world(args)
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # the commands that keep finished work say what they kept; one line for the rest
+        _say(args, f"qbert-hessian {args.command}: interrupted; rerun it (with --resume where it has one)", err=True)
+        return 130
     except QBHError as exc:
-        if args.world.local_rank == 0:  # one line per host, not per process
-            print(f"qbert-hessian {args.command}: error: {_name_flags(str(exc), args.flags)}", file=sys.stderr)
+        message = _name_flags(str(exc), args.flags)
+        if args.command in ("run", "demo"):  # the run's settings come from its TOML tables
+            from .pipeline import toml_names
+
+            message = toml_names(message)
+        if args.world.local_rank == 0 or getattr(args, "alone", False):  # one line per host, not per process
+            print(f"qbert-hessian {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         if args.started:

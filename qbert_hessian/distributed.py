@@ -135,11 +135,21 @@ def check_world(world: World, device: str) -> str:
     return f"cuda:{world.local_rank}" if kind == "cuda" else device
 
 
-def start(world: World, device: str, *, timeout_s: float = 1800.0) -> bool:
+def start(world: World, device: str, *, timeout_s: float = 1800.0, connect_timeout_s: float = 300.0) -> bool:
     """Join the default process group of ``world``; whether this call created it (False for one process or a
-    group that exists already)."""
+    group that exists already).
+
+    A process other than rank 0 first reaches the rendezvous store at ``MASTER_ADDR:MASTER_PORT`` (rank 0's, or
+    the launcher's) within ``connect_timeout_s``: a process started alone, without the rest of its group, says
+    so instead of waiting out ``timeout_s``.
+
+    Raises:
+        QBHError: the rendezvous store could not be reached in time.
+    """
     if not world.distributed or dist.is_initialized():
         return False
+    if world.rank != 0:
+        _reach_store(world, connect_timeout_s)
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
@@ -150,6 +160,23 @@ def start(world: World, device: str, *, timeout_s: float = 1800.0) -> bool:
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return True
+
+
+def _reach_store(world: World, timeout_s: float) -> None:
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    saved = os.dup(2)  # c10d prints each failed try, with a C++ stack, straight to stderr: one line says it all
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, OSError):  # DistStoreError (a RuntimeError) when it times out
+        raise QBHError(
+            f"process RANK={world.rank} of WORLD_SIZE={world.size} found no rendezvous at {addr}:{port} within "
+            f"{timeout_s:g} s: rank 0 is not running; start every process together ({LAUNCH_HINT.split(', ')[0]})"
+        ) from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def stop() -> None:

@@ -14,6 +14,8 @@ each the stored codes and scales, so its logits equal the fake-quantized model's
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 
 from .artifacts import BitPlan, PackedManifest, publish
 from .errors import QBHError
-from .models import auto_model_class, head_family
+from .models import TOKENIZER_FILES, auto_model_class, head_family
 from .packed_format import (
     MANIFEST_FILE,
     METADATA,
@@ -34,6 +36,7 @@ from .packed_format import (
     codes_key,
     file_bytes,
     pack_bits,
+    packed_bytes,
     scale_key,
     unpack_bits,
     zero_key,
@@ -45,6 +48,8 @@ from .quant.profile import state_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "save_packed",
@@ -141,15 +146,41 @@ def save_packed(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"  # type: ignore[attr-defined]
-        PackedManifest(plan=plan, attn_implementation=attn, tensors=entries).save(tmp / MANIFEST_FILE)
+        manifest = PackedManifest(plan=plan, attn_implementation=attn, tensors=entries)
+        manifest.sha256 = manifest.digest(tmp / WEIGHTS_FILE)
+        manifest.save(tmp / MANIFEST_FILE)
         publish(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir / WEIGHTS_FILE
+
+
+# What a packed folder's writers put there: save_packed (weights, manifest, HF config, tokenizer files) and the
+# size report beside it. Anything else in a folder being replaced is a person's own and is kept.
+WRITTEN_FILES = frozenset(
+    {WEIGHTS_FILE, MANIFEST_FILE, "config.json", "generation_config.json", "size.json", *TOKENIZER_FILES}
+    | {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja"}
+)
+
+
+def _replace_folder(new: Path, out_dir: Path) -> None:
+    """Put the finished folder ``new`` at ``out_dir``. An existing packed folder there is replaced, except for
+    the files and folders it holds that no writer of a packed folder makes (a note, a results file), which
+    are moved into the new one (after the swap, so a failure never takes them down with ``new``)."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = out_dir.with_name(out_dir.name + ".replaced")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    for entry in old.iterdir():
+        if entry.name not in WRITTEN_FILES and not (out_dir / entry.name).exists():
+            os.replace(entry, out_dir / entry.name)
+    shutil.rmtree(old)
 
 
 def is_packed(path: Path | str) -> bool:
@@ -171,6 +202,72 @@ def _check_manifest(model: nn.Module, entries: dict[str, Any]) -> None:
         raise QBHError(f"packed checkpoint does not match its model: {'; '.join(problems[:3])}; re-export it")
 
 
+def _check_settings(path: Path, manifest: PackedManifest) -> None:
+    """Every weight's settings in the manifest agree with its plan's (checked for folders written before
+    checksums too), and the weights file exists."""
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise QBHError(f"'{weights}' does not exist; re-export the packed checkpoint (qbert-hessian quantize)")
+    plan = manifest.plan
+    for key, e in manifest.tensors.items():
+        if not isinstance(e, dict) or any(k not in e for k in ("bits", "shape", "grid", "symmetric")):
+            raise QBHError(f"'{path / MANIFEST_FILE}': the entry of {key} is incomplete; re-export the checkpoint")
+        if e["symmetric"] != plan.symmetric or e.get("range_method", plan.range_method) != plan.range_method:
+            raise QBHError(
+                f"'{path / MANIFEST_FILE}' contradicts itself: {key} is stored "
+                f"{'symmetric' if e['symmetric'] else 'asymmetric'} with {e.get('range_method')} ranges, its plan "
+                f"says {'symmetric' if plan.symmetric else 'asymmetric'} with {plan.range_method}; re-export it"
+            )
+
+
+def _check_checksum(path: Path, manifest: PackedManifest) -> None:
+    """The weights file and the manifest are the ones written together (:meth:`PackedManifest.digest`)."""
+    # Written before checksums (sha256 None): still loaded (re-exporting a run's QAT model means retraining it),
+    # with every size, scale and setting checked; only a code changed in place, at the right length, would go
+    # unseen. load_packed says so once the folder has passed those checks.
+    if manifest.sha256 is not None and manifest.digest(path / WEIGHTS_FILE) != manifest.sha256:
+        raise QBHError(
+            f"packed checkpoint '{path}' is damaged or was edited: {WEIGHTS_FILE} and {MANIFEST_FILE} do not match "
+            "the checksum recorded when they were written; re-export it (qbert-hessian quantize)"
+        )
+
+
+def _stored_weight(state: dict[str, torch.Tensor], key: str, e: dict[str, Any]) -> Quantized:
+    """The codes, scales (and zeros) of the weight ``key`` from the loaded tensors, every size checked exactly
+    against the manifest's shape, bits and grid (unpacking a short buffer would zero-fill it), the scales finite
+    and positive, the zero points on the code grid."""
+    bits, shape, grid, symmetric = e["bits"], tuple(e["shape"]), tuple(e["grid"]), e["symmetric"]
+    numel, num_groups = math.prod(shape), math.prod(grid)
+    fix = "re-export the packed checkpoint (qbert-hessian quantize)"
+    stored = {k: state.pop(k, None) for k in (codes_key(key), scale_key(key), zero_key(key))}
+    packed, scale, zero = stored.values()
+    if packed is None or scale is None:
+        raise QBHError(f"packed tensors of {key} are missing; {fix}")
+    if (zero is None) != symmetric:
+        what = "has zero points" if zero is not None else "has no zero points"
+        raise QBHError(f"{key} {what} but the manifest says {'' if symmetric else 'a'}symmetric; {fix}")
+    expect = {"codes": ((packed_bytes(numel, bits),), torch.uint8), "scale": ((num_groups,), torch.float16)}
+    if zero is not None:
+        expect["zero"] = ((num_groups,), torch.uint8)
+    for part, t in (("codes", packed), ("scale", scale), ("zero", zero)):
+        if part in expect and (tuple(t.shape), t.dtype) != expect[part]:
+            size, dtype = expect[part]
+            raise QBHError(
+                f"{key}.{part} has shape {list(t.shape)} {t.dtype}, the manifest's {bits} bits x {list(shape)} in "
+                f"grid {list(grid)} needs {list(size)} {dtype}; the file is truncated or edited: {fix}"
+            )
+    scale = scale.float()
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        bad = scale[~(torch.isfinite(scale) & (scale > 0))][0].item()
+        raise QBHError(f"{key}.scale holds {bad}: scales must be finite and positive; {fix}")
+    qmin, qmax = code_range(bits, symmetric)
+    if zero is not None and int(zero.max()) > qmax - qmin:
+        raise QBHError(f"{key}.zero holds {int(zero.max())}, off the {bits}-bit grid; {fix}")
+    codes = torch.from_numpy(unpack_bits(packed.numpy(), bits, numel).astype(np.int16))
+    zero16 = zero.to(torch.int16) if zero is not None else None
+    return Quantized((codes + qmin).reshape(num_groups, -1), scale, zero16, bits, shape, grid)  # type: ignore[arg-type]
+
+
 def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = None) -> nn.Module:
     """Rebuild a runnable HF model from a packed checkpoint (quantized modules hold the stored codes).
 
@@ -186,6 +283,7 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
             f"'{path}' is not a packed checkpoint (no {MANIFEST_FILE}); export one with qbert-hessian quantize"
         )
     manifest = PackedManifest.load(path / MANIFEST_FILE)
+    _check_settings(path, manifest)
     plan = manifest.plan
     config = AutoConfig.from_pretrained(path)
     # The attention kernel the model was saved with, unless asked otherwise: eager and SDPA differ in the last
@@ -199,26 +297,18 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
         raise QBHError(f"'{path / WEIGHTS_FILE}' cannot be read ({exc}); re-export the packed checkpoint") from None
+    _check_checksum(path, manifest)
     modules = dict(quant_modules(model))
     for key, e in manifest.tensors.items():
         module = modules[key.removesuffix(".weight")]
-        qmin, _ = code_range(e["bits"], e["symmetric"])
-        numel = e["shape"][0] * e["shape"][1]
-        try:
-            packed, scale = state.pop(codes_key(key)).numpy(), state.pop(scale_key(key)).float()
-            codes = torch.from_numpy(unpack_bits(packed, e["bits"], numel).astype(np.int16))
-        except (KeyError, ValueError) as exc:
-            raise QBHError(
-                f"packed tensors of {key} are missing or truncated ({exc}); re-export the checkpoint"
-            ) from None
-        zero = state.pop(zero_key(key)).to(torch.int16) if zero_key(key) in state else None
-        q = Quantized(
-            (codes + qmin).reshape(len(scale), -1), scale, zero, e["bits"], tuple(e["shape"]), tuple(e["grid"])
-        )
+        q = _stored_weight(state, key, e)
         if e.get("rounding", "nearest") == "nearest":  # manifests written before roundings: nearest
             module.set_quantized(q)
         else:  # the grid the codes were chosen on is held too, so training on from here keeps it
             module.set_rounded(q, e["rounding"])
+    for name, t in state.items():  # the FP32 weights and activation ranges
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise QBHError(f"'{path / WEIGHTS_FILE}': {name} holds NaN or inf; re-export the packed checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in manifest.tensors]
     if missing or unexpected:
@@ -226,6 +316,8 @@ def load_packed(path: Path | str, *, device: str = "cpu", eager: bool | None = N
             f"packed checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "re-export it"
         )
+    if manifest.sha256 is None:
+        logger.warning("'%s' records no checksum (written by an older version); re-export it to add one", path)
     return model.to(device).eval()
 
 

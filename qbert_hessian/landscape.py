@@ -184,6 +184,18 @@ def _eigen_directions(
         return [[t.detach() for t in v] for v in res.vectors], desc
     ends = lambda evals: np.unique([0, len(evals) - 1])  # noqa: E731  (indices of the smallest and largest Ritz value)
     run = lanczos(hvp, randn_start(params, generator), max_steps=config.max_iters, tol=config.tol, watch=ends)
+    if config.dims == 2 and len(run.ritz_values) < 2:  # the largest and the smallest would be one vector
+        raise QBHError(
+            f"the Lanczos run found a single eigenvalue after {run.steps} step(s), so the extreme directions would "
+            "be one vector twice; raise --max-iters (at least 2), or use --directions eigen"
+        )
+    if not run.converged:
+        logger.warning(
+            "extreme directions: Lanczos did not converge in %d steps (tol %g); the axes are approximate "
+            "eigenvectors, raise --max-iters for exact ones",
+            run.steps,
+            config.tol,
+        )
     picks = [len(run.ritz_values) - 1, 0] if config.dims == 2 else [0]
     desc = {
         "kind": "extreme",

@@ -16,8 +16,16 @@ Caching by inputs: ``run.json`` keeps, per stage, a fingerprint of its inputs (t
 data's fingerprints, upstream artifacts' hashes). A stage whose artifact exists and whose inputs are unchanged
 (compared as recorded JSON; a setting added later with an unset ``None`` default is no change) is reused; one
 whose inputs changed is recomputed, and so is everything downstream of it (their inputs hold its hash), and the
-log says which setting changed. Interrupting a run loses at most the stage in progress (the
-sensitivity stage keeps its finished draws); ``--force`` redoes everything.
+log says which setting changed. The ledger also keeps the SHA-256 of each stage's artifact files as written,
+so an artifact edited or copied in from another run (a ``sensitivity/`` folder) is recomputed, never reused
+under this run's settings; a ledger from before these hashes pins the files it finds on their first reuse.
+Interrupting a run loses at most the stage in progress (the sensitivity stage keeps its finished draws);
+``--force`` recomputes every stage, replacing only the files the stages write (a person's own files in the
+run folder stay). Every input is checked before any cached artifact is dropped.
+
+One run writes a folder at a time: ``run`` holds an exclusive lock (``.run.lock``, with its process id; an
+``flock``, so the kernel releases it when the process ends, however it ends) and a second ``run`` on the same
+folder refuses at once.
 
 Under torch.distributed (``torchrun ... -m qbert_hessian run``) every rank runs the pipeline: fine-tuning and QAT
 train with DDP, sensitivity shares its blocks or batches; rank 0 decides what is cached (and tells the others),
@@ -30,7 +38,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import logging
+import os
+import re
 import shutil
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -47,6 +58,7 @@ from .artifacts import (
     StageResult,
     canonical,
     fingerprint,
+    sha256_file,
 )
 from .config import (
     AllocConfig,
@@ -64,6 +76,27 @@ from .qat import QATConfig
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("out", "model", "finetune", "sensitivity", "allocate", "plans", "qat", "run")
+RESERVED_PLAN_NAMES = ("frontier",)  # plans/frontier.json and .png are the frontier's
+MAX_PLAN_NAME = 100  # a plan's files are <name>.json, <name>.md: well inside a file name's 255 bytes
+LOCK_FILE = ".run.lock"
+# Which [section] of the run's TOML file each settings class reads, so messages name the key a person writes.
+TOML_SECTIONS = {
+    "ModelSpec": "[model]",
+    "FinetuneConfig": "[finetune]",
+    "SensitivityConfig": "[sensitivity]",
+    "AllocConfig": "[allocate]",
+    "PlanSpec": "[[plans]]",
+    "QATConfig": "[qat]",
+    "RunSettings": "[run]",
+    "CalibrationConfig": "[run]",
+}
+
+
+def toml_names(message: str) -> str:
+    """A library message names a settings class's field (``CalibrationConfig.seed``); a run's messages name
+    the TOML key instead (``[run] seed``)."""
+    pattern = r"\b(" + "|".join(TOML_SECTIONS) + r")\.(\w+)\b"
+    return re.sub(pattern, lambda m: f"{TOML_SECTIONS[m.group(1)]} {m.group(2)}", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +229,14 @@ def parse_run_config(data: Mapping[str, Any], base_dir: Path | None = None) -> R
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise QBHError(f"plan name '{dup[0]}' is used twice; names must be unique")
+    for n in names:
+        if n in RESERVED_PLAN_NAMES:
+            raise QBHError(f"plan name '{n}' is taken by the run's own {n}.json and {n}.png in plans/; rename the plan")
+        if len(n) > MAX_PLAN_NAME:
+            raise QBHError(
+                f"plan name '{n[:20]}...' has {len(n)} characters; it names the plan's files, so keep it to "
+                f"{MAX_PLAN_NAME} or fewer"
+            )
     config = RunConfig(
         model=model,
         finetune=FinetuneConfig.from_dict({"max_length": model.max_length, **_section(data, "finetune")}),
@@ -288,11 +329,64 @@ def _remove(*paths: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+class RunLock:
+    """An exclusive lock on a run folder: ``.run.lock`` holding the process id, locked with ``flock``.
+
+    The kernel drops an ``flock`` when its process ends (exit, crash, signal), so a lock file left by a dead
+    process is simply locked again; the file is removed on release. A folder the lock created is removed
+    again if nothing else was written into it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.path = folder, folder / LOCK_FILE
+        self._fd: int | None = None
+        self._created: list[Path] = []  # the folders acquire made, innermost first
+
+    def acquire(self) -> None:
+        self._created = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._times = os.stat(self.folder)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise QBHError(
+                    f"run folder '{self.folder}' is in use by another run (process {holder}); wait for it to "
+                    "finish, or pass another --out"
+                ) from None
+            try:  # the holder before us may have removed the file between our open and our lock: retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self, *, wrote: bool = True) -> None:
+        """Unlock and remove the lock file; ``wrote=False`` (a run refused before its first write) also gives
+        the folder back its times, so a refused run leaves the workspace exactly as it found it."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked, so no one locks the removed file
+        os.close(self._fd)
+        self._fd = None
+        if not wrote and self.folder.exists():
+            os.utime(self.folder, ns=(self._times.st_atime_ns, self._times.st_mtime_ns))
+        for folder in self._created:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
 class Run:
     """The stages of one run over ``out_dir``; each returns its artifact, computing it only when its recorded
     inputs differ from the current ones (or it is missing)."""
-
-    OUTPUTS = ("checkpoint", "sensitivity", "plans", "results", "report.md", "run.json")
 
     def __init__(
         self, config: RunConfig, out_dir: Path | str, *, force: bool = False, progress: bool = True, device: str = "cpu"
@@ -300,11 +394,12 @@ class Run:
         self.config, self.out, self.progress, self.device = config, Path(out_dir), progress, device
         if self.out.exists() and not self.out.is_dir():
             raise QBHError(f"run folder '{self.out}' is a file; pass a folder with --out")
-        self.main = distributed.is_main()
-        if force and self.out.exists() and self.main:
-            _remove(*(self.out / child for child in self.OUTPUTS))
-        # rank 0 keeps the ledger: it decides what is cached and tells the others (see _agreed)
-        self.record = self._load_record() if self.main else RunRecord(config={})
+        self.main, self.force = distributed.is_main(), force
+        # rank 0 keeps the ledger: it decides what is cached and tells the others (see _agreed); --force starts
+        # from an empty one, so every stage is recomputed and rewrites its own files (and nothing else)
+        self.record = self._load_record() if self.main and not force else RunRecord(config={})
+        self._artifacts: dict[str, tuple[Path, ...]] = {}
+        self._writing = False
         self._raw: Any = None
         self._checkpoint: str | None = None
         self._fp32: Any = None
@@ -324,14 +419,32 @@ class Run:
 
     # -- the ledger ----------------------------------------------------------------------------------------
     def _cached(self, key: str, inputs: dict[str, Any], *paths: Path) -> bool:
+        """Whether stage ``key`` is reused: its recorded inputs equal ``inputs`` and its artifact files
+        (``paths``) are the ones it wrote, by their SHA-256 in the ledger."""
+        self._artifacts[key] = paths
         entry = self.record.stages.get(key)
         changed = _changes(canonical(entry.get("inputs")), canonical(inputs)) if entry is not None else []
-        if entry is not None and not changed and all(p.exists() for p in paths):
-            return True
+        if entry is not None and not changed and all(p.is_file() for p in paths):
+            found = self._hashes(paths)
+            recorded = entry.get("artifacts")
+            if recorded is None:
+                # A ledger written before artifact hashes: its inputs match, so the files found now are taken as
+                # the ones it wrote and pinned from here on (the alternative, recomputing every stage of every
+                # older run, would also retrain its QAT models).
+                entry["artifacts"] = found
+                self.record.save(self.out / "run.json")
+                return True
+            if recorded == found:
+                return True
+            edited = sorted(k for k in set(recorded) | set(found) if recorded.get(k) != found.get(k))
+            changed = [f"{', '.join(edited)} is not the file this run wrote (edited or copied in)"]
         if entry is not None:
             logger.info("stage %s: inputs changed (%s); recomputing", key, "; ".join(changed[:4]) or "artifact missing")
         self.recomputed.append(key)
         return False
+
+    def _hashes(self, paths: Sequence[Path]) -> dict[str, str]:
+        return {p.relative_to(self.out).as_posix(): sha256_file(p) for p in paths}
 
     def _agreed(self, key: str, inputs: Any, *paths: Path) -> bool:
         """:meth:`_cached` decided by rank 0 and told to every rank (for the stages every rank takes part in)."""
@@ -340,10 +453,14 @@ class Run:
             self.recomputed.append(key)
         return hit
 
-    def _done(self, key: str, inputs: dict[str, Any]) -> None:
+    def _done(self, key: str, inputs: dict[str, Any], *paths: Path) -> None:
+        """Record stage ``key``'s inputs and the SHA-256 of its artifact files (those its cache check named,
+        unless ``paths`` are given)."""
         if not self.main:
             return
-        self.record.stages[key] = {"hash": fingerprint(inputs), "inputs": inputs}
+        paths = paths or self._artifacts.get(key, ())
+        entry = {"hash": fingerprint(inputs), "inputs": inputs, "artifacts": self._hashes(paths)}
+        self.record.stages[key] = entry
         self.record.save(self.out / "run.json")
 
     def _fp(self, what: str, compute: Any) -> str:
@@ -424,7 +541,7 @@ class Run:
                 "data": self.data_fp(),
                 "config": cfg.to_dict(),
             }
-        if self._agreed("finetune", inputs, ckpt / "metrics.json"):
+        if self._agreed("finetune", inputs, ckpt / "metrics.json", ckpt / "model.safetensors"):
             return str(ckpt)
         if self.main and (self.record.stages.get("finetune") is not None or (ckpt / "metrics.json").exists()):
             _remove(ckpt)  # another model, data or settings: its Trainer checkpoints must not be resumed
@@ -482,20 +599,26 @@ class Run:
         self, inputs: dict[str, Any] | None, p_inputs: dict[str, Any] | None
     ) -> tuple[SensitivityReport | None, QuantProfile | None]:
         from . import stages
+        from .hessian.sensitivity import draw_indices
 
         out = self.out / "sensitivity"
         path = out / "sensitivity.json"
+        # every input check the stage makes comes before anything cached is dropped
+        model, task = self.fp32()
+        draw_indices(len(task.train), self.config.sensitivity)
+        stages.check_state_file(out)
         previous = None
         if self.main:
-            previous = SensitivityReport.load(path) if path.exists() else None
-            if previous is not None and (previous.complete or previous.inputs != inputs):
+            previous = SensitivityReport.load(path) if path.exists() and not self.force else None
+            if previous is None or previous.complete or previous.inputs != inputs:
                 previous = None  # made from other inputs: start afresh (a partial one of these inputs resumes)
-                _remove(out)
+                for f in (out / name for name in stages.SENSITIVITY_FILES):
+                    if f.is_file() or f.is_symlink():  # its own files only: a person's files there stay
+                        f.unlink()
         # rank 0's partial report and fingerprints, so every rank resumes the same blocks
         previous, made_from = distributed.broadcast_object(
             (previous, {"model": inputs["model"], "data": inputs["data"]} if inputs else None)
         )
-        model, task = self.fp32()
         logger.info("stage sensitivity -> %s", out)
         report, profile = stages.sensitivity(
             model,
@@ -510,7 +633,7 @@ class Run:
             progress=self.progress,
         )
         self._done("sensitivity", inputs)  # type: ignore[arg-type]
-        self._done("profile", p_inputs)  # type: ignore[arg-type]
+        self._done("profile", p_inputs, out / stages.PROFILE_FILE)  # type: ignore[arg-type]
         return (report, profile) if self.main else (None, None)
 
     def plans(self, report: SensitivityReport, profile: QuantProfile) -> dict[str, BitPlan]:
@@ -535,7 +658,9 @@ class Run:
             stages.write_plan(plan, path)
             self._done(f"plan:{spec.name}", inputs)
             plans[spec.name] = plan
-        if self.config.run.frontier and not self._cached("frontier", upstream, out / "frontier.png"):
+        if self.config.run.frontier and not self._cached(
+            "frontier", upstream, out / "frontier.json", out / "frontier.png"
+        ):
             mixed = next((p for p in plans.values() if p.method == "milp"), None)
             stages.write_frontier(report, profile, self.config.allocate, out, mixed)
             self._done("frontier", upstream)
@@ -587,7 +712,7 @@ class Run:
             q, direct = self._direct(name, plan, d_inputs)
         packed = out / "packed"
         training: QATLog | None = None
-        if not self._agreed(f"packed:{name}", p_inputs, packed / "quantization.json"):
+        if not self._agreed(f"packed:{name}", p_inputs, packed / "quantization.json", packed / stages.WEIGHTS_FILE):
             model, task = self.fp32()
             q = q if q is not None else self._quantize(model, plan, task)
             if qat:
@@ -702,10 +827,48 @@ class Run:
         return tokenize_task(raw, task.tokenizer, max_length=self.config.model.max_length)
 
     def execute(self) -> Path:
-        """Every stage, then ``report.md``; returns the report's path (on every rank; rank 0 writes it)."""
+        """Every stage, then ``report.md``, the folder locked against another run meanwhile; returns the
+        report's path (on every rank; rank 0 writes it)."""
+        lock = RunLock(self.out) if self.main else None
+        refused = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except QBHError as exc:
+                refused = str(exc)
+        refused = distributed.broadcast_object(refused)  # every rank of a refused job stops, not only rank 0
+        if refused is not None:
+            raise QBHError(refused)
+        try:
+            return self._execute()
+        finally:
+            if lock is not None:
+                lock.release(wrote=self._writing)
+
+    def _check_inputs(self) -> None:
+        """What the stages would refuse (the data, the model and its tokenizer, the head against the task),
+        checked before any stage drops a cached artifact."""
+        from .models import is_classifier, load_model
+
+        raw = self.raw()
+        name = self.config.model.name
+        if is_classifier(name, raw.family):
+            self.fp32()  # the model every stage uses, loaded as they load it
+        else:  # the base model a new head is fine-tuned on
+            load_model(
+                name,
+                task_family=raw.family,
+                num_labels=len(raw.label_names),
+                label_names=raw.label_names,
+                eager=False,
+                new_head=True,
+            )
+
+    def _execute(self) -> Path:
         from .report import write_run_report
 
-        self.raw()  # bad data fails before anything is written
+        self._check_inputs()
+        self._writing = True  # from here on the stages may write
         self.checkpoint()
         self._head_labels()  # so do labels the checkpoint's head names otherwise
         if self.main:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .config import _Config, _positive
+from .config import _Config, _non_negative, _positive
 from .errors import QBHError
 from .models import eager_attention
 from .quant.apply import quant_modules, sync_activation_ranges
@@ -119,6 +119,7 @@ class QATConfig(_Config):
             _positive("QATConfig", max_train_samples=self.max_train_samples)
         if self.eval_steps < 0:
             raise QBHError(f"QATConfig.eval_steps must be >= 0, got {self.eval_steps}")
+        _non_negative("QATConfig", seed=self.seed)  # the Trainer refuses it only once training starts
         if not 0 <= self.alpha <= 1:
             raise QBHError(f"QATConfig.alpha must lie in [0, 1], got {self.alpha}")
         for name in ("quant_noise", "warmup_ratio"):
@@ -225,6 +226,14 @@ def _without_internals(output: Any) -> Any:
     return type(output)(**keep)
 
 
+def _batch_rows(inputs: Mapping[str, Any]) -> int:
+    """The number of examples in a training batch (the first dimension of its tensors)."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
+
+
 def _trainer_class(teacher: nn.Module | None, config: QATConfig) -> type:
     from transformers import Trainer
 
@@ -234,6 +243,8 @@ def _trainer_class(teacher: nn.Module | None, config: QATConfig) -> type:
     }
 
     class QATTrainer(Trainer):
+        examples_seen = 0
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
             if teacher is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -242,6 +253,10 @@ def _trainer_class(teacher: nn.Module | None, config: QATConfig) -> type:
                 t_out = teacher(**inputs, **extra)
             loss = distillation_objective(outputs, t_out, inputs.get("attention_mask"), config)
             return (loss, _without_internals(outputs)) if return_outputs else loss
+
+        def training_step(self, model, inputs, *args, **kwargs):  # noqa: D102
+            self.examples_seen += _batch_rows(inputs)  # this process's share of the batch
+            return super().training_step(model, inputs, *args, **kwargs)
 
         def get_decay_parameter_names(self, model) -> list[str]:  # noqa: D102
             # LSQ steps are not weights: decaying them would shrink every range towards zero.
@@ -277,7 +292,8 @@ def train_qat(
 
     Returns:
         ``{"train_seconds", "steps", "examples_seen", "best_metric", "log_history", "config"}``
-        (``examples_seen`` = steps x batch size); the model holds the best weights and is left in eval mode.
+        (``examples_seen``: the training examples the steps took, every process's share together); the model
+        holds the best weights and is left in eval mode.
 
     Raises:
         QBHError: no quantized module, no teacher for distillation, or a batch that does not split over the
@@ -344,7 +360,9 @@ def train_qat(
     return {
         "train_seconds": round(time.perf_counter() - start, 1),
         "steps": int(out.global_step),
-        "examples_seen": int(out.global_step) * config.batch_size,
+        # the examples the steps trained on, counted as they came (a last batch of an epoch can be short),
+        # over every process
+        "examples_seen": int(distributed.all_reduce_floats([trainer.examples_seen])[0]),
         "best_metric": trainer.state.best_metric,
         "log_history": trainer.state.log_history,
         "config": config.to_dict(),

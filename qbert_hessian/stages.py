@@ -46,7 +46,7 @@ from .config import (
 from .errors import QBHError
 from .models import BlockMap, resolve_model_path
 from .packed_format import WEIGHTS_FILE
-from .quant.profile import DEFAULT_PROFILE_GROUPS, measure_profile, profile_units
+from .quant.profile import DEFAULT_PROFILE_GROUPS, check_groups, measure_profile, profile_units
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,6 +57,23 @@ logger = logging.getLogger(__name__)
 PROFILE_FILE = "profile.json"
 # The draws a stopped sensitivity run has finished, for --resume (removed once its blocks are finished).
 SENSITIVITY_STATE_FILE = "sensitivity.state.pt"
+# Every file the sensitivity stage writes in its folder (a run drops these, and only these, to start it over).
+SENSITIVITY_FILES = (
+    "sensitivity.json",
+    "sensitivity.csv",
+    "sensitivity.md",
+    "sensitivity.png",
+    PROFILE_FILE,
+    SENSITIVITY_STATE_FILE,
+)
+
+
+def check_state_file(out_dir: Path | str) -> None:
+    """The place of the resume state in ``out_dir`` holds a file or nothing (a folder there would stop the
+    first saved draw)."""
+    path = Path(out_dir) / SENSITIVITY_STATE_FILE
+    if path.exists() and not path.is_file():
+        raise QBHError(f"'{path}' is a folder, where sensitivity keeps its finished draws; move it away and rerun")
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -267,6 +284,7 @@ def sensitivity(
     from .report import write_sensitivity
 
     out = Path(out_dir)
+    check_state_file(out)
     inputs = {**(inputs or {}), "config": config.protocol()}
     if resume is not None:
         differs = [k for k in ("model", "data") if resume.inputs.get(k) and resume.inputs.get(k) != inputs.get(k)]
@@ -407,6 +425,8 @@ def load_profile(
         report.inputs.get("model") and report.inputs["model"] != model_fingerprint(model)
     ):
         raise QBHError(f"--model {model} is not the report's model ({report.model.get('name')}); pass that one")
+    units = profile_units(block_map, [b.name for b in report.blocks])
+    check_groups(fp32, [u for u in units if u.startswith("encoder.")], groups)  # before measuring anything
     groups_all = list(dict.fromkeys([*DEFAULT_PROFILE_GROUPS, groups]))
     logger.info("measuring quantization errors of %s (groups %s, %s ranges)", model, groups_all, range_method)
     fp = model_fingerprint(model)
@@ -711,6 +731,7 @@ __all__ = [
     "data_fingerprint",
     "file_fingerprint",
     "fingerprint",
+    "check_state_file",
     "sensitivity",
     "report_path",
     "load_profile",

@@ -37,6 +37,17 @@ def profile_units(block_map: BlockMap, report_blocks: Sequence[str]) -> list[str
     return enc + [u for u in EMBEDDING_UNITS if u.split(".")[1] in block_map.embedding_parts]
 
 
+def check_groups(model: nn.Module, units: Sequence[str], groups: object) -> None:
+    """Every matrix of ``units`` divides into ``groups`` (the :func:`group_layout` message otherwise), checked
+    before a cost table is measured for a plan that asks for them."""
+    block_map = BlockMap(model)
+    heads = num_heads_of(model)
+    g = parse_groups(groups)
+    for unit in units:
+        for n, p, k in block_modules(block_map, unit):
+            group_layout(tuple(block_map.model.get_submodule(p).weight.shape), g, kind=k, num_heads=heads, name=n)
+
+
 def state_tensors(model: nn.Module) -> list[list[object]]:
     """``[name, dtype, shape]`` of every tensor of the model's state dict, as safetensors names dtypes."""
     out = []

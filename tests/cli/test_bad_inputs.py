@@ -321,13 +321,13 @@ SILENT = [
         "the task data differ",
     ),
     # 5. booleans and numbers are typed
-    Case("toml-qat-no", lambda w, t: _run(w, t, _set("run", 'qat = "no"')), "RunSettings.qat = 'no' is not true/false"),
+    Case("toml-qat-no", lambda w, t: _run(w, t, _set("run", 'qat = "no"')), "[run] qat = 'no' is not true/false"),
     Case("set-qat-maybe", lambda w, t: _run(w, t, lambda s: s, "--set", "run.qat=maybe"), "'maybe' is not true/false"),
     Case("toml-frontier-yes", lambda w, t: _run(w, t, _set("run", 'frontier = "yes"')), "frontier = 'yes'"),
     Case(
         "toml-distill-yes",
         lambda w, t: _run(w, t, _set("qat", 'distill = "yes"')),
-        "QATConfig.distill 'yes' is not valid",
+        "[qat] distill 'yes' is not valid",
     ),
     Case("toml-draws-true", lambda w, t: _run(w, t, _draws("true")), "draws = True"),
     # 6. plans from incomplete or edited reports

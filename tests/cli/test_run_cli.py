@@ -159,7 +159,7 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
         ),
         (
             "[model]\nname='x'\ntask='sst2'\n[allocate]\nrange_method='p99'\n[[plans]]\nname='a'\nuniform=4\n",
-            "AllocConfig.range_method 'p99' is not known; use one of max, mse",
+            "[allocate] range_method 'p99' is not known; use one of max, mse",
         ),
         ("[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=9\n", "uniform bits 9 is out of range"),
         (
@@ -168,11 +168,11 @@ def test_run_again_reuses_every_stage(run_dir, capsys):
         ),
         (
             "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\ndistill='teacher'\n",
-            "plan 'a': QATConfig.distill 'teacher' is not valid; use none, logits, hidden or full",
+            "plan 'a': [qat] distill 'teacher' is not valid; use none, logits, hidden or full",
         ),
         (
             "[model]\nname='x'\ntask='sst2'\n[[plans]]\nname='a'\nuniform=4\nlearn_scales='yes'\n",
-            "PlanSpec.learn_scales = 'yes' is not true/false",
+            "[[plans]] learn_scales = 'yes' is not true/false",
         ),
         ("[model\n", "not valid TOML"),
     ],
