@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -49,6 +50,24 @@ def publish(folder: Path | str) -> None:
     for f in Path(folder).iterdir():
         if f.is_file():
             os.chmod(f, 0o666 & ~mask)
+
+
+def replace_folder(new: Path, out_dir: Path, written: Callable[[str], bool]) -> None:
+    """Put the finished folder ``new`` at ``out_dir``. An existing folder there is replaced, except for the entries
+    that ``written`` says no writer of such a folder makes (a note, a results file): they are moved into the new
+    one, after the swap, so a failure never takes them down with ``new``."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = out_dir.with_name(out_dir.name + ".replaced")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    for entry in old.iterdir():
+        if not written(entry.name) and not (out_dir / entry.name).exists():
+            os.replace(entry, out_dir / entry.name)
+    shutil.rmtree(old)
 
 
 def write_text(path: Path | str, text: str) -> Path:

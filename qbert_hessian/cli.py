@@ -660,6 +660,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.exact and args.format != "onnx":
         raise QBHError("--exact applies to --format onnx; drop it")
     require(*(("onnx", "onnxruntime") if args.format == "onnx" else ("compressed_tensors",)))
+    _check_not_link(args.out)
     check_source(args.packed)
     check_out(args.out, force=args.force)
     if args.format == "onnx":

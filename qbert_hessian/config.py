@@ -126,7 +126,8 @@ class Precision(str, Enum):
     product, which reaches the eigenvalues and traces uncorrected.
     ``mixed``: the eigen-solver runs on bf16 products, then every reported eigenvalue is certified by one float32
     product of its Ritz vector (Rayleigh quotient and residual bound), continuing in float32 from that vector
-    when the bound misses the tolerance: the values are within ``tol`` of the float32 operator's. Traces in
+    when the bound misses the tolerance: the values are within ``tol`` of the float32 operator's by the same
+    estimate (residual over the gap to the other Ritz values) that the float32 engine stops on. Traces in
     float32.
     """
 
@@ -317,8 +318,8 @@ class SensitivityConfig(_Config):
             it back to the kernel (glibc's mallopt, qbert_hessian/hessian/memory.py): a fifth of the page faults
             and 5-15% less time. The numbers are the same; off, the system allocator's defaults.
         precision: the products' arithmetic: ``fp32``, ``bf16`` (matrix products in bfloat16, about 1% error per
-            product, unchecked) or ``mixed`` (bf16 products, every eigenvalue certified in float32 to ``tol``)
-            (see :class:`Precision`).
+            product, unchecked) or ``mixed`` (bf16 products, every eigenvalue checked by a float32 product
+            against ``tol``) (see :class:`Precision`).
     """
 
     draws: int = 10

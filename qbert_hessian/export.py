@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import BitPlan, PackedManifest, publish
+from .artifacts import BitPlan, PackedManifest, publish, replace_folder
 from .errors import QBHError
 from .models import TOKENIZER_FILES, auto_model_class, head_family
 from .packed_format import (
@@ -166,21 +165,8 @@ WRITTEN_FILES = frozenset(
 
 
 def _replace_folder(new: Path, out_dir: Path) -> None:
-    """Put the finished folder ``new`` at ``out_dir``. An existing packed folder there is replaced, except for
-    the files and folders it holds that no writer of a packed folder makes (a note, a results file), which
-    are moved into the new one (after the swap, so a failure never takes them down with ``new``)."""
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    old = out_dir.with_name(out_dir.name + ".replaced")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(out_dir, old)
-    os.replace(new, out_dir)
-    for entry in old.iterdir():
-        if entry.name not in WRITTEN_FILES and not (out_dir / entry.name).exists():
-            os.replace(entry, out_dir / entry.name)
-    shutil.rmtree(old)
+    """Put the finished packed folder ``new`` at ``out_dir``, keeping what no writer of a packed folder makes."""
+    replace_folder(new, out_dir, lambda name: name in WRITTEN_FILES)
 
 
 def is_packed(path: Path | str) -> bool:

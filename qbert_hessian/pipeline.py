@@ -708,6 +708,8 @@ class Run:
                 "calibration": self.config.run.calibration.to_dict(),
             }
             p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
+            if qat and qat_config.eval_steps > 0:  # the dev score picks the kept checkpoint: scoring is an input
+                p_inputs = {**p_inputs, **self._scoring()}
             d_inputs = {**d_inputs, **self._scoring()}  # how it is scored: not an input of the packed model
             q, direct = self._direct(name, plan, d_inputs)
         packed = out / "packed"
@@ -746,7 +748,8 @@ class Run:
     def _scoring(self) -> dict[str, str]:
         """How an evaluation stage scores, where it changed: NER on the full gold (every word of every dev
         sentence, in windows) instead of the words inside max_length. Entered only for token tasks, so the
-        metrics of other tasks stay cached; the packed and QAT stages never see it (scoring changes no weight)."""
+        metrics of other tasks stay cached; the packed and QAT stages see it only when QAT keeps its best dev
+        checkpoint (``eval_steps``), where the score chooses the weights."""
         return {"scoring": "full-gold"} if self.raw().family == "token" else {}
 
     def _direct(self, name: str, plan: BitPlan, d_inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

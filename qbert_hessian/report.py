@@ -99,7 +99,10 @@ def _precision_text(cfg: dict) -> str:
     """The products' precision when not float32 (reports from before the setting, and fp32 ones, say nothing)."""
     about = {
         "bf16": "bf16 matrix products, unchecked (about 1% per product)",
-        "mixed": "bf16 search, every eigenvalue certified in float32 to tol; traces float32",
+        "mixed": (
+            "bf16 search, every eigenvalue checked in float32 against tol (residual over the Ritz gap, as the fp32 "
+            "stopping rule); traces float32"
+        ),
     }
     precision = cfg.get("precision", "fp32")
     return f"; products: {about.get(precision, precision)}" if precision != "fp32" else ""

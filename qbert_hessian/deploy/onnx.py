@@ -129,7 +129,19 @@ class _Packed(nn.Module):
         self.register_buffer("zero_points", zp if zp is None or is_embedding else zp.reshape(-1))
         self.bias = None if is_embedding else module.bias
         act = None
-        if exact and not is_embedding and module.act is not None:
+        act_bits = None if is_embedding or module.act is None else module.act.bits
+        if act_bits is not None and act_bits > 8 and exact:
+            raise QBHError(
+                f"{name}: its activations are {act_bits}-bit, and --exact writes them as int8 "
+                "Quantize/DequantizeLinear; "
+                "plan with activations of at most 8 bits (--act-bits 8)"
+            )
+        if act_bits is not None and act_bits != 8 and not exact:
+            raise QBHError(
+                f"{name}: its activations are {act_bits}-bit, and int8 compute quantizes them to 8 bits on the fly; "
+                "export with --exact, or plan with 8-bit activations (--act-bits 8)"
+            )
+        if exact and act_bits is not None:
             amax = module.act.amax.float()
             qmax = 2 ** (module.act.bits - 1) - 1
             act = (float(amax), float(amax.clamp(min=1e-8) / qmax), module.act.bits)

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..artifacts import publish, replace_folder
 from ..errors import QBHError
 from ..packed_format import MANIFEST_FILE
 
@@ -58,18 +59,28 @@ def check_out(out: Path, *, force: bool) -> None:
             break
 
 
+# What an export writes in its folder (besides the tokenizer's files): anything else there is the user's and
+# survives --force.
+EXPORT_WRITES = frozenset({EXPORT_FILE, "onnx", "config.json", "model.safetensors", "recipe.yaml"})
+
+
+def _written_by_export(name: str) -> bool:
+    return name in EXPORT_WRITES or name in PACKED_ONLY or name.startswith(("tokenizer", "special_tokens", "vocab"))
+
+
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out`` to write into; renamed onto ``out`` when the block ends without error."""
+    """A fresh folder beside ``out`` to write into; when the block ends without error its files get the umask's
+    mode and it takes ``out``'s place, keeping the files of an earlier export's folder that no export writes."""
     tmp = out.with_name(out.name + ".saving")
     if tmp.exists():
-        shutil.rmtree(tmp)
+        raise QBHError(f"'{tmp}' exists (left by an interrupted export?); remove it, then export again")
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        for folder in (tmp, *(d for d in tmp.iterdir() if d.is_dir())):
+            publish(folder)
+        replace_folder(tmp, out, _written_by_export)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
