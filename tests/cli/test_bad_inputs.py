@@ -655,7 +655,7 @@ GAPS = [
     Case(
         "toml-rounding-unknown",
         lambda w, t: _run(w, t, _set("allocate", 'rounding = "obs"')),
-        "AllocConfig.rounding 'obs' is not known; use one of nearest, gptq",
+        "[allocate] rounding 'obs' is not known; use one of nearest, gptq",
     ),
 ]
 
