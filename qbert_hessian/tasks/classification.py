@@ -220,7 +220,14 @@ def _mnli_local(
     splits = []
     for stem in (train_stem, dev_stem):
         path = _find_file(data, [stem])
-        texts, labels = _columns(_read_rows(path), MNLI_COLUMNS, "label", path)
+        rows = _read_rows(path)
+        missing = [c for c in (*MNLI_COLUMNS, "label") if rows and c not in rows[0]]
+        if missing:
+            raise QBHError(
+                f"column(s) {', '.join(missing)} not in '{path}' (it has {', '.join(map(str, rows[0]))}); task "
+                f"'{name}' reads MNLI files with the columns premise, hypothesis and label: fix the file"
+            )
+        texts, labels = _columns(rows, MNLI_COLUMNS, "label", path)
         _check_texts(texts, MNLI_COLUMNS, path)
         allowed = {*MNLI_LABELS, *map(str, range(len(MNLI_LABELS)))}  # names, or GLUE's ids 0..2
         bad = next((y for y in labels if str(y) not in allowed), None)
