@@ -56,6 +56,7 @@ RECONSTRUCTED_ID = "recon-"  # question ids of a reconstructed train file: fine 
 LABEL_NAMES = ["start", "end"]  # the QA head's two outputs (num_labels = 2)
 N_BEST = 20
 MAX_ANSWER_LENGTH = 30
+TOKENIZE_CHUNK = 4096  # examples tokenized at a time (bounds the memory of a whole train split's features)
 
 Example = tuple[str, str, dict[str, list[Any]]]  # (question, context, {"text": [...], "answer_start": [...]})
 
@@ -271,20 +272,37 @@ def _check_room(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
 
 
 def tokenize_qa(
-    raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 384, stride: int | None = None
+    raw: RawTask,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = 384,
+    stride: int | None = None,
+    chunk: int = TOKENIZE_CHUNK,
 ) -> Task:
-    """Features of both splits (see :func:`prepare_features`); ``stride`` defaults to ``max_length // 3``."""
-    from datasets import Dataset
+    """Features of both splits (see :func:`prepare_features`), ``chunk`` examples at a time (the result does not
+    depend on it); ``stride`` defaults to ``max_length // 3``."""
+    from datasets import Dataset, concatenate_datasets
 
     if not tokenizer.is_fast:
         raise QBHError("question answering needs a fast tokenizer (offset mapping); load one with use_fast=True")
     stride = max_length // 3 if stride is None else stride
     if not 0 <= stride < max_length:
         raise QBHError(f"stride {stride} must lie in [0, max_length={max_length}); lower it")
+    if chunk < 1:
+        raise QBHError(f"chunk {chunk} must be at least 1")
 
     def encode(texts: list[list[str]], answers: list[dict[str, list[Any]]]) -> Dataset:
-        feats = prepare_features(tokenizer, texts[0], texts[1], answers, max_length=max_length, stride=stride)
-        return Dataset.from_dict(feats)
+        # In chunks of examples: the features of all of SQuAD's train split as Python lists (offsets included)
+        # take ~10 GB before they become Arrow; chunk by chunk the peak is one chunk's. Same rows, same order.
+        parts = []
+        for lo in range(0, max(len(answers), 1), chunk):
+            hi = lo + chunk
+            feats = prepare_features(
+                tokenizer, texts[0][lo:hi], texts[1][lo:hi], answers[lo:hi], max_length=max_length, stride=stride
+            )
+            feats["example_index"] = [lo + i for i in feats["example_index"]]
+            parts.append(Dataset.from_dict(feats))
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
     return Task(
         raw.name,

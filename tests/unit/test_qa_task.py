@@ -299,3 +299,15 @@ def test_a_reconstructed_file_is_never_scored(squad_full_dir):
 def test_squad_full_reads_local_files_only():
     with pytest.raises(QBHError, match="task 'squad-full' reads local files; pass --data DIR"):
         load_raw_task("squad-full")
+
+
+def test_tokenizing_in_chunks_gives_the_same_features(squad_full_dir, wordpiece):
+    """The features of a split, made a few examples at a time, equal those made at once (example ids included)."""
+    raw = load_raw_task("squad-full", data_dir=squad_full_dir)
+    whole = tokenize_task(raw, wordpiece, max_length=24, stride=8)
+    for chunk in (1, 4, 7):
+        parts = tokenize_task(raw, wordpiece, max_length=24, stride=8, chunk=chunk)
+        assert parts.train.to_dict() == whole.train.to_dict() and parts.dev.to_dict() == whole.dev.to_dict()
+    assert len(whole.train) > len(raw.train_labels)  # several windows per context: example ids carry across chunks
+    with pytest.raises(QBHError, match="chunk 0 must be at least 1"):
+        tokenize_task(raw, wordpiece, max_length=24, chunk=0)
