@@ -104,8 +104,10 @@ def _add_data_args(p: argparse.ArgumentParser, *, max_length: int = SensitivityC
     p.add_argument(
         "--task",
         required=True,
-        help="bbc-news (offline default), a GLUE name (sst2, mnli ...), conll03, squad, squad-local, a hub dataset, "
-        "or a data folder",
+        help="bbc-news (offline default), a GLUE name (sst2, mnli ...), conll03, squad, squad-local, squad-full "
+        "(all train*.json articles, scored on dev*.json), mnli-local (MNLI from its two dev files: trains on "
+        "dev_mismatched, scores dev_matched; not GLUE's protocol; mnli-local-mm: the other way round), a hub "
+        "dataset, or a data folder",
     )
     p.add_argument(
         "--data",

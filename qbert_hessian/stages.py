@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -574,6 +575,7 @@ def load_for_task(
     from .models import load_config, load_model, load_tokenizer
     from .tasks import tokenize_task
 
+    check_not_trained_on_dev(name_or_path, raw)
     config = load_config(str(name_or_path))
     raw = head_labels(raw, config, str(name_or_path))
     if is_packed(name_or_path):
@@ -585,6 +587,27 @@ def load_for_task(
             str(name_or_path), task_family=raw.family, num_labels=len(raw.label_names), eager=eager, device=device
         )
     return model, tokenize_task(raw, tokenizer, max_length=max_length)
+
+
+def check_not_trained_on_dev(name_or_path: str | Path, raw: RawTask) -> None:
+    """Refuse to score a checkpoint on a dev split it was fine-tuned on: ``mnli-local``'s training split is
+    ``mnli-local-mm``'s dev split and the other way round (the task recorded in the checkpoint's ``metrics.json``,
+    where ``finetune`` writes it)."""
+    from .tasks.classification import TRAINED_ON_DEV_OF
+
+    other = TRAINED_ON_DEV_OF.get(raw.name)
+    path = Path(name_or_path) / "metrics.json"
+    if other is None or not path.is_file():
+        return
+    try:
+        trained = json.loads(path.read_text(encoding="utf-8")).get("task")
+    except (OSError, ValueError, AttributeError):
+        return  # not a finetune record; nothing says which task the model saw
+    if trained == other:
+        raise QBHError(
+            f"model '{name_or_path}' was fine-tuned on task '{other}', whose training split is the dev split of "
+            f"'{raw.name}'; score it with --task {other}, or fine-tune a model on '{raw.name}'"
+        )
 
 
 def head_labels(raw: RawTask, config: Any, name: str) -> RawTask:

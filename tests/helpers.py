@@ -167,6 +167,30 @@ def write_squad_dir(d: Path, *, train: int = 6, dev: int = 4) -> Path:
     return d
 
 
+MNLI_HEADER = "idx\tpairID\tpremise\thypothesis\tlabel"
+
+
+def mnli_lines(n: int, seed: int) -> list[str]:
+    """Rows of an MNLI dev file in the shared data's compact columns, labels cycling through GLUE's three names."""
+    g = torch.Generator().manual_seed(seed)
+    labels = ("entailment", "neutral", "contradiction")
+    lines = [MNLI_HEADER]
+    for i in range(n):
+        premise, hypothesis = (
+            " ".join(WORDS[int(k)] for k in torch.randint(0, len(WORDS), (int(m),), generator=g)) for m in (6, 3)
+        )
+        lines.append(f"{i}\t{seed}{i:04d}e\t{premise} \t{hypothesis}\t{labels[(i + seed) % 3]}")
+    return lines
+
+
+def write_mnli_dir(d: Path, *, matched: int = 30, mismatched: int = 36) -> Path:
+    """A folder like ``shared/data/mnli`` (``dev_matched.tsv``, ``dev_mismatched.tsv``) for ``--task mnli-local``."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "dev_matched.tsv").write_text("\n".join(mnli_lines(matched, 0)) + "\n", encoding="utf-8")
+    (d / "dev_mismatched.tsv").write_text("\n".join(mnli_lines(mismatched, 1)) + "\n", encoding="utf-8")
+    return d
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data beside the repository (CI puts it there), or None."""
     d = Path(__file__).resolve().parents[2] / "shared" / "data"

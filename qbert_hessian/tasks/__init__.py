@@ -1,9 +1,10 @@
 """Task registry: one module per task family, dispatched by task name (raw data) and by family (the rest).
 
   family          tasks                            model head (Auto...)         loss, a mean over
-  classification  sst2, glue/*, bbc-news, folders  ForSequenceClassification    CE; examples
+  classification  sst2, glue/*, bbc-news,          ForSequenceClassification    CE; examples
+                  mnli-local(-mm), folders
   token           conll03, ner (a folder)          ForTokenClassification       CE; labelled tokens (not -100)
-  qa              squad, squad-local               ForQuestionAnswering         (CE_start + CE_end) / 2; features
+  qa              squad, squad-local, squad-full   ForQuestionAnswering         (CE_start + CE_end) / 2; features
 
 Each family gives: a reader (:func:`load_raw_task`), a tokenizer step (:func:`tokenize_task`), a collator
 (:func:`~.base.collator`), its metric from stacked predictions (:func:`task_scores`, shared by
@@ -76,7 +77,8 @@ _TASK_NAMES: dict[str, tuple[str, ...]] = {"token": token.TASK_NAMES, "qa": qa.T
 
 
 def family_of_task(name: str) -> str:
-    """The family of a task name: ``conll03``/``ner`` -> token, ``squad``/``squad-local`` -> qa, else classification."""
+    """The family of a task name: ``conll03``/``ner`` -> token, ``squad``/``squad-local``/``squad-full`` -> qa, else
+    classification."""
     for family, names in _TASK_NAMES.items():
         if name.lower() in names:
             return family
@@ -93,8 +95,8 @@ def load_raw_task(
     """Read a task's texts and labels (no tokenizer needed), failing fast on missing files or bad records.
 
     Args:
-        name: a classification task (``bbc-news``, ``sst2``, ``glue/mnli``, a hub dataset or a folder), a token
-            task (``conll03``, ``ner``) or a QA task (``squad``, ``squad-local``).
+        name: a classification task (``bbc-news``, ``sst2``, ``glue/mnli``, ``mnli-local``, a hub dataset or a
+            folder), a token task (``conll03``, ``ner``) or a QA task (``squad``, ``squad-local``, ``squad-full``).
         data_dir: a folder with local train/dev files; overrides the hub.
         text_columns: classification only: the text column(s).
         label_column: classification only: the label column.

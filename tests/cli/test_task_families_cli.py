@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qbert_hessian.cli import main
-from tests.helpers import squad_file, write_ner_dir, write_squad_dir
+from tests.helpers import squad_file, write_mnli_dir, write_ner_dir, write_squad_dir
 
 
 @pytest.fixture
@@ -105,3 +105,25 @@ def test_bad_task_files_exit_2_with_one_line(
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_mnli_local_and_squad_full_train_on_a_recorded_seeded_subset(tiny_checkpoint, tmp_path, capsys):
+    """The two local-protocol tasks through finetune: the subset's size and seed are in metrics.json, and an
+    mnli-local model is refused on mnli-local-mm's dev split (its own training data)."""
+    mnli = write_mnli_dir(tmp_path / "mnli")
+    squad = write_squad_dir(tmp_path / "squad-full", train=8, dev=3)
+    for task, data, n in (("mnli-local", mnli, 20), ("squad-full", squad, 10)):
+        ckpt = tmp_path / task
+        argv = ["finetune", "--model", str(tiny_checkpoint), "--task", task, "--data", str(data), "--epochs", "1"]
+        assert main([*argv, "--max-train-samples", str(n), "--seed", "3", "--out", str(ckpt), *COMMON]) == 0
+        record = json.loads((ckpt / "metrics.json").read_text())
+        assert record["task"] == task
+        assert (record["config"]["max_train_samples"], record["config"]["seed"]) == (n, 3)
+    assert json.loads((tmp_path / "mnli-local" / "metrics.json").read_text())["train_examples"] == 20
+    capsys.readouterr()
+    evaluate = ["evaluate", "--model", str(tmp_path / "mnli-local"), "--data", str(mnli), *COMMON]
+    assert main([*evaluate, "--task", "mnli-local", "--out", str(tmp_path / "e1")]) == 0
+    assert main([*evaluate, "--task", "mnli-local-mm", "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tuned on task 'mnli-local', whose training split" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e2").exists()

@@ -253,3 +253,61 @@ def test_trainer_metrics_equal_evaluate(squad_dir, wordpiece, tmp_path):
     assert setup.metric == "f1" and 0 < want["f1"] < 1
     assert got["eval_f1"] == pytest.approx(want["f1"]) and got["eval_exact_match"] == pytest.approx(want["exact_match"])
     assert got["eval_loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- squad-full
+
+
+@pytest.fixture
+def squad_full_dir(tmp_path):
+    """Like shared/data/squad-full: a reconstructed train file (synthetic ids) beside an official-style dev file."""
+    d = tmp_path / "squad-full"
+    d.mkdir()
+    train = [[(f"recon-{a:03d}-000-{q:02d}", f"train question {a} {q}?", "Paris") for q in range(3)] for a in range(5)]
+    dev = [[(f"5733be28477{a}{q}", f"dev question {a} {q}?", "1889") for q in range(2)] for a in range(3)]
+    (d / "train-v1.1-reconstructed.json").write_text(json.dumps(squad_json(train)))
+    (d / "dev-v1.1.json").write_text(json.dumps(squad_json(dev)))
+    return d
+
+
+def test_squad_full_trains_on_the_train_file_and_scores_the_dev_file(squad_full_dir):
+    raw = load_raw_task("squad-full", data_dir=squad_full_dir)
+    assert raw.name == "squad-full" and raw.family == "qa"
+    assert raw.train_texts[0] == [f"train question {a} {q}?" for a in range(5) for q in range(3)]
+    assert raw.dev_texts[0] == [f"dev question {a} {q}?" for a in range(3) for q in range(2)]
+    assert all(a["text"] == ["Paris"] for a in raw.train_labels) and all(a["text"] == ["1889"] for a in raw.dev_labels)
+
+
+def test_squad_full_subset_is_seeded_and_from_the_train_file_only(squad_full_dir):
+    raw = load_raw_task("squad-full", data_dir=squad_full_dir)
+    a, b, c = subset(raw, 6, seed=0), subset(raw, 6, seed=0), subset(raw, 6, seed=1)
+    assert a == b and a.train_texts != c.train_texts and len(a.train_labels) == 6
+    assert set(a.train_texts[0]) <= set(raw.train_texts[0])
+    assert (a.dev_texts, a.dev_labels) == (raw.dev_texts, raw.dev_labels)
+
+
+def test_a_reconstructed_file_is_never_scored(squad_full_dir):
+    """Reconstructed ids are fine to train on, refused in the dev file whatever the local task."""
+    (squad_full_dir / "dev-v1.1.json").unlink()
+    (squad_full_dir / "train-v1.1-reconstructed.json").rename(squad_full_dir / "dev-v1.1.json")
+    (squad_full_dir / "train-v1.1.json").write_text(json.dumps(squad_json([QAS])))
+    for task in ("squad-full", "squad", "squad-local"):
+        with pytest.raises(QBHError, match="question recon-000-000-00 has a reconstructed id: a dev file is scored"):
+            load_raw_task(task, data_dir=squad_full_dir)
+
+
+def test_squad_full_reads_local_files_only():
+    with pytest.raises(QBHError, match="task 'squad-full' reads local files; pass --data DIR"):
+        load_raw_task("squad-full")
+
+
+def test_tokenizing_in_chunks_gives_the_same_features(squad_full_dir, wordpiece):
+    """The features of a split, made a few examples at a time, equal those made at once (example ids included)."""
+    raw = load_raw_task("squad-full", data_dir=squad_full_dir)
+    whole = tokenize_task(raw, wordpiece, max_length=24, stride=8)
+    for chunk in (1, 4, 7):
+        parts = tokenize_task(raw, wordpiece, max_length=24, stride=8, chunk=chunk)
+        assert parts.train.to_dict() == whole.train.to_dict() and parts.dev.to_dict() == whole.dev.to_dict()
+    assert len(whole.train) > len(raw.train_labels)  # several windows per context: example ids carry across chunks
+    with pytest.raises(QBHError, match="chunk 0 must be at least 1"):
+        tokenize_task(raw, wordpiece, max_length=24, chunk=0)
