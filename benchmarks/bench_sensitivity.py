@@ -66,17 +66,17 @@ import numpy as np
 import torch
 from torch import nn
 
+import qbert_hessian.sensitivity as sensitivity_module
 from qbert_hessian.artifacts import write_text
 from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.hessian import eigen as eigen_module
-from qbert_hessian.hessian import sensitivity as sensitivity_module
 from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled, split_by_length
 from qbert_hessian.hessian.lanczos import tridiagonal_eigh
 from qbert_hessian.hessian.memory import reuse_freed_memory
-from qbert_hessian.hessian.sensitivity import draw_indices, estimate_sensitivity
 from qbert_hessian.hessian.vec import randn_like
 from qbert_hessian.models import BlockMap, load_model
+from qbert_hessian.sensitivity import draw_indices, estimate_sensitivity
 from qbert_hessian.tasks import load_raw_task, tokenize_task
 
 HERE = Path(__file__).resolve().parent

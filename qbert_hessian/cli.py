@@ -475,8 +475,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from . import distributed, stages
     from .artifacts import SensitivityReport
-    from .hessian.sensitivity import draw_indices, parallel_mode
     from .models import BlockMap, is_classifier
+    from .sensitivity import draw_indices, parallel_mode
 
     config = _from_args(SensitivityConfig, args)
     _check_out_dir(args.out)

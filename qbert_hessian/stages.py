@@ -263,8 +263,8 @@ def sensitivity(
     Under torch.distributed every rank calls this with the same arguments and gets the report; rank 0 writes it
     and measures the cost table (the other ranks get ``None`` for it).
     """
-    from .hessian.sensitivity import estimate_sensitivity
     from .report import write_sensitivity
+    from .sensitivity import estimate_sensitivity
 
     out = Path(out_dir)
     inputs = {**(inputs or {}), "config": config.protocol()}

@@ -103,7 +103,7 @@ def test_sensitivity_cli_resumes_an_interrupted_draw_with_the_same_numbers(
 ):
     """Ctrl-C in the middle of the second draw: the first draw of every block is kept (report and state on disk)
     and --resume finishes with the numbers of a run never stopped; the state file is gone afterwards."""
-    import qbert_hessian.hessian.sensitivity as sensitivity
+    import qbert_hessian.sensitivity as sensitivity
     from qbert_hessian.stages import SENSITIVITY_STATE_FILE
 
     base = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS]
