@@ -62,7 +62,6 @@ from .hessian.trace import (
     summarize,
 )
 from .models import BlockMap, curvature_kernels
-from .names import blocks_overlap
 
 if TYPE_CHECKING:
     from torch import nn
@@ -351,6 +350,7 @@ def estimate_sensitivity(
     on_block: Callable[[SensitivityReport], None] | None = None,
     on_draw: Callable[[SensitivityReport, dict | None], None] | None = None,
     progress: bool = True,
+    block_map: BlockMap | None = None,
 ) -> SensitivityReport:
     """Run the Q-BERT protocol on every requested block.
 
@@ -376,6 +376,7 @@ def estimate_sensitivity(
             resume from, plain data and CPU tensors (``torch.save``-able); with ``None`` as the state once the
             blocks are finished. Under torch.distributed pass it on every rank alike; it is called on rank 0.
         progress: show a tqdm bar over blocks x draws (rank 0 only).
+        block_map: the model's :class:`~qbert_hessian.models.BlockMap`, when the caller has it.
 
     Returns:
         The :class:`SensitivityReport`.
@@ -384,15 +385,12 @@ def estimate_sensitivity(
         QBHError: unknown blocks, too little data, a non-finite loss, a ``resume`` report that does not
             match these settings, or a parallel mode the ranks cannot share (:func:`parallel_mode`).
     """
-    block_map = BlockMap(model)
+    block_map = BlockMap(model) if block_map is None else block_map
     names = block_map.expand(blocks)
     if config.trace == TraceMode.SHARED:
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                if blocks_overlap(a, b):
-                    raise QBHError(
-                        f"trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; use --trace block"
-                    )
+        block_map.check_disjoint(
+            names, "trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; use --trace block"
+        )
     indices = draw_indices(len(task.train), config)
     report = SensitivityReport(
         model=block_map.describe(model_name),
