@@ -45,10 +45,10 @@ import torch
 from qbert_hessian.artifacts import write_text
 from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
-from qbert_hessian.hessian.sensitivity import draw_indices
 from qbert_hessian.hessian.trace import hutchinson_block_traces, hutchinson_trace, hutchpp_trace
 from qbert_hessian.models import BlockMap, curvature_kernels, load_model
 from qbert_hessian.names import blocks_overlap
+from qbert_hessian.sensitivity import draw_indices
 from qbert_hessian.tasks import load_raw_task, tokenize_task
 
 HERE = Path(__file__).resolve().parent

@@ -38,8 +38,8 @@ import torch
 from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.hvp import BlockHessian, autocast_products, curvature_mode, grads_enabled
-from qbert_hessian.hessian.sensitivity import draw_indices
 from qbert_hessian.models import BlockMap, curvature_kernels, load_model
+from qbert_hessian.sensitivity import draw_indices
 from qbert_hessian.tasks import load_raw_task, tokenize_task
 
 DEFAULTS = {"sst2": (32, 64), "bbc-news": (16, 128)}  # batch size, max length (as bench_sensitivity.py)

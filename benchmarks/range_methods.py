@@ -13,7 +13,7 @@ import time
 import torch
 
 from qbert_hessian.models import BlockMap, load_model
-from qbert_hessian.quant.apply import block_modules, num_heads_of
+from qbert_hessian.quant.apply import block_modules
 from qbert_hessian.quant.functional import group_layout, quant_error
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     groups = int(args.groups) if args.groups.isdigit() else args.groups
     model, _ = load_model(args.model, num_labels=2)
     block_map = BlockMap(model)
-    heads = num_heads_of(model)
+    heads = block_map.num_heads
     mats = []
     for i in range(len(block_map.layers)):
         for name, path, kind in block_modules(block_map, f"encoder.{i}"):

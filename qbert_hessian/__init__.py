@@ -29,7 +29,7 @@ _EXPORTS = {
     "SensitivityConfig": "config",
     "TraceMode": "config",
     "TraceMethod": "config",
-    "estimate_sensitivity": "hessian.sensitivity",
+    "estimate_sensitivity": "sensitivity",
     "SensitivityReport": "artifacts",
     "BlockSensitivity": "artifacts",
     "BlockHessian": "hessian.hvp",

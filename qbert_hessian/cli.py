@@ -493,8 +493,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from . import distributed, stages
     from .artifacts import SensitivityReport
-    from .hessian.sensitivity import draw_indices, parallel_mode
     from .models import BlockMap, is_classifier
+    from .sensitivity import draw_indices, parallel_mode
 
     config = _from_args(SensitivityConfig, args)
     _check_out_dir(args.out)
@@ -512,7 +512,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             "fine-tune it first (qbert-hessian finetune)"
         )
     model, task = stages.load_for_task(args.model, raw, max_length=config.max_length, device=args.device)
-    names = BlockMap(model).expand(args.blocks)  # unknown blocks fail before any output is written
+    block_map = BlockMap(model)  # built once for the command and passed down
+    names = block_map.expand(args.blocks)  # unknown blocks fail before any output is written
     draw_indices(len(task.train), config)  # so does a draw larger than the data
     done = {b.name for b in resume.blocks} if resume is not None else set()
     # so does a world the work cannot be shared over (every rank reaches the same verdict)
@@ -531,6 +532,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             inputs=inputs,
             resume=resume,
             progress=not args.quiet,
+            block_map=block_map,
         )
     except KeyboardInterrupt:
         _say(args, f"interrupted; the finished draws are kept in {args.out}; rerun with --resume to continue", err=True)

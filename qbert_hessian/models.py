@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .errors import QBHError
 from .hessian.kernels import gelu, softmax
-from .names import EMBEDDING_PARTS, LINEAR_PARTS, expand_blocks, validate_block
+from .names import EMBEDDING_PARTS, LINEAR_PARTS, blocks_overlap, expand_blocks, validate_block
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -141,7 +141,9 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
 
 
 class BlockMap:
-    """Canonical block names of one loaded model, and their modules and parameters."""
+    """Canonical block names of one loaded model, and their modules and parameters: the one owner of the map
+    from blocks to modules (the head count, the modules of a unit, the overlap check). Build it once per command
+    and pass it down."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -172,6 +174,37 @@ class BlockMap:
     def module(self, block: str) -> nn.Module:
         return self.model.get_submodule(self.module_path(block))
 
+    @property
+    def num_heads(self) -> int:
+        """Attention heads per layer (``num_attention_heads``; DistilBERT's config calls it ``n_heads``)."""
+        cfg = self.model.config  # type: ignore[attr-defined]
+        return int(getattr(cfg, "num_attention_heads", None) or cfg.n_heads)
+
+    def unit_modules(self, block: str) -> list[tuple[str, str]]:
+        """``(canonical name, module path)`` of every quantizable module inside ``block``.
+
+        ``embeddings`` means the word and position tables (token types stay FP32 unless named, as Q-BERT);
+        ``encoder.i`` its six linears; a finer block is its one module.
+        """
+        self.module_path(block)  # raises for a block this model does not have, naming the valid ones
+        parts = block.split(".")
+        if parts[0] == "embeddings":
+            names = (
+                [block] if len(parts) == 2 else [f"embeddings.{p}" for p in self.embedding_parts if p != "token_type"]
+            )
+        else:
+            names = [block] if len(parts) == 3 else [f"{block}.{p}" for p in LINEAR_PARTS]
+        return [(n, self.module_path(n)) for n in names]
+
+    @staticmethod
+    def check_disjoint(blocks: Sequence[str], problem: str) -> None:
+        """Refuse blocks where one contains another: ``problem`` (with ``{a}`` and ``{b}`` for the first such
+        pair) is the error's one line."""
+        for i, a in enumerate(blocks):
+            for b in blocks[i + 1 :]:
+                if blocks_overlap(a, b):
+                    raise QBHError(problem.format(a=a, b=b))
+
     def named_parameters(self, block: str) -> list[tuple[str, nn.Parameter]]:
         """``(fully qualified name, parameter)`` of every parameter in the block."""
         path = self.module_path(block)
@@ -190,7 +223,7 @@ class BlockMap:
             "name": name,
             "family": self.adapter.family,
             "num_layers": self.num_layers,
-            "num_heads": getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", None)),
+            "num_heads": self.num_heads,
             "hidden_size": getattr(cfg, "hidden_size", getattr(cfg, "dim", None)),
             "num_labels": getattr(cfg, "num_labels", None),
             "num_params": sum(p.numel() for p in self.model.parameters()),

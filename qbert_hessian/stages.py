@@ -269,6 +269,7 @@ def sensitivity(
     profile_groups: Sequence[int | str] = DEFAULT_PROFILE_GROUPS,
     range_method: str = DEFAULT_RANGE_METHOD,
     progress: bool = True,
+    block_map: BlockMap | None = None,
 ) -> tuple[SensitivityReport, QuantProfile | None]:
     """The Q-BERT sensitivity report of ``model`` on ``task``, written to ``out_dir`` after every draw (with the
     state to resume from beside it, :data:`SENSITIVITY_STATE_FILE`, removed once the report is complete) and,
@@ -279,11 +280,13 @@ def sensitivity(
     settings); otherwise the error says which differs.
 
     Under torch.distributed every rank calls this with the same arguments and gets the report; rank 0 writes it
-    and measures the cost table (the other ranks get ``None`` for it).
+    and measures the cost table (the other ranks get ``None`` for it). ``block_map`` is the model's, when the
+    caller has built it (else built here, once for the report and its cost table).
     """
-    from .hessian.sensitivity import estimate_sensitivity
     from .report import write_sensitivity
+    from .sensitivity import estimate_sensitivity
 
+    block_map = BlockMap(model) if block_map is None else block_map
     out = Path(out_dir)
     check_state_file(out)
     inputs = {**(inputs or {}), "config": config.protocol()}
@@ -327,6 +330,7 @@ def sensitivity(
         on_block=save,
         on_draw=save_draw,
         progress=progress,
+        block_map=block_map,
     )
     report.inputs = inputs
     if not distributed.is_main():
@@ -336,7 +340,13 @@ def sensitivity(
         return report, None
     (out / SENSITIVITY_STATE_FILE).unlink(missing_ok=True)  # also one left by a run stopped as it finished
     profile = report_profile(
-        model, report, out, groups=profile_groups, model_name=model_name, range_method=range_method
+        model,
+        report,
+        out,
+        groups=profile_groups,
+        model_name=model_name,
+        range_method=range_method,
+        block_map=block_map,
     )
     return report, profile
 
@@ -368,16 +378,19 @@ def report_profile(
     model_name: str,
     model_fp: str | None = None,
     range_method: str = DEFAULT_RANGE_METHOD,
+    block_map: BlockMap | None = None,
 ) -> QuantProfile:
     """The cost table of a report's blocks (and the embedding tables), its errors measured with ``range_method``,
-    saved as ``profile.json`` beside it."""
+    saved as ``profile.json`` beside it (``block_map``: the model's, when the caller has it)."""
+    block_map = BlockMap(model) if block_map is None else block_map
     profile = measure_profile(
         model,
-        profile_units(BlockMap(model), [b.name for b in report.blocks]),
+        profile_units(block_map, [b.name for b in report.blocks]),
         groups=groups,
         range_method=range_method,
         model_name=model_name,
         inputs={"model": model_fp or report.inputs.get("model")},
+        block_map=block_map,
     )
     profile.save(Path(out_dir) / PROFILE_FILE)
     return profile
@@ -432,7 +445,14 @@ def load_profile(
     logger.info("measuring quantization errors of %s (groups %s, %s ranges)", model, groups_all, range_method)
     fp = model_fingerprint(model)
     return report_profile(
-        fp32, report, path.parent, groups=groups_all, model_name=str(model), model_fp=fp, range_method=range_method
+        fp32,
+        report,
+        path.parent,
+        groups=groups_all,
+        model_name=str(model),
+        model_fp=fp,
+        range_method=range_method,
+        block_map=block_map,
     )
 
 

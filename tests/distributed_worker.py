@@ -21,8 +21,8 @@ def held_by_this_rank(spec: dict) -> dict:
     from qbert_hessian.config import SensitivityConfig
     from qbert_hessian.hessian import vec
     from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
-    from qbert_hessian.hessian.sensitivity import estimate_sensitivity
     from qbert_hessian.models import BlockMap, load_model
+    from qbert_hessian.sensitivity import estimate_sensitivity
     from qbert_hessian.tasks import load_task
 
     model, tokenizer = load_model(spec["model"], num_labels=2)

@@ -21,7 +21,6 @@ from .. import distributed
 from ..artifacts import BitPlan
 from ..errors import QBHError
 from ..models import BlockMap
-from ..names import LINEAR_PARTS
 from .functional import Kind, QuantSpec, group_layout
 from .modules import QUANT_MODULES, ActQuant, QuantEmbedding, QuantLinear
 from .rounding import calibration_sequences, round_gptq_
@@ -35,11 +34,6 @@ def linear_kind(part: str) -> Kind:
     return "qkv" if part in ("query", "key", "value") else "attn_out" if part == "attn_out" else "ffn"
 
 
-def num_heads_of(model: nn.Module) -> int:
-    cfg = model.config  # type: ignore[attr-defined]
-    return int(getattr(cfg, "num_attention_heads", None) or cfg.n_heads)
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One module to quantize: its canonical block, module path, kind and weight spec."""
@@ -51,20 +45,12 @@ class Target:
 
 
 def block_modules(block_map: BlockMap, block: str) -> list[tuple[str, str, Kind]]:
-    """``(canonical name, module path, kind)`` of every quantizable module inside ``block``.
-
-    ``embeddings`` means the word and position tables (token types stay FP32 unless named, as Q-BERT);
-    ``encoder.i`` its six linears.
-    """
-    block_map.module_path(block)  # raises for a block this model does not have, naming the valid ones
-    parts = block.split(".")
-    if parts[0] == "embeddings":
-        names = (
-            [block] if len(parts) == 2 else [f"embeddings.{p}" for p in block_map.embedding_parts if p != "token_type"]
-        )
-        return [(n, block_map.module_path(n), "embedding") for n in names]
-    names = [block] if len(parts) == 3 else [f"{block}.{p}" for p in LINEAR_PARTS]
-    return [(n, block_map.module_path(n), linear_kind(n.split(".")[2])) for n in names]
+    """``(canonical name, module path, kind)`` of every quantizable module inside ``block``
+    (:meth:`BlockMap.unit_modules`, with the grouping kind of each)."""
+    return [
+        (n, p, "embedding" if n.startswith("embeddings.") else linear_kind(n.split(".")[2]))
+        for n, p in block_map.unit_modules(block)
+    ]
 
 
 def check_plan_matches(plan: BitPlan, block_map: BlockMap) -> None:
@@ -79,15 +65,16 @@ def check_plan_matches(plan: BitPlan, block_map: BlockMap) -> None:
             )
 
 
-def plan_targets(model: nn.Module, plan: BitPlan) -> list[Target]:
-    """Resolve a plan into per-module targets; finer blocks override their layer's entry.
+def plan_targets(model: nn.Module, plan: BitPlan, block_map: BlockMap | None = None) -> list[Target]:
+    """Resolve a plan into per-module targets; finer blocks override their layer's entry (``block_map``:
+    the model's, when the caller has it).
 
     Raises:
         QBHError: an unknown block, a plan for another model, or a grouping that does not divide a matrix.
     """
-    block_map = BlockMap(model)
+    block_map = BlockMap(model) if block_map is None else block_map
     check_plan_matches(plan, block_map)
-    heads = num_heads_of(model)
+    heads = block_map.num_heads
     by_path: dict[str, Target] = {}
     # Coarse blocks first, so encoder.3.query overrides encoder.3.
     for block in sorted(plan.blocks, key=lambda b: b.count(".")):
@@ -112,10 +99,11 @@ def quantize_model(model: nn.Module, plan: BitPlan, *, inplace: bool = False) ->
     Returns:
         The quantized model (save it with ``save_packed(model, out, plan=plan)``).
     """
-    targets = plan_targets(model, plan)
+    block_map = BlockMap(model)
+    targets = plan_targets(model, plan, block_map)
     if not inplace:
         model = copy.deepcopy(model)
-    heads = num_heads_of(model)
+    heads = block_map.num_heads
     for t in targets:
         parent_path, _, attr = t.path.rpartition(".")
         parent, module = model.get_submodule(parent_path), model.get_submodule(t.path)

@@ -17,7 +17,7 @@ from ..artifacts import GroupCost, QuantProfile, UnitProfile
 from ..config import DEFAULT_RANGE_METHOD, check_range_method
 from ..errors import QBHError
 from ..models import BlockMap
-from .apply import block_modules, num_heads_of
+from .apply import block_modules
 from .functional import group_layout, parse_groups, quant_error
 
 DEFAULT_PROFILE_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -30,10 +30,7 @@ _DTYPES |= {"bool": "BOOL", "float64": "F64", "int16": "I16", "int8": "I8"}
 def profile_units(block_map: BlockMap, report_blocks: Sequence[str]) -> list[str]:
     """The allocation units of a report: its encoder blocks (which must not overlap), plus the embedding tables."""
     enc = [b for b in report_blocks if b.startswith("encoder.")]
-    for i, a in enumerate(enc):
-        for b in enc[i + 1 :]:
-            if a.startswith(b + ".") or b.startswith(a + "."):
-                raise QBHError(f"report blocks {a} and {b} overlap; score either layers or linears, not both")
+    block_map.check_disjoint(enc, "report blocks {a} and {b} overlap; score either layers or linears, not both")
     return enc + [u for u in EMBEDDING_UNITS if u.split(".")[1] in block_map.embedding_parts]
 
 
@@ -69,6 +66,7 @@ def measure_profile(
     range_method: str = DEFAULT_RANGE_METHOD,
     model_name: str = "model",
     inputs: dict | None = None,
+    block_map: BlockMap | None = None,
 ) -> QuantProfile:
     """The cost table of ``units`` (canonical blocks: ``encoder.3``, ``encoder.3.query``, ``embeddings.word``).
 
@@ -83,13 +81,14 @@ def measure_profile(
             it, and a plan is only made from a profile of its own range method.
         model_name: the model's name as artifacts record it.
         inputs: provenance to store (e.g. the model's fingerprint).
+        block_map: the model's :class:`~qbert_hessian.models.BlockMap`, when the caller has it.
 
     Returns:
         A :class:`~qbert_hessian.artifacts.QuantProfile`.
     """
     check_range_method(range_method)
-    block_map = BlockMap(model)
-    heads = num_heads_of(model)
+    block_map = BlockMap(model) if block_map is None else block_map
+    heads = block_map.num_heads
     out: dict[str, UnitProfile] = {}
     for unit in units:
         mats = [(n, p, block_map.model.get_submodule(p).weight, k) for n, p, k in block_modules(block_map, unit)]

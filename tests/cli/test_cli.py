@@ -56,6 +56,25 @@ def test_sensitivity_cli_writes_the_report_and_the_cost_table(tiny_checkpoint, t
     assert "Omega" in proc.stdout and "| 1 |" in proc.stdout
 
 
+def test_sensitivity_cli_maps_blocks_to_modules_once(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    """One BlockMap per command, passed down to the protocol and the cost table (which measures every unit)."""
+    from qbert_hessian.models import BlockMap
+
+    built = []
+    real_init = BlockMap.__init__
+
+    def counting_init(self, model):
+        built.append(model)
+        real_init(self, model)
+
+    monkeypatch.setattr(BlockMap, "__init__", counting_init)
+    out = tmp_path / "once"
+    args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS, "--draws", "1"]
+    assert main([*args, "--blocks", "encoder.0", "--out", str(out)]) == 0
+    assert len(built) == 1
+    assert "embeddings.word" in json.loads((out / "profile.json").read_text())["units"]
+
+
 def test_sensitivity_cli_hutchpp_traces_are_named_in_the_report(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "hpp"
     args = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS[:-3], "--quiet"]
@@ -103,7 +122,7 @@ def test_sensitivity_cli_resumes_an_interrupted_draw_with_the_same_numbers(
 ):
     """Ctrl-C in the middle of the second draw: the first draw of every block is kept (report and state on disk)
     and --resume finishes with the numbers of a run never stopped; the state file is gone afterwards."""
-    import qbert_hessian.hessian.sensitivity as sensitivity
+    import qbert_hessian.sensitivity as sensitivity
     from qbert_hessian.stages import SENSITIVITY_STATE_FILE
 
     base = ["sensitivity", "--model", str(tiny_checkpoint), "--data", str(tiny_data), *SENS]

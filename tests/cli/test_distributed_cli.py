@@ -233,8 +233,8 @@ def test_every_rank_holds_the_same_operator_as_one_process(two, tiny_checkpoint,
     from qbert_hessian.config import SensitivityConfig
     from qbert_hessian.hessian import vec
     from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
-    from qbert_hessian.hessian.sensitivity import estimate_sensitivity
     from qbert_hessian.models import BlockMap, load_model
+    from qbert_hessian.sensitivity import estimate_sensitivity
     from qbert_hessian.tasks import load_task
 
     _, ranks, _ = two

@@ -1,4 +1,16 @@
-"""Imports go down the layer list (STYLE.md section 3), never up; library code never prints."""
+"""Imports go down the layer list (STYLE.md section 3), never up, for modules and for folders; library code never
+prints.
+
+Two rules hold the layering:
+
+- **Modules**: a module imports only modules of a lower layer in ``LAYERS``, or of its own layer listed before it.
+- **Folders**: read each folder (``hessian/``, ``quant/``, ``tasks/``, ``deploy/``) as one node and each root module
+  as its own node; the imports between nodes form no cycle. So no root module both imports from a folder and is
+  imported by a module of that folder (``models`` using ``hessian.kernels`` while ``hessian.sensitivity`` used
+  ``models`` was such a cycle: the folder spanned an arrow back up), nor through a chain of other modules.
+  A folder may still hold modules of several layers, as long as everything outside it that it imports sits below
+  everything outside it that imports it.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +47,7 @@ LAYERS = {
     "tasks.token": 2,
     "tasks.qa": 2,
     "quant.modules": 2,
-    "hessian.sensitivity": 3,
+    "sensitivity": 3,
     "allocate": 3,
     "quant.rounding": 3,
     "quant.apply": 3,
@@ -91,6 +103,65 @@ def test_imports_go_down_the_layers(path):
         # Down the layers, or to a module listed earlier within the same layer (artifacts -> errors).
         down = LAYERS[dep] < LAYERS[mod] or (LAYERS[dep] == LAYERS[mod] and ORDER.index(dep) < ORDER.index(mod))
         assert down, f"{mod} (layer {LAYERS[mod]}) imports {dep} (layer {LAYERS[dep]})"
+
+
+def _node(mod: str) -> str:
+    """The folder a module sits in (``hessian`` for ``hessian.eigen``), or the root module itself."""
+    return mod.split(".", 1)[0]
+
+
+def _folder_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in the node graph, as the list of nodes walked (first == last), or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def _node_edges(modules: dict[str, set[str]]) -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
+    """Imports between nodes, and for each node edge the module imports that make it (for the message)."""
+    edges: dict[str, set[str]] = {}
+    why: dict[tuple[str, str], list[str]] = {}
+    for mod, deps in modules.items():
+        for dep in deps:
+            a, b = _node(mod), _node(dep)
+            if a != b:
+                edges.setdefault(a, set()).add(b)
+                why.setdefault((a, b), []).append(f"{mod} -> {dep}")
+    return edges, why
+
+
+def test_no_folder_spans_an_upward_arrow():
+    edges, why = _node_edges({_module_name(p): _imports(p) for p in MODULES})
+    cycle = _folder_cycle(edges)
+    links = [", ".join(sorted(why[a, b])) for a, b in zip(cycle, cycle[1:], strict=False)] if cycle else []
+    assert cycle is None, f"folder-level import cycle {' -> '.join(cycle)} ({'; '.join(links)})"
+
+
+def test_the_folder_check_finds_a_cycle_through_a_root_module():
+    """The check itself: a folder module above ``models`` importing it while ``models`` imports that folder."""
+    edges, why = _node_edges({"models": {"hessian.kernels"}, "hessian.protocol": {"models"}, "hessian.kernels": set()})
+    assert _folder_cycle(edges) == ["hessian", "models", "hessian"]
+    assert why["hessian", "models"] == ["hessian.protocol -> models"]
+    assert (
+        _folder_cycle(_node_edges({"models": {"hessian.kernels"}, "sensitivity": {"models", "hessian.eigen"}})[0])
+        is None
+    )
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES if p.stem != "cli"], ids=_module_name)

@@ -44,6 +44,27 @@ def test_block_map_covers_every_family(family):
     assert all(n.endswith(("weight", "bias")) and ".1." in n for n in names)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_block_map_owns_heads_unit_modules_and_the_overlap_check(family):
+    bm = BlockMap(_tiny(family))
+    assert bm.num_heads == 4 and bm.describe("m")["num_heads"] == 4  # DistilBERT's config says n_heads
+    layer = bm.unit_modules("encoder.1")
+    assert [n for n, _ in layer] == [
+        f"encoder.1.{p}" for p in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+    ]
+    assert all(bm.model.get_submodule(p) is bm.module(n) for n, p in layer)
+    assert bm.unit_modules("encoder.1.key") == [layer[1]]
+    # the embedding block is the word and position tables; token types are quantized only when named
+    assert [n for n, _ in bm.unit_modules("embeddings")] == ["embeddings.word", "embeddings.position"]
+    if family != "distilbert":
+        assert [n for n, _ in bm.unit_modules("embeddings.token_type")] == ["embeddings.token_type"]
+    with pytest.raises(QBHError, match="encoder.7"):
+        bm.unit_modules("encoder.7")
+    bm.check_disjoint(["encoder.0", "encoder.1.query", "embeddings"], "{a} and {b} overlap")
+    with pytest.raises(QBHError, match=r"^encoder.1 and encoder.1.query overlap$"):
+        bm.check_disjoint(["encoder.0", "encoder.1", "encoder.1.query"], "{a} and {b} overlap")
+
+
 def test_unsupported_architecture_is_named():
     import transformers as tf
 

@@ -16,9 +16,9 @@ from qbert_hessian.errors import QBHError
 from qbert_hessian.hessian import vec
 from qbert_hessian.hessian.eigen import certified_lanczos_eigenvalues, lanczos_eigenvalues, residual_bound
 from qbert_hessian.hessian.hvp import BlockHessian, autocast_products, grads_enabled
-from qbert_hessian.hessian.sensitivity import estimate_sensitivity
 from qbert_hessian.hessian.trace import hutchinson_trace
 from qbert_hessian.models import BlockMap, curvature_kernels, load_model
+from qbert_hessian.sensitivity import estimate_sensitivity
 from qbert_hessian.tasks import load_task
 from tests.helpers import dense_block_hessian, random_batch
 

@@ -9,8 +9,8 @@ import pytest
 from qbert_hessian.artifacts import SensitivityReport
 from qbert_hessian.config import SensitivityConfig
 from qbert_hessian.errors import QBHError
-from qbert_hessian.hessian.sensitivity import draw_indices, estimate_sensitivity
 from qbert_hessian.models import load_model
+from qbert_hessian.sensitivity import draw_indices, estimate_sensitivity
 from qbert_hessian.tasks import load_task
 
 FAST = SensitivityConfig(draws=3, batch_size=8, max_iters=15, tol=1e-3, trace_samples=3, max_length=16)
@@ -213,7 +213,7 @@ def test_draws_are_seeded_and_distinct():
     ids=["quarter", "uneven", "all", "tiny"],
 )
 def test_draw_fraction_gives_exact_batch_counts(model_task, fraction, examples, batches, sizes):
-    from qbert_hessian.hessian.sensitivity import _draw_batches, batches_in_draw, draw_size
+    from qbert_hessian.sensitivity import _draw_batches, batches_in_draw, draw_size
 
     _, task = model_task
     cfg = SensitivityConfig(draws=2, batch_size=8, draw_fraction=fraction)
@@ -231,8 +231,8 @@ def test_draw_fraction_hessian_is_the_dense_hessian_of_the_union(model_task):
 
     from qbert_hessian.hessian import vec
     from qbert_hessian.hessian.hvp import BlockHessian, curvature_mode, grads_enabled
-    from qbert_hessian.hessian.sensitivity import _draw_batches
     from qbert_hessian.models import BlockMap
+    from qbert_hessian.sensitivity import _draw_batches
     from tests.helpers import dense_block_hessian
 
     model, task = model_task
@@ -307,7 +307,7 @@ def test_resume_refuses_another_draw_fraction(model_task):
     ],
 )
 def test_parallel_mode_resolves_auto(parallel, batches, blocks, world, mode):
-    from qbert_hessian.hessian.sensitivity import parallel_mode
+    from qbert_hessian.sensitivity import parallel_mode
 
     cfg = SensitivityConfig(batch_size=8, batches_per_draw=batches, parallel=parallel)
     assert parallel_mode(cfg, 96, blocks, world).value == mode
@@ -322,7 +322,7 @@ def test_parallel_mode_resolves_auto(parallel, batches, blocks, world, mode):
     ],
 )
 def test_parallel_mode_refuses_idle_ranks(parallel, batches, blocks, message):
-    from qbert_hessian.hessian.sensitivity import parallel_mode
+    from qbert_hessian.sensitivity import parallel_mode
 
     cfg = SensitivityConfig(batch_size=8, batches_per_draw=batches, parallel=parallel)
     with pytest.raises(QBHError, match=message):

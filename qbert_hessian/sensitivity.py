@@ -9,11 +9,11 @@ the largest-magnitude eigenvalue lam_{b,d} of the block Hessian H_bb on that dra
 so a block whose curvature is large *or* varies a lot between batches gets more bits. Next to it, the
 trace Tr(H_bb) (Hutchinson, or Hutch++ with ``trace_method = "hutchpp"``) and HAWQ-V2's normalised trace
 Tr(H_bb) / n_b. Hutchinson's samples are pooled over the draws; Hutch++ gives one estimate per draw, and the
-block's trace is their mean with standard error sqrt(sum_d se_d^2) / D (:func:`~.trace.pool_estimates`).
+block's trace is their mean with standard error sqrt(sum_d se_d^2) / D (:func:`~.hessian.trace.pool_estimates`).
 
 The blocks advance together, draw by draw: a draw's batches get one forward and one ``create_graph`` backward
 over every block's parameters, and each block's products run through that one graph
-(:meth:`~.hvp.BlockHessian.block`), where a per-block graph would cost one more forward and backward per block
+(:meth:`~.hessian.hvp.BlockHessian.block`), where a per-block graph would cost one more forward and backward per block
 (benchmarks/PRODUCTS.md). The previous draw's eigenvector warm-starts each block's next draw. After every draw
 ``on_draw`` gets the report and the state to resume from (each block's values so far, warm start and random
 generator), so a stopped run continues with the numbers of a run never stopped; ``on_block`` gets the report
@@ -45,22 +45,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..artifacts import BlockSensitivity, SensitivityReport, TraceStats, fingerprint
-from ..config import EigenMethod, Parallel, Precision, SensitivityConfig, TraceMethod, TraceMode
-from ..errors import QBHError
-from ..models import BlockMap, curvature_kernels
-from ..names import blocks_overlap
-from . import vec
-from .eigen import certified_lanczos_eigenvalues, lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
-from .hvp import Batch, BlockHessian, BlockView, LossFn, autocast_products, curvature_mode, grads_enabled
-from .memory import reuse_freed_memory
-from .trace import TraceResult, hutchinson_block_traces, hutchinson_trace, hutchpp_trace, pool_estimates, summarize
+from . import distributed
+from .artifacts import BlockSensitivity, SensitivityReport, TraceStats, fingerprint
+from .config import EigenMethod, Parallel, Precision, SensitivityConfig, TraceMethod, TraceMode
+from .errors import QBHError
+from .hessian import vec
+from .hessian.eigen import certified_lanczos_eigenvalues, lanczos_eigenvalues, most_negative_eigenvalue, top_eigenvalues
+from .hessian.hvp import Batch, BlockHessian, BlockView, LossFn, autocast_products, curvature_mode, grads_enabled
+from .hessian.memory import reuse_freed_memory
+from .hessian.trace import (
+    TraceResult,
+    hutchinson_block_traces,
+    hutchinson_trace,
+    hutchpp_trace,
+    pool_estimates,
+    summarize,
+)
+from .models import BlockMap, curvature_kernels
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..tasks import Task
+    from .tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +350,7 @@ def estimate_sensitivity(
     on_block: Callable[[SensitivityReport], None] | None = None,
     on_draw: Callable[[SensitivityReport, dict | None], None] | None = None,
     progress: bool = True,
+    block_map: BlockMap | None = None,
 ) -> SensitivityReport:
     """Run the Q-BERT protocol on every requested block.
 
@@ -369,6 +376,7 @@ def estimate_sensitivity(
             resume from, plain data and CPU tensors (``torch.save``-able); with ``None`` as the state once the
             blocks are finished. Under torch.distributed pass it on every rank alike; it is called on rank 0.
         progress: show a tqdm bar over blocks x draws (rank 0 only).
+        block_map: the model's :class:`~qbert_hessian.models.BlockMap`, when the caller has it.
 
     Returns:
         The :class:`SensitivityReport`.
@@ -377,15 +385,12 @@ def estimate_sensitivity(
         QBHError: unknown blocks, too little data, a non-finite loss, a ``resume`` report that does not
             match these settings, or a parallel mode the ranks cannot share (:func:`parallel_mode`).
     """
-    block_map = BlockMap(model)
+    block_map = BlockMap(model) if block_map is None else block_map
     names = block_map.expand(blocks)
     if config.trace == TraceMode.SHARED:
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                if blocks_overlap(a, b):
-                    raise QBHError(
-                        f"trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; use --trace block"
-                    )
+        block_map.check_disjoint(
+            names, "trace mode 'shared' needs disjoint blocks, but {a} and {b} overlap; use --trace block"
+        )
     indices = draw_indices(len(task.train), config)
     report = SensitivityReport(
         model=block_map.describe(model_name),
