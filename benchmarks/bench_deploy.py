@@ -277,7 +277,7 @@ def markdown(results: list[dict], args: argparse.Namespace, argv: list[str]) -> 
         "# Deploying the compressed model: size, memory and speed",
         "",
         f"Command: `python benchmarks/bench_deploy.py {' '.join(argv)}` at commit {commit.strip() or '?'}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, ISA {', '.join(isa) or 'no VNNI'};"
         f" torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}.",
         f"Each engine in a fresh process, {args.threads} intra-op threads, median of {args.repeats} runs after "

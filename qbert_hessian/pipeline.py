@@ -599,7 +599,7 @@ class Run:
         self, inputs: dict[str, Any] | None, p_inputs: dict[str, Any] | None
     ) -> tuple[SensitivityReport | None, QuantProfile | None]:
         from . import stages
-        from .hessian.sensitivity import draw_indices
+        from .sensitivity import draw_indices
 
         out = self.out / "sensitivity"
         path = out / "sensitivity.json"

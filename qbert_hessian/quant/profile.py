@@ -38,7 +38,7 @@ def check_groups(model: nn.Module, units: Sequence[str], groups: object) -> None
     """Every matrix of ``units`` divides into ``groups`` (the :func:`group_layout` message otherwise), checked
     before a cost table is measured for a plan that asks for them."""
     block_map = BlockMap(model)
-    heads = num_heads_of(model)
+    heads = block_map.num_heads
     g = parse_groups(groups)
     for unit in units:
         for n, p, k in block_modules(block_map, unit):
