@@ -338,6 +338,11 @@ class BitPlan(Artifact):
     notes: list[str] = dataclasses.field(default_factory=list)
     created_by: str = CREATED_BY
 
+    @property
+    def predicted_packed_bytes(self) -> int | None:
+        """The packed checkpoint's predicted size (``predicted["bytes"]`` is the ONNX file's under deploy onnx)."""
+        return self.predicted.get("packed_bytes", self.predicted.get("bytes"))
+
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, dict):
             raise QBHError("plan 'blocks' must map block names to {bits, groups}; regenerate the plan")

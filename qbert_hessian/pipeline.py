@@ -673,7 +673,7 @@ class Run:
             family=task.family,
             direct=direct,
             bytes=file_sizes(packed)["weights_bytes"],
-            predicted_bytes=plan.predicted.get("bytes"),
+            predicted_bytes=plan.predicted_packed_bytes,
             qat=qat,
             train_seconds=training.train_seconds if training else None,
             examples_seen=training.examples_seen if training else None,

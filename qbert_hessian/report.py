@@ -291,6 +291,14 @@ def plan_markdown(plan: BitPlan) -> str:
         f"{plan.range_method}",
         f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
     ]
+    if p.get("deploy") == "onnx":
+        lines[2] = lines[2].replace("- predicted size:", "- predicted size of the ONNX export (onnx/model.onnx):", 1)
+        lines.insert(
+            3,
+            f"- priced for deploy onnx (widths 2, 4, 8): within {p['onnx_tolerance_bytes']:,} bytes of the file "
+            f"({p['onnx_initializer_bytes']:,} bytes of initializers exactly); the packed checkpoint is "
+            f"{p['packed_bytes']:,} bytes",
+        )
     lines += [f"- note: {n}" for n in plan.notes]
     per_block = p.get("per_block", {})
     lines += [

@@ -503,7 +503,7 @@ def export(
         packed_bytes=sizes["weights_bytes"],
         folder_bytes=sizes["folder_bytes"],
         fp32_safetensors_bytes=fp32_safetensors_bytes(fp32),
-        predicted_bytes=plan.predicted.get("bytes"),
+        predicted_bytes=plan.predicted_packed_bytes,
     )
     size.save(out / "size.json")
     return size
