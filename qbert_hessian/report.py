@@ -494,6 +494,15 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         if res.qat:
             trained = {"examples_seen": res.examples_seen, "seed": spec.get("seed", qat_seed)}
             rows.append({"method": f"QAT{_recipe(spec)}, {kind}", **common, **_scores(res.metrics, family), **trained})
+        onnx = run / "results" / name / "onnx.json"
+        if onnx.exists():  # [run] export = ["onnx"]: the same model scored from the ONNX file, sized as that file
+            dep = StageResult.load(onnx)
+            source = rows[-1]  # the packed model it was exported from (QAT when the plan trains)
+            # the encoder and embedding ratios are the packed tensors', not the ONNX file's: left out
+            size = {"mib": dep.bytes / 2**20, "compression": fp32_bytes / dep.bytes}
+            size |= {"encoder_compression": None, "embedding_compression": None}
+            row = {**source, **size, **_scores(dep.metrics, family)}
+            rows.append({**row, "method": f"{source['method'].split(',')[0]} as ONNX int8, {kind}"})
     return rows
 
 
