@@ -478,7 +478,8 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
 class StageResult(Artifact):
     """Task metrics of one model of a run (``results/fp32.json``, ``direct.json``, ``metrics.json``).
 
-    ``stage`` is ``fp32``, ``direct`` (post-training quantization) or ``qat``; ``metrics`` the task metrics
+    ``stage`` is ``fp32``, ``direct`` (post-training quantization), ``qat`` or ``onnx`` (the plan's packed model
+    scored from its ONNX export, ``results/<plan>/onnx.json``); ``metrics`` the task metrics
     (``family`` says which: :data:`METRIC_COLUMNS`); ``bytes`` the weights file on disk (the packed file for
     quantized rows); ``inputs`` what made it.
     """
