@@ -258,7 +258,7 @@ def _price_onnx(
                 raise QBHError(
                     f"{unit}: with groups={groups} its column groups are {shape[1] // cols} wide, but ONNX Runtime's "
                     "blocks are 16..256 values (a power of two) inside one group; choose other groups or deploy "
-                    "the packed checkpoint (drop --deploy onnx)"
+                    "the packed checkpoint (deploy packed, the default)"
                 ) from None
             total += sum(initializer_bytes(n, d, nb) for n, d, nb in tensors)
         return total

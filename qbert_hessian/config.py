@@ -533,7 +533,7 @@ def _check_onnx_bits(bits: tuple[int, ...], embedding_bits: int, position_bits: 
     if not any(b in ONNX_KERNEL_BITS for b in bits):
         raise QBHError(
             f"{bits[0]}-bit weights under deploy onnx: ONNX Runtime has kernels for {kernels} bits only; plan "
-            f"{kernels} bits or deploy the packed checkpoint (drop --deploy onnx)"
+            f"{kernels} bits, or price the packed checkpoint instead (deploy packed, the default)"
         )
     for what, b in (("embedding bits", embedding_bits), ("position bits", position_bits)):
         if b is not None and b not in ONNX_KERNEL_BITS:

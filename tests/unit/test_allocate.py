@@ -271,3 +271,14 @@ def test_deploy_onnx_prices_the_onnx_file_and_records_it():
     # A budget is held against the ONNX file's size.
     budget = allocate_bits(report, profile, Budget(max_mb=pred["mib"]), AllocConfig(groups=1, deploy="onnx"))
     assert budget.predicted["bytes"] <= pred["bytes"]
+
+
+def test_deploy_onnx_refuses_column_groups_no_onnx_block_fits():
+    report, profile = synthetic_report(1, sizes=[96 * 32])
+    keys = [f"enc.0.{p}.weight" for p in range(6)]  # a layer's six linears; the fourth is the attention output
+    error = profile.units["encoder.0"].groups["1"].error
+    profile.units["encoder.0"] = UnitProfile(keys, [[32, 48]] * 6, [True] * 6, {"heads": GroupCost([4] * 6, error)})
+    profile.tensors += [[k, "F32", [32, 48]] for k in keys]  # 4 heads: per-head columns 12 wide (< 16)
+    with pytest.raises(QBHError, match="column groups are 12 wide, but ONNX Runtime's blocks are 16..256"):
+        uniform_plan(report, profile, 4, AllocConfig(groups="heads", deploy="onnx"))
+    uniform_plan(report, profile, 4, AllocConfig(groups="heads"))  # the packed format takes any grouping
