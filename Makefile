@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench style check clean
+.PHONY: setup demo test test-fast bench bench-deploy style check clean
 
 # torch is installed first and pinned: an unpinned torch pulls several GB of CUDA packages.
 $(STAMP): pyproject.toml
@@ -49,6 +49,21 @@ bench: $(STAMP) runs/sst2/checkpoint/metrics.json runs/bbc/checkpoint/metrics.js
 	$(PY) benchmarks/bench_sensitivity.py --task bbc-news --model runs/bbc/checkpoint
 	$(PY) benchmarks/product_profile.py --model runs/bbc/checkpoint
 	$(PY) benchmarks/bench_traces.py --model runs/sst2/checkpoint --data $(SST2_DATA)
+	$(MAKE) bench-deploy
+
+# What serving costs (DEPLOY.md): packed BBC News checkpoints (uniform 8/4/2 and mixed 2/4 bits, priced for the ONNX
+# file) made by one run from runs/bbc/checkpoint, then every engine on them and on a BERT-base-shaped random model.
+# DEPLOY_CONFIG, DEPLOY_RUN, DEPLOY_RUN_FLAGS and DEPLOY_FLAGS override the run's config, its folder, its flags
+# (e.g. --set sensitivity.draws=3) and the benchmark's flags.
+DEPLOY_CONFIG ?= benchmarks/deploy_bbc.toml
+DEPLOY_RUN ?= runs/bbc-deploy
+DEPLOY_PLANS := uniform-8 uniform-4 uniform-2 mixed-2-4
+DEPLOY_RUN_FLAGS ?=
+DEPLOY_FLAGS ?= --bert-base --task bbc-news
+bench-deploy: $(STAMP) runs/bbc/checkpoint/metrics.json
+	$(VENV)/bin/qbert-hessian run $(DEPLOY_CONFIG) --out $(DEPLOY_RUN) $(DEPLOY_RUN_FLAGS)
+	$(PY) benchmarks/bench_deploy.py $(foreach p,$(DEPLOY_PLANS),--packed $(DEPLOY_RUN)/results/$(p)/packed) \
+		$(DEPLOY_FLAGS)
 
 style: $(STAMP)
 	$(VENV)/bin/ruff format qbert_hessian tests benchmarks experiments notebooks

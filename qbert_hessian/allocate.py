@@ -33,9 +33,17 @@ from typing import Any
 import numpy as np
 
 from .artifacts import BitPlan, Frontier, QuantProfile, SensitivityReport
-from .config import AllocConfig, Assign, Budget, Measure, Method, check_bits
+from .config import AllocConfig, Assign, Budget, Deploy, Measure, Method, check_bits
 from .errors import QBHError
 from .names import LINEAR_PARTS
+from .onnx_format import (
+    col_groups_of,
+    graph_tolerance,
+    initializer_bytes,
+    nbits_tensors,
+    onnx_file_bytes,
+    onnx_initializers,
+)
 from .packed_format import QuantizedWeight, TensorSpec, file_bytes, packed_bytes, packed_specs
 
 MIB = 2**20
@@ -61,6 +69,9 @@ class Problem:
     layout: Any = None  # (choice) -> the packed file's tensor specs
     emb_bytes: int = 0  # the quantized embedding tables' data (part of fixed_bytes)
     emb_weights: int = 0  # their number of weights
+    deployed: Any = None  # deploy = onnx: (choice) -> (the ONNX file's predicted bytes, its initializer bytes)
+    deploy_tolerance: int = 0  # deploy = onnx: the stated bound on |predicted - file| bytes
+    onnx_tensors: Any = None  # deploy = onnx: (choice) -> the initializers' (name, dims, data bytes)
 
     @property
     def loss(self) -> np.ndarray:
@@ -71,6 +82,11 @@ class Problem:
         return int(self.fixed_bytes + sum(self.cost[b, k] for b, k in enumerate(choice)))
 
     def file_bytes(self, choice: Sequence[int]) -> int:
+        """The size of the file the plan is priced for: the packed ``model.safetensors`` (exact), or under
+        ``deploy = onnx`` the ONNX export (``onnx_format.onnx_file_bytes``)."""
+        return self.deployed(choice)[0] if self.deployed else self.packed_bytes(choice)
+
+    def packed_bytes(self, choice: Sequence[int]) -> int:
         """The exact size of the packed ``model.safetensors`` of a choice."""
         return file_bytes(self.layout(choice))
 
@@ -213,7 +229,76 @@ def build_problem(
         emb_bytes=int(emb_bytes),
         emb_weights=sum(profile.unit(u).num_weights for u in emb),
     )
+    if config.deploy == Deploy.ONNX:
+        _price_onnx(problem, profile, units, emb, config)
     return problem, emb
+
+
+def _weight_kinds(unit: str, profile: QuantProfile) -> list[str]:
+    """The kind of each matrix of ``unit`` in profile order (``quant/apply.block_modules``'s order)."""
+    parts, n = unit.split("."), len(profile.unit(unit).weights)
+    if parts[0] == "embeddings":
+        return ["embedding"] * n
+    if len(parts) == 3:
+        return [parts[2]] * n
+    return list(LINEAR_PARTS) if n == len(LINEAR_PARTS) else ["linear"] * n  # a layer's six, else no per-head columns
+
+
+def _price_onnx(
+    problem: Problem, profile: QuantProfile, units: Sequence[str], emb: Mapping[str, int], config: AllocConfig
+) -> None:
+    """Reprice ``problem`` for the ONNX export: per unit and width the initializers' bytes (codes padded to
+    blocks, float32 scales repeated per row and block, zero points; with their protobuf framing), the rest
+    (FP32 tensors, the embedding tables, the graph) fixed; ``deployed`` predicts the file."""
+    heads = profile.model.get("num_heads")
+    layers = int(profile.model.get("num_layers") or 0)
+    family = str(profile.model.get("family") or "bert")
+
+    def weights(unit: str, bits: int, groups: object) -> dict[str, tuple[tuple[int, int], int, int, bool]]:
+        u = profile.unit(unit)
+        out = {}
+        for key, shape, kind in zip(u.weights, u.shapes, _weight_kinds(unit, profile), strict=True):
+            cols = col_groups_of(kind, groups, heads)  # type: ignore[arg-type]
+            out[key] = ((int(shape[0]), int(shape[1])), bits, cols, kind == "embedding")
+        return out
+
+    def unit_bytes(unit: str, bits: int, groups: object) -> int:
+        total = 0
+        for key, (shape, b, cols, is_emb) in weights(unit, bits, groups).items():
+            try:
+                tensors = nbits_tensors(key, shape, b, cols, symmetric=profile.symmetric, embedding=is_emb)
+            except ValueError:
+                raise QBHError(
+                    f"{unit}: with groups={groups} its column groups are {shape[1] // cols} wide, but ONNX Runtime's "
+                    "blocks are 16..256 values (a power of two) inside one group; choose other groups or deploy "
+                    "the packed checkpoint (deploy packed, the default)"
+                ) from None
+            total += sum(initializer_bytes(n, d, nb) for n, d, nb in tensors)
+        return total
+
+    fixed_q: dict[str, tuple[tuple[int, int], int, int, bool]] = {}
+    for u, b in emb.items():
+        fixed_q |= weights(u, b, config.embedding_groups)
+    fp32 = [(n, d, tuple(s)) for n, d, s in profile.tensors]
+
+    def quantized(choice: Sequence[int]) -> dict[str, tuple[tuple[int, int], int, int, bool]]:
+        q = dict(fixed_q)
+        for u, k in zip(units, choice):
+            q |= weights(u, config.bits[k], config.groups)
+        return q
+
+    def deployed(choice: Sequence[int]) -> tuple[int, int]:
+        return onnx_file_bytes(fp32, quantized(choice), symmetric=profile.symmetric, num_layers=layers, family=family)
+
+    def tensors(choice: Sequence[int]) -> list[tuple[str, tuple[int, ...], int]]:
+        return onnx_initializers(fp32, quantized(choice), symmetric=profile.symmetric)
+
+    problem.cost = np.array([[unit_bytes(u, b, config.groups) for b in config.bits] for u in units])
+    problem.emb_bytes = sum(unit_bytes(u, b, config.embedding_groups) for u, b in emb.items())
+    smallest = [0] * len(units)
+    problem.fixed_bytes = deployed(smallest)[0] - int(problem.cost[np.arange(len(units)), smallest].sum())
+    problem.deployed, problem.onnx_tensors = deployed, tensors
+    problem.deploy_tolerance = graph_tolerance(layers, family)
 
 
 def _constraint(problem: Problem, budget: Budget) -> tuple[np.ndarray, float, str]:
@@ -417,6 +502,7 @@ def _plan(
                 part: {"bytes": q, "fp32_bytes": f, "compression": f / q if q else float("inf")}
                 for part, (q, f) in parts.items()
             },
+            **_deploy_entry(problem, choice),
             "objective": problem.objective(choice),
             "per_block": {
                 u: {
@@ -439,6 +525,21 @@ def _rounding_notes(config: AllocConfig) -> list[str]:
         f"weights round by {config.rounding} ({config.calib_samples} calibration sequences, damp {config.damp}); the "
         "errors and objective above are round-to-nearest's (the cost table's), not the rounding's own"
     ]
+
+
+def _deploy_entry(problem: Problem, choice: Sequence[int]) -> dict[str, Any]:
+    """Under ``deploy = onnx`` what ``bytes`` is the size of, the packed file's size beside it (the packed
+    checkpoint is still what ``quantize`` writes), the ONNX initializers' exact bytes and the stated bound on the
+    rest; nothing for the default (plans made before the setting existed read the same)."""
+    if problem.deployed is None:
+        return {}
+    _, inits = problem.deployed(choice)
+    return {
+        "deploy": Deploy.ONNX.value,
+        "packed_bytes": problem.packed_bytes(choice),
+        "onnx_initializer_bytes": inits,
+        "onnx_tolerance_bytes": problem.deploy_tolerance,
+    }
 
 
 def allocate_bits(

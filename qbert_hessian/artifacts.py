@@ -361,6 +361,11 @@ class BitPlan(Artifact):
     notes: list[str] = dataclasses.field(default_factory=list)
     created_by: str = CREATED_BY
 
+    @property
+    def predicted_packed_bytes(self) -> int | None:
+        """The packed checkpoint's predicted size (``predicted["bytes"]`` is the ONNX file's under deploy onnx)."""
+        return self.predicted.get("packed_bytes", self.predicted.get("bytes"))
+
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, dict):
             raise QBHError("plan 'blocks' must map block names to {bits, groups}; regenerate the plan")
@@ -510,7 +515,8 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
 class StageResult(Artifact):
     """Task metrics of one model of a run (``results/fp32.json``, ``direct.json``, ``metrics.json``).
 
-    ``stage`` is ``fp32``, ``direct`` (post-training quantization) or ``qat``; ``metrics`` the task metrics
+    ``stage`` is ``fp32``, ``direct`` (post-training quantization), ``qat`` or ``onnx`` (the plan's packed model
+    scored from its ONNX export, ``results/<plan>/onnx.json``); ``metrics`` the task metrics
     (``family`` says which: :data:`METRIC_COLUMNS`); ``bytes`` the weights file on disk (the packed file for
     quantized rows); ``inputs`` what made it.
     """

@@ -464,6 +464,18 @@ class Method(str, Enum):
     UNIFORM = "uniform"
 
 
+class Deploy(str, Enum):
+    """What a plan's predicted size is the size of: ``packed`` (the packed checkpoint's ``model.safetensors``) or
+    ``onnx`` (``onnx/model.onnx`` of ``qbert-hessian export --format onnx``; widths 2, 4, 8 only, the ones ONNX
+    Runtime has kernels for)."""
+
+    PACKED = "packed"
+    ONNX = "onnx"
+
+
+ONNX_KERNEL_BITS = (2, 4, 8)  # the widths ONNX Runtime's MatMulNBits / GatherBlockQuantized have kernels for
+
+
 class Assign(str, Enum):
     """How a budget plan's widths are reassigned after the solver chose them (the allocation test, issue 10).
 
@@ -518,6 +530,9 @@ class AllocConfig(_Config):
             keep nearest).
         calib_samples: ``gptq``: training sequences (seeded) whose inputs make each layer's Hessian.
         damp: ``gptq``: dampening of each layer's Hessian, a fraction of its mean diagonal.
+        deploy: the file the plan is priced for: ``packed`` (the packed checkpoint) or ``onnx`` (the ONNX export:
+            candidate widths restricted to 2, 4, 8, the ones ONNX Runtime has kernels for, and the predicted size
+            is the ONNX file's).
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -532,11 +547,16 @@ class AllocConfig(_Config):
     rounding: str = DEFAULT_ROUNDING
     calib_samples: int = GPTQConfig.calib_samples
     damp: float = GPTQConfig.damp
+    deploy: Deploy = Deploy.PACKED
 
     def __post_init__(self) -> None:
         bits = tuple(sorted({check_bits(b, "candidate bits") for b in self.bits}))
         if not bits:
             raise QBHError("give at least one candidate bit width, e.g. --bits 2,3,4,8")
+        _set_enum(self, "deploy", Deploy, "deploy target")
+        if self.deploy == Deploy.ONNX:
+            _check_onnx_bits(bits, self.embedding_bits, self.position_bits)
+            bits = tuple(b for b in bits if b in ONNX_KERNEL_BITS)
         object.__setattr__(self, "bits", bits)
         object.__setattr__(self, "groups", parse_groups(self.groups))
         object.__setattr__(self, "embedding_groups", parse_groups(self.embedding_groups))
@@ -567,6 +587,27 @@ class AllocConfig(_Config):
             if f.name in ("rounding", "calib_samples", "damp") and out[f.name] == f.default:
                 del out[f.name]
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.deploy == Deploy.PACKED:  # the default: fingerprints of runs made before the setting existed hold
+            del out["deploy"]
+        return out
+
+
+def _check_onnx_bits(bits: tuple[int, ...], embedding_bits: int, position_bits: int | None) -> None:
+    """Under ``deploy = onnx``: refuse what ONNX Runtime has no kernel for (the candidates are then restricted)."""
+    kernels = ", ".join(map(str, ONNX_KERNEL_BITS))
+    if not any(b in ONNX_KERNEL_BITS for b in bits):
+        raise QBHError(
+            f"{bits[0]}-bit weights under deploy onnx: ONNX Runtime has kernels for {kernels} bits only; plan "
+            f"{kernels} bits, or price the packed checkpoint instead (deploy packed, the default)"
+        )
+    for what, b in (("embedding bits", embedding_bits), ("position bits", position_bits)):
+        if b is not None and b not in ONNX_KERNEL_BITS:
+            raise QBHError(
+                f"{what} {b} under deploy onnx: ONNX Runtime has kernels for {kernels} bits only; use one of those"
+            )
 
 
 PLAN_KINDS = ("uniform", "avg_bits", "budget_mb", "ratio")

@@ -120,18 +120,37 @@ class ModelSpec(_Config):
             raise QBHError(f"[model] max_eval_samples must be at least 1, got {self.max_eval_samples}")
 
 
+EXPORT_FORMATS = ("onnx",)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings(_Config):
-    """``[run]``: QAT by default for every plan, activation calibration, the frontier figure."""
+    """``[run]``: QAT by default for every plan, activation calibration, the frontier figure, and ``export``:
+    formats each plan's packed checkpoint is also exported to and scored from (``["onnx"]``: ONNX Runtime, int8
+    compute, in ``results/<plan>/onnx``, its dev score in ``results/<plan>/onnx.json`` and report.md)."""
 
     qat: bool = True
     calibration_batches: int = 8
     batch_size: int = 32
     seed: int = 0
     frontier: bool = True
+    export: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         CalibrationConfig(self.calibration_batches, self.batch_size, self.seed)  # validates
+        unknown = [f for f in self.export if f not in EXPORT_FORMATS]
+        if unknown:
+            raise QBHError(
+                f'[run] export {", ".join(map(repr, unknown))} is not known; use export = ["onnx"] (each plan\'s '
+                "packed checkpoint exported to results/<plan>/onnx and scored from that file) or leave it out"
+            )
+        object.__setattr__(self, "export", tuple(dict.fromkeys(self.export)))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not self.export:  # the default: run.json reads as before the setting existed
+            del out["export"]
+        return out
 
     @property
     def calibration(self) -> CalibrationConfig:
@@ -740,7 +759,40 @@ class Run:
             self._done(f"packed:{name}", p_inputs)  # type: ignore[arg-type]
         if not self.main:
             return None
-        return self._metrics(spec, plan, qat, direct, training, d_inputs, p_inputs)  # type: ignore[arg-type]
+        result = self._metrics(spec, plan, qat, direct, training, d_inputs, p_inputs)  # type: ignore[arg-type]
+        if "onnx" in self.config.run.export:
+            self._onnx(spec, plan)
+        return result
+
+    def _onnx(self, spec: PlanSpec, plan: BitPlan) -> StageResult:
+        """The packed checkpoint as ONNX Runtime serves it (int8 compute), and its scores from that file."""
+        from . import stages
+        from .deploy.onnx import ONNX_FILE, export_onnx
+        from .deploy.runtime import evaluate_onnx
+
+        out = self.out / "results" / spec.name
+        folder, path = out / "onnx", out / "onnx.json"
+        e_inputs = {"packed": stages.file_fingerprint(out / "packed" / stages.WEIGHTS_FILE), "mode": "int8"}
+        if not self._cached(f"onnx:{spec.name}", e_inputs, folder / ONNX_FILE):
+            logger.info("stage ONNX export: %s", spec.name)
+            export_onnx(out / "packed", folder, force=True)  # replaces only an earlier export
+            self._done(f"onnx:{spec.name}", e_inputs)
+        s_inputs = {**self._base_inputs(), "onnx": stages.file_fingerprint(folder / ONNX_FILE), **self._scoring()}
+        if self._cached(f"onnx-metrics:{spec.name}", s_inputs, path):
+            return StageResult.load(path)
+        _, task = self.fp32()
+        result = StageResult(
+            stage="onnx",
+            plan=spec.name,
+            metrics=evaluate_onnx(folder, task, progress=self.progress),
+            family=task.family,
+            bytes=(folder / ONNX_FILE).stat().st_size,
+            predicted_bytes=plan.predicted["bytes"] if plan.predicted.get("deploy") == "onnx" else None,
+            inputs={**s_inputs, "export": e_inputs},
+        )
+        result.save(path)
+        self._done(f"onnx-metrics:{spec.name}", s_inputs)
+        return result
 
     def _base_inputs(self) -> dict[str, Any]:
         return {"model": self.model_fp(), "data": self.data_fp(), "max_length": self.config.model.max_length}
@@ -807,7 +859,7 @@ class Run:
             family=task.family,
             direct=direct,
             bytes=file_sizes(packed)["weights_bytes"],
-            predicted_bytes=plan.predicted.get("bytes"),
+            predicted_bytes=plan.predicted_packed_bytes,
             qat=qat,
             train_seconds=training.train_seconds if training else None,
             examples_seen=training.examples_seen if training else None,
@@ -871,6 +923,10 @@ class Run:
         from .report import write_run_report
 
         self._check_inputs()
+        if "onnx" in self.config.run.export:
+            from .deploy.output import require
+
+            require("onnx", "onnxruntime")  # a missing extra fails before anything is written too
         self._writing = True  # from here on the stages may write
         self.checkpoint()
         self._head_labels()  # so do labels the checkpoint's head names otherwise

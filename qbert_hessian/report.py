@@ -294,6 +294,14 @@ def plan_markdown(plan: BitPlan) -> str:
         f"{plan.range_method}; weights rounded by {rounding_text(plan)}",
         f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
     ]
+    if p.get("deploy") == "onnx":
+        lines[2] = lines[2].replace("- predicted size:", "- predicted size of the ONNX export (onnx/model.onnx):", 1)
+        lines.insert(
+            3,
+            f"- priced for deploy onnx (widths 2, 4, 8): within {p['onnx_tolerance_bytes']:,} bytes of the file "
+            f"({p['onnx_initializer_bytes']:,} bytes of initializers exactly); the packed checkpoint is "
+            f"{p['packed_bytes']:,} bytes",
+        )
     lines += [f"- note: {n}" for n in plan.notes]
     per_block = p.get("per_block", {})
     lines += [
@@ -499,6 +507,15 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         if res.qat:
             trained = {"examples_seen": res.examples_seen, "seed": spec.get("seed", qat_seed)}
             rows.append({"method": f"QAT{_recipe(spec)}, {kind}", **common, **_scores(res.metrics, family), **trained})
+        onnx = run / "results" / name / "onnx.json"
+        if onnx.exists():  # [run] export = ["onnx"]: the same model scored from the ONNX file, sized as that file
+            dep = StageResult.load(onnx)
+            source = rows[-1]  # the packed model it was exported from (QAT when the plan trains)
+            # the encoder and embedding ratios are the packed tensors', not the ONNX file's: left out
+            size = {"mib": dep.bytes / 2**20, "compression": fp32_bytes / dep.bytes}
+            size |= {"encoder_compression": None, "embedding_compression": None}
+            row = {**source, **size, **_scores(dep.metrics, family)}
+            rows.append({**row, "method": f"{source['method'].split(',')[0]} as ONNX int8, {kind}"})
     return rows
 
 

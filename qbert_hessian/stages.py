@@ -217,9 +217,8 @@ def evaluate_models(
     rows[0].update(evaluate(model, task))
     for path, plan in plans:
         qmodel = quantize_direct(model, plan, task, calibration or CalibrationConfig())
-        rows.append(
-            {"name": str(path), "kind": "direct", "size_mib": plan.predicted.get("mib"), **evaluate(qmodel, task)}
-        )
+        size = plan.predicted_packed_bytes  # the packed model's (a plan priced for ONNX predicts that file too)
+        rows.append({"name": str(path), "kind": "direct", "size_mib": size and size / MIB, **evaluate(qmodel, task)})
     for p in packed:
         qmodel, ptask = load_for_task(p, raw, max_length=max_length, eager=False, device=device)
         rows.append({"name": str(p), "kind": "packed", "size_mib": file_sizes(p)["weights_bytes"] / MIB})
@@ -580,7 +579,7 @@ def export(
         packed_bytes=sizes["weights_bytes"],
         folder_bytes=sizes["folder_bytes"],
         fp32_safetensors_bytes=fp32_safetensors_bytes(fp32),
-        predicted_bytes=plan.predicted.get("bytes"),
+        predicted_bytes=plan.predicted_packed_bytes,
     )
     size.save(out / "size.json")
     return size

@@ -29,16 +29,9 @@ import torch
 from torch import Tensor
 
 from ..errors import QBHError
+from ..onnx_format import choose_block, onnx_bits
 from ..packed_format import pack_bits
 from ..quant.functional import Quantized, from_groups
-
-ONNX_BITS = (2, 4, 8)
-MIN_BLOCK, MAX_BLOCK = 16, 256
-
-
-def onnx_bits(bits: int) -> int:
-    """The width ONNX Runtime stores a ``bits``-bit weight at: 2, 4, 8 as they are, 3 as 4, 5-7 as 8."""
-    return next(b for b in ONNX_BITS if b >= bits)
 
 
 def cell_grid(q: Quantized, values: Tensor) -> Tensor:
@@ -63,29 +56,20 @@ def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def block_size(in_features: int, col_groups: int, bits: int, *, symmetric: bool, name: str, tile: bool = False) -> int:
-    """The block along ``in`` (K): it divides a column group (per-head columns; every row when ``tile``, as
-    ``GatherBlockQuantized`` needs), and among those the one with the fewest bytes (codes padded to whole blocks, a
-    float scale and a zero point per block).
+    """The block along ``in`` (K): :func:`~qbert_hessian.onnx_format.choose_block` (the allocator prices the
+    same one).
 
     Raises:
         QBHError: a column group whose width has no power-of-two divisor of at least 16 (no valid block).
     """
-    width = in_features // col_groups
-    sizes = [2**k for k in range(4, 9)]
-    if col_groups > 1 or tile:
-        sizes = [b for b in sizes if width % b == 0]
-        if not sizes:
-            raise QBHError(
-                f"{name}: its rows or column groups are {width} wide, but ONNX Runtime's blocks are 16..256 values "
-                "(a power of two) inside one group; quantize it with row groups (an integer or channel) or export "
-                "with --format compressed-tensors"
-            )
-
-    def cost(b: int) -> float:
-        blocks = math.ceil(in_features / b)
-        return blocks * b * bits / 8 + blocks * 4 + (0 if symmetric else blocks * bits / 8)
-
-    return min(sizes, key=lambda b: (cost(b), -b))
+    block = choose_block(in_features, col_groups, bits, symmetric=symmetric, tile=tile)
+    if block is None:
+        raise QBHError(
+            f"{name}: its rows or column groups are {in_features // col_groups} wide, but ONNX Runtime's blocks are "
+            "16..256 values (a power of two) inside one group; quantize it with row groups (an integer or channel) "
+            "or export with --format compressed-tensors"
+        )
+    return block
 
 
 @dataclasses.dataclass

@@ -608,6 +608,11 @@ GAPS = [
     ),
     Case("plan-uniform-1", lambda w, t: _plan_cmd(w, t, None, "--uniform", "1"), "out of range"),
     Case(
+        "plan-deploy-onnx-uniform-3",
+        lambda w, t: _plan_cmd(w, t, None, "--uniform", "3", "--deploy", "onnx"),
+        "3-bit weights under deploy onnx: ONNX Runtime has kernels for 2, 4, 8 bits only",
+    ),
+    Case(
         "plan-embedding-bits-1",
         lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "3", "--embedding-bits", "1"),
         "out of range",

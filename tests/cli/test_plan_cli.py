@@ -283,3 +283,15 @@ def test_landscape_and_density_commands(tiny_checkpoint, tiny_data, tmp_path, ca
     printed = capsys.readouterr().out.split("mean eigenvalue (trace/n) ")[1].split()[0]
     assert printed != "nan" and float(printed) == pytest.approx(mean, rel=1e-3)
     assert (dens / "density.png").is_file()
+
+
+def test_plan_deploy_onnx_prices_the_onnx_file_with_widths_onnx_runtime_runs(report_dir, tmp_path, capsys):
+    out = tmp_path / "onnx.json"
+    args = ["plan", "--report", str(report_dir), "--avg-bits", "3", "--groups", "channel", "--quiet"]
+    assert main([*args, "--deploy", "onnx", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert {b["bits"] for b in plan["blocks"].values()} <= {2, 4, 8}  # 3 is not a candidate
+    assert plan["predicted"]["deploy"] == "onnx" and plan["predicted"]["packed_bytes"] < plan["predicted"]["bytes"]
+    assert "predicted size of the ONNX export" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "packed.json")]) == 0
+    assert "deploy" not in json.loads((tmp_path / "packed.json").read_text())["predicted"]

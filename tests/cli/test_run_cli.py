@@ -416,3 +416,33 @@ def test_a_plan_with_its_own_qat_recipe_trains_with_it_and_its_row_says_so(run_d
     report = (out / "report.md").read_text()
     assert "| QAT (distill logits, learned steps), mixed (milp) | mixed-3-ablation |" in report
     assert "| QAT, mixed (milp) | mixed-3 |" in report
+
+
+def test_deploy_onnx_plans_and_the_onnx_export_stage(run_dir, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the deploy extra: pip install 'qbert_hessian[deploy]'")
+    out = _copy_of(run_dir, tmp_path)
+    before = _stage_hashes(out)
+    args = ["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]
+    args += ["--set", 'allocate.deploy="onnx"', "--set", 'run.export=["onnx"]']
+    assert main(args) == 0
+    after = _stage_hashes(out)
+    assert after["profile"] == before["profile"] and after["fp32"] == before["fp32"]
+    for name in ("uniform-4", "mixed-3", "mixed-3-control"):
+        assert after[f"plan:{name}"] != before[f"plan:{name}"]  # priced for the ONNX file now
+        predicted = json.loads((out / "plans" / f"{name}.json").read_text())["predicted"]
+        onnx_file = out / "results" / name / "onnx" / "onnx" / "model.onnx"
+        assert predicted["deploy"] == "onnx"
+        assert abs(predicted["bytes"] - onnx_file.stat().st_size) <= predicted["onnx_tolerance_bytes"]
+        scored = json.loads((out / "results" / name / "onnx.json").read_text())
+        assert scored["stage"] == "onnx" and scored["bytes"] == onnx_file.stat().st_size
+        assert scored["predicted_bytes"] == predicted["bytes"] and 0 <= scored["metrics"]["accuracy"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| direct as ONNX int8, uniform | uniform-4 |" in report and "| QAT as ONNX int8, mixed (milp) |" in report
+    # Unchanged inputs: the exports and their scores are reused.
+    hashes = _stage_hashes(out)
+    onnx_mtime = (out / "results" / "mixed-3" / "onnx" / "onnx" / "model.onnx").stat().st_mtime_ns
+    assert main(args) == 0
+    assert _stage_hashes(out) == hashes
+    assert (out / "results" / "mixed-3" / "onnx" / "onnx" / "model.onnx").stat().st_mtime_ns == onnx_mtime
+    # An unknown format is refused in one line.
+    assert main([*args[:5], "--set", 'run.export=["tflite"]']) == 2

@@ -243,3 +243,42 @@ def test_brute_force_covers_every_combination():
     feasible = [c for c in itertools.product(range(3), repeat=3) if problem.avg_bits(c) <= 3.5 + 1e-9]
     assert problem.objective(solve_brute_force(problem, budget)) == min(map(problem.objective, feasible))
     assert solve_brute_force(problem, Budget(avg_bits=8)) == [2, 2, 2]
+
+
+def test_deploy_onnx_restricts_the_widths_and_refuses_what_onnx_runtime_cannot_run():
+    from qbert_hessian.config import Deploy
+
+    assert AllocConfig(deploy="onnx").bits == (2, 4, 8)  # 3 has no ONNX Runtime kernel
+    assert AllocConfig(deploy="onnx").deploy == Deploy.ONNX
+    for bad in [dict(bits=(3,)), dict(bits=(2, 4), embedding_bits=6), dict(bits=(4,), position_bits=3)]:
+        with pytest.raises(QBHError, match="ONNX Runtime has kernels for 2, 4, 8 bits only"):
+            AllocConfig(deploy="onnx", **bad)
+    with pytest.raises(QBHError, match="deploy target"):
+        AllocConfig(deploy="tflite")
+    # The default leaves the config's dict (and so every run's fingerprints) as before the setting existed.
+    assert "deploy" not in AllocConfig().to_dict()
+    assert AllocConfig.from_dict(AllocConfig(deploy="onnx").to_dict()).deploy == Deploy.ONNX
+
+
+def test_deploy_onnx_prices_the_onnx_file_and_records_it():
+    report, profile = synthetic_report(3, sizes=[96 * 32] * 3)
+    packed = uniform_plan(report, profile, 4, AllocConfig(groups=1))
+    plan = uniform_plan(report, profile, 4, AllocConfig(groups=1, deploy="onnx"))
+    assert "deploy" not in packed.predicted
+    pred = plan.predicted
+    assert pred["deploy"] == "onnx" and pred["packed_bytes"] == packed.predicted["bytes"]
+    assert pred["bytes"] > pred["onnx_initializer_bytes"] > 0  # float32 scales per block: not the packed size
+    # A budget is held against the ONNX file's size.
+    budget = allocate_bits(report, profile, Budget(max_mb=pred["mib"]), AllocConfig(groups=1, deploy="onnx"))
+    assert budget.predicted["bytes"] <= pred["bytes"]
+
+
+def test_deploy_onnx_refuses_column_groups_no_onnx_block_fits():
+    report, profile = synthetic_report(1, sizes=[96 * 32])
+    keys = [f"enc.0.{p}.weight" for p in range(6)]  # a layer's six linears; the fourth is the attention output
+    error = profile.units["encoder.0"].groups["1"].error
+    profile.units["encoder.0"] = UnitProfile(keys, [[32, 48]] * 6, [True] * 6, {"heads": GroupCost([4] * 6, error)})
+    profile.tensors += [[k, "F32", [32, 48]] for k in keys]  # 4 heads: per-head columns 12 wide (< 16)
+    with pytest.raises(QBHError, match="column groups are 12 wide, but ONNX Runtime's blocks are 16..256"):
+        uniform_plan(report, profile, 4, AllocConfig(groups="heads", deploy="onnx"))
+    uniform_plan(report, profile, 4, AllocConfig(groups="heads"))  # the packed format takes any grouping

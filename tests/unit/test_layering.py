@@ -25,6 +25,7 @@ LAYERS = {
     "names": 0,
     "config": 0,
     "packed_format": 0,
+    "onnx_format": 0,
     "artifacts": 0,
     "hub": 0,
     "distributed": 1,
