@@ -79,6 +79,8 @@ def test_the_readme_python_snippets_run(tiny_checkpoint, tiny_data, tmp_path):
         "groups=128": 'groups="channel"',  # the tiny model's 16x16 matrices have no 128 groups
         "num_batches=8, batch_size=32": "num_batches=2, batch_size=8",  # 96 training sentences
         '"out/packed"': f'"{tmp_path / "packed"}"',
+        '"runs/sst2/packed"': f'"{tmp_path / "packed"}"',  # docs/deployment.md exports the README's packed model
+        '"runs/sst2/deploy"': f'"{tmp_path / "deploy"}"',
     }
     documents = [README, *GUIDES]
     blocks = [(doc, block) for doc in documents for block in _python_blocks(doc.read_text(encoding="utf-8"))]
@@ -90,6 +92,7 @@ def test_the_readme_python_snippets_run(tiny_checkpoint, tiny_data, tmp_path):
         exec(compile(block, str(doc), "exec"), {})  # noqa: S102  (the documentation's own code)
     assert (tmp_path / "bbc_sensitivity" / "sensitivity.json").is_file()
     assert (tmp_path / "packed" / "model.safetensors").is_file()
+    assert (tmp_path / "deploy" / "onnx" / "model.onnx").is_file()
 
 
 def _tracked_text_files() -> list[Path]:
