@@ -96,7 +96,7 @@ def test_sensitivity_cli_mixed_precision_is_recorded(tiny_checkpoint, tiny_data,
     assert main([*args, "--precision", "mixed", "--blocks", "encoder.0", "--out", str(out)]) == 0
     data = json.loads((out / "sensitivity.json").read_text())
     assert data["config"]["precision"] == "mixed"
-    assert "products: bf16 search, every eigenvalue certified in float32" in (out / "sensitivity.md").read_text()
+    assert "products: bf16 search, every eigenvalue checked in float32" in (out / "sensitivity.md").read_text()
 
 
 def test_sensitivity_cli_resume_skips_finished_blocks(tiny_checkpoint, tiny_data, tmp_path):

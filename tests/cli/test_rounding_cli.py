@@ -121,7 +121,7 @@ def test_bad_rounding_in_plan_and_run_exits_2_with_one_line(report_dir, tiny_che
     )
     assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "AllocConfig.rounding 'obq' is not known; use one of nearest, gptq" in err[0]
+    assert len(err) == 1 and "[allocate] rounding 'obq' is not known; use one of nearest, gptq" in err[0]
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.json").exists()
 
 
