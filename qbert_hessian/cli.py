@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -872,7 +873,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # interrupted: the command has said what it kept, and its files are whole (atomic writes)
+        # leave now: the shutdown of a library caught mid-work (torch, tqdm) can re-raise the interrupt and end
+        # the process by the signal with a traceback instead of this exit status
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
