@@ -337,6 +337,9 @@ def _cli(*argv: str, stderr: Path, env: dict | None = None) -> subprocess.Popen:
             env=env or ENV,
             stdout=subprocess.DEVNULL,
             stderr=err,
+            # Ctrl-C as a terminal delivers it: a shell that runs the tests in the background starts them with
+            # SIGINT ignored, which the child would inherit (and Python installs no handler for an ignored signal)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
 
@@ -382,7 +385,11 @@ def test_two_processes_on_one_run_folder_then_sigint_in_qat(world, tmp_path, cap
         assert _snapshot(out / "sensitivity", out / "plans") == before
     finally:
         first.send_signal(signal.SIGINT)
-        first.wait(timeout=600)
+        try:
+            first.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            first.kill()  # never leave a training process behind
+            raise
     assert first.returncode == 130, log.read_text()
     assert _lines(log)[-1].startswith("interrupted; finished stages are kept"), log.read_text()
     assert not (out / ".run.lock").exists()  # released on the signal
