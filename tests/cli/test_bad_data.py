@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qbert_hessian.cli import main
-from tests.cli.test_bad_inputs import RUN_TOML, Case, _exit_code, _snapshot
+from tests.cli.test_bad_inputs import RUN_TOML, Case, check_case
 from tests.helpers import make_tiny_checkpoint, write_ner_dir, write_squad_dir, write_tsv
 
 SENTIMENT = ["negative", "positive"]
@@ -349,20 +349,7 @@ def test_the_table_has_no_duplicate_ids():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_data(case: Case, world: World, tmp_path: Path, capsys):
-    case_dir = tmp_path / "case"
-    case_dir.mkdir()
-    argv = case.argv(world, case_dir)
-    capsys.readouterr()
-    before = _snapshot(world.root, case_dir)
-    code = _exit_code(argv)
-    err = capsys.readouterr().err
-    after = _snapshot(world.root, case_dir)
-    assert code == case.code, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines and case.message in lines[-1], err
-    if not case.usage:
-        assert len(lines) == 1, err
-    assert after == before, "the command wrote, changed or deleted files"
+    check_case(case, world, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------- the right number

@@ -942,21 +942,27 @@ def test_the_table_has_no_duplicate_ids():
     assert len(ids) == len(set(ids))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, world: World, tmp_path: Path, capsys):
-    if case.skip:
-        pytest.skip(case.skip)
+def check_case(case: Case, world: World, tmp_path: Path, capsys, *watched: Path) -> None:
+    """One row of a bad-input table: the exit code, the message on the last (and, but for argparse's usage
+    errors, only) line of stderr, and the world, ``watched`` folders and the case's folder untouched."""
     case_dir = tmp_path / "case"
     case_dir.mkdir()
     argv = case.argv(world, case_dir)
     capsys.readouterr()
-    before = _snapshot(world.root, case_dir)
+    before = _snapshot(world.root, *watched, case_dir)
     code = _exit_code(argv)
     err = capsys.readouterr().err
-    after = _snapshot(world.root, case_dir)
+    after = _snapshot(world.root, *watched, case_dir)
     assert code == case.code, err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert lines and case.message in lines[-1], err
     if not case.usage:
         assert len(lines) == 1, err
     assert after == before, "the command wrote, changed or deleted files"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world: World, tmp_path: Path, capsys):
+    if case.skip:
+        pytest.skip(case.skip)
+    check_case(case, world, tmp_path, capsys)

@@ -31,12 +31,12 @@ from tests.cli.test_bad_inputs import (  # the shared world (a checkpoint, data,
     Case,
     World,
     _copy,
-    _exit_code,
     _partial,
     _quantize,
     _run,
     _set,
     _snapshot,
+    check_case,
     world,  # noqa: F401  (the fixture, used by name)
 )
 
@@ -308,19 +308,7 @@ def test_the_table_has_no_duplicate_ids():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, world: World, done_run: Path, tmp_path: Path, capsys):  # noqa: F811
     _DONE[:] = [done_run]
-    case_dir = tmp_path / "case"
-    case_dir.mkdir()
-    argv = case.argv(world, case_dir)
-    capsys.readouterr()
-    before = _snapshot(world.root, done_run.parent, case_dir)
-    code = _exit_code(argv)
-    err = capsys.readouterr().err
-    after = _snapshot(world.root, done_run.parent, case_dir)
-    assert code == case.code, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines and case.message in lines[-1], err
-    assert len(lines) == 1, err
-    assert after == before, "the command wrote, changed or deleted files"
+    check_case(case, world, tmp_path, capsys, done_run.parent)  # no row here is an argparse usage error
 
 
 # ------------------------------------------------------------------------- what a table row cannot show
