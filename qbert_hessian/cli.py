@@ -837,9 +837,9 @@ def _check_world(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from . import distributed  # torch: seconds, during which Ctrl-C must not end in a traceback
-    except KeyboardInterrupt:
+    from . import distributed, interrupt  # torch: seconds, with Ctrl-C held (an abort otherwise, see interrupt)
+
+    if interrupt.release():
         print(f"qbert-hessian {args.command}: interrupted before it started", file=sys.stderr)
         return 130
 

@@ -399,7 +399,7 @@ def test_sigint_in_quantize_exits_130_with_one_line(world, tmp_path):  # noqa: F
     model quantizes in a blink)."""
     seen = []
     # from late to early: on a fast machine the whole command takes a few seconds; 0.8 s lands in the torch
-    # import, which main() already guards (the module-level import before it takes about 0.35 s)
+    # import, where Ctrl-C is held (raised inside torch's C++ start-up, it aborted the process)
     for delay in (6.0, 3.0, 1.5, 0.8):
         out = tmp_path / f"q{delay}"
         log = tmp_path / f"q{delay}.err"
@@ -415,6 +415,26 @@ def test_sigint_in_quantize_exits_130_with_one_line(world, tmp_path):  # noqa: F
         assert not out.exists() or (out / "quantization.json").is_file()
         seen.append(delay)
     assert seen, "every quantize finished before the signal"
+
+
+def test_ctrl_c_during_the_torch_import_is_held_then_reported():
+    """SIGINT while torch initialises is noted, not raised (raised there it aborts the process with SIGABRT),
+    and reported once the import is done; with nothing held, release reports nothing."""
+    code = (
+        "import os, signal; from qbert_hessian import interrupt; assert not interrupt.release(); "
+        "interrupt.hold(); os.kill(os.getpid(), signal.SIGINT); import torch; "
+        "print(interrupt.release(), signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr
 
 
 def test_a_lone_rank_says_so_instead_of_waiting(world, tmp_path):  # noqa: F811

@@ -28,6 +28,7 @@ LAYERS = {
     "onnx_format": 0,
     "artifacts": 0,
     "hub": 0,
+    "interrupt": 0,
     "distributed": 1,
     "hessian.vec": 1,
     "hessian.hvp": 1,
