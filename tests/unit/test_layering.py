@@ -67,7 +67,20 @@ LAYERS = {
     "deploy.runtime": 4,
     "stages": 5,
     "pipeline": 5,
+    "cli.common": 5,
+    "cli.finetune": 5,
+    "cli.sensitivity": 5,
+    "cli.plan": 5,
+    "cli.quantize": 5,
+    "cli.evaluate": 5,
+    "cli.export": 5,
+    "cli.landscape": 5,
+    "cli.density": 5,
+    "cli.run": 5,
+    "cli.demo": 5,
+    "cli.main": 5,
     "cli": 5,
+    "cli.__main__": 5,
     "__main__": 5,
 }
 ORDER = list(LAYERS)
@@ -166,7 +179,7 @@ def test_the_folder_check_finds_a_cycle_through_a_root_module():
     )
 
 
-@pytest.mark.parametrize("path", [p for p in MODULES if p.stem != "cli"], ids=_module_name)
+@pytest.mark.parametrize("path", [p for p in MODULES if _node(_module_name(p)) != "cli"], ids=_module_name)
 def test_library_code_does_not_print(path):
     calls = [
         n
