@@ -1,5 +1,5 @@
 """The pipeline's stages as library functions: each takes configs and live objects, writes its artifacts
-atomically and returns them. ``cli.py`` (one command per stage), ``pipeline.Run`` (every stage, cached by
+atomically and returns them. ``cli/`` (one command per stage), ``pipeline.Run`` (every stage, cached by
 inputs) and the notebooks call these same functions, so a stage behaves the same whichever way it is reached.
 
 Every artifact records ``inputs``: fingerprints of what made it (the model's weights, the task's data, the
