@@ -258,6 +258,17 @@ def _trainer_class(teacher: nn.Module | None, config: QATConfig) -> type:
             self.examples_seen += _batch_rows(inputs)  # this process's share of the batch
             return super().training_step(model, inputs, *args, **kwargs)
 
+        def _get_eval_sampler(self, eval_dataset):
+            # transformers 5 also groups evaluation batches by length when training does, and hands
+            # compute_metrics the predictions in that order: the scores that map rows back to their sentences
+            # (entity F1, SQuAD) would pair them with the wrong ones and pick the checkpoint on noise. Evaluate in
+            # the dataset's order (one process: sequentially; several: the Trainer's own in-order sharding).
+            from torch.utils.data import SequentialSampler
+
+            if eval_dataset is None:
+                return None
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
         def get_decay_parameter_names(self, model) -> list[str]:  # noqa: D102
             # LSQ steps are not weights: decaying them would shrink every range towards zero.
             return [n for n in super().get_decay_parameter_names(model) if not n.endswith(SCALE_PARAM)]

@@ -241,3 +241,39 @@ def test_qat_after_gptq_starts_from_the_rounded_model_and_trains_on_its_grid(tin
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         assert torch.equal(back(**inputs).logits, q(**inputs).logits)
+
+
+def test_qat_evaluates_in_the_datasets_order_when_training_groups_by_length(tmp_path):
+    """transformers 5 groups evaluation batches by length when training does; entity F1 and SQuAD map each row
+    back to its sentence, so QAT's Trainer must hand compute_metrics the rows in order (else its checkpoint choice
+    rests on noise): its dev predictions equal an in-order pass, and its F1 the one scored from them."""
+    from qbert_hessian.models import load_model
+    from qbert_hessian.qat import _trainer_class, _training_args
+    from qbert_hessian.tasks import load_raw_task, tokenize_task, trainer_setup
+    from tests.helpers import make_tiny_checkpoint, write_ner_dir
+
+    raw = load_raw_task("conll03", data_dir=write_ner_dir(tmp_path / "ner", train=8, dev=40))
+    model, tok = load_model(
+        str(make_tiny_checkpoint(tmp_path / "ckpt")), task_family="token", label_names=raw.label_names, new_head=True
+    )
+    task = tokenize_task(raw, tok, max_length=16)
+    lengths = [len(r) for r in task.dev["input_ids"]]
+    assert len(set(lengths)) > 1  # grouping by length would reorder these rows
+    cfg = QATConfig(group_by_length=True, batch_size=8)
+    setup = trainer_setup(task)
+    args = _training_args(cfg, tmp_path / "w", len(task.train), False, setup.metric, True, use_cpu=True)
+    trainer = _trainer_class(None, cfg)(
+        model=model,
+        args=args,
+        eval_dataset=task.dev,
+        data_collator=setup.collator,
+        compute_metrics=setup.compute_metrics,
+    )
+    out = trainer.predict(task.dev)
+    model.eval()
+    with torch.no_grad():
+        for i, row in enumerate(task.dev):
+            ids = torch.tensor([row["input_ids"]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            assert torch.allclose(torch.from_numpy(out.predictions[i, : len(ids[0])]), logits, atol=1e-5), i
+    assert out.metrics["test_f1"] == evaluate(model, task)["f1"]
