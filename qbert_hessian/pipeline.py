@@ -66,12 +66,12 @@ from .config import (
     FinetuneConfig,
     Parallel,
     PlanSpec,
+    QATConfig,
     SensitivityConfig,
     _Config,
     _typed,
 )
 from .errors import QBHError
-from .qat import QATConfig
 
 logger = logging.getLogger(__name__)
 
