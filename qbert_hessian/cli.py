@@ -745,7 +745,7 @@ def cmd_density(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import load_run_config
+    from .run_config import load_run_config
 
     overrides = list(args.overrides)
     overrides += [f"model.{k}={_toml_str(v)}" for k in ("model", "task", "data") if (v := getattr(args, k))]
@@ -787,7 +787,7 @@ def _execute(args: argparse.Namespace, run) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the offline default (MiniLM-L6, BBC News), sized for 2 CPU cores."""
-    from .pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
+    from .run_config import DEMO_CONFIG, apply_overrides, parse_run_config
 
     config = parse_run_config(apply_overrides(DEMO_CONFIG, args.overrides))
     _check_out_dir(args.out)
@@ -796,7 +796,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config, out: Path):
     """The pipeline over ``out``, once the run's settings are checked against the world (then the ranks meet)."""
-    from .pipeline import Run, check_world
+    from .pipeline import Run
+    from .run_config import check_world
 
     check_world(config, args.world.size)
     _start(args)
@@ -861,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QBHError as exc:
         message = _name_flags(str(exc), args.flags)
         if args.command in ("run", "demo"):  # the run's settings come from its TOML tables
-            from .pipeline import toml_names
+            from .run_config import toml_names
 
             message = toml_names(message)
         if args.world.local_rank == 0 or getattr(args, "alone", False):  # one line per host, not per process

@@ -15,6 +15,7 @@ from typing import Any
 
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
 from .errors import QBHError
+from .run_config import ResolvedPlan, recorded_plans
 
 
 def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
@@ -433,22 +434,23 @@ def _finetune_budget(run: Path) -> tuple[int | None, int | None]:
     return seen, config.get("seed")
 
 
-def _recipe(spec: dict[str, Any]) -> str:
+def _recipe(plan: ResolvedPlan) -> str:
     """A plan's own QAT recipe, for its row's method (`` (distill logits, learned steps)``; empty: the run's)."""
     parts = []
-    if spec.get("distill") is not None:
-        parts.append(f"distill {spec['distill']}")
-    if spec.get("learn_scales") is not None:
-        parts.append("learned steps" if spec["learn_scales"] else "steps from the range")
+    own = plan.own_recipe
+    if "distill" in own:
+        parts.append(f"distill {own['distill']}")
+    if "learn_scales" in own:
+        parts.append("learned steps" if own["learn_scales"] else "steps from the range")
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
+def results_rows(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = None) -> list[dict[str, Any]]:
     """The results table of a run folder, from its JSON artifacts alone: one row per model, holding the task
     family's scores (:data:`~qbert_hessian.artifacts.METRIC_COLUMNS`) under their own keys and the family, the
     whole-model size and compression, the encoder weights' and the embedding tables' compression apart (Q-BERT's
     Table 1 reports the encoder's), and the training budget: examples seen and seed (direct rows train nothing;
-    their seed is the calibration batches')."""
+    their seed is the calibration batches'). ``plans``: the run's plans (None: as its ``run.json`` records them)."""
     from .artifacts import RunRecord, StageResult
 
     run = Path(run_dir)
@@ -476,10 +478,9 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "seed": seed,
         }
     ]
-    qat_seed = config.get("qat", {}).get("seed")
     calibration_seed = config.get("run", {}).get("seed")
-    for spec in config["plans"]:
-        name = spec["name"]
+    for run_plan in recorded_plans(config) if plans is None else plans:
+        name = run_plan.name
         path = run / "results" / name / "metrics.json"
         if not path.exists():
             continue
@@ -505,8 +506,11 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         direct = {"examples_seen": 0, "seed": calibration_seed}
         rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family), **direct})
         if res.qat:
-            trained = {"examples_seen": res.examples_seen, "seed": spec.get("seed", qat_seed)}
-            rows.append({"method": f"QAT{_recipe(spec)}, {kind}", **common, **_scores(res.metrics, family), **trained})
+            seed = run_plan.qat.seed if run_plan.qat is not None else None
+            trained = {"examples_seen": res.examples_seen, "seed": seed}
+            rows.append(
+                {"method": f"QAT{_recipe(run_plan)}, {kind}", **common, **_scores(res.metrics, family), **trained}
+            )
         onnx = run / "results" / name / "onnx.json"
         if onnx.exists():  # [run] export = ["onnx"]: the same model scored from the ONNX file, sized as that file
             dep = StageResult.load(onnx)
@@ -547,14 +551,16 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_run_report(run_dir: Path | str) -> Path:
-    """``report.md`` of a run folder: the results table, the sensitivity plot, the plans and the frontier."""
+def write_run_report(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = None) -> Path:
+    """``report.md`` of a run folder: the results table, the sensitivity plot, the plans and the frontier.
+    ``plans``: the run's plans (None: as its ``run.json`` records them)."""
     from .artifacts import RunRecord
 
     run = Path(run_dir)
     config = RunRecord.load(run / "run.json").config
     m = config["model"]
-    rows = results_rows(run)
+    plans = recorded_plans(config) if plans is None else plans
+    rows = results_rows(run, plans)
     family = rows[0]["family"]
     kind = "" if family == "classification" else f" ({'NER' if family == 'token' else 'question answering'})"
     lines = [
@@ -575,8 +581,8 @@ def write_run_report(run_dir: Path | str) -> Path:
         "## Plans",
         "",
     ]
-    for spec in config["plans"]:
-        path = run / "plans" / f"{spec['name']}.json"
+    for name in (p.name for p in plans):
+        path = run / "plans" / f"{name}.json"
         if path.exists():
             plan = BitPlan.load(path)
             enc = ", ".join(
@@ -590,7 +596,7 @@ def write_run_report(run_dir: Path | str) -> Path:
                 else ""
             )
             lines.append(
-                f"- [{spec['name']}](plans/{spec['name']}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
+                f"- [{name}](plans/{name}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
                 f" ({plan.predicted['bytes']:,} bytes){how}"
             )
     if (run / "plans" / "frontier.png").exists():

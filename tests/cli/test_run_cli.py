@@ -9,7 +9,7 @@ import pytest
 from qbert_hessian.cli import main
 from qbert_hessian.config import PlanSpec
 from qbert_hessian.errors import QBHError
-from qbert_hessian.pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
+from qbert_hessian.run_config import DEMO_CONFIG, apply_overrides, parse_run_config
 
 CONFIG = """
 [model]

@@ -57,6 +57,7 @@ LAYERS = {
     "export": 3,
     "evaluate": 3,
     "landscape": 3,
+    "run_config": 3,
     "deploy.layout": 1,
     "deploy.output": 1,
     "train": 4,
