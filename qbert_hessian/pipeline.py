@@ -59,6 +59,7 @@ from .artifacts import (
 from .config import QATConfig
 from .errors import QBHError
 from .run_config import ResolvedPlan, RunConfig
+from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class Run:
         self, config: RunConfig, out_dir: Path | str, *, force: bool = False, progress: bool = True, device: str = "cpu"
     ) -> None:
         self.config, self.out, self.progress, self.device = config, Path(out_dir), progress, device
+        self.files = RunFolder(self.out)  # where each stage's files live (the report reads the same layout)
         if self.out.exists() and not self.out.is_dir():
             raise QBHError(f"run folder '{self.out}' is a file; pass a folder with --out")
         self.main, self.force = distributed.is_main(), force
@@ -174,7 +176,7 @@ class Run:
         self.recomputed: list[str] = []
 
     def _load_record(self) -> RunRecord:
-        path = self.out / "run.json"
+        path = self.files.ledger
         if not path.exists():
             return RunRecord(config={})
         try:
@@ -221,7 +223,7 @@ class Run:
                 # the ones it wrote and pinned from here on (the alternative, recomputing every stage of every
                 # older run, would also retrain its QAT models).
                 entry["artifacts"] = found
-                self.record.save(self.out / "run.json")
+                self.record.save(self.files.ledger)
                 return True
             if recorded == found:
                 return True
@@ -249,7 +251,7 @@ class Run:
         inputs = stage.inputs
         entry = {"hash": fingerprint(inputs), "inputs": inputs, "artifacts": self._hashes(stage.paths)}
         self.record.stages[stage.key] = entry
-        self.record.save(self.out / "run.json")
+        self.record.save(self.files.ledger)
 
     def _on_main(self, build: Callable[[], T]) -> T | None:
         """``build()`` on rank 0, which keeps the ledger (a stage's inputs); None on the other ranks."""
@@ -334,7 +336,7 @@ class Run:
         load_config(name)
         if is_classifier(name, self.raw().family):
             return name
-        ckpt = self.out / "checkpoint"
+        ckpt = self.files.checkpoint
         cfg = self.config.finetune
         inputs = self._on_main(
             lambda: {
@@ -357,7 +359,7 @@ class Run:
 
     def baseline(self) -> StageResult:
         """The FP32 model's scores and size (rank 0's work)."""
-        path = self.out / "results" / "fp32.json"
+        path = self.files.fp32
         stage = Stage("fp32", {**self._base_inputs(), **self._scoring()}, (path,))
         return self._stage(stage, lambda: self._score_fp32(stage), load=lambda: StageResult.load(path))
 
@@ -382,9 +384,6 @@ class Run:
     def sensitivity(self) -> tuple[SensitivityReport | None, QuantProfile | None]:
         """The report and its cost table (on rank 0; the other ranks take part in computing the report and get
         ``(None, None)``)."""
-        from . import stages
-
-        out = self.out / "sensitivity"
         inputs = self._on_main(
             lambda: {"model": self.model_fp(), "data": self.data_fp(), "config": self.config.sensitivity.protocol()}
         )
@@ -395,8 +394,8 @@ class Run:
                 "range_method": self.config.allocate.range_method,
             }
         )
-        report = Stage("sensitivity", inputs, (out / "sensitivity.json",))
-        profile = Stage("profile", p_inputs, (out / stages.PROFILE_FILE,))  # written with the report, or alone
+        report = Stage("sensitivity", inputs, (self.files.sensitivity_report,))
+        profile = Stage("profile", p_inputs, (self.files.profile,))  # written with the report, or alone
         return self._stage(
             report,
             lambda: self._compute_sensitivity(report),
@@ -424,7 +423,7 @@ class Run:
         return stages.report_profile(
             model,
             report,
-            self.out / "sensitivity",
+            self.files.sensitivity,
             groups=self._profile_groups(),
             model_name=self.config.model.name,
             model_fp=stage.inputs["model"],
@@ -435,7 +434,7 @@ class Run:
         from . import stages
         from .sensitivity import draw_indices
 
-        out, inputs = self.out / "sensitivity", stage.inputs
+        out, inputs = self.files.sensitivity, stage.inputs
         path = stage.paths[0]
         # every input check the stage makes comes before anything cached is dropped
         model, task = self.fp32()
@@ -473,18 +472,19 @@ class Run:
         """Every plan of the run, and the frontier (rank 0's work)."""
         from . import stages
 
-        out = self.out / "plans"
         upstream = {
-            "sensitivity": stages.file_fingerprint(self.out / "sensitivity" / "sensitivity.json"),
-            "profile": stages.file_fingerprint(self.out / "sensitivity" / stages.PROFILE_FILE),
+            "sensitivity": stages.file_fingerprint(self.files.sensitivity_report),
+            "profile": stages.file_fingerprint(self.files.profile),
             "allocate": self.config.allocate.protocol(),
         }
-        source = {"sensitivity": "sensitivity/sensitivity.json", "profile": "sensitivity/profile.json", **upstream}
+        where = {"sensitivity": self.files.sensitivity_report, "profile": self.files.profile}
+        source = {**{k: f.relative_to(self.out).as_posix() for k, f in where.items()}, **upstream}
         plans = {p.name: self._plan(p, report, profile, upstream, source) for p in self.config.plans}
         if self.config.run.frontier:
             mixed = next((p for p in plans.values() if p.method == "milp"), None)
-            stage = Stage("frontier", upstream, (out / "frontier.json", out / "frontier.png"))
-            self._stage(stage, lambda: stages.write_frontier(report, profile, self.config.allocate, out, mixed))
+            stage = Stage("frontier", upstream, (self.files.frontier_data, self.files.frontier_figure))
+            allocate = self.config.allocate
+            self._stage(stage, lambda: stages.write_frontier(report, profile, allocate, self.files.plans, mixed))
         return plans
 
     def _plan(
@@ -497,7 +497,7 @@ class Run:
     ) -> BitPlan:
         from . import stages
 
-        path = self.out / "plans" / f"{plan.name}.json"
+        path = self.files.plan(plan.name)
 
         def make() -> BitPlan:
             bitplan = stages.make_plan(report, profile, plan, source=source)
@@ -518,7 +518,7 @@ class Run:
         d_inputs, p_inputs = self._on_main(lambda: self._plan_inputs(plan, bitplan)) or (None, None)
         # the directly quantized model (None when its metrics are cached), reused by QAT and export
         q, direct = self._direct(plan, bitplan, d_inputs) if self.main else (None, {})
-        packed = self.out / "results" / plan.name / "packed"
+        packed = self.files.packed(plan.name)
         stage = Stage(f"packed:{plan.name}", p_inputs, (packed / "quantization.json", packed / stages.WEIGHTS_FILE))
         training = self._stage(stage, lambda: self._pack(plan, bitplan, q), every_rank=True)
         if not self.main:
@@ -535,7 +535,7 @@ class Run:
 
         d_inputs = {
             **self._base_inputs(),
-            "plan": stages.file_fingerprint(self.out / "plans" / f"{plan.name}.json"),
+            "plan": stages.file_fingerprint(self.files.plan(plan.name)),
             "range_method": bitplan.range_method,  # in the plan too; named so the log says what changed
             # likewise, only away from nearest, so run folders made before roundings were a setting match
             **({"rounding": bitplan.rounding, "gptq": bitplan.gptq} if bitplan.rounding != "nearest" else {}),
@@ -549,7 +549,7 @@ class Run:
 
     def _direct(self, plan: ResolvedPlan, bitplan: BitPlan, d_inputs: Any) -> tuple[Any, dict[str, Any]]:
         """The directly quantized model (None when its metrics are cached) and its metrics (rank 0's work)."""
-        path = self.out / "results" / plan.name / "direct.json"
+        path = self.files.direct(plan.name)
         stage = Stage(f"direct:{plan.name}", d_inputs, (path,))
         return self._stage(
             stage, lambda: self._score_direct(plan, bitplan, stage), load=lambda: (None, StageResult.load(path).metrics)
@@ -578,23 +578,24 @@ class Run:
         from .qat import train_qat
         from .quant.apply import sync_activation_ranges
 
-        out = self.out / "results" / plan.name
+        files, name = self.files, plan.name
         model, task = self.fp32()
         q = q if q is not None else self._quantize(model, bitplan, task)
         training: QATLog | None = None
         if plan.qat is not None:
             logger.info("stage QAT: %s", plan.name)
             qat_task = self._qat_task(task, plan.qat)
-            log = train_qat(q, qat_task, plan.qat, work_dir=out / "trainer", teacher=model, progress=self.progress)
+            work_dir = files.results(name) / "trainer"
+            log = train_qat(q, qat_task, plan.qat, work_dir=work_dir, teacher=model, progress=self.progress)
             training = QATLog(**log)
         else:
             sync_activation_ranges(q)  # every rank exports what rank 0 does (they calibrated alike)
         if self.main:
             if training is not None:
-                training.save(out / "qat.json")
+                training.save(files.qat_log(name))
             else:
-                (out / "qat.json").unlink(missing_ok=True)
-            stages.export(q, bitplan, out / "packed", fp32=model, tokenizer=task.tokenizer)
+                files.qat_log(name).unlink(missing_ok=True)
+            stages.export(q, bitplan, files.packed(name), fp32=model, tokenizer=task.tokenizer)
         distributed.barrier()  # the packed checkpoint is complete before any rank goes on
         return training
 
@@ -618,17 +619,17 @@ class Run:
         kept in the result."""
         from . import stages
 
-        out = self.out / "results" / plan.name
+        path = self.files.metrics(plan.name)
         inputs = {
             **self._base_inputs(),
-            "packed": stages.file_fingerprint(out / "packed" / stages.WEIGHTS_FILE),
+            "packed": stages.file_fingerprint(self.files.packed(plan.name) / stages.WEIGHTS_FILE),
             **self._scoring(),
         }
-        stage = Stage(f"metrics:{plan.name}", inputs, (out / "metrics.json",))
+        stage = Stage(f"metrics:{plan.name}", inputs, (path,))
         return self._stage(
             stage,
             lambda: self._score_packed(plan, bitplan, direct, training, {**inputs, **upstream}),
-            load=lambda: StageResult.load(out / "metrics.json"),
+            load=lambda: StageResult.load(path),
         )
 
     def _score_packed(
@@ -642,25 +643,25 @@ class Run:
         from .evaluate import evaluate
         from .export import file_sizes, load_packed
 
-        out = self.out / "results" / plan.name
+        packed, log = self.files.packed(plan.name), self.files.qat_log(plan.name)
         qat = plan.qat is not None
-        if training is None and qat and (out / "qat.json").exists():
-            training = QATLog.load(out / "qat.json")
+        if training is None and qat and log.exists():
+            training = QATLog.load(log)
         _, task = self.fp32()
         result = StageResult(
             stage="qat" if qat else "direct",
             plan=plan.name,
-            metrics=evaluate(load_packed(out / "packed", device=self.device), task),
+            metrics=evaluate(load_packed(packed, device=self.device), task),
             family=task.family,
             direct=direct,
-            bytes=file_sizes(out / "packed")["weights_bytes"],
+            bytes=file_sizes(packed)["weights_bytes"],
             predicted_bytes=bitplan.predicted_packed_bytes,
             qat=qat,
             train_seconds=training.train_seconds if training else None,
             examples_seen=training.examples_seen if training else None,
             inputs=inputs,
         )
-        result.save(out / "metrics.json")
+        result.save(self.files.metrics(plan.name))
         return result
 
     def _onnx(self, plan: ResolvedPlan, bitplan: BitPlan) -> StageResult:
@@ -668,14 +669,14 @@ class Run:
         from . import stages
         from .deploy.onnx import ONNX_FILE, export_onnx
 
-        out = self.out / "results" / plan.name
-        folder, path = out / "onnx", out / "onnx.json"
+        packed = self.files.packed(plan.name)
+        folder, path = self.files.onnx(plan.name), self.files.onnx_metrics(plan.name)
 
         def export() -> None:
             logger.info("stage ONNX export: %s", plan.name)
-            export_onnx(out / "packed", folder, force=True)  # replaces only an earlier export
+            export_onnx(packed, folder, force=True)  # replaces only an earlier export
 
-        e_inputs = {"packed": stages.file_fingerprint(out / "packed" / stages.WEIGHTS_FILE), "mode": "int8"}
+        e_inputs = {"packed": stages.file_fingerprint(packed / stages.WEIGHTS_FILE), "mode": "int8"}
         self._stage(Stage(f"onnx:{plan.name}", e_inputs, (folder / ONNX_FILE,)), export)
         s_inputs = {**self._base_inputs(), "onnx": stages.file_fingerprint(folder / ONNX_FILE), **self._scoring()}
         stage = Stage(f"onnx-metrics:{plan.name}", s_inputs, (path,))
@@ -687,7 +688,7 @@ class Run:
         from .deploy.onnx import ONNX_FILE
         from .deploy.runtime import evaluate_onnx
 
-        folder = self.out / "results" / plan.name / "onnx"
+        folder = self.files.onnx(plan.name)
         _, task = self.fp32()
         result = StageResult(
             stage="onnx",
@@ -754,7 +755,7 @@ class Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.record.config = self.config.to_dict()
-            self.record.save(self.out / "run.json")
+            self.record.save(self.files.ledger)
         report, profile = self.sensitivity()
         plans = None
         if self.main:
@@ -764,7 +765,7 @@ class Run:
         plans = distributed.broadcast_object(plans)
         for plan in self.config.plans:
             self.evaluate_plan(plan, plans[plan.name])
-        path = self.out / "report.md"
+        path = self.files.report
         if self.main:
             if self.recomputed:
                 logger.info("recomputed: %s", ", ".join(self.recomputed))

@@ -16,6 +16,7 @@ from typing import Any
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
 from .errors import QBHError
 from .run_config import ResolvedPlan, recorded_plans
+from .run_folder import RunFolder
 
 
 def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
@@ -420,11 +421,11 @@ def _part_compression(plan: BitPlan, part: str) -> float | None:
     return entry.get("compression") if isinstance(entry, dict) else None
 
 
-def _finetune_budget(run: Path) -> tuple[int | None, int | None]:
+def _finetune_budget(run: RunFolder) -> tuple[int | None, int | None]:
     """``(examples seen, seed)`` of the run's fine-tuning (a reused checkpoint records neither: None)."""
     import json
 
-    path = run / "checkpoint" / "metrics.json"
+    path = run.checkpoint / "metrics.json"
     if not path.exists():
         return None, None
     data = json.loads(path.read_text())
@@ -453,11 +454,11 @@ def results_rows(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = Non
     their seed is the calibration batches'). ``plans``: the run's plans (None: as its ``run.json`` records them)."""
     from .artifacts import RunRecord, StageResult
 
-    run = Path(run_dir)
-    base = StageResult.load(run / "results" / "fp32.json")
+    run = RunFolder(Path(run_dir))
+    base = StageResult.load(run.fp32)
     family = base.family
     fp32_bytes = base.bytes
-    config = RunRecord.load(run / "run.json").config
+    config = RunRecord.load(run.ledger).config
     seen, seed = _finetune_budget(run)
     rows = [
         {
@@ -481,13 +482,13 @@ def results_rows(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = Non
     calibration_seed = config.get("run", {}).get("seed")
     for run_plan in recorded_plans(config) if plans is None else plans:
         name = run_plan.name
-        path = run / "results" / name / "metrics.json"
+        path = run.metrics(name)
         if not path.exists():
             continue
         res = StageResult.load(path)
         if res.family != family:
             raise QBHError(f"'{path}' holds {res.family} scores but the FP32 baseline {family} scores; rerun the run")
-        plan = BitPlan.load(run / "plans" / f"{name}.json")
+        plan = BitPlan.load(run.plan(name))
         w, e, a, g = _bits_text(plan)
         common = {
             "plan": name,
@@ -511,7 +512,7 @@ def results_rows(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = Non
             rows.append(
                 {"method": f"QAT{_recipe(run_plan)}, {kind}", **common, **_scores(res.metrics, family), **trained}
             )
-        onnx = run / "results" / name / "onnx.json"
+        onnx = run.onnx_metrics(name)
         if onnx.exists():  # [run] export = ["onnx"]: the same model scored from the ONNX file, sized as that file
             dep = StageResult.load(onnx)
             source = rows[-1]  # the packed model it was exported from (QAT when the plan trains)
@@ -556,11 +557,11 @@ def write_run_report(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None =
     ``plans``: the run's plans (None: as its ``run.json`` records them)."""
     from .artifacts import RunRecord
 
-    run = Path(run_dir)
-    config = RunRecord.load(run / "run.json").config
+    run = RunFolder(Path(run_dir))
+    config = RunRecord.load(run.ledger).config
     m = config["model"]
     plans = recorded_plans(config) if plans is None else plans
-    rows = results_rows(run, plans)
+    rows = results_rows(run.root, plans)
     family = rows[0]["family"]
     kind = "" if family == "classification" else f" ({'NER' if family == 'token' else 'question answering'})"
     lines = [
@@ -582,7 +583,7 @@ def write_run_report(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None =
         "",
     ]
     for name in (p.name for p in plans):
-        path = run / "plans" / f"{name}.json"
+        path = run.plan(name)
         if path.exists():
             plan = BitPlan.load(path)
             enc = ", ".join(
@@ -599,13 +600,13 @@ def write_run_report(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None =
                 f"- [{name}](plans/{name}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
                 f" ({plan.predicted['bytes']:,} bytes){how}"
             )
-    if (run / "plans" / "frontier.png").exists():
+    if run.frontier_figure.exists():
         lines += ["", "![frontier](plans/frontier.png)"]
     lines += ["", "## Settings", "", "Every number above was computed with these settings (`run.json`):", ""]
     for section in ("model", "finetune", "sensitivity", "allocate", "qat", "run"):
         values = ", ".join(f"{k}={v}" for k, v in config.get(section, {}).items() if v is not None)
         lines.append(f"- **{section}**: {values}")
-    return write_text(run / "report.md", "\n".join(lines) + "\n")
+    return write_text(run.report, "\n".join(lines) + "\n")
 
 
 def _landscape_axes(ls: dict[str, Any]) -> tuple[str, str]:

@@ -49,6 +49,7 @@ from .models import BlockMap, resolve_model_path
 from .packed_format import WEIGHTS_FILE
 from .quant.profile import DEFAULT_PROFILE_GROUPS, check_groups, measure_profile, profile_units
 from .run_config import ResolvedPlan, resolve_plan
+from .run_folder import PROFILE_FILE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from .tasks import RawTask, Task
 
 logger = logging.getLogger(__name__)
-PROFILE_FILE = "profile.json"
 # The draws a stopped sensitivity run has finished, for --resume (removed once its blocks are finished).
 SENSITIVITY_STATE_FILE = "sensitivity.state.pt"
 # Every file the sensitivity stage writes in its folder (a run drops these, and only these, to start it over).

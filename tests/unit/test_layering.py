@@ -29,6 +29,7 @@ LAYERS = {
     "artifacts": 0,
     "hub": 0,
     "interrupt": 0,
+    "run_folder": 0,
     "distributed": 1,
     "hessian.vec": 1,
     "hessian.hvp": 1,
