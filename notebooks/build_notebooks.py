@@ -155,7 +155,8 @@ print(acc)"""),
         "Python.",
         SETUP,
         C("""\
-from qbert_hessian.pipeline import Run, load_run_config, parse_run_config
+from qbert_hessian.pipeline import Run
+from qbert_hessian.run_config import load_run_config, parse_run_config
 
 if TINY:
     config = parse_run_config({
@@ -170,7 +171,7 @@ else:  # the experiment's config; its stages are finished, so this only reads th
     from _setup import ROOT
 
     config = load_run_config(ROOT / "experiments" / "sst2_minilm.toml")
-[(p.name, {k: v for k, v in p.to_dict().items() if k != "name" and v is not None}) for p in config.plans]"""),
+[(p.name, {k: v for k, v in p.spec.to_dict().items() if k != "name" and v is not None}) for p in config.plans]"""),
         C("""\
 report_md = Run(config, ws["run_dir"], progress=False).execute()
 print(report_md)"""),

@@ -61,7 +61,7 @@ _EXPORTS = {
     "round_gptq_": "quant.rounding",
     "QuantLinear": "quant.modules",
     "QuantEmbedding": "quant.modules",
-    "QATConfig": "qat",
+    "QATConfig": "config",
     "train_qat": "qat",
     "save_packed": "export",
     "load_packed": "export",

@@ -28,7 +28,6 @@ The best checkpoint by the task's main dev metric (accuracy; entity F1; SQuAD F1
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import shutil
 import time
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .config import _Config, _non_negative, _positive
+from .config import QATConfig
 from .errors import QBHError
 from .models import eager_attention
 from .quant.apply import quant_modules, sync_activation_ranges
@@ -55,90 +54,6 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class QATConfig(_Config):
-    """Settings of quantization-aware training.
-
-    Args:
-        epochs: passes over the training split.
-        lr: peak learning rate (linear schedule).
-        batch_size: training batch size.
-        warmup_ratio: share of the steps with linear warm-up.
-        weight_decay: AdamW weight decay.
-        eval_steps: evaluate on dev every N steps and keep the best (0: only at the end).
-        distill: what to distil from the FP32 teacher: ``none``, ``logits``, ``hidden`` (logits and every
-            hidden state) or ``full`` (also every layer's attention); true/false (old configs) mean logits/none.
-        temperature: distillation temperature T.
-        alpha: weight of the logits term against the task loss (1: distillation only, as TernaryBERT).
-        hidden_weight: weight w_h of the hidden-state MSE (``hidden``, ``full``).
-        attention_weight: weight w_a of the attention MSE (``full``).
-        learn_scales: train every group's step (LSQ) from the plan's range instead of recomputing it.
-        quant_noise: share p of groups left in FP32 per training forward (0: plain QAT).
-        group_by_length: batch examples of similar length (less padding; the Trainer's length-grouped sampler).
-        max_train_samples: train on a seeded subset of this many examples (None: all).
-        seed: seeds the subset and the Trainer.
-    """
-
-    epochs: float = 2.0
-    lr: float = 2e-5
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    eval_steps: int = 0
-    distill: str = "none"
-    temperature: float = 2.0
-    alpha: float = 0.5
-    hidden_weight: float = 1.0
-    attention_weight: float = 1.0
-    learn_scales: bool = False
-    quant_noise: float = 0.0
-    group_by_length: bool = False
-    max_train_samples: int | None = None
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> QATConfig:
-        """As :meth:`_Config.from_dict`, with ``distill`` read by :func:`distill_mode` first, so the booleans of
-        old configs are accepted and any other value gets the list of modes."""
-        if "distill" in data:
-            data = {**data, "distill": distill_mode(data["distill"])}
-        return super().from_dict(data)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "distill", distill_mode(self.distill))
-        _positive("QATConfig", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, temperature=self.temperature)
-        for name in ("hidden_weight", "attention_weight"):
-            if getattr(self, name) < 0:
-                raise QBHError(f"QATConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learn_scales", "group_by_length"):
-            if not isinstance(getattr(self, name), bool):
-                raise QBHError(f"QATConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        if self.max_train_samples is not None:
-            _positive("QATConfig", max_train_samples=self.max_train_samples)
-        if self.eval_steps < 0:
-            raise QBHError(f"QATConfig.eval_steps must be >= 0, got {self.eval_steps}")
-        _non_negative("QATConfig", seed=self.seed)  # the Trainer refuses it only once training starts
-        if not 0 <= self.alpha <= 1:
-            raise QBHError(f"QATConfig.alpha must lie in [0, 1], got {self.alpha}")
-        for name in ("quant_noise", "warmup_ratio"):
-            if not 0 <= getattr(self, name) < 1:
-                raise QBHError(f"QATConfig.{name} must lie in [0, 1), got {getattr(self, name)}")
-
-
-DISTILL_MODES = ("none", "logits", "hidden", "full")
-
-
-def distill_mode(value: object) -> str:
-    """``none``, ``logits``, ``hidden`` or ``full``; the booleans of old configs mean ``logits`` / ``none``."""
-    if isinstance(value, bool):
-        return "logits" if value else "none"
-    if value not in DISTILL_MODES:
-        raise QBHError(
-            f"QATConfig.distill {value!r} is not valid; use none, logits, hidden or full (true/false mean logits/none)"
-        )
-    return str(value)
 
 
 def output_logits(output: Any) -> list[Tensor]:

@@ -15,6 +15,8 @@ from typing import Any
 
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
 from .errors import QBHError
+from .run_config import ResolvedPlan, recorded_plans
+from .run_folder import RunFolder
 
 
 def _save_figure(fig: Any, path: Path | str, *, dpi: int = 120) -> Path:
@@ -419,11 +421,11 @@ def _part_compression(plan: BitPlan, part: str) -> float | None:
     return entry.get("compression") if isinstance(entry, dict) else None
 
 
-def _finetune_budget(run: Path) -> tuple[int | None, int | None]:
+def _finetune_budget(run: RunFolder) -> tuple[int | None, int | None]:
     """``(examples seen, seed)`` of the run's fine-tuning (a reused checkpoint records neither: None)."""
     import json
 
-    path = run / "checkpoint" / "metrics.json"
+    path = run.checkpoint / "metrics.json"
     if not path.exists():
         return None, None
     data = json.loads(path.read_text())
@@ -433,29 +435,30 @@ def _finetune_budget(run: Path) -> tuple[int | None, int | None]:
     return seen, config.get("seed")
 
 
-def _recipe(spec: dict[str, Any]) -> str:
+def _recipe(plan: ResolvedPlan) -> str:
     """A plan's own QAT recipe, for its row's method (`` (distill logits, learned steps)``; empty: the run's)."""
     parts = []
-    if spec.get("distill") is not None:
-        parts.append(f"distill {spec['distill']}")
-    if spec.get("learn_scales") is not None:
-        parts.append("learned steps" if spec["learn_scales"] else "steps from the range")
+    own = plan.own_recipe
+    if "distill" in own:
+        parts.append(f"distill {own['distill']}")
+    if "learn_scales" in own:
+        parts.append("learned steps" if own["learn_scales"] else "steps from the range")
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
+def results_rows(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = None) -> list[dict[str, Any]]:
     """The results table of a run folder, from its JSON artifacts alone: one row per model, holding the task
     family's scores (:data:`~qbert_hessian.artifacts.METRIC_COLUMNS`) under their own keys and the family, the
     whole-model size and compression, the encoder weights' and the embedding tables' compression apart (Q-BERT's
     Table 1 reports the encoder's), and the training budget: examples seen and seed (direct rows train nothing;
-    their seed is the calibration batches')."""
+    their seed is the calibration batches'). ``plans``: the run's plans (None: as its ``run.json`` records them)."""
     from .artifacts import RunRecord, StageResult
 
-    run = Path(run_dir)
-    base = StageResult.load(run / "results" / "fp32.json")
+    run = RunFolder(Path(run_dir))
+    base = StageResult.load(run.fp32)
     family = base.family
     fp32_bytes = base.bytes
-    config = RunRecord.load(run / "run.json").config
+    config = RunRecord.load(run.ledger).config
     seen, seed = _finetune_budget(run)
     rows = [
         {
@@ -476,17 +479,16 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
             "seed": seed,
         }
     ]
-    qat_seed = config.get("qat", {}).get("seed")
     calibration_seed = config.get("run", {}).get("seed")
-    for spec in config["plans"]:
-        name = spec["name"]
-        path = run / "results" / name / "metrics.json"
+    for run_plan in recorded_plans(config) if plans is None else plans:
+        name = run_plan.name
+        path = run.metrics(name)
         if not path.exists():
             continue
         res = StageResult.load(path)
         if res.family != family:
             raise QBHError(f"'{path}' holds {res.family} scores but the FP32 baseline {family} scores; rerun the run")
-        plan = BitPlan.load(run / "plans" / f"{name}.json")
+        plan = BitPlan.load(run.plan(name))
         w, e, a, g = _bits_text(plan)
         common = {
             "plan": name,
@@ -505,9 +507,12 @@ def results_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         direct = {"examples_seen": 0, "seed": calibration_seed}
         rows.append({"method": f"direct, {kind}", **common, **_scores(res.direct or {}, family), **direct})
         if res.qat:
-            trained = {"examples_seen": res.examples_seen, "seed": spec.get("seed", qat_seed)}
-            rows.append({"method": f"QAT{_recipe(spec)}, {kind}", **common, **_scores(res.metrics, family), **trained})
-        onnx = run / "results" / name / "onnx.json"
+            seed = run_plan.qat.seed if run_plan.qat is not None else None
+            trained = {"examples_seen": res.examples_seen, "seed": seed}
+            rows.append(
+                {"method": f"QAT{_recipe(run_plan)}, {kind}", **common, **_scores(res.metrics, family), **trained}
+            )
+        onnx = run.onnx_metrics(name)
         if onnx.exists():  # [run] export = ["onnx"]: the same model scored from the ONNX file, sized as that file
             dep = StageResult.load(onnx)
             source = rows[-1]  # the packed model it was exported from (QAT when the plan trains)
@@ -547,14 +552,16 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_run_report(run_dir: Path | str) -> Path:
-    """``report.md`` of a run folder: the results table, the sensitivity plot, the plans and the frontier."""
+def write_run_report(run_dir: Path | str, plans: Sequence[ResolvedPlan] | None = None) -> Path:
+    """``report.md`` of a run folder: the results table, the sensitivity plot, the plans and the frontier.
+    ``plans``: the run's plans (None: as its ``run.json`` records them)."""
     from .artifacts import RunRecord
 
-    run = Path(run_dir)
-    config = RunRecord.load(run / "run.json").config
+    run = RunFolder(Path(run_dir))
+    config = RunRecord.load(run.ledger).config
     m = config["model"]
-    rows = results_rows(run)
+    plans = recorded_plans(config) if plans is None else plans
+    rows = results_rows(run.root, plans)
     family = rows[0]["family"]
     kind = "" if family == "classification" else f" ({'NER' if family == 'token' else 'question answering'})"
     lines = [
@@ -575,8 +582,8 @@ def write_run_report(run_dir: Path | str) -> Path:
         "## Plans",
         "",
     ]
-    for spec in config["plans"]:
-        path = run / "plans" / f"{spec['name']}.json"
+    for name in (p.name for p in plans):
+        path = run.plan(name)
         if path.exists():
             plan = BitPlan.load(path)
             enc = ", ".join(
@@ -590,16 +597,16 @@ def write_run_report(run_dir: Path | str) -> Path:
                 else ""
             )
             lines.append(
-                f"- [{spec['name']}](plans/{spec['name']}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
+                f"- [{name}](plans/{name}.md): encoder {enc}; predicted {plan.predicted['mib']:.2f} MiB"
                 f" ({plan.predicted['bytes']:,} bytes){how}"
             )
-    if (run / "plans" / "frontier.png").exists():
+    if run.frontier_figure.exists():
         lines += ["", "![frontier](plans/frontier.png)"]
     lines += ["", "## Settings", "", "Every number above was computed with these settings (`run.json`):", ""]
     for section in ("model", "finetune", "sensitivity", "allocate", "qat", "run"):
         values = ", ".join(f"{k}={v}" for k, v in config.get(section, {}).items() if v is not None)
         lines.append(f"- **{section}**: {values}")
-    return write_text(run / "report.md", "\n".join(lines) + "\n")
+    return write_text(run.report, "\n".join(lines) + "\n")
 
 
 def _landscape_axes(ls: dict[str, Any]) -> tuple[str, str]:

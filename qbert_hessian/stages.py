@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import distributed
-from .allocate import MIB, AllocConfig, Budget, allocate_bits, frontier, uniform_plan
+from .allocate import MIB, AllocConfig, allocate_bits, frontier, uniform_plan
 from .artifacts import (
     BitPlan,
     DensityReport,
@@ -48,6 +48,8 @@ from .errors import QBHError
 from .models import BlockMap, resolve_model_path
 from .packed_format import WEIGHTS_FILE
 from .quant.profile import DEFAULT_PROFILE_GROUPS, check_groups, measure_profile, profile_units
+from .run_config import ResolvedPlan, resolve_plan
+from .run_folder import PROFILE_FILE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,7 +57,6 @@ if TYPE_CHECKING:
     from .tasks import RawTask, Task
 
 logger = logging.getLogger(__name__)
-PROFILE_FILE = "profile.json"
 # The draws a stopped sensitivity run has finished, for --resume (removed once its blocks are finished).
 SENSITIVITY_STATE_FILE = "sensitivity.state.pt"
 # Every file the sensitivity stage writes in its folder (a run drops these, and only these, to start it over).
@@ -461,19 +462,22 @@ def load_profile(
 def make_plan(
     report: SensitivityReport,
     profile: QuantProfile,
-    spec: PlanSpec,
+    plan: ResolvedPlan | PlanSpec,
     defaults: AllocConfig | None = None,
     *,
     source: dict[str, Any] | None = None,
 ) -> BitPlan:
-    """One plan: ``spec`` (a uniform width or a budget, its allocator settings, and how its widths are assigned)
-    over the report."""
-    config = spec.alloc_config(defaults or AllocConfig())
-    if spec.uniform is not None:
-        return uniform_plan(report, profile, spec.uniform, config, source=source)
-    budget = Budget(max_mb=spec.budget_mb, ratio=spec.ratio, avg_bits=spec.avg_bits)
+    """One plan over the report: a plan resolved with its run's config (``run_config.resolve_plan``), or a spec
+    as the ``plan`` command gives it, resolved here against ``defaults`` (a uniform width or a budget, its
+    allocator settings, and how its widths are assigned)."""
+    if isinstance(plan, PlanSpec):
+        plan = resolve_plan(plan, defaults or AllocConfig())
+    if plan.budget is None:
+        assert plan.uniform is not None
+        return uniform_plan(report, profile, plan.uniform, plan.alloc, source=source)
+    spec = plan.spec
     return allocate_bits(
-        report, profile, budget, config, source=source, assign=spec.assign, assign_seed=spec.assign_seed
+        report, profile, plan.budget, plan.alloc, source=source, assign=spec.assign, assign_seed=spec.assign_seed
     )
 
 

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """The whole pipeline on the offline default (MiniLM-L6, BBC News), sized for 2 CPU cores."""
-    from ..pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
+    from ..run_config import DEMO_CONFIG, apply_overrides, parse_run_config
 
     config = parse_run_config(apply_overrides(DEMO_CONFIG, args.overrides))
     check_out_dir(args.out)

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QBHError as exc:
         message = _name_flags(str(exc), args.flags)
         if args.command in ("run", "demo"):  # the run's settings come from its TOML tables
-            from ..pipeline import toml_names
+            from ..run_config import toml_names
 
             message = toml_names(message)
         if args.world.local_rank == 0 or getattr(args, "alone", False):  # one line per host, not per process

@@ -56,7 +56,7 @@ def add_run_options(p: argparse.ArgumentParser, *, out: Path | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import load_run_config
+    from ..run_config import load_run_config
 
     overrides = list(args.overrides)
     overrides += [f"model.{k}={_toml_str(v)}" for k in ("model", "task", "data") if (v := getattr(args, k))]
@@ -86,7 +86,8 @@ def _toml_str(value: str) -> str:
 
 def make_run(args: argparse.Namespace, config, out: Path):
     """The pipeline over ``out``, once the run's settings are checked against the world (then the ranks meet)."""
-    from ..pipeline import Run, check_world
+    from ..pipeline import Run
+    from ..run_config import check_world
 
     check_world(config, args.world.size)
     start(args)

@@ -9,7 +9,7 @@ import pytest
 from qbert_hessian.cli import main
 from qbert_hessian.config import PlanSpec
 from qbert_hessian.errors import QBHError
-from qbert_hessian.pipeline import DEMO_CONFIG, apply_overrides, parse_run_config
+from qbert_hessian.run_config import DEMO_CONFIG, apply_overrides, parse_run_config
 
 CONFIG = """
 [model]
@@ -235,12 +235,81 @@ def _stage_hashes(out):
 
 
 def test_rerun_with_unchanged_inputs_recomputes_nothing(run_dir, caplog):
+    """A run folder written by this code, run again: no stage recomputes, no file is rewritten, the ledger keeps
+    every entry and the report reads the same to the byte."""
     out = run_dir / "out"
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    before = {
+        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("run.json", "report.md")
+    }
+    hashes, report = _stage_hashes(out), (out / "report.md").read_bytes()
     with caplog.at_level("INFO", logger="qbert_hessian"):
         assert main(["run", str(run_dir / "run.toml"), "--out", str(out), "--quiet"]) == 0
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "run.json"}
-    assert all(after[p] == before[p] for p in after)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert _stage_hashes(out) == hashes and (out / "report.md").read_bytes() == report
+    assert "nothing was recomputed" in caplog.text and "inputs changed" not in caplog.text
+
+
+# What run.json records per stage for CONFIG, as the code before the run layer's split recorded it: the inputs'
+# keys (canonical: unset settings dropped) and the artifact files hashed. A run folder made before a change here
+# would recompute that stage and everything after it, so a change needs a reason (and a settings key left at its
+# default must stay out of the record, see AllocConfig.protocol).
+_ALLOC = "allocate.act_bits allocate.bits allocate.embedding_bits allocate.embedding_groups allocate.groups "
+_ALLOC += "allocate.measure allocate.method allocate.range_method profile sensitivity"
+_DIRECT = "calibration.batch_size calibration.calibration_batches calibration.seed data max_length model plan "
+_DIRECT += "range_method"
+_QAT = " ".join(
+    f"qat.{k}"
+    for k in (
+        "alpha attention_weight batch_size distill epochs eval_steps group_by_length hidden_weight learn_scales lr "
+        "quant_noise seed temperature warmup_ratio weight_decay"
+    ).split()
+)
+LEDGER = {
+    "sensitivity": (
+        "config.batch_size config.batches_per_draw config.draws config.length_buckets config.max_iters "
+        "config.max_length config.method config.most_negative config.seed config.tol config.top_k config.trace "
+        "config.trace_samples config.warm_start data model",
+        ["sensitivity/sensitivity.json"],
+    ),
+    "profile": ("groups model range_method", ["sensitivity/profile.json"]),
+    "fp32": ("data max_length model", ["results/fp32.json"]),
+    "plan:uniform-4": (f"{_ALLOC} spec.name spec.qat spec.uniform", ["plans/uniform-4.json"]),
+    "plan:mixed-3": (f"{_ALLOC} spec.avg_bits spec.bits spec.name", ["plans/mixed-3.json"]),
+    "plan:mixed-3-control": (
+        f"{_ALLOC} spec.assign spec.avg_bits spec.bits spec.name spec.qat",
+        ["plans/mixed-3-control.json"],
+    ),
+    "frontier": (_ALLOC, ["plans/frontier.json", "plans/frontier.png"]),
+    **{
+        f"{stage}:{name}": entry
+        for name in ("uniform-4", "mixed-3", "mixed-3-control")
+        for stage, entry in {
+            "direct": (_DIRECT, [f"results/{name}/direct.json"]),
+            "packed": (
+                f"{_DIRECT} {_QAT}" if name == "mixed-3" else _DIRECT,
+                [f"results/{name}/packed/model.safetensors", f"results/{name}/packed/quantization.json"],
+            ),
+            "metrics": ("data max_length model packed", [f"results/{name}/metrics.json"]),
+        }.items()
+    },
+}
+
+
+def _keys(value, prefix=""):
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _keys(v, f"{prefix}.{key}" if prefix else key)]
+    return [prefix]
+
+
+def test_the_ledger_records_what_runs_made_before_recorded(run_dir):
+    from qbert_hessian.artifacts import canonical
+
+    stages = json.loads((run_dir / "out" / "run.json").read_text())["stages"]
+    assert set(stages) == set(LEDGER)
+    for key, (inputs, artifacts) in LEDGER.items():
+        entry = stages[key]
+        assert sorted(_keys(canonical(entry["inputs"]))) == sorted(inputs.split()), key
+        assert sorted(entry["artifacts"]) == artifacts, key
 
 
 def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, tmp_path):
