@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="each group's range: max or mse (default: the plan's own)",
     )
     _add_rounding(p, "the plan's own")
+    _add_act_range(p, "the plan's own")
     _add_config(p, CalibrationConfig)
     _add_common(p)
 
@@ -359,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                 + SensitivityConfig.field_help()["precision"].replace("%", "%%"),
             )
             _add_rounding(p, "[allocate]'s", dest_prefix="set_")
+            _add_act_range(p, "[allocate]'s", dest_prefix="set_")
         default_out = Path("runs/demo") if name == "demo" else None
         p.add_argument("--out", type=Path, default=default_out, help="run folder (run: default, the config's 'out')")
         p.add_argument(
@@ -387,6 +389,15 @@ def _add_rounding(p: argparse.ArgumentParser, default: str, *, dest_prefix: str 
         p.add_argument(
             flag, dest=dest_prefix + name, type=kind, default=None, help=f"{helps[name]} (default: {default})"
         )
+
+
+def _add_act_range(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
+    """``--act-range`` overriding a plan's (or a run's) activation ranges; checked by the plan (or the run's
+    config), so a bad value is one line."""
+    help_text = AllocConfig.field_help()["act_range"]
+    p.add_argument(
+        "--act-range", dest=dest_prefix + "act_range", default=None, help=f"{help_text} (default: {default})"
+    )
 
 
 def _name_flags(message: str, flags: dict[str, str]) -> str:
@@ -602,6 +613,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = _from_args(CalibrationConfig, args)
     plan = stages.with_range_method(BitPlan.load(args.plan), args.weight_range)
     plan = stages.with_rounding(plan, args.rounding, calib_samples=args.calib_samples, damp=args.damp)
+    plan = stages.with_act_range(plan, args.act_range)
     raw = _raw_task(args)
     try:
         model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
@@ -756,6 +768,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"sensitivity.precision={_toml_str(args.precision)}")
     if args.set_rounding is not None:
         overrides.append(f"allocate.rounding={_toml_str(args.set_rounding)}")
+    if args.set_act_range is not None:
+        overrides.append(f"allocate.act_range={_toml_str(args.set_act_range)}")
     overrides += [
         f"allocate.{k}={v!r}" for k in ("calib_samples", "damp") if (v := getattr(args, f"set_{k}")) is not None
     ]

@@ -724,6 +724,7 @@ class Run:
                 "range_method": plan.range_method,  # in the plan too; named so the log says what changed
                 # likewise, only away from nearest, so run folders made before roundings were a setting match
                 **({"rounding": plan.rounding, "gptq": plan.gptq} if plan.rounding != "nearest" else {}),
+                **({"act_range": plan.act_range} if plan.act_range != "max" else {}),  # likewise
                 "calibration": self.config.run.calibration.to_dict(),
             }
             p_inputs = {**d_inputs, "qat": qat_config.to_dict() if qat else None}
