@@ -655,9 +655,10 @@ class PlanSpec(_Config):
         distill, learn_scales: this plan's QAT recipe, as ``[qat]`` (None: the run's), so one run holds its
             ablations (e.g. logits-only distillation, or learned steps, beside the run's recipe).
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits, rounding,
-            calib_samples, damp, act_range: as :class:`AllocConfig` (None: the run's ``[allocate]``); one run can hold the
-            same plan rounded to nearest and by GPTQ. ``range_method`` is not among them: the run
-            measures one cost table, with ``[allocate] range_method``, for all its plans.
+            calib_samples, damp, act_range: as :class:`AllocConfig` (None: the run's ``[allocate]``); one run can
+            hold the same plan rounded to nearest and by GPTQ, or with other activation ranges. ``range_method``
+            is not among them: the run measures one cost table, with ``[allocate] range_method``, for all its
+            plans.
     """
 
     name: str

@@ -122,14 +122,16 @@ def test_sampling_keeps_at_most_the_budget_and_is_seeded(tiny_bert):
 def test_dynamic_per_token_equals_a_plain_loop():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 16, generator=g) * torch.linspace(0.1, 20, 16)  # one outlier channel
-    x[1, 3] = 0.0  # a zero row: scale 1e-8 / 127, quantizes to 0
+    x[1, 3] = 0.0  # a zero row: scale eps, quantizes to 0
     out = fake_quantize_activation_dynamic(x, 8)
     ref = torch.empty_like(x)
     for idx in np.ndindex(*x.shape[:-1]):
         row = x[idx]
-        s = torch.clamp(row.abs().max(), min=1e-8) / 127
-        ref[idx] = torch.clamp(torch.round(row / s), -127, 127) * s
+        s = row.abs().max() / 127.5
+        s = s if s > 0 else torch.tensor(torch.finfo(torch.float32).eps)
+        ref[idx] = torch.clamp(torch.round(row / s), -128, 127) * s
     assert torch.equal(out, ref)
+    assert torch.equal(out[1, 3], torch.zeros(16))
     # each token's own range: a token of small values keeps its precision, a static range would not
     static = fake_quantize_activation(x, x.abs().max(), 8)
     assert (out - x).abs()[0, 0].max() < (static - x).abs()[0, 0].max()
