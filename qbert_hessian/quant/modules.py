@@ -74,7 +74,7 @@ class ActQuant(nn.Module):
         self.register_buffer("amax", None if range_method == "dynamic" else torch.zeros(()))
         self.register_buffer("num_observed", torch.zeros((), dtype=torch.long), persistent=False)
         self._sample: list[Tensor] | None = None  # |x| kept while sampling (percentile, mse)
-        self._peak = 0.0
+        self.peak = 0.0  # the largest |x| seen while sampling
         self._per_batch = 0
         self._generator: torch.Generator | None = None
 
@@ -100,7 +100,7 @@ class ActQuant(nn.Module):
         ``per_batch`` of them, else ``per_batch`` drawn uniformly (with replacement, seeded by ``seed``)."""
         if self.range_method not in ("percentile", "mse"):
             raise QBHError(f"activation range {self.range_method} is not calibrated from samples")
-        self._sample, self._peak, self._per_batch = [], 0.0, per_batch
+        self._sample, self.peak, self._per_batch = [], 0.0, per_batch
         self._generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
 
     @torch.no_grad()
@@ -108,7 +108,7 @@ class ActQuant(nn.Module):
         v = x.detach().abs().flatten().float()
         if not v.numel():
             return
-        self._peak = max(self._peak, float(v.max()))
+        self.peak = max(self.peak, float(v.max()))
         if v.numel() > self._per_batch:
             idx = torch.randint(v.numel(), (self._per_batch,), generator=self._generator)
             v = v[idx.to(v.device)]
@@ -124,7 +124,7 @@ class ActQuant(nn.Module):
         if self.range_method == "percentile":
             amax = percentile_amax(values)
         else:
-            amax = mse_amax(values, self._peak, self.bits)
+            amax = mse_amax(values, self.peak, self.bits)
         self.amax.copy_(amax.clamp(min=torch.finfo(torch.float32).tiny))  # an all-zero input still calibrates
 
     def forward(self, x: Tensor) -> Tensor:
