@@ -71,6 +71,7 @@ def check_rounding(value: object, what: str = "rounding") -> str:
 # run time (ZeroQuant; nothing stored).
 ACT_RANGES = ("max", "percentile", "mse", "dynamic")
 DEFAULT_ACT_RANGE = "max"
+ACT_PERCENTILE = 99.99  # one value of |x| in 10^4 is clipped
 
 
 def check_act_range(value: object, what: str = "activation range") -> str:

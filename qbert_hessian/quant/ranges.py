@@ -54,12 +54,11 @@ from torch import Tensor
 
 # The names of the range methods, the default and the check live in the torch-free config.py (plans and
 # profiles validate them too); they are re-exported here beside the methods themselves.
-from ..config import DEFAULT_RANGE_METHOD, RANGE_METHODS, check_range_method  # noqa: F401
+from ..config import ACT_PERCENTILE, DEFAULT_RANGE_METHOD, RANGE_METHODS, check_range_method  # noqa: F401
 
 NUM_RATIOS = 100
-# The percentile of |x| a ``percentile`` activation range keeps (one value in 10^4 is clipped), and the most values
-# of |x| an activation site keeps from its calibration batches to choose a static range from.
-ACT_PERCENTILE = 99.99
+# The most values of |x| an activation site keeps from its calibration batches to choose a static range from (the
+# percentile a ``percentile`` range keeps, ACT_PERCENTILE, lives in config.py with the names of the methods).
 ACT_SAMPLES = 2**18
 MIN_RATIO = 0.05
 # Smallest normal float16: a scale below it would lose precision when stored.
