@@ -179,7 +179,7 @@ def build_problem(
     if "embeddings.position" in profile.units:
         emb["embeddings.position"] = config.position_bits or config.embedding_bits
     emb = {u: b for u, b in emb.items() if u in profile.units}
-    act = config.act_bits is not None
+    act = config.act_bits is not None and config.act_range != "dynamic"  # a stored range per linear's input
     scale_bytes = 2 + (0 if profile.symmetric else 1)
 
     def data_bytes(unit: str, bits: int, groups: object) -> int:
@@ -486,6 +486,7 @@ def _plan(
         range_method=config.range_method,  # the profile's: build_problem refuses any other
         rounding=config.rounding,
         gptq=config.gptq_config().to_dict() if config.rounding == "gptq" else None,
+        act_range=config.act_range,
         method=method,
         budget=budget,
         measure=config.measure.value,

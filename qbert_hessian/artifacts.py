@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .config import GPTQConfig, check_bits, check_range_method, check_rounding
+from .config import GPTQConfig, check_act_range, check_bits, check_range_method, check_rounding
 from .errors import QBHError
 from .names import validate_block
 from .packed_format import PACKED_SCHEMA
@@ -340,6 +340,8 @@ class BitPlan(Artifact):
     ``range_method`` how each group's range was chosen (``max`` or ``mse``, ``quant/ranges.py``; old plans: max).
     ``rounding`` how each weight rounds onto that grid: ``nearest`` (old plans), or ``gptq`` with its settings in
     ``gptq`` (:class:`~qbert_hessian.config.GPTQConfig`: calibration sequences, dampening, act-order, block size).
+    ``act_range`` how each quantized linear's input range is set: ``max`` (an EMA of max|x|; old plans),
+    ``percentile`` or ``mse`` (static, calibrated), or ``dynamic`` (per token at run time, nothing stored).
     ``model`` describes the model the plan was made for (name, family, num_layers, num_heads, hidden_size);
     ``predicted`` the sizes the allocator promised (bytes, MiB, compression, average encoder bits, objective).
     """
@@ -353,6 +355,7 @@ class BitPlan(Artifact):
     range_method: str = "max"
     rounding: str = "nearest"
     gptq: dict[str, Any] | None = None
+    act_range: str = "max"
     method: str = "manual"
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     measure: str | None = None
@@ -383,6 +386,7 @@ class BitPlan(Artifact):
             raise QBHError(f"plan 'symmetric' must be true or false, got {self.symmetric!r}; regenerate the plan")
         check_range_method(self.range_method, "plan range_method")
         check_rounding(self.rounding, "plan rounding")
+        check_act_range(self.act_range, "plan act_range")
         if self.rounding == "gptq":
             if self.gptq is not None and not isinstance(self.gptq, dict):
                 raise QBHError(f"plan 'gptq' must be a table of settings, got {self.gptq!r}; regenerate the plan")

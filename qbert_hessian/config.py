@@ -65,6 +65,22 @@ def check_rounding(value: object, what: str = "rounding") -> str:
     return value
 
 
+# How each quantized linear's 8-bit input range is set (``quant/ranges.py``, ``quant/modules.py``): ``max`` an
+# EMA of max|x| (Q8BERT), ``percentile`` the ACT_PERCENTILE-th percentile of |x| and ``mse`` the clipping of least
+# squared quantization error (both static, from the calibration batches), ``dynamic`` a range per token computed at
+# run time (ZeroQuant; nothing stored).
+ACT_RANGES = ("max", "percentile", "mse", "dynamic")
+DEFAULT_ACT_RANGE = "max"
+ACT_PERCENTILE = 99.99  # one value of |x| in 10^4 is clipped
+
+
+def check_act_range(value: object, what: str = "activation range") -> str:
+    """``value`` if it names an activation range method, else a :class:`QBHError` naming the valid ones."""
+    if not isinstance(value, str) or value not in ACT_RANGES:
+        raise QBHError(f"{what} {value!r} is not known; use one of {', '.join(ACT_RANGES)}")
+    return value
+
+
 def check_bits(bits: object, what: str = "bits", *, role: str = "weight") -> int:
     """``bits`` as an int in its role's range (weights and embeddings 2..8, activations 2..16), else a
     :class:`QBHError` naming the value and the range. The one width check of the package."""
@@ -530,6 +546,9 @@ class AllocConfig(_Config):
             keep nearest).
         calib_samples: ``gptq``: training sequences (seeded) whose inputs make each layer's Hessian.
         damp: ``gptq``: dampening of each layer's Hessian, a fraction of its mean diagonal.
+        act_range: how each quantized linear's input range is set: ``max`` (an EMA of max|x|, Q8BERT),
+            ``percentile`` (the 99.99th percentile of |x| on the calibration batches), ``mse`` (the clipping of
+            least squared quantization error on them) or ``dynamic`` (per-token int8 at run time, ZeroQuant).
         deploy: the file the plan is priced for: ``packed`` (the packed checkpoint) or ``onnx`` (the ONNX export:
             candidate widths restricted to 2, 4, 8, the ones ONNX Runtime has kernels for, and the predicted size
             is the ONNX file's).
@@ -547,6 +566,7 @@ class AllocConfig(_Config):
     rounding: str = DEFAULT_ROUNDING
     calib_samples: int = GPTQConfig.calib_samples
     damp: float = GPTQConfig.damp
+    act_range: str = DEFAULT_ACT_RANGE
     deploy: Deploy = Deploy.PACKED
 
     def __post_init__(self) -> None:
@@ -569,6 +589,7 @@ class AllocConfig(_Config):
         _set_enum(self, "method", Method, "allocation method")
         check_range_method(self.range_method, "AllocConfig.range_method")
         check_rounding(self.rounding, "AllocConfig.rounding")
+        check_act_range(self.act_range, "AllocConfig.act_range")
         self.gptq_config()  # validates calib_samples and damp
 
     def gptq_config(self) -> GPTQConfig:
@@ -580,11 +601,11 @@ class AllocConfig(_Config):
 
     def protocol(self) -> dict[str, Any]:
         """The settings that decide a plan, as run caches record them: :meth:`to_dict` without ``rounding``,
-        ``calib_samples`` and ``damp`` while they are at their defaults (so run folders made before rounding was a
-        setting still match)."""
+        ``calib_samples``, ``damp`` and ``act_range`` while they are at their defaults (so run folders made before
+        these were settings still match)."""
         out = self.to_dict()
         for f in dataclasses.fields(self):
-            if f.name in ("rounding", "calib_samples", "damp") and out[f.name] == f.default:
+            if f.name in ("rounding", "calib_samples", "damp", "act_range") and out[f.name] == f.default:
                 del out[f.name]
         return out
 
@@ -635,9 +656,10 @@ class PlanSpec(_Config):
         distill, learn_scales: this plan's QAT recipe, as ``[qat]`` (None: the run's), so one run holds its
             ablations (e.g. logits-only distillation, or learned steps, beside the run's recipe).
         bits, groups, measure, method, embedding_bits, position_bits, embedding_groups, act_bits, rounding,
-            calib_samples, damp: as :class:`AllocConfig` (None: the run's ``[allocate]``); one run can hold the
-            same plan rounded to nearest and by GPTQ. ``range_method`` is not among them: the run
-            measures one cost table, with ``[allocate] range_method``, for all its plans.
+            calib_samples, damp, act_range: as :class:`AllocConfig` (None: the run's ``[allocate]``); one run can
+            hold the same plan rounded to nearest and by GPTQ, or with other activation ranges. ``range_method``
+            is not among them: the run measures one cost table, with ``[allocate] range_method``, for all its
+            plans.
     """
 
     name: str
@@ -662,6 +684,7 @@ class PlanSpec(_Config):
     rounding: str | None = None
     calib_samples: int | None = None
     damp: float | None = None
+    act_range: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanSpec:

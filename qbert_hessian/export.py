@@ -134,6 +134,12 @@ def save_packed(
                 f"{key} was rounded by {e['rounding']}, the plan says {plan.rounding}; pass the plan the model was "
                 "quantized with"
             )
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuant) and m.range_method != plan.act_range:
+            raise QBHError(
+                f"{name.removesuffix('.act')}'s input range was set by {m.range_method}, the plan says "
+                f"{plan.act_range}; pass the plan the model was quantized with"
+            )
     tmp = out_dir.with_name(out_dir.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -539,6 +539,7 @@ class Run:
             "range_method": bitplan.range_method,  # in the plan too; named so the log says what changed
             # likewise, only away from nearest, so run folders made before roundings were a setting match
             **({"rounding": bitplan.rounding, "gptq": bitplan.gptq} if bitplan.rounding != "nearest" else {}),
+            **({"act_range": bitplan.act_range} if bitplan.act_range != "max" else {}),  # likewise
             "calibration": self.config.run.calibration.to_dict(),
         }
         p_inputs = {**d_inputs, "qat": plan.qat.to_dict() if plan.qat is not None else None}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
+from .config import ACT_PERCENTILE
 from .errors import QBHError
 from .run_config import ResolvedPlan, recorded_plans
 from .run_folder import RunFolder
@@ -292,7 +293,8 @@ def plan_markdown(plan: BitPlan) -> str:
         f"- predicted size: **{_fmt(p.get('mib'))} MiB** ({p.get('bytes', 0):,} bytes) vs FP32 "
         f"{_fmt(p.get('fp32_mib'))} MiB: **{_fmt(p.get('compression'), 3)}x** smaller",
         f"- encoder average: {_fmt(p.get('encoder_avg_bits'), 3)} bits; activations: "
-        f"{plan.act_bits or 'FP32'} bits; {'symmetric' if plan.symmetric else 'asymmetric'} weight ranges chosen by "
+        f"{plan.act_bits or 'FP32'} bits{act_range_text(plan)}; "
+        f"{'symmetric' if plan.symmetric else 'asymmetric'} weight ranges chosen by "
         f"{plan.range_method}; weights rounded by {rounding_text(plan)}",
         f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
     ]
@@ -393,7 +395,18 @@ def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
         w += f" (avg {plan.predicted.get('encoder_avg_bits', float('nan')):.2f})"
     emb = plan.blocks.get("embeddings.word", {}).get("bits", 32)
     groups = sorted({str(e.get("groups", 1)) for e in enc})
-    return w, str(emb), str(plan.act_bits or 32), "/".join(groups) or "-"
+    return w, str(emb), f"{plan.act_bits or 32}{act_range_text(plan, short=True)}", "/".join(groups) or "-"
+
+
+def act_range_text(plan: BitPlan, *, short: bool = False) -> str:
+    """How a plan's activation ranges are set, as plan.md (and, ``short``, the results table) say it; nothing for
+    the default EMA of max|x| (so reports made before the setting read the same)."""
+    if plan.act_bits is None or plan.act_range == "max":
+        return ""
+    if short:
+        return f" ({plan.act_range})"
+    what = {"percentile": f"the {ACT_PERCENTILE}th percentile of |x|", "mse": "MSE clipping", "dynamic": "per token"}
+    return f" ({plan.act_range}: {what[plan.act_range]})"
 
 
 # How each family's scores are headed in tables, and what they mean (report.md's note above the table).

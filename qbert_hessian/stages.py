@@ -41,6 +41,7 @@ from .config import (
     PlanSpec,
     Precision,
     SensitivityConfig,
+    check_act_range,
     check_range_method,
     check_rounding,
 )
@@ -552,6 +553,22 @@ def with_rounding(
     return dataclasses.replace(plan, rounding=rounding, gptq=gptq, notes=[*plan.notes, note])
 
 
+def with_act_range(plan: BitPlan, act_range: str | None) -> BitPlan:
+    """``plan`` with its activation ranges set by ``act_range`` instead (None or the plan's own: ``plan``).
+
+    The copy says so in its notes; between a static range and ``dynamic`` the packed size moves by the stored
+    ranges (4 bytes and a header entry per quantized linear), which the plan's prediction counted or not.
+    """
+    if act_range is None or act_range == plan.act_range:
+        return plan
+    check_act_range(act_range, "activation range")
+    note = f"activation ranges set by {act_range}; the plan was made with {plan.act_range}"
+    if "dynamic" in (act_range, plan.act_range) and plan.act_bits is not None:
+        stored = "without" if plan.act_range == "dynamic" else "with"
+        note += f" (its predicted size is the file's {stored} a stored range per quantized linear)"
+    return dataclasses.replace(plan, act_range=act_range, notes=[*plan.notes, note])
+
+
 def quantize_direct(
     model: nn.Module, plan: BitPlan, task: Task, calibration: CalibrationConfig, *, progress: bool = False
 ) -> nn.Module:
@@ -786,6 +803,7 @@ __all__ = [
     "write_frontier",
     "with_range_method",
     "with_rounding",
+    "with_act_range",
     "quantize_direct",
     "export",
     "load_for_task",

@@ -149,6 +149,15 @@ def add_rounding(p: argparse.ArgumentParser, default: str, *, dest_prefix: str =
         )
 
 
+def add_act_range(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
+    """``--act-range`` overriding a plan's (or a run's) activation ranges; checked by the plan (or the run's
+    config), so a bad value is one line."""
+    help_text = AllocConfig.field_help()["act_range"]
+    p.add_argument(
+        "--act-range", dest=dest_prefix + "act_range", default=None, help=f"{help_text} (default: {default})"
+    )
+
+
 # -- command bodies -------------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from ..allocate import MIB
 from ..config import RANGE_METHODS, CalibrationConfig
 from ..errors import QBHError
 from .common import (
+    add_act_range,
     add_common,
     add_config,
     add_files,
@@ -46,6 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="each group's range: max or mse (default: the plan's own)",
     )
     add_rounding(p, "the plan's own")
+    add_act_range(p, "the plan's own")
     add_config(p, CalibrationConfig)
     add_common(p)
     return p
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = from_args(CalibrationConfig, args)
     plan = stages.with_range_method(BitPlan.load(args.plan), args.weight_range)
     plan = stages.with_rounding(plan, args.rounding, calib_samples=args.calib_samples, damp=args.damp)
+    plan = stages.with_act_range(plan, args.act_range)
     raw = raw_task(args)
     try:
         model, task = stages.load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)

@@ -11,8 +11,10 @@ format, not the fast path (that is ``onnx.py``). The mapping, exact for the weig
     which (q - z) * s is computed exactly);
   * symmetric codes as they are ([-2^(b-1), 2^(b-1) - 1] is compressed-tensors' range too); asymmetric codes and
     zero points shifted by -2^(b-1) into that signed range, with the same differences q - z;
-  * each quantized linear's static 8-bit input range as ``input_activations`` (``tensor`` strategy, static,
-    ``input_scale`` = amax / 127).
+  * each quantized linear's static 8-bit input range (``act_range`` max, percentile or mse) as
+    ``input_activations`` (``tensor`` strategy, static, ``input_scale`` = amax / 127); per-token dynamic ranges
+    (``act_range = dynamic``) as its ``token`` strategy, ``dynamic: true``, which computes the same scales
+    (``functional.fake_quantize_activation_dynamic``), so those reload exactly.
 
 Embedding tables are stored as dense float32 holding their dequantized values (exact, but FP32 bytes):
 transformers cannot initialise a compressed ``nn.Embedding`` at load (its weight initialisation expects the dense
@@ -57,8 +59,9 @@ def _weights_args(bits: int, cell: tuple[int, int], symmetric: bool) -> dict[str
     }
 
 
-def _input_args(bits: int) -> dict[str, Any]:
-    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+def _input_args(bits: int, dynamic: bool) -> dict[str, Any]:
+    strategy = "token" if dynamic else "tensor"
+    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": dynamic}
 
 
 def compressed_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -86,19 +89,20 @@ def compressed_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor],
         state[f"{path}.weight_packed"] = torch.from_numpy(ct_pack_int32(signed, q.bits))
         state[f"{path}.weight_scale"] = q.scale.float().reshape(q.grid).contiguous()
         state[f"{path}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
-        act_bits = None
+        act_bits, dynamic = None, False
         if module.act is not None:
-            act_bits = module.act.bits
+            act_bits, dynamic = module.act.bits, module.act.amax is None
+        if act_bits is not None and not dynamic:
             amax = state.pop(f"{path}.act.amax").float()
             qmax = 2 ** (act_bits - 1) - 1
             state[f"{path}.input_scale"] = (amax.clamp(min=1e-8) / qmax).reshape(1)
-        groups.setdefault((q.bits, cell, symmetric, act_bits), []).append(path)
+        groups.setdefault((q.bits, cell, symmetric, act_bits, dynamic), []).append(path)
     config_groups = {}
-    for i, ((bits, cell, symmetric, act_bits), targets) in enumerate(sorted(groups.items())):
+    for i, ((bits, cell, symmetric, act_bits, dynamic), targets) in enumerate(sorted(groups.items())):
         config_groups[f"group_{i}"] = {
             "targets": sorted(targets),
             "weights": _weights_args(bits, cell, symmetric),
-            "input_activations": None if act_bits is None else _input_args(act_bits),
+            "input_activations": None if act_bits is None else _input_args(act_bits, dynamic),
             "output_activations": None,
             "format": "pack-quantized",
         }

@@ -13,6 +13,9 @@ Two modes:
   * exact (``--exact``): ``accuracy_level`` 1 (float32 compute over the exactly dequantized weights) and each
     quantized linear's static 8-bit input range as Clip -> QuantizeLinear -> DequantizeLinear, which is the
     fake-quantized model's own arithmetic: its logits match ``load_packed``'s up to float summation order.
+    Per-token dynamic ranges (``act_range = dynamic``) are written as the same float operations the fake-quantized
+    model runs: s = ReduceMax(Abs(x), last axis) / ((2^b - 1) / 2) (0 -> eps), then
+    Mul(Clip(Round(x / s), -2^(b-1), 2^(b-1) - 1), s).
 
 Written Hugging Face-style: ``OUT/onnx/model.onnx`` beside ``config.json`` and the tokenizer, and
 ``OUT/export.json`` recording the mode, inputs, outputs and each weight's stored width and block.
@@ -36,7 +39,7 @@ from ..export import load_packed
 from ..models import head_family, load_tokenizer
 from ..packed_format import MANIFEST_FILE
 from ..quant.apply import quant_modules
-from ..quant.functional import fake_quantize_activation
+from ..quant.functional import fake_quantize_activation, fake_quantize_activation_dynamic
 from ..quant.modules import QuantEmbedding, QuantLinear
 from .layout import block_size, onnx_bits, to_nbits
 from .output import EXPORT_FILE, check_out, check_source, copy_model_files, require, staging
@@ -67,13 +70,25 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, data, scales, zero_points, meta):  # noqa: ANN001, ARG004
-        if meta["act"] is not None:
+        if meta["act"] == "dynamic":
+            x = fake_quantize_activation_dynamic(x, meta["act_bits"])
+        elif meta["act"] is not None:
             x = fake_quantize_activation(x, torch.tensor(meta["act"][0]), meta["act"][2])
         return x @ weight.t()
 
     @staticmethod
     def symbolic(g, x, weight, data, scales, zero_points, meta):  # noqa: ANN001, ARG004
-        if meta["act"] is not None:  # exact mode: the static input range, as the fake-quantized model applies it
+        if meta["act"] == "dynamic":  # exact mode: a range per token, the fake-quantized model's float ops
+            b = meta["act_bits"]
+            amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+            s = g.op("Div", amax, _const(g, (2**b - 1) / 2))
+            eps = _const(g, torch.finfo(torch.float32).eps)
+            s = g.op("Where", g.op("Equal", s, _const(g, 0.0)), eps, s)
+            q = g.op(
+                "Clip", g.op("Round", g.op("Div", x, s)), _const(g, -(2.0 ** (b - 1))), _const(g, 2.0 ** (b - 1) - 1)
+            )
+            x = g.op("Mul", q, s)
+        elif meta["act"] is not None:  # exact mode: the static input range, as the fake-quantized model applies it
             amax, scale, _ = meta["act"]
             zero = _const(g, 0, torch.int8)
             x = g.op("Clip", x, _const(g, -amax), _const(g, amax))
@@ -130,7 +145,7 @@ class _Packed(nn.Module):
         self.bias = None if is_embedding else module.bias
         act = None
         act_bits = None if is_embedding or module.act is None else module.act.bits
-        if act_bits is not None and act_bits > 8 and exact:
+        if act_bits is not None and act_bits > 8 and exact and module.act.amax is not None:
             raise QBHError(
                 f"{name}: its activations are {act_bits}-bit, and --exact writes them as int8 "
                 "Quantize/DequantizeLinear; "
@@ -141,12 +156,14 @@ class _Packed(nn.Module):
                 f"{name}: its activations are {act_bits}-bit, and int8 compute quantizes them to 8 bits on the fly; "
                 "export with --exact, or plan with 8-bit activations (--act-bits 8)"
             )
-        if exact and act_bits is not None:
+        if exact and act_bits is not None and module.act.amax is None:
+            act = "dynamic"
+        elif exact and act_bits is not None:
             amax = module.act.amax.float()
             qmax = 2 ** (module.act.bits - 1) - 1
             act = (float(amax), float(amax.clamp(min=1e-8) / qmax), module.act.bits)
         self.meta = {"K": cols, "N": rows, "bits": bits, "block_size": block, "accuracy_level": accuracy_level}
-        self.meta["act"] = act
+        self.meta["act"], self.meta["act_bits"] = act, act_bits
         self.record = {"bits": q.bits, "stored_bits": bits, "block_size": block, "grid": list(q.grid)}
         self.record["op"] = "GatherBlockQuantized" if is_embedding else "MatMulNBits"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from ..errors import QBHError
 from ..models import BlockMap
 from .functional import Kind, QuantSpec, group_layout
 from .modules import QUANT_MODULES, ActQuant, QuantEmbedding, QuantLinear
+from .ranges import ACT_SAMPLES
 from .rounding import calibration_sequences, round_gptq_
 
 if TYPE_CHECKING:
@@ -113,7 +115,7 @@ def quantize_model(model: nn.Module, plan: BitPlan, *, inplace: bool = False) ->
         if t.kind == "embedding":
             new: nn.Module = QuantEmbedding.from_module(module, t.spec, grid)
         else:
-            new = QuantLinear.from_module(module, t.spec, grid, t.kind, plan.act_bits)
+            new = QuantLinear.from_module(module, t.spec, grid, t.kind, plan.act_bits, plan.act_range)
         new.qbh_block = t.block
         setattr(parent, attr, new)
     return model
@@ -127,22 +129,34 @@ def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear | QuantEm
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> int:
-    """Set the EMA activation ranges from a few batches (eval mode, no gradients); returns the batch count."""
+def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, seed: int = 0) -> int:
+    """Set the static activation ranges from a few batches (eval mode, no gradients); returns the batch count.
+
+    ``max`` ranges follow their EMA of max|x| batch by batch; ``percentile`` and ``mse`` ranges are chosen at the
+    end from the |x| each site saw (at most ``ranges.ACT_SAMPLES`` values per site, drawn with ``seed``);
+    ``dynamic`` ones need nothing.
+    """
     acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    batches = list(batches)
+    sampled = [m for m in acts if m.range_method in ("percentile", "mse")]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n = 0
     try:
+        for i, m in enumerate(sampled):
+            m.begin_sampling(math.ceil(ACT_SAMPLES / max(1, len(batches))), [seed, i])
         for m in acts:
             m.observing = True
         for batch in batches:
             model(**{k: v.to(device) for k, v in batch.items()})
             n += 1
+        for m in sampled:
+            m.end_sampling()
     finally:
         for m in acts:
             m.observing = False
+            m._sample = None
         model.train(was_training)
     if acts and n == 0:
         raise QBHError("calibration got no batches; pass at least one batch of training data")
@@ -157,7 +171,7 @@ def sync_activation_ranges(model: nn.Module) -> int:
     QAT keeps the ranks' ranges equal already (each update takes the maximum over the ranks' shares of the
     batch, :meth:`~qbert_hessian.quant.modules.ActQuant.observe`); this makes it hold whatever ran before.
     """
-    amax = [m.amax for m in model.modules() if isinstance(m, ActQuant)]
+    amax = [m.amax for m in model.modules() if isinstance(m, ActQuant) and m.amax is not None]
     world = distributed.world_size()
     if amax and world > 1:
         distributed.all_reduce_(amax)
@@ -192,6 +206,6 @@ def quantize_calibrated(
     if gptq is not None:
         sequences = calibration_sequences(task, gptq.calib_samples, batch_size, seed)
         round_gptq_(qmodel, sequences, gptq, progress=progress)
-    if plan.act_bits:
-        calibrate_activations(qmodel, calibration_batches(task, num_batches, batch_size, seed))
+    if plan.act_bits and plan.act_range != "dynamic":
+        calibrate_activations(qmodel, calibration_batches(task, num_batches, batch_size, seed), seed=seed)
     return qmodel

@@ -19,7 +19,10 @@ Groupings (Shen et al. 2020, Q-BERT Sec. 3.3): ``1`` one scale per matrix; ``hea
 (G groups per matrix as contiguous output-row buckets; for the attention output, when num_heads divides G,
 G / num_heads row buckets inside each head's columns); ``channel`` one scale per output row.
 
-Activations (Zafrir et al. 2019, Q8BERT): symmetric b-bit with the range taken from an EMA of max|x|.
+Activations (Zafrir et al. 2019, Q8BERT): symmetric b-bit with a static range [-amax, amax] (an EMA of max|x|,
+or a percentile or MSE clipping calibrated in ``ranges.py``), s = amax / (2^(b-1) - 1); or dynamic per token
+(ZeroQuant, Yao et al. 2022): each row x_t of the last axis gets its own s_t = max|x_t| / ((2^b - 1) / 2) at run
+time (the weights' symmetric convention, and compressed-tensors').
 The straight-through estimator passes gradients unchanged inside the clipping range and zeroes them outside.
 """
 
@@ -223,3 +226,19 @@ def fake_quantize_activation(x: Tensor, amax: Tensor, bits: int = 8) -> Tensor:
     inside = x.abs() <= amax
     x_ste = torch.where(inside, x, x.detach())
     return x_ste + (q - x_ste).detach()
+
+
+def fake_quantize_activation_dynamic(x: Tensor, bits: int = 8) -> Tensor:
+    """Symmetric per-token fake quantization (ZeroQuant): each row of the last axis gets its own range.
+
+    x (..., features): s_t = max|x_t| / ((2^b - 1) / 2) per row t (0 -> float32 eps), codes
+    clamp(round(x_t / s_t), -2^(b-1), 2^(b-1) - 1), Q(x_t) = codes * s_t: the symmetric convention of the weights
+    here and of compressed-tensors' dynamic ``token`` strategy, so its reload computes the same numbers; the ONNX
+    export writes the same float operations (``deploy/onnx.py``). Nothing is clipped but the half step above the
+    top level, so the straight-through gradient is the identity.
+    """
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = x.detach().abs().amax(dim=-1, keepdim=True) / ((2**bits - 1) / 2)
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    q = torch.clamp(torch.round(x.detach() / scale), qmin, qmax) * scale
+    return q + (x - x.detach())  # the value is q exactly; the gradient is the identity

@@ -1,5 +1,6 @@
 """Fake-quant drop-ins for ``nn.Linear`` and ``nn.Embedding`` that keep FP32 master weights (optimum-quanto's
-``QLinear`` idea without tensor subclasses), and the Q8BERT activation quantizer.
+``QLinear`` idea without tensor subclasses), and the activation quantizer (Q8BERT's EMA range, calibrated
+percentile or MSE ranges, or ZeroQuant's per-token ranges).
 
 ``QuantLinear`` *is* an ``nn.Linear`` (same forward signature, same ``weight`` and ``bias``), so HF code, the
 Trainer and ``save_pretrained`` keep working. Its forward uses Q(W) with the straight-through estimator, so
@@ -18,13 +19,16 @@ model and the scales GPTQ's error feedback assumed do not move under it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..config import DEFAULT_ACT_RANGE, check_act_range
 from ..errors import QBHError
 from .functional import (
     Kind,
@@ -32,6 +36,7 @@ from .functional import (
     QuantSpec,
     fake_quantize,
     fake_quantize_activation,
+    fake_quantize_activation_dynamic,
     fake_quantize_learned,
     fake_quantize_with,
     from_groups,
@@ -39,31 +44,43 @@ from .functional import (
     quantize_with,
     to_groups,
 )
-from .ranges import lsq_grad_scale, search_ratios
+from .ranges import lsq_grad_scale, mse_amax, percentile_amax, search_ratios
 
 # The trainable per-group step of a module after ``learn_scales()``; export writes it as the fp16 scale instead.
 SCALE_PARAM = "weight_scale"
 
 
 class ActQuant(nn.Module):
-    """Symmetric ``bits``-bit fake quantization of an activation with an EMA range (Q8BERT).
+    """Symmetric ``bits``-bit fake quantization of a linear's input, its range set by ``range_method``.
 
-    The range ``amax`` follows an exponential moving average of max|x| (``momentum``) while the module is in
-    training mode or ``observing`` (calibration); in evaluation it is fixed. ``amax`` is saved with the model.
+    - ``max`` (Q8BERT): ``amax`` follows an exponential moving average of max|x| (``momentum``) while the module is
+      in training mode or ``observing`` (calibration); in evaluation it is fixed.
+    - ``percentile`` / ``mse``: ``amax`` is chosen once from the calibration batches (:meth:`begin_sampling`,
+      then :meth:`end_sampling`; ``ranges.percentile_amax``, ``ranges.mse_amax``) and then held, in QAT too
+      (the weights train under it). While sampling, the input passes unquantized, so every site is calibrated on
+      the model with quantized weights and FP32 activations.
+    - ``dynamic`` (ZeroQuant): a range per token computed at run time; nothing is calibrated or stored.
+
+    ``amax`` (a static range) is saved with the model.
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.9) -> None:
+    def __init__(self, bits: int = 8, momentum: float = 0.9, range_method: str = DEFAULT_ACT_RANGE) -> None:
         super().__init__()
         self.bits = bits
         self.momentum = momentum
+        self.range_method = check_act_range(range_method)
         self.observing = False
         self.noise = 0.0
-        self.register_buffer("amax", torch.zeros(()))
+        self.register_buffer("amax", None if range_method == "dynamic" else torch.zeros(()))
         self.register_buffer("num_observed", torch.zeros((), dtype=torch.long), persistent=False)
+        self._sample: list[Tensor] | None = None  # |x| kept while sampling (percentile, mse)
+        self.peak = 0.0  # the largest |x| seen while sampling
+        self._per_batch = 0
+        self._generator: torch.Generator | None = None
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.amax > 0)
+        return self.amax is None or bool(self.amax > 0)
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -78,18 +95,58 @@ class ActQuant(nn.Module):
             self.amax.mul_(self.momentum).add_((1 - self.momentum) * current)
         self.num_observed += 1
 
+    def begin_sampling(self, per_batch: int, seed: int | Sequence[int]) -> None:
+        """Start keeping |x| for a ``percentile`` or ``mse`` range: every value of a batch with at most
+        ``per_batch`` of them, else ``per_batch`` drawn uniformly (with replacement, seeded by ``seed``)."""
+        if self.range_method not in ("percentile", "mse"):
+            raise QBHError(f"activation range {self.range_method} is not calibrated from samples")
+        self._sample, self.peak, self._per_batch = [], 0.0, per_batch
+        self._generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+
+    @torch.no_grad()
+    def _collect(self, x: Tensor) -> None:
+        v = x.detach().abs().flatten().float()
+        if not v.numel():
+            return
+        self.peak = max(self.peak, float(v.max()))
+        if v.numel() > self._per_batch:
+            idx = torch.randint(v.numel(), (self._per_batch,), generator=self._generator)
+            v = v[idx.to(v.device)]
+        assert self._sample is not None
+        self._sample.append(v.cpu())
+
+    def end_sampling(self) -> None:
+        """Set ``amax`` from the values kept since :meth:`begin_sampling` (none kept: the range stays unset)."""
+        sample, self._sample = self._sample, None
+        if not sample:
+            return
+        values = torch.cat(sample)
+        if self.range_method == "percentile":
+            amax = percentile_amax(values)
+        else:
+            amax = mse_amax(values, self.peak, self.bits)
+        self.amax.copy_(amax.clamp(min=torch.finfo(torch.float32).tiny))  # an all-zero input still calibrates
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.training or self.observing:
+        if self.amax is None:
+            return fake_quantize_activation_dynamic(x, self.bits)
+        if self._sample is not None:
+            self._collect(x)
+            return x
+        if self.range_method == "max" and (self.training or self.observing):
             self.observe(x)
         if not self.calibrated:
             raise QBHError(
                 "activation ranges are not calibrated; run calibrate_activations(model, batches) "
-                "(or train the model) before evaluating it"
+                + ("(or train the model) " if self.range_method == "max" else "")
+                + "before evaluating it"
             )
         return fake_quantize_activation(x, self.amax, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, momentum={self.momentum}"
+        return f"bits={self.bits}, range={self.range_method}" + (
+            f", momentum={self.momentum}" if self.range_method == "max" else ""
+        )
 
 
 class _QuantWeight:
@@ -238,16 +295,23 @@ class QuantLinear(_QuantWeight, nn.Linear):
         grid: tuple[int, int],
         kind: Kind,
         act_bits: int | None = 8,
+        act_range: str = DEFAULT_ACT_RANGE,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(spec, grid, kind)
-        self.act = ActQuant(act_bits) if act_bits else None
+        self.act = ActQuant(act_bits, range_method=act_range) if act_bits else None
 
     @classmethod
     def from_module(
-        cls, module: nn.Linear, spec: QuantSpec, grid: tuple[int, int], kind: Kind, act_bits: int | None
+        cls,
+        module: nn.Linear,
+        spec: QuantSpec,
+        grid: tuple[int, int],
+        kind: Kind,
+        act_bits: int | None,
+        act_range: str = DEFAULT_ACT_RANGE,
     ) -> QuantLinear:
         """A QuantLinear sharing ``module``'s weight and bias parameters."""
         q = cls(
@@ -258,6 +322,7 @@ class QuantLinear(_QuantWeight, nn.Linear):
             grid=grid,
             kind=kind,
             act_bits=act_bits,
+            act_range=act_range,
             device="meta",
         )
         q.weight, q.bias = module.weight, module.bias

@@ -26,6 +26,19 @@ squares from prefix sums), so that only the ratios within a margin far above flo
 quantized. On MiniLM-L6 (one CPU thread) a layer's cost table at 128 groups and widths 2, 3, 4, 8 takes 0.4 s
 instead of 2-4 s (``benchmarks/range_search.py``), the whole model's (4 groupings, widths 2-8) 45 s instead of 337 s.
 
+Activation ranges (a linear's input x, symmetric, s = amax / (2^(b-1) - 1), ``modules.ActQuant``), static ones
+chosen from the |x| the calibration batches give the site (a seeded sample of at most ``ACT_SAMPLES`` values when
+there are more; every value otherwise) and their exact maximum, the peak:
+
+    percentile:  amax = the ``ACT_PERCENTILE``-th percentile of |x| (the smallest value with at least that share of
+                 the values at or below it: numpy's ``inverted_cdf``), :func:`percentile_amax`
+    mse:         amax = r* peak, r* = argmin_r sum_x (Q(x; r peak) - x)^2 over the ``NUM_RATIOS`` ratios of
+                 :func:`clip_ratios` (r = 1, the peak, first; ties keep the larger), :func:`mse_amax`
+
+BERT's activations have a few outlier channels (Bondarenko et al. 2021, "Understanding and Overcoming the
+Challenges of Efficient Transformer Quantization"): a range that holds them leaves the bulk of the values a few
+of the 255 levels; clipping them trades their error against a finer step for everything else.
+
 Learned (LSQ, Esser et al., ICLR 2020): the step is a trainable parameter initialised from one of the above;
 the forward uses fp16_up(s), the backward the LSQ gradient with the gradient scale
 g = 1 / sqrt(numel_per_group * qmax) (:func:`learned_step`).
@@ -41,9 +54,12 @@ from torch import Tensor
 
 # The names of the range methods, the default and the check live in the torch-free config.py (plans and
 # profiles validate them too); they are re-exported here beside the methods themselves.
-from ..config import DEFAULT_RANGE_METHOD, RANGE_METHODS, check_range_method  # noqa: F401
+from ..config import ACT_PERCENTILE, DEFAULT_RANGE_METHOD, RANGE_METHODS, check_range_method  # noqa: F401
 
 NUM_RATIOS = 100
+# The most values of |x| an activation site keeps from its calibration batches to choose a static range from (the
+# percentile a ``percentile`` range keeps, ACT_PERCENTILE, lives in config.py with the names of the methods).
+ACT_SAMPLES = 2**18
 MIN_RATIO = 0.05
 # Smallest normal float16: a scale below it would lose precision when stored.
 MIN_SCALE = 2.0**-14
@@ -356,6 +372,39 @@ def choose_range(
     if ratio is None:
         ratio = torch.ones((), dtype=g.dtype, device=g.device)
     return clipped_range(lo, hi, ratio, bits, symmetric)
+
+
+def percentile_amax(values: Tensor, percentile: float = ACT_PERCENTILE) -> Tensor:
+    """The ``percentile``-th percentile of ``values`` (|x|, 1-D): its k-th smallest, k = ceil(percentile / 100 * n)
+    (numpy's ``method="inverted_cdf"``)."""
+    n = values.numel()
+    if n == 0:
+        raise ValueError("no values to take a percentile of")
+    k = min(n, max(1, math.ceil(percentile / 100 * n)))
+    return values.float().kthvalue(k).values
+
+
+@torch.no_grad()
+def activation_errors(values: Tensor, amax: Tensor, bits: int) -> Tensor:
+    """sum (Q(x; amax) - x)^2 over ``values`` (|x|, 1-D) for each candidate range in ``amax`` (R,): the activation
+    quantizer's own float32 arithmetic (``functional.fake_quantize_activation``), summed in float64."""
+    qmax = 2 ** (bits - 1) - 1
+    v = values.float()
+    out = torch.empty(len(amax), dtype=torch.float64, device=v.device)
+    per = max(1, CHUNK_ELEMENTS // max(1, v.numel()))
+    for j in range(0, len(amax), per):
+        scale = (amax[j : j + per].float().clamp(min=1e-8) / qmax)[:, None]  # (R, 1)
+        q = torch.clamp(torch.round(v / scale), -qmax, qmax) * scale  # (R, n)
+        out[j : j + per] = (q - v).double().pow_(2).sum(dim=1)
+    return out
+
+
+def mse_amax(values: Tensor, peak: Tensor | float, bits: int, ratios: Tensor | None = None) -> Tensor:
+    """The clipped range r* ``peak`` of least squared quantization error over ``values`` (|x|, 1-D); ``ratios``
+    default :func:`clip_ratios` (1.0 first: the peak itself; of equal errors the first, the larger, wins)."""
+    ratios = (clip_ratios() if ratios is None else ratios).to(values.device, torch.float32)
+    amax = ratios * torch.as_tensor(peak, dtype=torch.float32, device=values.device)
+    return amax[int(activation_errors(values, amax, bits).argmin())]
 
 
 def lsq_grad_scale(group_size: int, bits: int, symmetric: bool) -> float:

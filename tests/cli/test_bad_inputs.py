@@ -662,6 +662,32 @@ GAPS = [
         lambda w, t: _run(w, t, _set("allocate", 'rounding = "obs"')),
         "[allocate] rounding 'obs' is not known; use one of nearest, gptq",
     ),
+    # activation ranges: one line each, nothing written
+    Case(
+        "quantize-act-range-unknown",
+        lambda w, t: _quantize(w, t, w.plan, None, "--act-range", "p99"),
+        "activation range 'p99' is not known; use one of max, percentile, mse, dynamic",
+    ),
+    Case(
+        "plan-act-range-unknown",
+        lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "3", "--act-range", "minmax"),
+        "--act-range 'minmax' is not known; use one of max, percentile, mse, dynamic",
+    ),
+    Case(
+        "plan-json-act-range-unknown",
+        lambda w, t: _quantize(w, t, _edited_plan(w, t, lambda d: d.update(act_range="ema"))),
+        "plan act_range 'ema' is not known",
+    ),
+    Case(
+        "toml-act-range-unknown",
+        lambda w, t: _run(w, t, _set("allocate", 'act_range = "token"')),
+        "[allocate] act_range 'token' is not known; use one of max, percentile, mse, dynamic",
+    ),
+    Case(
+        "run-act-range-flag-unknown",
+        lambda w, t: _run(w, t, lambda x: x, "--act-range", "99.99"),
+        "act_range '99.99' is not known",
+    ),
 ]
 
 ALREADY = [

@@ -67,7 +67,9 @@ def _task(family: str, root: Path):
     return load_raw_task("sst2", data_dir=d)
 
 
-def _make_packed(root: Path, family: str, *, symmetric: bool = True, act_bits: int | None = 8) -> Packed:
+def _make_packed(
+    root: Path, family: str, *, symmetric: bool = True, act_bits: int | None = 8, act_range: str = "max"
+) -> Packed:
     import transformers
     from transformers import BertConfig, BertTokenizerFast
 
@@ -100,6 +102,7 @@ def _make_packed(root: Path, family: str, *, symmetric: bool = True, act_bits: i
         blocks=BLOCKS,
         symmetric=symmetric,
         act_bits=act_bits,
+        act_range=act_range,
     )
     q = quantize_model(model, plan)
     task = tokenize_task(raw, tokenizer, max_length=32)
@@ -119,6 +122,8 @@ def packed(tmp_path_factory) -> dict[str, Packed]:
         "qa": _make_packed(root / "qa", "qa"),
         "asymmetric": _make_packed(root / "asym", "classification", symmetric=False),
         "no-act": _make_packed(root / "noact", "classification", act_bits=None),
+        **{r: _make_packed(root / r, "classification", act_range=r) for r in ACT_RANGES},
+        "qa-dynamic": _make_packed(root / "qa-dyn", "qa", act_range="dynamic"),
     }
 
 
@@ -150,7 +155,9 @@ def _torch_logits(model, batch) -> list[np.ndarray]:
     return [getattr(out, n).numpy() for n in names]
 
 
-FAMILIES = ["classification", "token", "qa", "asymmetric", "no-act"]
+# classification is also act_range max; the other activation ranges on it, and dynamic on QA (its two outputs)
+ACT_RANGES = ("percentile", "mse", "dynamic")
+FAMILIES = ["classification", "token", "qa", "asymmetric", "no-act", *ACT_RANGES, "qa-dynamic"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

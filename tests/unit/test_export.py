@@ -19,6 +19,7 @@ from qbert_hessian.export import file_sizes, fp32_safetensors_bytes, load_packed
 from qbert_hessian.models import BlockMap
 from qbert_hessian.packed_format import pack_bits, unpack_bits
 from qbert_hessian.quant.apply import calibrate_activations, quantize_model
+from qbert_hessian.quant.modules import ActQuant
 from qbert_hessian.quant.profile import measure_profile, profile_units
 from tests.helpers import random_batch
 
@@ -270,3 +271,55 @@ def test_allocator_accepts_two_bit_embeddings(tiny_checkpoint):
     plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups=1, embedding_bits=2))
     assert plan.blocks["embeddings.word"] == {"bits": 2, "groups": "channel"}
     assert quantize_model(model, plan).bert.embeddings.word_embeddings.quantized().bits == 2
+
+
+@pytest.mark.parametrize("act_range", ["max", "percentile", "mse", "dynamic"])
+def test_every_activation_range_reloads_bit_exactly_at_the_predicted_size(tiny_checkpoint, tmp_path, act_range):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    blocks = [BlockSensitivity(f"encoder.{i}", 1, [1.0 + i], 1.0 + i, 0.0, 1.0 + i, [3], [True], 0.0) for i in range(2)]
+    report = SensitivityReport(
+        model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
+    )
+    profile = measure_profile(
+        model, profile_units(BlockMap(model), ["encoder.0", "encoder.1"]), groups=(1, "channel"), bits=(2, 4)
+    )
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups=1, act_range=act_range))
+    assert plan.act_range == act_range
+    q = quantize_model(model, plan)
+    batches = [random_batch(model.config.vocab_size, batch_size=4, seq_len=9, seed=s) for s in range(2)]
+    if act_range != "dynamic":
+        calibrate_activations(q, batches)
+    save_packed(q, tmp_path / "p", plan=plan)
+    assert file_sizes(tmp_path / "p")["weights_bytes"] == plan.predicted["bytes"]  # dynamic: no stored ranges
+    manifest = json.loads((tmp_path / "p" / "quantization.json").read_text())
+    assert manifest["plan"]["act_range"] == act_range
+    reloaded = load_packed(tmp_path / "p")
+    acts = [m for m in reloaded.modules() if isinstance(m, ActQuant)]
+    assert acts and all(a.range_method == act_range for a in acts)
+    for b in batches:
+        assert torch.equal(_logits(reloaded, b), _logits(q, b))
+    # the plan must say how the model's ranges were set
+    other = "max" if act_range != "max" else "mse"
+    with pytest.raises(QBHError, match=f"input range was set by {act_range}, the plan says {other}"):
+        save_packed(q, tmp_path / "p2", plan=dataclasses.replace(plan, act_range=other))
+    assert not (tmp_path / "p2").exists()
+
+
+def test_a_manifest_written_before_activation_ranges_reads_as_max(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    plan = BitPlan(model=dict(MODEL, hidden_size=16), blocks={"encoder.0": {"bits": 4, "groups": 1}})
+    q = quantize_model(model, plan)
+    batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
+    calibrate_activations(q, [batch])
+    save_packed(q, tmp_path / "p", plan=plan)
+    path = tmp_path / "p" / "quantization.json"
+    manifest = json.loads(path.read_text())
+    del manifest["plan"]["act_range"]  # as written before the setting existed (the checksum covers the weights)
+    path.write_text(json.dumps(manifest))
+    reloaded = load_packed(tmp_path / "p")
+    assert reloaded.bert.encoder.layer[0].output.dense.act.range_method == "max"
+    assert torch.equal(_logits(reloaded, batch), _logits(q, batch))
