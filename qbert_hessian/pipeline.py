@@ -666,24 +666,95 @@ class Run:
             "allocate": self.config.allocate.protocol(),
         }
         source = {"sensitivity": "sensitivity/sensitivity.json", "profile": "sensitivity/profile.json", **upstream}
+        priced = self._priced_profiles(report)
         plans = {}
         for spec in self.config.plans:
             path = out / f"{spec.name}.json"
-            inputs = {**upstream, "spec": spec.to_dict()}
+            table, mine, inputs = self._plan_table(spec.alloc_config(self.config.allocate), profile, priced, source)
+            inputs = {**upstream, **inputs, "spec": spec.to_dict()}
             if self._cached(f"plan:{spec.name}", inputs, path):
                 plans[spec.name] = BitPlan.load(path)
                 continue
-            plan = stages.make_plan(report, profile, spec, self.config.allocate, source=source)
+            plan = stages.make_plan(report, table, spec, self.config.allocate, source=mine)
             stages.write_plan(plan, path)
             self._done(f"plan:{spec.name}", inputs)
             plans[spec.name] = plan
-        if self.config.run.frontier and not self._cached(
-            "frontier", upstream, out / "frontier.json", out / "frontier.png"
-        ):
-            mixed = next((p for p in plans.values() if p.method == "milp"), None)
-            stages.write_frontier(report, profile, self.config.allocate, out, mixed)
-            self._done("frontier", upstream)
+        if self.config.run.frontier:
+            table, _, extra = self._plan_table(self.config.allocate, profile, priced, source)
+            f_inputs = {**upstream, **extra}
+            if not self._cached("frontier", f_inputs, out / "frontier.json", out / "frontier.png"):
+                mixed = next((p for p in plans.values() if p.method == "milp"), None)
+                stages.write_frontier(report, table, self.config.allocate, out, mixed)
+                self._done("frontier", f_inputs)
         return plans
+
+    def _plan_table(
+        self, config: AllocConfig, profile: QuantProfile, priced: dict[Path, QuantProfile], source: dict[str, Any]
+    ) -> tuple[QuantProfile, dict[str, Any], dict[str, Any]]:
+        """The cost table a plan of ``config`` is made from, its plan's ``source`` and the cache inputs it adds
+        (none for omega and trace, so run folders made before priced measures match)."""
+        from . import stages
+
+        if not config.measure.priced:
+            return profile, source, {}
+        path = stages.priced_profile_path(self.out / "sensitivity", config)
+        fp = stages.file_fingerprint(path)
+        return priced[path], {**source, "profile": f"sensitivity/{path.name}", "priced": fp}, {"priced": fp}
+
+    def _priced_profiles(self, report: SensitivityReport) -> dict[Path, QuantProfile]:
+        """The priced cost tables the run's plans ask for (measure ``quadratic`` or ``measured``), one per measure,
+        rounding and GPTQ settings, over the widths and groupings of every plan using it; each a cached stage."""
+        from . import stages
+
+        out = self.out / "sensitivity"
+        configs = [p.alloc_config(self.config.allocate) for p in self.config.plans]
+        if self.config.run.frontier:
+            configs.append(self.config.allocate)
+        wanted: dict[Path, tuple[AllocConfig, set[int], set[int | str]]] = {}
+        for c in configs:
+            if c.measure.priced:
+                _, bits, groups = wanted.setdefault(stages.priced_profile_path(out, c), (c, set(), set()))
+                bits.update(c.bits)
+                groups.add(c.groups)
+        tables = {}
+        for path, (c, bits, groups) in wanted.items():
+            gptq = c.rounding == "gptq"
+            inputs = {
+                "sensitivity": stages.file_fingerprint(out / "sensitivity.json"),
+                "model": self.model_fp(),
+                "data": self.data_fp(),
+                "measure": c.measure.value,
+                "rounding": c.rounding,
+                "range_method": c.range_method,
+                "bits": sorted(bits),
+                "groups": sorted(map(str, groups)),
+                **(
+                    {"gptq": c.gptq_config().to_dict(), "calibration": self.config.run.calibration.to_dict()}
+                    if gptq
+                    else {}
+                ),
+            }
+            key = f"profile:{path.stem.removeprefix('profile-')}"
+            if self._cached(key, inputs, path):
+                tables[path] = QuantProfile.load(path)
+                continue
+            model, task = self.fp32()
+            logger.info("stage %s -> %s", key, path)
+            tables[path] = stages.priced_profile(
+                model,
+                task,
+                report,
+                c,
+                out,
+                calibration=self.config.run.calibration,
+                bits=sorted(bits),
+                groups=sorted(groups, key=str),
+                model_name=self.config.model.name,
+                model_fp=self.model_fp(),
+                progress=self.progress,
+            )
+            self._done(key, inputs)
+        return tables
 
     def baseline(self) -> StageResult:
         from .evaluate import evaluate

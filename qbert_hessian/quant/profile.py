@@ -249,7 +249,7 @@ def priced_losses(
                     total[key] += value
                 continue
             with grads_enabled(union):
-                hess = BlockHessian(model, union, batches, loss_fn)
+                hess = BlockHessian(model, union, batches, loss_fn, keep_gradient=True)
                 try:
                     for (unit, g, b), qw in entries.items():
                         view = hess.block(params[unit])
