@@ -12,6 +12,20 @@ perturbation). The embedding tables get their own fixed widths (Q-BERT: 8 bits);
 ``scipy.optimize.milp`` (HiGHS) solves it to optimality with a zero gap. Q-BERT's rank rule (bits monotone
 in Omega) and uniform plans are here for comparison.
 
+Priced measures. After second-order rounding (GPTQ) ||dW||^2 grows while the loss falls, so s_b * e_{b,k} with
+round-to-nearest errors misprices every layer. With ``measure = quadratic`` or ``measured`` the cost table's entry
+e_{b,k} is itself the predicted loss change of quantizing unit b alone at width k with the plan's rounding
+(``quant/profile.py``: the second-order estimate g^T dW + 1/2 dW^T H dW on the sensitivity draws, or the measured
+loss increase), and the allocator minimises
+
+    sum_b e_{b, k_b}        (no sensitivity weight: s_b = 1)
+
+under the same budget. Entries may be negative (quantizing can lower the loss of a model away from its minimum).
+The sum assumes the units' losses add (no cross terms), as the weighted objective does. Such a table is made for
+one measure and one rounding (and GPTQ settings): a plan is only made from a table of its own, else refused.
+The rank rule and the ``reversed`` control then order the units by their priced loss at the narrowest candidate
+width.
+
 The allocation test (issue 10) needs controls of exactly the same size: :func:`reassign` permutes a solved
 plan's widths among units of the same size (every BERT layer), ``reversed`` (the fewest bits to the most
 sensitive units, the most to the least sensitive) or seeded ``random``. The packed tensors keep their size to
@@ -60,8 +74,8 @@ class Problem:
 
     units: list[str]
     bits: tuple[int, ...]
-    sensitivity: np.ndarray  # (B,)
-    error: np.ndarray  # (B, K) ||Q_k(W_b) - W_b||^2
+    sensitivity: np.ndarray  # (B,) s_b (ones under a priced measure)
+    error: np.ndarray  # (B, K) ||Q_k(W_b) - W_b||^2, or under a priced measure the priced loss change
     cost: np.ndarray  # (B, K) data bytes of unit b at width k
     weights: np.ndarray  # (B,) number of weights per unit
     fixed_bytes: int  # embeddings, FP32 tensors, the header (its largest size over all choices)
@@ -72,10 +86,17 @@ class Problem:
     deployed: Any = None  # deploy = onnx: (choice) -> (the ONNX file's predicted bytes, its initializer bytes)
     deploy_tolerance: int = 0  # deploy = onnx: the stated bound on |predicted - file| bytes
     onnx_tensors: Any = None  # deploy = onnx: (choice) -> the initializers' (name, dims, data bytes)
+    ranking: np.ndarray | None = None  # (B,) how sensitive each unit is, for the rank rule (None: sensitivity)
 
     @property
     def loss(self) -> np.ndarray:
         return self.sensitivity[:, None] * self.error
+
+    @property
+    def rank_key(self) -> np.ndarray:
+        """The order of the rank rule and the ``reversed`` control: the sensitivity, or under a priced measure
+        the priced loss at the narrowest candidate width."""
+        return self.sensitivity if self.ranking is None else self.ranking
 
     def size(self, choice: Sequence[int]) -> int:
         """The budget's view of a choice's size (an upper bound on :meth:`file_bytes`, tight to the header)."""
@@ -152,6 +173,36 @@ def _check_coverage(report: SensitivityReport, profile: QuantProfile) -> None:
         )
 
 
+def check_profile_measure(profile: QuantProfile, config: AllocConfig) -> None:
+    """The cost table was made for the plan's measure: the nearest-rounding ||Q(W)-W||^2 table for ``omega`` and
+    ``trace`` (whatever the plan's rounding; its notes say so), a priced table of the same measure, rounding and
+    GPTQ settings for ``quadratic`` and ``measured``.
+
+    Raises:
+        QBHError: a table made for another measure or rounding, in one line naming both and the fix.
+    """
+    want = config.measure
+    if not want.priced:
+        if profile.measure is None:
+            return
+        fix = "use the profile.json made beside the sensitivity report"
+    else:
+        gptq = config.gptq_config().to_dict() if config.rounding == "gptq" else None
+        if (profile.measure, profile.rounding, profile.gptq) == (want.value, config.rounding, gptq):
+            return
+        fix = f"measure one for it (plan --measure {want.value} --rounding {config.rounding} --model MODEL)"
+        if profile.measure == want.value and profile.rounding == config.rounding:  # only the GPTQ settings differ
+            raise QBHError(
+                f"the cost table was made with gptq settings {profile.gptq} but the plan rounds with {gptq}: its "
+                f"entries would not be the plan's losses; {fix}"
+            )
+    plan = f"measure {want.value}" + (f" with {config.rounding} rounding" if want.priced else "")
+    raise QBHError(
+        f"the cost table holds {profile.made_with} but the plan asks for {plan}: its entries would not be the "
+        f"plan's costs; {fix}"
+    )
+
+
 def build_problem(
     report: SensitivityReport, profile: QuantProfile, config: AllocConfig
 ) -> tuple[Problem, dict[str, int]]:
@@ -167,6 +218,7 @@ def build_problem(
             f"(plan --weight-range {config.range_method} --model MODEL) or plan with --weight-range "
             f"{profile.range_method}"
         )
+    check_profile_measure(profile, config)
     units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
     if not units:
         raise QBHError("the sensitivity report scores no encoder blocks; run sensitivity on the default blocks")
@@ -216,10 +268,13 @@ def build_problem(
     # The header's largest size: every unit at the widest candidate gives the longest shapes and offsets.
     widest = layout([len(config.bits) - 1] * len(units))
     header = file_bytes(widest) - sum(t.nbytes for t in widest)
+    priced = config.measure.priced
     problem = Problem(
         units=units,
         bits=config.bits,
-        sensitivity=np.array([_sensitivity(report, u, config.measure) for u in units]),
+        sensitivity=np.ones(len(units))
+        if priced
+        else np.array([_sensitivity(report, u, config.measure) for u in units]),
         error=error,
         cost=cost,
         weights=np.array([profile.unit(u).num_weights for u in units], dtype=np.float64),
@@ -228,6 +283,7 @@ def build_problem(
         layout=layout,
         emb_bytes=int(emb_bytes),
         emb_weights=sum(profile.unit(u).num_weights for u in emb),
+        ranking=error[:, 0].copy() if priced else None,
     )
     if config.deploy == Deploy.ONNX:
         _price_onnx(problem, profile, units, emb, config)
@@ -331,8 +387,9 @@ def solve_milp(problem: Problem, budget: Budget) -> list[int]:
     B, K = problem.cost.shape
     row, rhs, _ = _constraint(problem, budget)
     loss = problem.loss.ravel()
-    # Scaled so HiGHS's absolute tolerances mean the same on any model; ties broken towards smaller plans.
-    c = loss / max(loss.max(), 1e-300) + 1e-9 * problem.cost.ravel() / problem.cost.max()
+    # Scaled so HiGHS's absolute tolerances mean the same on any model (a priced loss can be negative); ties
+    # broken towards smaller plans.
+    c = loss / max(np.abs(loss).max(), 1e-300) + 1e-9 * problem.cost.ravel() / problem.cost.max()
     one_hot = np.kron(np.eye(B), np.ones(K))
     scale = max(abs(rhs), 1.0)
     res = milp(
@@ -356,7 +413,7 @@ def solve_rank(problem: Problem, budget: Budget) -> list[int]:
     B, K = problem.cost.shape
     row, rhs, _ = _constraint(problem, budget)
     row = row.reshape(B, K)
-    order = np.argsort(problem.sensitivity, kind="stable")  # least sensitive first
+    order = np.argsort(problem.rank_key, kind="stable")  # least sensitive first
     best: tuple[float, list[int]] | None = None
     for ks in itertools.combinations_with_replacement(range(K), B):  # non-decreasing along ``order``
         choice = [0] * B
@@ -413,7 +470,7 @@ def reassign(problem: Problem, choice: Sequence[int], assign: Assign | str, seed
     new = list(choice)
     for members in size_classes(problem):
         if assign == Assign.REVERSED:
-            ranked = sorted(members, key=lambda b: -problem.sensitivity[b])  # stable: ties keep unit order
+            ranked = sorted(members, key=lambda b: -problem.rank_key[b])  # stable: ties keep unit order
             # Index order is width order (AllocConfig sorts the candidate bits).
             for b, k in zip(ranked, sorted(choice[m] for m in members)):
                 new[b] = k
@@ -507,8 +564,11 @@ def _plan(
             "objective": problem.objective(choice),
             "per_block": {
                 u: {
-                    "sensitivity": float(problem.sensitivity[b]),
-                    "error": float(problem.error[b, k]),
+                    **(
+                        {}
+                        if config.measure.priced
+                        else {"sensitivity": float(problem.sensitivity[b]), "error": float(problem.error[b, k])}
+                    ),
                     "loss": float(problem.loss[b, k]),
                     "bytes": int(problem.cost[b, k]),
                 }
@@ -520,6 +580,11 @@ def _plan(
 
 
 def _rounding_notes(config: AllocConfig) -> list[str]:
+    if config.measure.priced:
+        return [
+            f"each block's cost is its priced loss change ({config.measure.value}, {config.rounding} rounding, "
+            "that block quantized alone); the objective is their sum"
+        ]
     if config.rounding == "nearest":
         return []
     return [

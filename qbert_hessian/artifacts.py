@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .config import GPTQConfig, check_act_range, check_bits, check_range_method, check_rounding
+from .config import PRICED_MEASURES, GPTQConfig, check_act_range, check_bits, check_range_method, check_rounding
 from .errors import QBHError
 from .names import validate_block
 from .packed_format import PACKED_SCHEMA
@@ -468,6 +468,13 @@ class QuantProfile(Artifact):
     the packed file's size byte for byte without torch. Made by :func:`~qbert_hessian.quant.profile.measure_profile`.
     ``range_method`` is how every group's range was chosen when the errors were measured (``max`` or ``mse``);
     a plan is only made from a profile of its own range method.
+
+    ``measure`` says what each entry of ``error`` is: None (the default, and every profile written before the
+    setting existed) for the weight perturbation ||Q_b(W) - W||^2 of round-to-nearest, the table the ``omega`` and
+    ``trace`` measures weigh by sensitivity; ``quadratic`` or ``measured`` for a priced loss change with only that
+    unit quantized, made with ``rounding`` (and, for ``gptq``, the settings in ``gptq``). A priced profile holds
+    entries for its encoder units only (its embedding units carry their scales, for the sizes); a plan is only made
+    from a profile of its own measure and rounding (:func:`~qbert_hessian.allocate.build_problem`).
     """
 
     SCHEMA: ClassVar[str] = PROFILE_SCHEMA
@@ -480,9 +487,38 @@ class QuantProfile(Artifact):
     range_method: str = "max"  # how the errors' ranges were chosen; profiles written before it existed used max
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     created_by: str = CREATED_BY
+    measure: str | None = None  # None: ||Q(W)-W||^2 of nearest rounding; else a priced measure
+    rounding: str = "nearest"
+    gptq: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_range_method(self.range_method, "profile range_method")
+        check_rounding(self.rounding, "profile rounding")
+        if self.measure is not None and self.measure not in PRICED_MEASURES:
+            raise QBHError(
+                f"profile measure {self.measure!r} is not a priced measure ({', '.join(PRICED_MEASURES)}); "
+                "regenerate the profile"
+            )
+        if self.measure is None and self.rounding != "nearest":
+            raise QBHError("a weight-error profile (no measure) is made with nearest rounding; regenerate it")
+        if self.rounding == "gptq":
+            self.gptq = GPTQConfig.from_dict(self.gptq or {}).to_dict()
+        elif self.gptq is not None:
+            raise QBHError("profile rounds to nearest but carries gptq settings; regenerate the profile")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for key, default in (("measure", None), ("rounding", "nearest"), ("gptq", None)):
+            if out[key] == default:  # the weight-error table reads as it did before priced measures existed
+                del out[key]
+        return out
+
+    @property
+    def made_with(self) -> str:
+        """What its entries are, in words, for messages."""
+        if self.measure is None:
+            return "||Q(W)-W||^2 of nearest rounding (the omega/trace table)"
+        return f"measure {self.measure} with {self.rounding} rounding"
 
     @classmethod
     def _field_from_json(cls, name: str, value: Any) -> Any:

@@ -466,10 +466,28 @@ class FinetuneConfig(_Config):
 
 
 class Measure(str, Enum):
-    """The sensitivity s_b that weighs each block's perturbation: Q-BERT's Omega or the average trace."""
+    """What the allocator's cost of a (block, width) entry is.
+
+    Weighted perturbation s_b * ||Q_b(W) - W||^2 (the round-to-nearest cost table) with s_b:
+    ``omega``: Q-BERT's |mean| + std of the top eigenvalue; ``trace``: HAWQ-V2's Tr(H_b) / n_b.
+
+    Priced losses (the entry *is* the predicted loss change, for the plan's own rounding; ``quant/profile.py``):
+    ``quadratic``: g^T dW + 1/2 dW^T H dW with the block's gradient and Hessian on the sensitivity draws;
+    ``measured``: the loss increase measured with only that block quantized (OBC's database).
+    """
 
     OMEGA = "omega"
     TRACE = "trace"
+    QUADRATIC = "quadratic"
+    MEASURED = "measured"
+
+    @property
+    def priced(self) -> bool:
+        """Whether the entries are priced losses (no sensitivity weight), made for one rounding."""
+        return self in (Measure.QUADRATIC, Measure.MEASURED)
+
+
+PRICED_MEASURES = tuple(m.value for m in Measure if m.priced)
 
 
 class Method(str, Enum):
@@ -531,7 +549,10 @@ class AllocConfig(_Config):
     Args:
         bits: candidate widths for the encoder blocks (Q-BERT: 2, 3, 4, 8).
         groups: grouping of every encoder matrix (1, heads, an integer, channel; Q-BERT: 128).
-        measure: ``omega`` (Q-BERT: |mean| + std of the top eigenvalue) or ``trace`` (trace / #params, HAWQ-V2).
+        measure: ``omega`` (Q-BERT: |mean| + std of the top eigenvalue) or ``trace`` (trace / #params, HAWQ-V2),
+            each weighing the round-to-nearest ||Q(W)-W||^2; or a priced loss per entry, made for the plan's
+            rounding: ``quadratic`` (g.dW + 1/2 dW.H.dW on the sensitivity draws) or ``measured`` (the draws'
+            loss increase with only that block quantized).
         method: ``milp`` (exact), ``rank`` (Q-BERT's rule: the most sensitive blocks get the most bits) or
             ``uniform``.
         embedding_bits: width of the word-embedding table (Q-BERT: 8).

@@ -56,7 +56,7 @@ from .artifacts import (
     fingerprint,
     sha256_file,
 )
-from .config import QATConfig
+from .config import AllocConfig, QATConfig
 from .errors import QBHError
 from .run_config import ResolvedPlan, RunConfig
 from .run_folder import RunFolder
@@ -479,32 +479,111 @@ class Run:
         }
         where = {"sensitivity": self.files.sensitivity_report, "profile": self.files.profile}
         source = {**{k: f.relative_to(self.out).as_posix() for k, f in where.items()}, **upstream}
-        plans = {p.name: self._plan(p, report, profile, upstream, source) for p in self.config.plans}
+        priced = self._priced_profiles(report)
+        plans = {p.name: self._plan(p, report, profile, priced, upstream, source) for p in self.config.plans}
         if self.config.run.frontier:
             mixed = next((p for p in plans.values() if p.method == "milp"), None)
-            stage = Stage("frontier", upstream, (self.files.frontier_data, self.files.frontier_figure))
             allocate = self.config.allocate
-            self._stage(stage, lambda: stages.write_frontier(report, profile, allocate, self.files.plans, mixed))
+            table, _, extra = self._plan_table(allocate, profile, priced, source)
+            files = (self.files.frontier_data, self.files.frontier_figure)
+            stage = Stage("frontier", {**upstream, **extra}, files)
+            self._stage(stage, lambda: stages.write_frontier(report, table, allocate, self.files.plans, mixed))
         return plans
+
+    def _plan_table(
+        self, config: AllocConfig, profile: QuantProfile, priced: dict[Path, QuantProfile], source: dict[str, Any]
+    ) -> tuple[QuantProfile, dict[str, Any], dict[str, Any]]:
+        """The cost table a plan of ``config`` is made from, its plan's ``source`` and the cache inputs it adds
+        (none for omega and trace, so run folders made before priced measures match)."""
+        from . import stages
+
+        if not config.measure.priced:
+            return profile, source, {}
+        path = stages.priced_profile_path(self.files.sensitivity, config)
+        fp = stages.file_fingerprint(path)
+        mine = {**source, "profile": path.relative_to(self.out).as_posix(), "priced": fp}
+        return priced[path], mine, {"priced": fp}
+
+    def _priced_profiles(self, report: SensitivityReport) -> dict[Path, QuantProfile]:
+        """The priced cost tables the run's plans ask for (measure ``quadratic`` or ``measured``), one per measure,
+        rounding and GPTQ settings, over the widths and groupings of every plan using it; each a cached stage."""
+        from . import stages
+
+        out = self.files.sensitivity
+        configs = [p.alloc for p in self.config.plans]
+        if self.config.run.frontier:
+            configs.append(self.config.allocate)
+        wanted: dict[Path, tuple[AllocConfig, set[int], set[int | str]]] = {}
+        for c in configs:
+            if c.measure.priced:
+                _, bits, groups = wanted.setdefault(stages.priced_profile_path(out, c), (c, set(), set()))
+                bits.update(c.bits)
+                groups.add(c.groups)
+        return {path: self._priced_profile(report, path, *w) for path, w in wanted.items()}
+
+    def _priced_profile(
+        self, report: SensitivityReport, path: Path, c: AllocConfig, bits: set[int], groups: set[int | str]
+    ) -> QuantProfile:
+        """One priced cost table (``path``) over ``bits`` and ``groups``, through the ledger."""
+        from . import stages
+
+        gptq = c.rounding == "gptq"
+        inputs = {
+            "sensitivity": stages.file_fingerprint(self.files.sensitivity_report),
+            "model": self.model_fp(),
+            "data": self.data_fp(),
+            "measure": c.measure.value,
+            "rounding": c.rounding,
+            "range_method": c.range_method,
+            "bits": sorted(bits),
+            "groups": sorted(map(str, groups)),
+            **(
+                {"gptq": c.gptq_config().to_dict(), "calibration": self.config.run.calibration.to_dict()}
+                if gptq
+                else {}
+            ),
+        }
+        key = f"profile:{path.stem.removeprefix('profile-')}"
+
+        def compute() -> QuantProfile:
+            model, task = self.fp32()
+            logger.info("stage %s -> %s", key, path)
+            return stages.priced_profile(
+                model,
+                task,
+                report,
+                c,
+                path.parent,
+                calibration=self.config.run.calibration,
+                bits=sorted(bits),
+                groups=sorted(groups, key=str),
+                model_name=self.config.model.name,
+                model_fp=self.model_fp(),
+                progress=self.progress,
+            )
+
+        return self._stage(Stage(key, inputs, (path,)), compute, load=lambda: QuantProfile.load(path))
 
     def _plan(
         self,
         plan: ResolvedPlan,
         report: SensitivityReport,
         profile: QuantProfile,
+        priced: dict[Path, QuantProfile],
         upstream: dict[str, Any],
         source: dict[str, Any],
     ) -> BitPlan:
         from . import stages
 
         path = self.files.plan(plan.name)
+        table, mine, extra = self._plan_table(plan.alloc, profile, priced, source)
 
         def make() -> BitPlan:
-            bitplan = stages.make_plan(report, profile, plan, source=source)
+            bitplan = stages.make_plan(report, table, plan, source=mine)
             stages.write_plan(bitplan, path)
             return bitplan
 
-        stage = Stage(f"plan:{plan.name}", {**upstream, "spec": plan.spec.to_dict()}, (path,))
+        stage = Stage(f"plan:{plan.name}", {**upstream, **extra, "spec": plan.spec.to_dict()}, (path,))
         return self._stage(stage, make, load=lambda: BitPlan.load(path))
 
     # -- a plan's models -----------------------------------------------------------------------------------

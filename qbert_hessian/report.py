@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
-from .config import ACT_PERCENTILE
+from .config import ACT_PERCENTILE, PRICED_MEASURES
 from .errors import QBHError
 from .run_config import ResolvedPlan, recorded_plans
 from .run_folder import RunFolder
@@ -296,7 +296,9 @@ def plan_markdown(plan: BitPlan) -> str:
         f"{plan.act_bits or 'FP32'} bits{act_range_text(plan)}; "
         f"{'symmetric' if plan.symmetric else 'asymmetric'} weight ranges chosen by "
         f"{plan.range_method}; weights rounded by {rounding_text(plan)}",
-        f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}",
+        f"- objective sum_b s_b ||Q(W_b) - W_b||^2 with s = {plan.measure}: {_fmt(p.get('objective'))}"
+        if plan.measure not in PRICED_MEASURES
+        else f"- objective sum_b dL_b, each block's loss change priced by {plan.measure}: {_fmt(p.get('objective'))}",
     ]
     if p.get("deploy") == "onnx":
         lines[2] = lines[2].replace("- predicted size:", "- predicted size of the ONNX export (onnx/model.onnx):", 1)

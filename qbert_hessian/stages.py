@@ -48,7 +48,13 @@ from .config import (
 from .errors import QBHError
 from .models import BlockMap, resolve_model_path
 from .packed_format import WEIGHTS_FILE
-from .quant.profile import DEFAULT_PROFILE_GROUPS, check_groups, measure_profile, profile_units
+from .quant.profile import (
+    DEFAULT_PROFILE_GROUPS,
+    check_groups,
+    measure_priced_profile,
+    measure_profile,
+    profile_units,
+)
 from .run_config import ResolvedPlan, resolve_plan
 from .run_folder import PROFILE_FILE
 
@@ -457,6 +463,154 @@ def load_profile(
     )
 
 
+def priced_profile_path(out_dir: Path | str, config: AllocConfig) -> Path:
+    """Where the priced cost table of ``config`` (its measure, rounding and GPTQ settings) lives beside a report:
+    ``profile-<measure>-<rounding>.json``, with a hash of the GPTQ settings when they are not the defaults."""
+    name = f"profile-{config.measure.value}-{config.rounding}"
+    if config.rounding == "gptq" and config.gptq_config() != GPTQConfig():
+        name += "-" + fingerprint(config.gptq_config().to_dict())[:8]
+    return Path(out_dir) / f"{name}.json"
+
+
+def report_draws(report: SensitivityReport, task: Task) -> list[list[Any]]:
+    """The report's draws as it batched them: its recorded example indices, in batches of its ``batch_size``."""
+    size = int(report.config.get("batch_size", SensitivityConfig.batch_size))
+    draws = [d["indices"] for d in report.draws]
+    if not draws:
+        raise QBHError("the sensitivity report records no draws; regenerate it with qbert-hessian sensitivity")
+    n = len(task.train)
+    if max(max(d) for d in draws) >= n:
+        raise QBHError(
+            f"the report's draws index {max(max(d) for d in draws) + 1} training examples but the task has {n}; "
+            "pass the data the report was computed on"
+        )
+    return [[task.batch("train", idx[i : i + size]) for i in range(0, len(idx), size)] for idx in draws]
+
+
+def priced_profile(
+    model: nn.Module,
+    task: Task,
+    report: SensitivityReport,
+    config: AllocConfig,
+    out_dir: Path | str,
+    *,
+    calibration: CalibrationConfig,
+    bits: Sequence[int],
+    groups: Sequence[int | str],
+    model_name: str,
+    model_fp: str | None = None,
+    progress: bool = False,
+) -> QuantProfile:
+    """The cost table of a report's blocks priced by ``config.measure`` (``quadratic`` or ``measured``) for
+    ``config.rounding``, on the report's own draws, saved at :func:`priced_profile_path`. GPTQ rounds each entry on
+    the calibration sequences quantization will use (``calibration``'s batch size and seed), so an entry's dW is
+    the one the plan's model gets for that block."""
+    from .quant.rounding import calibration_sequences
+
+    block_map = BlockMap(model)
+    gptq = config.gptq_config() if config.rounding == "gptq" else None
+    calib = (
+        calibration_sequences(task, gptq.calib_samples, calibration.batch_size, calibration.seed)
+        if gptq is not None
+        else []
+    )
+    logger.info(
+        "pricing %s entries (%s rounding, bits %s, groups %s)",
+        config.measure.value,
+        config.rounding,
+        list(bits),
+        list(groups),
+    )
+    profile = measure_priced_profile(
+        model,
+        profile_units(block_map, [b.name for b in report.blocks]),
+        report_draws(report, task),
+        measure=config.measure,
+        rounding=config.rounding,
+        gptq=gptq,
+        calibration=calib,
+        bits=bits,
+        groups=groups,
+        range_method=config.range_method,
+        model_name=model_name,
+        inputs={
+            "model": model_fp or report.inputs.get("model"),
+            "data": report.inputs.get("data"),
+            "draws": fingerprint([report.config, [d["indices"] for d in report.draws]]),
+            **({"calibration": calibration.to_dict()} if gptq is not None else {}),
+        },
+        block_map=block_map,
+        progress=progress,
+    )
+    profile.save(priced_profile_path(out_dir, config))
+    return profile
+
+
+def plan_profile(
+    report_file: Path,
+    report: SensitivityReport,
+    config: AllocConfig,
+    *,
+    model: str | None,
+    data: Path | None = None,
+    calibration: CalibrationConfig = CalibrationConfig(),
+    progress: bool = False,
+) -> QuantProfile:
+    """The cost table a plan of ``config`` is made from: :func:`load_profile` for ``omega`` and ``trace``; for a
+    priced measure the table beside the report (:func:`priced_profile_path`) when it holds ``config``'s grouping
+    and widths from these draws, else priced now from ``model`` on the report's task (``data``: its folder)."""
+    if not config.measure.priced:
+        return load_profile(report_file, report, model=model, groups=config.groups, range_method=config.range_method)
+    path = priced_profile_path(report_file.parent, config)
+    draws_fp = fingerprint([report.config, [d["indices"] for d in report.draws]])
+    calib = calibration.to_dict() if config.rounding == "gptq" else None
+    if path.is_file():
+        have = QuantProfile.load(path)
+        units = [b.name for b in report.blocks if b.name.startswith("encoder.")]
+        unit = have.units.get(units[0]) if units else None
+        cost = unit.groups.get(str(config.groups)) if unit is not None else None
+        if (
+            cost is not None
+            and all(str(b) in cost.error for b in config.bits)
+            and have.range_method == config.range_method
+            and have.inputs.get("draws") == draws_fp
+            and have.inputs.get("calibration") == calib
+        ):
+            return have
+    what = f"{config.measure.value} losses with {config.rounding} rounding"
+    if model is None:
+        raise QBHError(
+            f"'{report_file.parent}' has no cost table of {what} for bits {','.join(map(str, config.bits))} and "
+            f"groups={config.groups}; pass --model (the report's model, and --data its task's folder) so plan "
+            "prices it"
+        )
+    from .tasks import load_raw_task
+
+    raw = load_raw_task(report.task, data_dir=data)
+    if report.inputs.get("data") and report.inputs["data"] != data_fingerprint(raw):
+        raise QBHError(
+            f"the data of task {report.task} ({data or 'default'}) is not the data the report was computed on; "
+            "pass that folder with --data"
+        )
+    if report.inputs.get("model") and report.inputs["model"] != model_fingerprint(model):
+        raise QBHError(f"--model {model} is not the report's model ({report.model.get('name')}); pass that one")
+    fp32, task = load_for_task(model, raw, max_length=int(report.config.get("max_length", 128)), eager=True)
+    check_groups(fp32, [b.name for b in report.blocks if b.name.startswith("encoder.")], config.groups)
+    return priced_profile(
+        fp32,
+        task,
+        report,
+        config,
+        report_file.parent,
+        calibration=calibration,
+        bits=config.bits,
+        groups=[config.groups],
+        model_name=str(model),
+        model_fp=model_fingerprint(model),
+        progress=progress,
+    )
+
+
 # --------------------------------------------------------------------------------------------------- planning
 
 
@@ -790,6 +944,10 @@ def landscapes(
 
 
 __all__ = [
+    "plan_profile",
+    "priced_profile",
+    "priced_profile_path",
+    "report_draws",
     "model_fingerprint",
     "data_fingerprint",
     "file_fingerprint",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..config import AllocConfig, Assign, PlanSpec
@@ -33,7 +34,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it (or has another --weight-range)",
+        help="the report's model, to measure ||Q(W)-W||^2 if profile.json lacks it (or has another --weight-range), "
+        "or with --measure quadratic|measured to price each block's loss on the report's draws",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="with --measure quadratic|measured: the folder of the report's task data (default: $QBH_DATA_DIR)",
     )
     p.add_argument("--frontier", action="store_true", help="also sweep budgets: frontier.json and frontier.png")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan")
@@ -71,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.uniform is None:  # before the cost table is measured (and profile.json rewritten) for nothing
         check_report_coverage(report)
-    profile = stages.load_profile(
-        report_file, report, model=args.model, groups=config.groups, range_method=config.range_method
-    )
+    data = args.data or (Path(os.environ["QBH_DATA_DIR"]) if os.environ.get("QBH_DATA_DIR") else None)
+    profile = stages.plan_profile(report_file, report, config, model=args.model, data=data, progress=not args.quiet)
     source = {"sensitivity": str(report_file), "sha256": stages.sha256_file(report_file)}
     plan = stages.make_plan(report, profile, spec, config, source=source)
     stages.write_plan(plan, out)

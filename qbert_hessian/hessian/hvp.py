@@ -233,6 +233,8 @@ class BlockHessian:
         batches: HF batches (dicts of tensors, with ``labels`` or ``start_positions``/``end_positions``).
         loss_fn: ``loss_fn(model, batch) -> scalar``, a mean over what :func:`loss_weight` counts (examples,
             or labelled tokens); defaults to the model's own loss.
+        keep_gradient: keep the loss's gradient g over ``params`` (:meth:`gradient`), for a quadratic model of
+            the loss (g^T d + 1/2 d^T H d).
         length_buckets: split every batch into at most this many micro-batches of similar length
             (:func:`split_by_length`, with the device's :func:`pass_overhead`; 1: never split). The products
             are the same, computed on less padding.
@@ -255,6 +257,7 @@ class BlockHessian:
         *,
         length_buckets: int = 4,
         data_parallel: bool = False,
+        keep_gradient: bool = False,
     ) -> None:
         self.data_parallel = data_parallel and distributed.world_size() > 1
         if not params:
@@ -276,10 +279,15 @@ class BlockHessian:
         self.weights = [n / total for n in sizes]
         self.grads: list[list[Tensor | None]] = []
         self.losses: list[float] = []
+        # g = sum_j (n_j / N) grad L_j, detached: the first-order term of a quadratic model of the loss (kept on
+        # request only: it costs one more copy of the parameters)
+        self._gradient: list[Tensor] = (
+            [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params] if keep_gradient else []
+        )
         touched: list[Tensor] = [torch.zeros(0, dtype=torch.bool, device=device)] * len(self.params)
         bad: list[float] = []
         with _record_lookups(model, self.params) as lookups:
-            for batch in batches:
+            for w, batch in zip(self.weights, batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
@@ -293,6 +301,9 @@ class BlockHessian:
                     if grads[i] is not None:
                         nonzero = grads[i].detach().reshape(grads[i].shape[0], -1).ne(0).any(1)
                         touched[i] = nonzero if touched[i].numel() == 0 else touched[i] | nonzero
+                for acc, g in zip(self._gradient, grads):
+                    if g is not None:
+                        acc.add_(g.detach(), alpha=w)
                 # A gradient that does not depend on theta (e.g. a bias feeding the loss linearly and alone)
                 # contributes no curvature; keep it out of the double backward.
                 self.grads.append([g if g is not None and g.requires_grad else None for g in grads])
@@ -307,6 +318,8 @@ class BlockHessian:
         self._loss = math.fsum(w * l for w, l in zip(self.weights, self.losses))
         if self.data_parallel:
             (self._loss,) = distributed.all_reduce_floats([self._loss])
+            if self._gradient:
+                distributed.all_reduce_(self._gradient)
         self.rows = self._compact_rows(lookups, touched, device)
         self.like: list[Tensor] = [
             p if r is None else p.detach().new_empty((r.numel(), *p.shape[1:])) for p, r in zip(self.params, self.rows)
@@ -363,6 +376,16 @@ class BlockHessian:
     def loss(self) -> float:
         """The batch-averaged loss at the current parameters (over every rank's batches under data parallelism)."""
         return self._loss
+
+    def gradient(self, sel: Sequence[int] | None = None) -> list[Tensor]:
+        """g = dL/dtheta of the batch-averaged loss, shaped like ``params`` (or the parameters ``sel``), detached.
+
+        Raises:
+            QBHError: the operator was built without ``keep_gradient=True``.
+        """
+        if not self._gradient:
+            raise QBHError("this Hessian was built without its gradient; pass keep_gradient=True")
+        return list(self._gradient) if sel is None else [self._gradient[i] for i in sel]
 
     def _product(self, sel: Sequence[int], v: Sequence[Tensor]) -> list[Tensor]:
         """H_ss v for the parameters ``self.params[i], i in sel`` (``v`` aligned with ``sel``), the others fixed:
@@ -436,6 +459,10 @@ class BlockView:
     @property
     def loss(self) -> float:
         return self.parent.loss
+
+    def gradient(self) -> list[Tensor]:
+        """g = dL/dtheta over this view's parameters, shaped like ``params``, detached."""
+        return self.parent.gradient(self.sel)
 
     def restrict(self, v: Sequence[Tensor]) -> list[Tensor]:
         """A vector shaped like ``params`` -> shaped like :attr:`like`."""

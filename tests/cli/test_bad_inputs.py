@@ -941,7 +941,53 @@ DEPLOY = [
     ),
 ]
 
-CASES = [*SILENT, *TYPES, *OUT_PATHS, *CORRUPT, *GAPS, *ALREADY, *FAMILIES, *DEPLOY]
+
+def _priced_table_as(w: World, tmp: Path, name: str, measure: str) -> Path:
+    """A copy of the report with a priced cost table of ``measure`` saved under ``name`` (copied or renamed by
+    hand): its entries are the weight errors, its draws the report's, so only its measure is wrong."""
+    from qbert_hessian.artifacts import fingerprint
+
+    d = _copy(w.report, tmp / "report")
+    report = json.loads((d / "sensitivity.json").read_text())
+    table = json.loads((d / "profile.json").read_text())
+    table["measure"] = measure
+    table["inputs"]["draws"] = fingerprint([report["config"], [x["indices"] for x in report["draws"]]])
+    (d / name).write_text(json.dumps(table))
+    return d
+
+
+PRICED = [
+    Case(
+        "plan-priced-table-of-another-measure",
+        lambda w, t: _plan_cmd(
+            w,
+            t,
+            _priced_table_as(w, t, "profile-quadratic-nearest.json", "measured"),
+            "--avg-bits",
+            "3",
+            "--bits",
+            "2,4",
+            "--measure",
+            "quadratic",
+        ),
+        "the cost table holds measure measured with nearest rounding but the plan asks for measure quadratic with "
+        "nearest rounding",
+    ),
+    Case(
+        "plan-priced-without-model",
+        lambda w, t: _plan_cmd(w, t, None, "--avg-bits", "3", "--measure", "measured", "--rounding", "gptq"),
+        "has no cost table of measured losses with gptq rounding",
+    ),
+    Case(
+        "plan-priced-other-model",
+        lambda w, t: _plan_cmd(
+            w, t, None, "--avg-bits", "3", "--measure", "quadratic", "--model", str(w.ckpt_other), "--data", str(w.data)
+        ),
+        "is not the report's model",
+    ),
+]
+
+CASES = [*SILENT, *TYPES, *OUT_PATHS, *CORRUPT, *GAPS, *ALREADY, *FAMILIES, *DEPLOY, *PRICED]
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple]:
