@@ -618,12 +618,17 @@ class Run:
             "range_method": bitplan.range_method,  # in the plan too; named so the log says what changed
             # likewise, only away from nearest, so run folders made before roundings were a setting match
             **({"rounding": bitplan.rounding, "gptq": bitplan.gptq} if bitplan.rounding != "nearest" else {}),
-            **({"act_range": bitplan.act_range} if bitplan.act_range != "max" else {}),  # likewise
+            # likewise, and only where activations are quantized (else it changes nothing)
+            **({"act_range": bitplan.act_range} if bitplan.act_range != "max" and bitplan.act_bits else {}),
             "calibration": self.config.run.calibration.to_dict(),
         }
         p_inputs = {**d_inputs, "qat": plan.qat.to_dict() if plan.qat is not None else None}
         if plan.qat is not None and plan.qat.eval_steps > 0:  # the dev score picks the kept checkpoint: an input
             p_inputs = {**p_inputs, **self._scoring()}
+            if plan.qat.group_by_length and self.raw().family in ("token", "qa"):
+                # scored in the dataset's order: before, length-grouped dev batches paired these scores' rows with
+                # the wrong sentences, so a model kept then was chosen on noise and is trained again
+                p_inputs["eval_order"] = "dataset"
         d_inputs = {**d_inputs, **self._scoring()}  # how it is scored: not an input of the packed model
         return d_inputs, p_inputs
 

@@ -128,5 +128,8 @@ def test_run_sets_ranges_as_plans_say_and_caches_by_act_range(tiny_checkpoint, t
     after = {k: v["hash"] for k, v in RunRecord.load(out / "run.json").stages.items()}
     changed = {k for k in after if after[k] != before.get(k)}
     redone = {f"{s}:uniform-8" for s in ("plan", "direct", "packed", "metrics")}
-    assert changed == redone | {f"{s}:uniform-8-dynamic" for s in ("plan", "direct", "packed")}
+    # (its metrics are re-scored when the repacked file's bytes differ at all: they usually do not)
+    assert changed - {"metrics:uniform-8-dynamic"} == redone | {
+        f"{s}:uniform-8-dynamic" for s in ("plan", "direct", "packed")
+    }
     assert json.loads((out / "plans" / "uniform-8.json").read_text())["act_range"] == "mse"

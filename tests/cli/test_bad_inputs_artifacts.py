@@ -534,8 +534,9 @@ def test_evaluate_force_overwrites_its_own_file(world, tmp_path):  # noqa: F811
 
 def test_qat_counts_the_examples_it_saw(world, tmp_path):  # noqa: F811
     from qbert_hessian.artifacts import BitPlan
+    from qbert_hessian.config import QATConfig
     from qbert_hessian.models import load_model
-    from qbert_hessian.qat import QATConfig, train_qat
+    from qbert_hessian.qat import train_qat
     from qbert_hessian.quant.apply import calibrate_activations, quantize_model
     from qbert_hessian.tasks import load_raw_task, subset, tokenize_task
     from tests.helpers import random_batch

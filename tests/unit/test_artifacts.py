@@ -145,8 +145,8 @@ def test_curvature_signs_across_tasks(tmp_path):
 
 def _configs():
     from qbert_hessian.allocate import AllocConfig, Budget
+    from qbert_hessian.config import QATConfig
     from qbert_hessian.landscape import LandscapeConfig
-    from qbert_hessian.qat import QATConfig
 
     return [
         SensitivityConfig(),

@@ -217,8 +217,9 @@ def test_qat_on_a_token_task_keeps_the_best_entity_f1(conll_dir, wordpiece, tmp_
     from transformers import BertConfig, BertForTokenClassification
 
     from qbert_hessian.artifacts import BitPlan
+    from qbert_hessian.config import QATConfig
     from qbert_hessian.evaluate import evaluate
-    from qbert_hessian.qat import QATConfig, train_qat
+    from qbert_hessian.qat import train_qat
     from qbert_hessian.quant.apply import quantize_model
 
     task = tokenize_task(load_raw_task("conll03", data_dir=conll_dir), wordpiece)
