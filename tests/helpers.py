@@ -195,3 +195,20 @@ def shared_data_dir() -> Path | None:
     """../shared/data beside the repository (CI puts it there), or None."""
     d = Path(__file__).resolve().parents[2] / "shared" / "data"
     return d if d.is_dir() else None
+
+
+# The [model] and [sensitivity] tables of a run on the tiny model and data (format with model=, data=); the run
+# tests add their own [allocate], [qat], [run] and [[plans]].
+TINY_RUN_HEAD = """
+[model]
+name = "{model}"
+task = "sst2"
+data = "{data}"
+max_length = 16
+
+[sensitivity]
+draws = 2
+batch_size = 8
+max_iters = 10
+trace_samples = 2
+"""

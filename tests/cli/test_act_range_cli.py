@@ -8,6 +8,7 @@ import json
 import pytest
 
 from qbert_hessian.cli import main
+from tests.helpers import TINY_RUN_HEAD
 
 DATA = ["--task", "sst2", "--max-length", "16", "--quiet"]
 
@@ -69,19 +70,9 @@ def test_plan_quantize_and_evaluate_with_each_activation_range(
     assert "packed-dynamic | packed |" in out and "packed-mse | packed |" in out
 
 
-RUN = """
-[model]
-name = "{model}"
-task = "sst2"
-data = "{data}"
-max_length = 16
-
-[sensitivity]
-draws = 2
-batch_size = 8
-max_iters = 10
-trace_samples = 2
-
+RUN = (
+    TINY_RUN_HEAD
+    + """
 [allocate]
 groups = "channel"
 
@@ -100,6 +91,7 @@ name = "uniform-8-dynamic"
 uniform = 8
 act_range = "dynamic"
 """
+)
 
 
 def test_run_sets_ranges_as_plans_say_and_caches_by_act_range(tiny_checkpoint, tiny_data, tmp_path):

@@ -13,22 +13,13 @@ import pytest
 
 from qbert_hessian.artifacts import BitPlan, QuantProfile, RunRecord
 from qbert_hessian.cli import main
+from tests.helpers import TINY_RUN_HEAD
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "sst2_minilm_measures.toml"
 
-HEAD = """
-[model]
-name = "{model}"
-task = "sst2"
-data = "{data}"
-max_length = 16
-
-[sensitivity]
-draws = 2
-batch_size = 8
-max_iters = 10
-trace_samples = 2
-
+HEAD = (
+    TINY_RUN_HEAD
+    + """
 [allocate]
 groups = "channel"
 calib_samples = 16
@@ -38,6 +29,7 @@ qat = false
 calibration_batches = 2
 batch_size = 8
 """
+)
 
 
 # The experiment's rows run here (all seven were checked once on the tiny model; two keep the test short): one priced

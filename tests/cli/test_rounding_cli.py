@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qbert_hessian.cli import main
+from tests.helpers import TINY_RUN_HEAD
 
 DATA = ["--task", "sst2", "--max-length", "16", "--quiet"]
 
@@ -125,19 +126,9 @@ def test_bad_rounding_in_plan_and_run_exits_2_with_one_line(report_dir, tiny_che
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.json").exists()
 
 
-RUN = """
-[model]
-name = "{model}"
-task = "sst2"
-data = "{data}"
-max_length = 16
-
-[sensitivity]
-draws = 2
-batch_size = 8
-max_iters = 10
-trace_samples = 2
-
+RUN = (
+    TINY_RUN_HEAD
+    + """
 [allocate]
 groups = "channel"
 calib_samples = 32
@@ -157,6 +148,7 @@ name = "uniform-3-gptq"
 uniform = 3
 rounding = "gptq"
 """
+)
 
 
 def test_run_rounds_plans_as_they_say_and_caches_by_rounding(tiny_checkpoint, tiny_data, tmp_path):

@@ -10,20 +10,11 @@ from qbert_hessian.cli import main
 from qbert_hessian.config import PlanSpec
 from qbert_hessian.errors import QBHError
 from qbert_hessian.run_config import DEMO_CONFIG, apply_overrides, parse_run_config
+from tests.helpers import TINY_RUN_HEAD
 
-CONFIG = """
-[model]
-name = "{model}"
-task = "sst2"
-data = "{data}"
-max_length = 16
-
-[sensitivity]
-draws = 2
-batch_size = 8
-max_iters = 10
-trace_samples = 2
-
+CONFIG = (
+    TINY_RUN_HEAD
+    + """
 [allocate]
 groups = "channel"
 
@@ -54,6 +45,7 @@ bits = [2, 4]
 assign = "reversed"
 qat = false
 """
+)
 
 
 @pytest.fixture(scope="module")
