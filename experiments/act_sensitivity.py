@@ -1,7 +1,7 @@
 """Where the 8-bit activation loss comes from: one quantized activation at a time, for each activation range.
 
 python experiments/act_sensitivity.py --model runs/conll03_minilm/checkpoint --task conll03 \
-    --data /work/shared/data/conll2003 --max-eval-samples 500 --out experiments/act_sensitivity_conll03.md
+    --data ../shared/data/conll2003 --max-eval-samples 250 --out experiments/act_sensitivity_conll03.md
 
 Every weight stays FP32. Each linear of the encoder (``encoder.i.query|key|value|attn_out|ffn_in|ffn_out``) is one
 activation site: the input that linear quantizes when a plan sets ``act_bits``. For each activation range
