@@ -394,6 +394,22 @@ def test_a_dead_process_lock_is_taken_over(world, done_run, tmp_path):  # noqa: 
     assert not (out / ".run.lock").exists()
 
 
+def _wait_for_sigint_handler(proc: subprocess.Popen) -> None:
+    """Until the child process catches SIGINT (Linux: its ``SigCgt`` mask). Before the interpreter installs its
+    handler, SIGINT ends any process by the signal itself (exit -2), which no program can change; on a loaded
+    machine that window can last a second."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            return  # no /proc: count from the start
+        mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+        if mask & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.01)
+
+
 def test_sigint_in_quantize_exits_130_with_one_line(world, tmp_path):  # noqa: F811
     """Ctrl-C at any moment: one line, exit 130, no folder half-written (tries several moments, since the tiny
     model quantizes in a blink)."""
@@ -404,6 +420,7 @@ def test_sigint_in_quantize_exits_130_with_one_line(world, tmp_path):  # noqa: F
         out = tmp_path / f"q{delay}"
         log = tmp_path / f"q{delay}.err"
         proc = _cli("quantize", *world.model(), "--plan", str(world.plan), "--out", str(out), "--quiet", stderr=log)
+        _wait_for_sigint_handler(proc)  # the moments counted from the interpreter's start, not from fork
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=600)
