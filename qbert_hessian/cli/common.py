@@ -136,26 +136,21 @@ def add_files(p: argparse.ArgumentParser, *, model: str, out: str, force: str, r
     p.add_argument("--force", action="store_true", help=force)
 
 
-def add_rounding(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
-    """``--rounding``, ``--calib-samples`` and ``--damp`` overriding a plan's (or a run's) settings; checked by the
-    configs, so a bad value is one line. ``dest_prefix`` keeps the run's TOML keys out of the flag names its errors
-    are given (a bad ``[allocate] rounding`` is named as the file names it)."""
+# The allocator settings ``quantize`` and ``run`` take as flags over a plan's (or the run's [allocate]) own, in the
+# order their help lists them, with the type each is parsed as.
+QUANT_OVERRIDES = {"rounding": str, "calib_samples": int, "damp": float, "act_range": str}
+
+
+def add_quant_overrides(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
+    """``--rounding``, ``--calib-samples``, ``--damp`` and ``--act-range`` overriding a plan's (or a run's)
+    settings; checked by the configs, so a bad value is one line. ``dest_prefix`` keeps the run's TOML keys out of
+    the flag names its errors are given (a bad ``[allocate] rounding`` is named as the file names it)."""
     helps = AllocConfig.field_help()
-    for name in ("rounding", "calib_samples", "damp"):
-        kind = {"rounding": str, "calib_samples": int, "damp": float}[name]
+    for name, kind in QUANT_OVERRIDES.items():
         flag = "--" + name.replace("_", "-")
         p.add_argument(
             flag, dest=dest_prefix + name, type=kind, default=None, help=f"{helps[name]} (default: {default})"
         )
-
-
-def add_act_range(p: argparse.ArgumentParser, default: str, *, dest_prefix: str = "") -> None:
-    """``--act-range`` overriding a plan's (or a run's) activation ranges; checked by the plan (or the run's
-    config), so a bad value is one line."""
-    help_text = AllocConfig.field_help()["act_range"]
-    p.add_argument(
-        "--act-range", dest=dest_prefix + "act_range", default=None, help=f"{help_text} (default: {default})"
-    )
 
 
 # -- command bodies -------------------------------------------------------------------------------------------

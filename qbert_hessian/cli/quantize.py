@@ -10,11 +10,10 @@ from ..allocate import MIB
 from ..config import RANGE_METHODS, CalibrationConfig
 from ..errors import QBHError
 from .common import (
-    add_act_range,
     add_common,
     add_config,
     add_files,
-    add_rounding,
+    add_quant_overrides,
     check_not_link,
     check_out_dir,
     from_args,
@@ -46,8 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="each group's range: max or mse (default: the plan's own)",
     )
-    add_rounding(p, "the plan's own")
-    add_act_range(p, "the plan's own")
+    add_quant_overrides(p, "the plan's own")
     add_config(p, CalibrationConfig)
     add_common(p)
     return p

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import RANGE_METHODS, Precision, SensitivityConfig
 from ..errors import QBHError
-from .common import add_act_range, add_common, add_rounding, check_out_dir, say, start
+from .common import QUANT_OVERRIDES, add_common, add_quant_overrides, check_out_dir, say, start
 
 DISTRIBUTED = True  # shares its work over the processes of a torchrun / accelerate launch
 DESCRIPTION = "Run every stage; a stage is reused only while its inputs are unchanged. Example: "
@@ -35,8 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="override [sensitivity] precision: " + SensitivityConfig.field_help()["precision"].replace("%", "%%"),
     )
-    add_rounding(p, "[allocate]'s", dest_prefix="set_")
-    add_act_range(p, "[allocate]'s", dest_prefix="set_")
+    add_quant_overrides(p, "[allocate]'s", dest_prefix="set_")
     add_run_options(p, out=None)
     return p
 
@@ -66,13 +65,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"allocate.range_method={_toml_str(args.weight_range)}")
     if args.precision is not None:
         overrides.append(f"sensitivity.precision={_toml_str(args.precision)}")
-    if args.set_rounding is not None:
-        overrides.append(f"allocate.rounding={_toml_str(args.set_rounding)}")
-    if args.set_act_range is not None:
-        overrides.append(f"allocate.act_range={_toml_str(args.set_act_range)}")
-    overrides += [
-        f"allocate.{k}={v!r}" for k in ("calib_samples", "damp") if (v := getattr(args, f"set_{k}")) is not None
-    ]
+    for key in QUANT_OVERRIDES:
+        if (v := getattr(args, f"set_{key}")) is not None:
+            overrides.append(f"allocate.{key}={_toml_str(v) if isinstance(v, str) else repr(v)}")
     config = load_run_config(args.config, overrides)
     out = args.out or (Path(config.out) if config.out else None)
     if out is None:
