@@ -120,10 +120,13 @@ def entry() -> None:
         code = main()
     except KeyboardInterrupt:
         code = 130
+    # The command has finished (or has stopped and said what it kept): a Ctrl-C from here on changes nothing it did.
+    # Raised in the interpreter's shutdown it would end the process by the signal (exit -2, no message) after the
+    # work was done, so it is ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == 130:  # interrupted: the command has said what it kept, and its files are whole (atomic writes)
         # leave now: the shutdown of a library caught mid-work (torch, tqdm) can re-raise the interrupt and end
         # the process by the signal with a traceback instead of this exit status
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)

@@ -454,6 +454,22 @@ def test_ctrl_c_during_the_torch_import_is_held_then_reported():
     assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr
 
 
+def test_a_finished_command_ignores_ctrl_c_through_its_exit(monkeypatch):
+    """Once the command has returned, Ctrl-C changes nothing it did: ignored through the interpreter's shutdown,
+    where it would end the process by the signal (exit -2, no message) after the work was done."""
+    import importlib
+
+    cli_main = importlib.import_module("qbert_hessian.cli.main")  # the module (the package re-exports main())
+    monkeypatch.setattr(cli_main, "main", lambda: 0)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli_main.entry()
+        assert done.value.code == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_lone_rank_says_so_instead_of_waiting(world, tmp_path):  # noqa: F811
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
