@@ -96,6 +96,7 @@ act_range = "dynamic"
 
 def test_run_sets_ranges_as_plans_say_and_caches_by_act_range(tiny_checkpoint, tiny_data, tmp_path):
     from qbert_hessian.artifacts import PackedManifest, RunRecord, canonical
+    from qbert_hessian.stages import WEIGHTS_FILE
 
     cfg = tmp_path / "run.toml"
     cfg.write_text(RUN.format(model=tiny_checkpoint, data=tiny_data))
@@ -124,4 +125,7 @@ def test_run_sets_ranges_as_plans_say_and_caches_by_act_range(tiny_checkpoint, t
     assert changed - {"metrics:uniform-8-dynamic"} == redone | {
         f"{s}:uniform-8-dynamic" for s in ("plan", "direct", "packed")
     }
+    weights = f"results/uniform-8-dynamic/packed/{WEIGHTS_FILE}"
+    now = RunRecord.load(out / "run.json").stages["packed:uniform-8-dynamic"]["artifacts"][weights]
+    assert ("metrics:uniform-8-dynamic" in changed) == (now != stages["packed:uniform-8-dynamic"]["artifacts"][weights])
     assert json.loads((out / "plans" / "uniform-8.json").read_text())["act_range"] == "mse"
