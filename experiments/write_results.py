@@ -22,7 +22,8 @@ from qbert_hessian.report import results_rows, results_table
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TITLE = (
-    "# Experiments: measured\n\nEach section below is written by the command it names, from a run folder's artifacts.\n"
+    "# Experiments: measured\n\nEach section below is written by the command it names, from a run folder's "
+    "artifacts (table1: from the sections).\n"
 )
 
 
