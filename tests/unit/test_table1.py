@@ -69,7 +69,7 @@ def _sst2(seeds: tuple[int, int, int] = (0, 1, 2)) -> str:
     return _section("sst2_minilm", results_table(rows))
 
 
-def _squad(name: str, fp32: float) -> str:
+def _squad(name: str, fp32: float, qat_2bit: bool = True) -> str:
     """The older format: no rounding column, and the columns in another order than today's."""
     head = "| plan | method | F1 | EM | w-bits | e-bits | a-bits | groups | seed | examples seen | size MiB | "
     head += "compression | encoder comp. | embedding comp. |"
@@ -82,7 +82,7 @@ def _squad(name: str, fp32: float) -> str:
         ("mixed-2-3", "QAT, mixed (milp)", 0.5328, "2/3 (avg 2.50)", "8", 2816, "5.84x", "12.76x"),
     ]
     lines = [head, "|---|---|" + "---:|" * 12]
-    for plan, method, f1, w, e, seen, comp, enc in rows:
+    for plan, method, f1, w, e, seen, comp, enc in rows[:3] + rows[4 - qat_2bit :]:
         lines.append(
             f"| {plan} | {method} | {f1:.4f} | {f1 - 0.1:.4f} | {w} | {e} | 8 | 128 | 0 | {seen:,} | 14.11 | "
             f"{comp} | {enc} | 3.98x |"
@@ -153,6 +153,11 @@ def test_rerun_replaces_the_section_at_the_top_and_prefers_the_full_squad_run(ta
     text = results.read_text()
     assert text.count("<!-- begin table1 -->") == 1 and "SQuAD v1.1: squad_full_minilm, run by" in text
     assert _row_of(text, "SQuAD", "FP32")[3] == "80.00"
+    # a section without one of the table's settings: a row that says so, no number
+    results.write_text(first.rstrip() + "\n\n" + _squad("squad_full_minilm", 0.80, qat_2bit=False) + "\n")
+    assert table1.main(argv) == 0
+    assert _row_of(results.read_text(), "SQuAD", "QAT uniform 2-bit")[2:4] == ["not in `squad_full_minilm`", "-"]
+    assert "| SQuAD v1.1 (F1) | 80.00 | -2.00 | -42.28 | not run | not run | -26.72 |" in readme.read_text()
 
 
 def test_bad_inputs_exit_2_and_write_nothing(table1, tmp_path, capsys):
@@ -167,3 +172,7 @@ def test_bad_inputs_exit_2_and_write_nothing(table1, tmp_path, capsys):
     before = results.read_text()
     assert table1.main(["--results", str(results), "--readme", str(readme)]) == 2
     assert "markers" in capsys.readouterr().err and results.read_text() == before
+    # a section without its FP32 row: no delta can be computed
+    results, readme = _write(tmp_path, _squad("squad_minilm", 0.6297).replace("| FP32 baseline |", "| FP32 |"))
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 2
+    assert "0 FP32 baseline rows" in capsys.readouterr().err
