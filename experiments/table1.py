@@ -171,6 +171,7 @@ class TaskResult:
     task: Task
     section: Section | None
     rows: list[Row]
+    passed_over: tuple[str, ...] = ()  # preferred sections not used: "NAME not written yet" / "NAME incomplete"
 
 
 def parse_sections(text: str) -> dict[str, str]:
@@ -248,12 +249,22 @@ def collect(section: Section, task: Task, setting: Setting) -> Row | None:
     return Row(setting, list(by_seed.values()), list(by_seed), first)
 
 
+def _complete(task: Task, name: str, text: str) -> bool:
+    """Whether section ``name`` holds every required setting (a run stopped part-way does not yet)."""
+    section = parse_section(name, text)
+    return all(collect(section, task, s) is not None for s in SETTINGS if s.required)
+
+
 def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
-    """The rows of ``task`` from the first of its sections that exists (no rows when none does)."""
-    name = next((s for s in task.sections if s in sections), None)
+    """The rows of ``task`` from the first of its sections that holds every required setting, else from the
+    first that exists (no rows when none does)."""
+    present = [s for s in task.sections if s in sections]
+    name = next((s for s in present if _complete(task, s, sections[s])), present[0] if present else None)
     if name is None:
         return TaskResult(task, None, [])
     section = parse_section(name, sections[name])
+    before = task.sections[: task.sections.index(name)]
+    passed_over = tuple(f"{s} incomplete" if s in sections else f"{s} not written yet" for s in before)
     rows = []
     for setting in SETTINGS:
         row = collect(section, task, setting)
@@ -263,7 +274,7 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
             rows.append(row)
     if len(rows[0].values) != 1:
         raise QBHError(f"section '{name}' has {len(rows[0].values)} FP32 baseline rows; every delta needs one")
-    return TaskResult(task, section, rows)
+    return TaskResult(task, section, rows, passed_over)
 
 
 def _published(paper: str, task: str, setting: str | None) -> tuple[str, str]:
@@ -326,8 +337,7 @@ def results_section(results: list[TaskResult]) -> str:
         if r.section is None:
             fed.append(f"{r.task.name}: not run yet (no {' or '.join(r.task.sections)} section)")
             continue
-        skipped = r.task.sections[: r.task.sections.index(r.section.name)]
-        note = f" ({', '.join(skipped)} not written yet)" if skipped else ""
+        note = f" ({', '.join(r.passed_over)})" if r.passed_over else ""
         fed.append(f"{r.task.name}: {r.section.name}{note}, run by `{r.section.command}`")
     found = sorted({p.source for p in PUBLISHED.values() if p.found})
     lines = [

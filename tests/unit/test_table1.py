@@ -153,8 +153,14 @@ def test_rerun_replaces_the_section_at_the_top_and_prefers_the_full_squad_run(ta
     text = results.read_text()
     assert text.count("<!-- begin table1 -->") == 1 and "SQuAD v1.1: squad_full_minilm, run by" in text
     assert _row_of(text, "SQuAD", "FP32")[3] == "80.00"
-    # a section without one of the table's settings: a row that says so, no number
+    # a preferred section without one of the table's settings (a run stopped part-way) yields to a complete one
     results.write_text(first.rstrip() + "\n\n" + _squad("squad_full_minilm", 0.80, qat_2bit=False) + "\n")
+    assert table1.main(argv) == 0
+    text = results.read_text()
+    assert "SQuAD v1.1: squad_minilm (squad_full_minilm incomplete), run by" in text
+    assert _row_of(text, "SQuAD", "FP32")[3] == "62.97"
+    # where no section is complete, the preferred one feeds the rows it has, and a row says what it lacks
+    results, readme = _write(tmp_path, _sst2(), _squad("squad_full_minilm", 0.80, qat_2bit=False))
     assert table1.main(argv) == 0
     assert _row_of(results.read_text(), "SQuAD", "QAT uniform 2-bit")[2:4] == ["not in `squad_full_minilm`", "-"]
     assert "| SQuAD v1.1 (F1) | 80.00 | -2.00 | -42.28 | not run | not run | -26.72 |" in readme.read_text()
