@@ -249,20 +249,25 @@ def collect(section: Section, task: Task, setting: Setting) -> Row | None:
     return Row(setting, list(by_seed.values()), list(by_seed), first)
 
 
-def _complete(task: Task, name: str, text: str) -> bool:
-    """Whether section ``name`` holds every required setting (a run stopped part-way does not yet)."""
-    section = parse_section(name, text)
+def _complete(task: Task, section: Section) -> bool:
+    """Whether ``section`` holds every required setting (a run stopped part-way does not yet)."""
     return all(collect(section, task, s) is not None for s in SETTINGS if s.required)
 
 
 def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
     """The rows of ``task`` from the first of its sections that holds every required setting, else from the
     first that exists (no rows when none does)."""
-    present = [s for s in task.sections if s in sections]
-    name = next((s for s in present if _complete(task, s, sections[s])), present[0] if present else None)
-    if name is None:
+    chosen: tuple[str, Section] | None = None
+    for candidate in (s for s in task.sections if s in sections):  # parsed in order, up to the first complete
+        parsed = parse_section(candidate, sections[candidate])
+        complete = _complete(task, parsed)
+        if chosen is None or complete:
+            chosen = (candidate, parsed)
+        if complete:
+            break
+    if chosen is None:
         return TaskResult(task, None, [])
-    section = parse_section(name, sections[name])
+    name, section = chosen
     before = task.sections[: task.sections.index(name)]
     passed_over = tuple(f"{s} incomplete" if s in sections else f"{s} not written yet" for s in before)
     rows = []
