@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qbert_hessian.artifacts import write_text
+from qbert_hessian.cli.common import positive_int
 from qbert_hessian.config import ACT_RANGES, check_act_range, check_bits
 from qbert_hessian.errors import QBHError
 from qbert_hessian.evaluate import evaluate
@@ -211,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--act-ranges", default=",".join(ACT_RANGES), help="comma-separated activation ranges")
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--sites", default=None, help="comma-separated sites (default: every encoder linear)")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="score a seeded dev subset of this size")
-    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--max-eval-samples", type=positive_int, default=None, help="score a seeded dev subset of this size")
+    p.add_argument("--calibration-batches", type=positive_int, default=8)
     p.add_argument(
-        "--max-train-samples", type=int, default=None, help="draw the calibration batches from a seeded subset"
+        "--max-train-samples", type=positive_int, default=None, help="draw the calibration batches from a seeded subset"
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0, help="draws the calibration batches, the samples, the dev subset")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")

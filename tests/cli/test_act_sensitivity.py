@@ -68,3 +68,15 @@ def test_act_bits_out_of_range(tiny_checkpoint, tiny_data, tmp_path, capsys, bit
     argv = ["--model", str(tiny_checkpoint), "--task", "sst2", "--data", str(tiny_data), "--out", str(tmp_path / "a")]
     assert script.main([*argv, "--act-bits", str(bits)]) == 2
     assert "--act-bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-train-samples", "--max-eval-samples", "--calibration-batches", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-5", "x"])
+def test_counts_must_be_positive(tiny_checkpoint, tiny_data, tmp_path, capsys, flag, value):
+    script = _script()
+    argv = ["--model", str(tiny_checkpoint), "--task", "sst2", "--data", str(tiny_data), "--out", str(tmp_path / "a")]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*argv, flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {value} is not a positive integer" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
