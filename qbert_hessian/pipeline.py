@@ -56,7 +56,7 @@ from .artifacts import (
     fingerprint,
     sha256_file,
 )
-from .config import AllocConfig, QATConfig
+from .config import UNRECORDED, AllocConfig, QATConfig
 from .errors import QBHError
 from .run_config import ResolvedPlan, RunConfig
 from .run_folder import RunFolder
@@ -616,10 +616,19 @@ class Run:
             **self._base_inputs(),
             "plan": stages.file_fingerprint(self.files.plan(plan.name)),
             "range_method": bitplan.range_method,  # in the plan too; named so the log says what changed
-            # likewise, only away from nearest, so run folders made before roundings were a setting match
-            **({"rounding": bitplan.rounding, "gptq": bitplan.gptq} if bitplan.rounding != "nearest" else {}),
+            # likewise, only away from nearest (the rounding of folders made before it was a setting, which record
+            # none; not the default, which is gptq), so those folders match and a GPTQ plan never matches them
+            **(
+                {"rounding": bitplan.rounding, "gptq": bitplan.gptq}
+                if bitplan.rounding != UNRECORDED["rounding"]
+                else {}
+            ),
             # likewise, and only where activations are quantized (else it changes nothing)
-            **({"act_range": bitplan.act_range} if bitplan.act_range != "max" and bitplan.act_bits else {}),
+            **(
+                {"act_range": bitplan.act_range}
+                if bitplan.act_range != UNRECORDED["act_range"] and bitplan.act_bits
+                else {}
+            ),
             "calibration": self.config.run.calibration.to_dict(),
         }
         p_inputs = {**d_inputs, "qat": plan.qat.to_dict() if plan.qat is not None else None}
