@@ -443,3 +443,14 @@ def test_alloc_config_records_rounding_settings_only_away_from_what_old_records_
         AllocConfig(damp=0.0)
     with pytest.raises(QBHError, match="AllocConfig.calib_samples must be a positive integer"):
         AllocConfig(calib_samples=0)
+
+
+def test_calibration_without_training_sequences_names_the_fixes():
+    from types import SimpleNamespace
+
+    from qbert_hessian.quant.rounding import calibration_sequences
+
+    with pytest.raises(QBHError, match="training split is empty; give training data .--data., or pass --rounding near"):
+        calibration_sequences(SimpleNamespace(train=[]), 128, 8)
+    with pytest.raises(QBHError, match="has 3; pass --calib-samples 3 or fewer, or --rounding nearest"):
+        calibration_sequences(SimpleNamespace(train=[{"input_ids": [1]}] * 3), 128, 8)
