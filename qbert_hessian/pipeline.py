@@ -822,6 +822,7 @@ class Run:
         from .models import is_classifier, load_model
 
         raw = self.raw()
+        self._check_calibration(raw)
         name = self.config.model.name
         if is_classifier(name, raw.family):
             self.fp32()  # the model every stage uses, loaded as they load it
@@ -834,6 +835,25 @@ class Run:
                 eager=False,
                 new_head=True,
             )
+
+    def _check_calibration(self, raw: Any) -> None:
+        """A plan rounded by GPTQ (the default) calibrates on that many training sequences: one asking for more
+        than the training split holds is refused before any stage runs, not after the sensitivity stage. (A
+        classification or token example is one sequence; a QA example can make several windows, so QA is checked
+        when the sequences are drawn.)"""
+        if raw.family == "qa":
+            return
+        n = len(raw.train_labels)
+        allocate = self.config.allocate
+        named = [(f"plan '{p.name}'", p.alloc) for p in self.config.plans]
+        if self.config.run.frontier and allocate.measure.priced:  # the frontier's priced table is rounded too
+            named.append(("[allocate]", allocate))
+        for what, c in named:
+            if c.rounding == "gptq" and c.calib_samples > n:
+                raise QBHError(
+                    f"{what} rounds by gptq on {c.calib_samples} calibration sequences but the training split has "
+                    f'{n}; set calib_samples = {n} or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
+                )
 
     def _execute(self) -> Path:
         from .report import write_run_report
