@@ -116,7 +116,9 @@ Image(plot_sensitivity(report, figures / "sensitivity.png"))"""),
 from qbert_hessian import AllocConfig, Budget, allocate_bits, uniform_plan
 from qbert_hessian.report import plan_markdown
 
-config = AllocConfig(bits=(2, 3), groups=ws["groups"])
+# rounded to nearest, as quantize_model applies it below (no calibration data; the default, GPTQ, is
+# quantize_calibrated(model, plan, task))
+config = AllocConfig(bits=(2, 3), groups=ws["groups"], rounding="nearest")
 plan = allocate_bits(report, profile, Budget(avg_bits=2.5), config)
 Markdown(plan_markdown(plan))"""),
         "## What each budget buys\n\nThe frontier sweeps average-bit budgets with candidates 2, 3, 4 and 8 "
