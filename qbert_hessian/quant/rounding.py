@@ -210,7 +210,7 @@ def calibration_sequences(task: Any, num: int, batch_size: int, seed: int = 0) -
     n = len(task.train)
     if n == 0:
         raise QBHError(
-            "second-order rounding (gptq, the default) calibrates on training sequences but the task's training "
+            "second-order rounding (gptq) calibrates on training sequences but the task's training "
             "split is empty; give training data (--data), or pass --rounding nearest"
         )
     if num > n:
