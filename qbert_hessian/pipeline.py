@@ -822,7 +822,6 @@ class Run:
         from .models import is_classifier, load_model
 
         raw = self.raw()
-        self._check_calibration(raw)
         name = self.config.model.name
         if is_classifier(name, raw.family):
             self.fp32()  # the model every stage uses, loaded as they load it
@@ -835,6 +834,7 @@ class Run:
                 eager=False,
                 new_head=True,
             )
+        self._check_calibration(raw)
 
     def _check_calibration(self, raw: Any) -> None:
         """A plan rounded by GPTQ (the default) calibrates on that many training sequences: one asking for more

@@ -47,7 +47,23 @@ def test_finetune_quiet_prints_the_result_only_and_writes_readable_files(tiny_ch
         sens = ["--draws", "1", "--batch-size", "8", "--max-iters", "4", "--trace", "none"]
         assert main(["sensitivity", "--model", str(out), *args, *sens, "--out", str(tmp_path / "s")]) == 0
         assert (
-            main(["plan", "--report", str(tmp_path / "s"), "--uniform", "4", "--groups", "1", "--out", str(plan)]) == 0
+            # --calib-samples: rounding by gptq, the default, on what the tiny data has (96 sentences)
+            main(
+                [
+                    "plan",
+                    "--report",
+                    str(tmp_path / "s"),
+                    "--uniform",
+                    "4",
+                    "--groups",
+                    "1",
+                    "--calib-samples",
+                    "32",
+                    "--out",
+                    str(plan),
+                ]
+            )
+            == 0
         )
         assert main(["quantize", "--model", str(out), *args, "--plan", str(plan), "--out", str(tmp_path / "q")]) == 0
     finally:
