@@ -42,7 +42,7 @@ from qbert_hessian.quant.apply import calibrate_activations, calibration_batches
 from qbert_hessian.quant.modules import ActQuant
 from qbert_hessian.quant.ranges import ACT_PERCENTILE, ACT_SAMPLES
 from qbert_hessian.stages import load_for_task
-from qbert_hessian.tasks import dev_subset, load_raw_task
+from qbert_hessian.tasks import dev_subset, load_raw_task, subset
 
 # The metric each family's table reports (SQuAD and CoNLL-03 as F1, as experiments/RESULTS.md does).
 PRIMARY = {"classification": "accuracy", "token": "f1", "qa": "f1"}
@@ -118,6 +118,7 @@ def score(model: nn.Module, task: Any, family: str) -> tuple[float, float]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     raw = dev_subset(load_raw_task(args.task, data_dir=args.data), args.max_eval_samples, args.seed)
+    raw = subset(raw, args.max_train_samples, args.seed)  # the calibration batches' pool (SQuAD: not 123,000 windows)
     model, task = load_for_task(args.model, raw, max_length=args.max_length, eager=False, device=args.device)
     model.eval()
     family = task.family
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sites", default=None, help="comma-separated sites (default: every encoder linear)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="score a seeded dev subset of this size")
     p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument(
+        "--max-train-samples", type=int, default=None, help="draw the calibration batches from a seeded subset"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="draws the calibration batches, the samples, the dev subset")
@@ -238,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}; {seconds / 60:.1f} min. Weights FP32; one encoder linear's input at a time "
         f"quantized to {args.act_bits} bits, then all at once. Dev subset: {result['num_eval']} examples (seed "
         f"{args.seed}); calibration: {args.calibration_batches} batches of {args.batch_size} training examples "
-        f"(seed {args.seed}); percentile {ACT_PERCENTILE}; percentile and mse from at most {ACT_SAMPLES} sampled |x| "
+        f"(seed {args.seed}"
+        + (f", from a seeded {args.max_train_samples:,} of the training split" if args.max_train_samples else "")
+        + f"); percentile {ACT_PERCENTILE}; percentile and mse from at most {ACT_SAMPLES} sampled |x| "
         "per site.",
         "",
         f"FP32: {result['metric']} {fp['metric']:.4f}, loss {fp['loss']:.4f}. Δ{result['metric']} in points, Δloss "

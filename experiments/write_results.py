@@ -22,17 +22,25 @@ from qbert_hessian.report import results_rows, results_table
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TITLE = (
-    "# Experiments: measured\n\nEach section below is written by the command it names, from a run folder's artifacts.\n"
+    "# Experiments: measured\n\nEach section below is written by the command it names, from a run folder's "
+    "artifacts (table1: from the sections).\n"
 )
 
 
-def replace_section(path: Path, name: str, text: str) -> None:
-    """Put ``text`` between the markers of section ``name`` in ``path`` (appended when the section is new)."""
+def replace_section(path: Path, name: str, text: str, top: bool = False) -> None:
+    """Put ``text`` between the markers of section ``name`` in ``path``. A new section is appended, or with
+    ``top`` put before the first section (after the file's title and intro; appended when there is none)."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     old = path.read_text() if path.exists() else TITLE
     block = f"{begin}\n{text.rstrip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    first = re.search(r"^<!-- begin \S+ -->$", old, re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old)
+    elif top and first:
+        new = old[: first.start()] + block + "\n\n" + old[first.start() :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
     write_text(path, new)
 
 

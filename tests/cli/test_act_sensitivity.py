@@ -24,7 +24,7 @@ def test_one_site_at_a_time_writes_the_table_and_leaves_the_model_fp32(tiny_chec
     argv = ["--model", str(tiny_checkpoint), "--task", "sst2", "--data", str(tiny_data), "--max-length", "16"]
     argv += ["--act-bits", "2", "--act-ranges", "max,mse,dynamic", "--sites", "encoder.0.ffn_in,encoder.1.ffn_out"]
     argv += ["--calibration-batches", "2", "--batch-size", "8", "--max-eval-samples", "16", "--out", str(out)]
-    argv += ["--quiet"]
+    argv += ["--max-train-samples", "24", "--quiet"]  # 2 batches of 8 from a seeded 24 of the 96 sentences
     assert script.main(argv) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     rows = record["rows"]
@@ -40,6 +40,7 @@ def test_one_site_at_a_time_writes_the_table_and_leaves_the_model_fp32(tiny_chec
     text = out.read_text()
     assert "python experiments/act_sensitivity.py --model" in text and "| encoder.1.ffn_out |" in text
     assert "**all 2 sites**" in text
+    assert "batches of 8 training examples (seed 0, from a seeded 24 of the training split)" in text
 
 
 def test_unknown_site_and_range_are_one_line(tiny_checkpoint, tiny_data, tmp_path, capsys):

@@ -1,0 +1,443 @@
+"""Q-BERT's Table 1 for this toolkit, built from the measured sections of experiments/RESULTS.md.
+
+python experiments/table1.py      # rewrites the table1 section of experiments/RESULTS.md and of README.md
+
+Per task (SST-2, MNLI-m, CoNLL-03, SQuAD): FP32, direct 8-bit, uniform 2-bit and mixed 2/3 (direct and after QAT;
+mixed 2/3 started from GPTQ's codes and TernaryBERT's 2-2-8 where a section has them), beside Q-BERT's and
+TernaryBERT's published BERT-base numbers and their deltas to their own baselines. Ours are read from each
+section's results table by its column names, never from a run folder: the sections are the written record of
+each run (their run folders need not exist here). Where a setting ran at several seeds (plans named
+``NAME-seedN``), ours is the mean and the sample standard deviation over the seeds. A task whose section does
+not exist gets one row saying so. Theirs are in :data:`PUBLISHED`, each with where it was checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qbert_hessian.errors import QBHError
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+SECTION = "table1"
+
+
+def _write_results():
+    """experiments/write_results.py, whose ``replace_section`` writes every section of RESULTS.md."""
+    spec = importlib.util.spec_from_file_location("write_results", HERE / "write_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the table: its score column in the sections' tables and the sections that can feed it, in order
+    of preference (the first that exists is used)."""
+
+    name: str
+    metric: str
+    sections: tuple[str, ...]
+
+
+TASKS = (
+    Task("SST-2", "accuracy", ("sst2_minilm",)),
+    Task("MNLI-m", "accuracy", ("mnli_minilm",)),
+    Task("CoNLL-03", "entity F1", ("conll03_minilm",)),
+    # trained on SQuAD's train split when that run's section exists; else the local split of 11 train articles
+    Task("SQuAD v1.1", "F1", ("squad_full_minilm", "squad_minilm")),
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row kind: the rows of a section whose method starts with ``stage`` and whose plan, less a ``-seedN``
+    suffix, is ``plan``; ``paper`` is the published setting beside it (a key of :data:`PUBLISHED`). A required
+    setting the section lacks gets a row saying so; an optional one is left out."""
+
+    label: str
+    stage: str
+    plan: str
+    paper: str | None
+    required: bool
+
+
+SETTINGS = (
+    Setting("FP32", "FP32 baseline", "-", "fp32", True),
+    Setting("direct 8-bit", "direct,", "uniform-8", "8-bit", True),
+    Setting("direct uniform 2-bit", "direct,", "uniform-2", None, True),
+    Setting("QAT uniform 2-bit", "QAT,", "uniform-2", "2-bit", True),
+    Setting("direct mixed 2/3", "direct,", "mixed-2-3", None, True),
+    Setting("QAT mixed 2/3", "QAT,", "mixed-2-3", "mp-2/3", True),
+    Setting("direct mixed 2/3, GPTQ rounding", "direct,", "mixed-2-3-gptq", None, False),
+    Setting("QAT mixed 2/3 from GPTQ's codes", "QAT,", "mixed-2-3-gptq", None, False),
+    Setting("QAT 2-2-8 (TernaryBERT's widths)", "QAT,", "ternarybert-2-2-8", "2-2-8", False),
+)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published BERT-base score in points. ``source``: a public source seen while building this table that gives
+    the same number (``printed``: how it prints it, where it rounds); None when only experiments/README.md quotes
+    it (``printed``: how that quotes it)."""
+
+    value: float
+    source: str | None
+    printed: str = ""
+
+    @property
+    def found(self) -> bool:
+        return self.source is not None
+
+
+QBERT_PWC = "Q-BERT's results as Papers with Code lists them (wizwand.com's page of arXiv 1909.05840)"
+BINARYBERT = (
+    "BinaryBERT's comparison on SQuAD v1.1 and MNLI-m (Bai et al., ACL 2021), as a textbook reprints it (its "
+    "Table 5.5), which lists Q-BERT and TernaryBERT to one decimal"
+)
+QBERT_CODE = "the README of Q-BERT's code (github.com/sIncerass/QBERT): SST-2 dev accuracy 93.00 for its BERT-base"
+
+# (paper, task, setting) -> score. Q-BERT: Shen et al., "Q-BERT: Hessian Based Ultra Low Precision Quantization
+# of BERT", AAAI 2020, Table 1 (BERT-base; 8-bit = w8 e8 a8, 2-bit = w2 e8 a8, MP 2/3 = mixed 2/3-bit weights,
+# e8 a8). TernaryBERT: Zhang et al., "TernaryBERT: Distillation-aware Ultra-low Bit BERT", EMNLP 2020 (2-2-8:
+# 2-bit weights and word embeddings, 8-bit activations). Left out, not verified: Q-BERT's CoNLL-03 8-bit and
+# 2-bit rows, its DirectQ rows, MNLI mismatched; TernaryBERT's own MNLI and SQuAD baselines (so no delta there).
+# TernaryBERT's MNLI-m is BinaryBERT's 83.5, not the 83.3 experiments/README.md recalls (TernaryBERT reports two
+# 2-2-8 variants, TWN and LAT; which one BinaryBERT lists was not checked).
+PUBLISHED: dict[tuple[str, str, str], Published] = {
+    ("Q-BERT", "SST-2", "fp32"): Published(93.00, QBERT_CODE),
+    ("Q-BERT", "SST-2", "8-bit"): Published(92.88, QBERT_PWC),
+    ("Q-BERT", "SST-2", "2-bit"): Published(84.63, None, "84.6"),
+    ("Q-BERT", "SST-2", "mp-2/3"): Published(92.08, None),
+    ("Q-BERT", "MNLI-m", "fp32"): Published(84.00, None),
+    ("Q-BERT", "MNLI-m", "8-bit"): Published(83.91, QBERT_PWC),
+    ("Q-BERT", "MNLI-m", "2-bit"): Published(76.56, BINARYBERT, "76.6"),
+    ("Q-BERT", "MNLI-m", "mp-2/3"): Published(81.75, BINARYBERT, "81.8"),
+    ("Q-BERT", "CoNLL-03", "fp32"): Published(95.00, None, "95.0"),
+    ("Q-BERT", "CoNLL-03", "mp-2/3"): Published(94.37, None, "a 0.6 loss"),
+    ("Q-BERT", "SQuAD v1.1", "fp32"): Published(88.69, None, "about 88.7"),
+    ("Q-BERT", "SQuAD v1.1", "8-bit"): Published(88.47, QBERT_PWC),
+    ("Q-BERT", "SQuAD v1.1", "2-bit"): Published(79.60, BINARYBERT, "79.6"),
+    ("Q-BERT", "SQuAD v1.1", "mp-2/3"): Published(86.95, BINARYBERT, "87.0"),
+    ("TernaryBERT", "SST-2", "fp32"): Published(93.1, None),
+    ("TernaryBERT", "SST-2", "2-2-8"): Published(92.8, None),
+    ("TernaryBERT", "MNLI-m", "2-2-8"): Published(83.5, BINARYBERT),
+    ("TernaryBERT", "SQuAD v1.1", "2-2-8"): Published(87.4, BINARYBERT),
+}
+PAPERS = ("Q-BERT", "TernaryBERT")
+
+COLUMNS = ("method", "plan", "w-bits", "e-bits", "a-bits", "compression", "encoder comp.", "embedding comp.")
+COLUMNS += ("examples seen", "seed")
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+
+@dataclass
+class Section:
+    """One measured section of RESULTS.md: its rows (header name -> cell), command and machine lines."""
+
+    name: str
+    rows: list[dict[str, str]]
+    command: str
+    machine: str
+
+
+@dataclass
+class Row:
+    """One row of the table: a setting's score in points over its seeds, and the section's other cells."""
+
+    setting: Setting
+    values: list[float]
+    seeds: list[str]
+    cells: dict[str, str]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class TaskResult:
+    task: Task
+    section: Section | None
+    rows: list[Row]
+    passed_over: tuple[str, ...] = ()  # preferred sections not used: "NAME not written yet" / "NAME incomplete"
+
+
+def parse_sections(text: str) -> dict[str, str]:
+    """The body of every ``<!-- begin NAME -->`` ... ``<!-- end NAME -->`` section, by name."""
+    pattern = re.compile(r"^<!-- begin (\S+) -->\n(.*?)\n<!-- end \1 -->$", re.S | re.M)
+    return {m.group(1): m.group(2) for m in pattern.finditer(text)}
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def parse_rows(name: str, body: str) -> list[dict[str, str]]:
+    """The results table of a section (the first markdown table whose header has a ``plan`` and a ``method``
+    column), each row as header name -> cell; columns are found by name, wherever they stand."""
+    lines = body.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("|"):
+            continue
+        header = _cells(line)
+        if "method" not in header or "plan" not in header:
+            continue
+        rows = []
+        for row_line in lines[i + 2 :]:
+            if not row_line.startswith("|"):
+                break
+            cells = _cells(row_line)
+            if len(cells) != len(header):
+                raise QBHError(f"section '{name}': a table row has {len(cells)} cells, its header {len(header)}")
+            rows.append(dict(zip(header, cells, strict=True)))
+        return rows
+    raise QBHError(f"section '{name}' has no results table (a header with 'method' and 'plan'); rewrite it")
+
+
+def parse_section(name: str, body: str) -> Section:
+    command = re.search(r"^Command: `([^`]+)`", body, re.M)
+    machine = re.search(r"^Machine: (.*?)\.(?:\s|$)", body, re.M)
+    return Section(
+        name,
+        parse_rows(name, body),
+        command.group(1) if command else "not recorded",
+        machine.group(1) if machine else "not recorded",
+    )
+
+
+def _points(name: str, column: str, cell: str) -> float:
+    try:
+        return 100.0 * float(cell)
+    except ValueError:
+        raise QBHError(f"section '{name}': '{cell}' in column '{column}' is not a number") from None
+
+
+def collect(section: Section, task: Task, setting: Setting) -> Row | None:
+    """The rows of ``section`` that are ``setting`` (any seed), one value per distinct seed; None if there are none.
+    Rows with the same seed must agree (a direct row repeated under each seed's plan name is one measurement)."""
+    missing = [c for c in (task.metric, *COLUMNS) if section.rows and c not in section.rows[0]]
+    if missing:
+        raise QBHError(f"section '{section.name}' has no column {', '.join(repr(c) for c in missing)}")
+    by_seed: dict[str, float] = {}
+    first = None
+    for r in section.rows:
+        if not r["method"].startswith(setting.stage) or SEED_SUFFIX.sub("", r["plan"]) != setting.plan:
+            continue
+        value = _points(section.name, task.metric, r[task.metric])
+        seed = r["seed"]
+        if seed in by_seed and abs(by_seed[seed] - value) > 1e-9:
+            raise QBHError(
+                f"section '{section.name}': two '{r['method']}' rows of plan {setting.plan} at seed {seed} "
+                f"differ ({by_seed[seed] / 100:.4f}, {value / 100:.4f}); give each run its own seed"
+            )
+        by_seed[seed] = value
+        first = first or r
+    if first is None:
+        return None
+    return Row(setting, list(by_seed.values()), list(by_seed), first)
+
+
+def _complete(task: Task, section: Section) -> bool:
+    """Whether ``section`` holds every required setting (a run stopped part-way does not yet)."""
+    return all(collect(section, task, s) is not None for s in SETTINGS if s.required)
+
+
+def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
+    """The rows of ``task`` from the first of its sections that holds every required setting, else from the
+    first that exists (no rows when none does)."""
+    chosen: tuple[str, Section] | None = None
+    for candidate in (s for s in task.sections if s in sections):  # parsed in order, up to the first complete
+        parsed = parse_section(candidate, sections[candidate])
+        complete = _complete(task, parsed)
+        if chosen is None or complete:
+            chosen = (candidate, parsed)
+        if complete:
+            break
+    if chosen is None:
+        return TaskResult(task, None, [])
+    name, section = chosen
+    before = task.sections[: task.sections.index(name)]
+    passed_over = tuple(f"{s} incomplete" if s in sections else f"{s} not written yet" for s in before)
+    rows = []
+    for setting in SETTINGS:
+        row = collect(section, task, setting)
+        if row is None and setting.required:
+            row = Row(setting, [], [], {})  # a row saying the section does not have it
+        if row is not None:
+            rows.append(row)
+    if len(rows[0].values) != 1:
+        raise QBHError(f"section '{name}' has {len(rows[0].values)} FP32 baseline rows; every delta needs one")
+    return TaskResult(task, section, rows, passed_over)
+
+
+def _published(paper: str, task: str, setting: str | None) -> tuple[str, str]:
+    """A paper's score and its delta to that paper's own baseline, as table cells ("-" where not verified)."""
+    if setting is None or (paper, task, setting) not in PUBLISHED:
+        return "-", "-"
+    pub = PUBLISHED[paper, task, setting]
+    mark = "" if pub.found else " †"
+    base = PUBLISHED.get((paper, task, "fp32"))
+    if setting == "fp32" or base is None:
+        return f"{pub.value:.2f}{mark}", "-" if base is None else "0"
+    return f"{pub.value:.2f}{mark}", f"{pub.value - base.value:+.2f}"
+
+
+def _ours(row: Row) -> str:
+    return f"{row.mean:.2f}" + ("" if row.std is None else f" ± {row.std:.2f}")
+
+
+def _seeds(row: Row) -> str:
+    seeds = ", ".join(row.seeds)
+    return f"n={len(row.values)}: {seeds}" + (" (mean ± sample std)" if len(row.values) > 1 else "")
+
+
+def table_lines(results: list[TaskResult]) -> list[str]:
+    """The long-format table: one row per task and setting."""
+    head = (
+        "| task | setting | w / e / a bits | ours | Δ ours | Q-BERT | Δ Q-BERT | TernaryBERT | Δ TernaryBERT "
+        "| encoder comp. | embedding comp. | whole model comp. | examples seen | seeds |"
+    )
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for res in results:
+        task = f"{res.task.name} ({res.task.metric})"
+        if res.section is None:
+            names = " or ".join(f"`{s}`" for s in res.task.sections)
+            lines.append(f"| {task} | not run yet (no {names} section) |" + " - |" * 12)
+            continue
+        base = res.rows[0].mean
+        for row in res.rows:
+            if not row.values:
+                lines.append(f"| {task} | {row.setting.label} | not in `{res.section.name}` |" + " - |" * 11)
+                continue
+            c = row.cells
+            delta = "0" if row.setting.paper == "fp32" else f"{row.mean - base:+.2f}"
+            theirs = [cell for paper in PAPERS for cell in _published(paper, res.task.name, row.setting.paper)]
+            lines.append(
+                f"| {task} | {row.setting.label} | {c['w-bits']} / {c['e-bits']} / {c['a-bits']} | {_ours(row)} | "
+                f"{delta} | {' | '.join(theirs)} | {c['encoder comp.']} | {c['embedding comp.']} | "
+                f"{c['compression']} | {c['examples seen']} | {_seeds(row)} |"
+            )
+    return lines
+
+
+def results_section(results: list[TaskResult]) -> str:
+    """The ``table1`` section of RESULTS.md: the table, where each task came from, and what theirs rest on."""
+    used = [r.section for r in results if r.section is not None]
+    machines = sorted({s.machine for s in used})
+    machine = machines[0] if len(machines) == 1 else "; ".join(f"{s.name}: {s.machine}" for s in used)
+    fed = []
+    for r in results:
+        if r.section is None:
+            fed.append(f"{r.task.name}: not run yet (no {' or '.join(r.task.sections)} section)")
+            continue
+        note = f" ({', '.join(r.passed_over)})" if r.passed_over else ""
+        fed.append(f"{r.task.name}: {r.section.name}{note}, run by `{r.section.command}`")
+    found = sorted({p.source for p in PUBLISHED.values() if p.found})
+    lines = [
+        "## table1: Q-BERT's Table 1 on MiniLM-L6",
+        "",
+        "Command: `python experiments/table1.py` (from the sections of this file, not from run folders). "
+        f"Machine, as the sections record it: {machine}.",
+        "",
+        "Ours is MiniLM-L6 (22.7M parameters); Q-BERT's and TernaryBERT's numbers are BERT-base (110M) on GLUE's, "
+        "CoNLL-03's and SQuAD's full training sets. The models and the budgets differ, so **only the deltas "
+        "compare**: each in points against its own FP32 baseline (ours: the section's FP32 row). Q-BERT's 8-bit "
+        "row (w8 e8 a8) stands beside our direct (post-training) 8-bit, its 2-bit and MP 2/3 rows beside our QAT "
+        "rows, TernaryBERT's 2-2-8 beside our QAT 2-2-8. Compression is each section's: the encoder's weights, "
+        "the embedding tables and the whole packed model against FP32. Examples seen is the training budget "
+        "(QAT rows: the QAT run's; FP32: the fine-tune's; direct rows train nothing).",
+        "",
+        "Sources: " + "; ".join(fed) + ".",
+        "",
+        *table_lines(results),
+        "",
+        "Seeds: where a setting ran at several seeds (plans `NAME`, `NAME-seed1`, ...), ours is the mean ± the "
+        "sample standard deviation over them and its delta the mean's; n is in the seeds column (a direct row "
+        "is one measurement whatever the plan's QAT seed).",
+        "",
+        "Their numbers (Q-BERT: Shen et al., AAAI 2020, Table 1; TernaryBERT: Zhang et al., EMNLP 2020), kept with "
+        "their sources in `PUBLISHED` in experiments/table1.py. Unmarked ones were found in a public source "
+        "while building this table: " + "; ".join(found) + ". † marks one only experiments/README.md quotes "
+        "(not found in a public source here). Left out, not verified: Q-BERT's CoNLL-03 8-bit and 2-bit rows and "
+        "its DirectQ rows; TernaryBERT's own MNLI and SQuAD baselines (so no delta there). A dash: the paper "
+        "has no such row, or it was left out.",
+    ]
+    return "\n".join(lines)
+
+
+def readme_table(results: list[TaskResult]) -> str:
+    """The short version for README.md: per task our FP32 score and each setting's delta, Q-BERT's beside."""
+    settings = ("direct 8-bit", "direct mixed 2/3", "direct mixed 2/3, GPTQ rounding", "QAT uniform 2-bit")
+    settings += ("QAT mixed 2/3", "QAT mixed 2/3 from GPTQ's codes")
+    lines = [
+        "| task (metric) | FP32 | direct 8-bit | direct mixed 2/3 | + GPTQ rounding | QAT 2-bit | QAT mixed 2/3 "
+        "| QAT from GPTQ | Q-BERT 2-bit | Q-BERT mixed 2/3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        task = f"{res.task.name} ({res.task.metric})"
+        if res.section is None:
+            lines.append(f"| {task} |" + " not run yet |" * 9)
+            continue
+        rows = {r.setting.label: r for r in res.rows}
+        base = res.rows[0].mean
+        cells = [f"{base:.2f}"]
+        for label in settings:
+            row = rows.get(label)
+            row = row if row is not None and row.values else None
+            spread = "" if row is None or row.std is None else f" (± {row.std:.2f}, n={len(row.values)})"
+            cells.append("not run" if row is None else f"{row.mean - base:+.2f}{spread}")
+        cells += [_published("Q-BERT", res.task.name, s)[1] for s in ("2-bit", "mp-2/3")]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    sources = ", ".join(f"{r.task.name}: `{r.section.name}`" for r in results if r.section is not None)
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Points against each model's own FP32 baseline (sections: {sources}; ± the sample std over n seeds); "
+            "written by `python experiments/table1.py`, whose full table (TernaryBERT, compression, budgets, "
+            "seeds, sources) heads [experiments/RESULTS.md](experiments/RESULTS.md).",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md to read and to write table1 into")
+    ap.add_argument("--readme", type=Path, default=README, help="a file with table1 markers for the short table")
+    args = ap.parse_args(argv)
+    write_results = _write_results()
+    try:
+        if not args.results.exists():
+            raise QBHError(f"'{args.results}' does not exist; pass --results with the experiments' RESULTS.md")
+        results = [build_task(task, parse_sections(args.results.read_text())) for task in TASKS]
+        text = args.readme.read_text() if args.readme.exists() else ""
+        if f"<!-- begin {SECTION} -->" not in text:
+            raise QBHError(
+                f"'{args.readme}' has no '<!-- begin {SECTION} -->' / '<!-- end {SECTION} -->' markers; put the two "
+                "lines where the short table goes"
+            )
+        section, short = results_section(results), readme_table(results)
+    except QBHError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_results.replace_section(args.results, SECTION, section, top=True)
+    write_results.replace_section(args.readme, SECTION, short)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
