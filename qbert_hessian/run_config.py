@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    UNRECORDED,
     AllocConfig,
     Budget,
     CalibrationConfig,
@@ -297,8 +298,10 @@ def _plan_specs(plans_raw: Any) -> list[PlanSpec]:
 
 
 def recorded_plans(config: Mapping[str, Any]) -> tuple[ResolvedPlan, ...]:
-    """The plans of a finished run, resolved from the config its ``run.json`` records (as they were when it ran)."""
-    allocate = AllocConfig.from_dict(config.get("allocate", {}))
+    """The plans of a finished run, resolved from the config its ``run.json`` records (as they were when it ran; a
+    setting its ``[allocate]`` does not record is read as :data:`~qbert_hessian.config.UNRECORDED` says it was
+    made, not as today's default)."""
+    allocate = AllocConfig.from_dict({**UNRECORDED, **config.get("allocate", {})})
     qat = QATConfig.from_dict(config.get("qat", {}))
     run_qat = RunSettings.from_dict(config.get("run", {})).qat
     return tuple(resolve_plan(PlanSpec.from_dict(p), allocate, qat, run_qat=run_qat) for p in config["plans"])
