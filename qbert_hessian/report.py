@@ -402,7 +402,7 @@ def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
 
 def act_range_text(plan: BitPlan, *, short: bool = False) -> str:
     """How a plan's activation ranges are set, as plan.md (and, ``short``, the results table) say it; nothing for
-    the default EMA of max|x| (so reports made before the setting read the same)."""
+    max, an EMA of max|x| (what plans made before the setting used, so their reports read the same)."""
     if plan.act_bits is None or plan.act_range == UNRECORDED["act_range"]:
         return ""
     if short:
