@@ -409,28 +409,38 @@ OLD_NEAREST_ALLOCATE = {
 
 def test_the_default_rounding_is_gptq_and_an_old_nearest_run_folder_never_matches_it():
     """A run folder rounded to nearest before rounding was a setting records none: its plans must be recomputed,
-    not reused, under a config that rounds by GPTQ (the default, or said), and stay reused under an explicit
-    ``rounding = "nearest"``; the ledger compares these canonical forms."""
+    not reused, under a config that rounds by GPTQ or sets dynamic activation ranges (the defaults, or said), and
+    stay reused under an explicit ``rounding = "nearest"`` and ``act_range = "max"``; the ledger compares these
+    canonical forms."""
     from qbert_hessian.artifacts import canonical
 
     old = canonical(OLD_NEAREST_ALLOCATE)  # as the ledger compares it (unset settings dropped)
     assert AllocConfig().rounding == "gptq"
-    nearest = AllocConfig(rounding="nearest")
+    static = {"act_range": "max"}  # the folder's activation ranges (the default, dynamic, is recorded: below)
+    nearest = AllocConfig(rounding="nearest", **static)
     assert canonical(nearest.protocol()) == old
     # nearest ignores the GPTQ settings; at the values records left out (128, 0.01) they stay out of the record
-    assert canonical(AllocConfig(rounding="nearest", calib_samples=128, damp=0.01).protocol()) == old
-    for gptq in (AllocConfig(), AllocConfig(rounding="gptq"), AllocConfig(rounding="gptq", calib_samples=64)):
+    assert canonical(AllocConfig(rounding="nearest", calib_samples=128, damp=0.01, **static).protocol()) == old
+    for gptq in (
+        AllocConfig(**static),
+        AllocConfig(),
+        AllocConfig(rounding="gptq", **static),
+        AllocConfig(rounding="gptq", calib_samples=64, **static),
+    ):
         assert canonical(gptq.protocol()) != old
         assert gptq.protocol()["rounding"] == "gptq"
     # a folder rounded by GPTQ at its 128 sequences and 1% dampening recorded only the rounding: it still matches
-    assert canonical(AllocConfig().protocol()) == {**old, "rounding": "gptq"}
+    assert canonical(AllocConfig(**static).protocol()) == {**old, "rounding": "gptq"}
+    assert canonical(AllocConfig().protocol()) == {**old, "rounding": "gptq", "act_range": "dynamic"}
 
 
 def test_alloc_config_records_rounding_settings_only_away_from_what_old_records_mean():
     # (act_range is recorded only away from max likewise: the activation-range tests check it)
     left_out = {"rounding", "calib_samples", "damp", "act_range"}
-    assert set(AllocConfig(rounding="nearest").protocol()) == set(AllocConfig().to_dict()) - left_out
-    assert set(AllocConfig().protocol()) == set(AllocConfig().to_dict()) - left_out | {"rounding"}
+    old = AllocConfig(rounding="nearest", act_range="max")
+    assert set(old.protocol()) == set(AllocConfig().to_dict()) - left_out
+    assert set(AllocConfig(act_range="max").protocol()) == set(AllocConfig().to_dict()) - left_out | {"rounding"}
+    assert set(AllocConfig().protocol()) == set(AllocConfig().to_dict()) - left_out | {"rounding", "act_range"}
     cfg = AllocConfig(rounding="gptq", damp=0.05)
     assert cfg.protocol()["rounding"] == "gptq" and cfg.protocol()["damp"] == 0.05
     assert "calib_samples" not in cfg.protocol()
