@@ -353,12 +353,17 @@ def check_world(config: RunConfig, world: int) -> None:
 
 
 # The offline default behind `qbert-hessian demo` / `make demo`: MiniLM-L6 on BBC News (5 topics, 1,780 training
-# and 445 dev articles), sized to finish in about ten minutes on 2 CPU cores.
+# and 445 dev articles), sized to finish in about twelve minutes on 2 CPU cores. Its plans use the defaults (GPTQ
+# rounding, dynamic 8-bit activation ranges) but calibrate GPTQ on 32 articles, not 128: a GPTQ pass (one per plan,
+# 3 plans) runs each of the 6 layers 5 times over its calibration tokens (4 Hessian groups, then the layer's output).
+# At the CPU rate of the recorded passes, 6-13 ms per calibration token (CoNLL-03's ~15 s for 128 short sentences,
+# SQuAD's 5.3 min for 128 windows of 192 tokens), 128 articles of 96 tokens would add 4-8 minutes to an 11-minute
+# demo; 32 (3,072 tokens, twice the widest layer input, so every Hessian can be full rank) add about 1-2.
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"name": "minilm-l6", "task": "bbc-news", "max_length": 96},
     "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-4},
     "sensitivity": {"draws": 3, "batch_size": 16, "trace_samples": 2},
-    "allocate": {"groups": 128, "bits": [2, 3, 4, 8]},
+    "allocate": {"groups": 128, "bits": [2, 3, 4, 8], "calib_samples": 32},
     "plans": [
         {"name": "uniform-4", "uniform": 4, "qat": False},
         {"name": "uniform-2", "uniform": 2},

@@ -200,6 +200,10 @@ def test_overrides_and_the_demo_config():
     )
     assert cfg.sensitivity.draws == 2 and cfg.qat.distill == "none" and cfg.sensitivity.max_length == 64
     assert [p.name for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
+    # the demo shows the defaults (GPTQ on fewer calibration articles, to keep it short)
+    assert {(p.alloc.rounding, p.alloc.act_range, p.alloc.calib_samples) for p in cfg.plans} == {
+        ("gptq", "dynamic", 32)
+    }
     with pytest.raises(QBHError, match="section.key=value"):
         apply_overrides(DEMO_CONFIG, ["draws=2"])
     with pytest.raises(QBHError, match="unknown section"):
