@@ -18,6 +18,7 @@ CONFIG = (
 [allocate]
 groups = "channel"
 rounding = "nearest"  # as every run folder made before rounding was a setting (the ledger test reads them)
+act_range = "max"     # likewise for activation ranges
 
 [qat]
 epochs = 2
@@ -325,9 +326,10 @@ def test_the_ledger_records_what_runs_made_before_recorded(run_dir):
 
 
 def test_this_nearest_folder_is_not_reused_for_the_default_rounding(run_dir):
-    """This folder's TOML says rounding = "nearest", so run.json records [allocate] as folders made before rounding
-    was a setting do (the test above); the same TOML without that line rounds by gptq, the default, and every
-    plan's recorded inputs then differ from it, by the rounding alone: its plans would be made again, not reused."""
+    """This folder's TOML says rounding = "nearest" and act_range = "max", so run.json records [allocate] as folders
+    made before those were settings do (the test above); the same TOML without those lines rounds by gptq and sets
+    dynamic ranges, the defaults, and every plan's recorded inputs then differ from it, by those settings alone: its
+    plans would be made again, not reused."""
     import tomllib
 
     from qbert_hessian.artifacts import canonical
@@ -336,12 +338,16 @@ def test_this_nearest_folder_is_not_reused_for_the_default_rounding(run_dir):
     stages = json.loads((run_dir / "out" / "run.json").read_text())["stages"]
     text = (run_dir / "run.toml").read_text()
     explicit = parse_run_config(tomllib.loads(text))
-    default = parse_run_config(tomllib.loads(text.replace('rounding = "nearest"', "")))
+    gptq = parse_run_config(tomllib.loads(text.replace('rounding = "nearest"', "")))
+    default = parse_run_config(tomllib.loads(text.replace('rounding = "nearest"', "").replace('act_range = "max"', "")))
     assert (explicit.allocate.rounding, default.allocate.rounding) == ("nearest", "gptq")
+    assert (explicit.allocate.act_range, default.allocate.act_range) == ("max", "dynamic")
     for key in ("plan:uniform-4", "plan:mixed-3", "plan:mixed-3-control", "frontier"):
         recorded = canonical(stages[key]["inputs"]["allocate"])
         assert _changes(recorded, canonical(explicit.allocate.protocol())) == [], key
-        assert _changes(recorded, canonical(default.allocate.protocol())) == ["rounding: None -> 'gptq'"], key
+        assert _changes(recorded, canonical(gptq.allocate.protocol())) == ["rounding: None -> 'gptq'"], key
+        changes = _changes(recorded, canonical(default.allocate.protocol()))
+        assert changes == ["act_range: None -> 'dynamic'", "rounding: None -> 'gptq'"], key
 
 
 def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, tmp_path):
