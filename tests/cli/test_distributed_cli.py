@@ -68,6 +68,7 @@ trace = "none"
 [allocate]
 groups = "channel"
 rounding = "nearest"  # what these tests compared across ranks before GPTQ became the default
+act_range = "max"     # static ranges, averaged over the ranks (dynamic ones, the default, have none to compare)
 
 [qat]
 epochs = 1
@@ -107,6 +108,7 @@ trace = "none"
 [allocate]
 groups = "channel"
 rounding = "nearest"  # what these tests compared across ranks before GPTQ became the default
+act_range = "max"     # static ranges, averaged over the ranks (dynamic ones, the default, have none to compare)
 
 [run]
 qat = false

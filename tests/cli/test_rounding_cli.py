@@ -156,6 +156,7 @@ RUN = (
 [allocate]
 groups = "channel"
 rounding = "nearest"
+act_range = "max"  # as run folders made before either was a setting: their plans record neither
 calib_samples = 32
 
 [run]
@@ -192,6 +193,7 @@ def test_run_rounds_plans_as_they_say_and_caches_by_rounding(tiny_checkpoint, ti
     # a plan rounded to nearest records no rounding among its inputs: run folders made before it still match
     for key in ("plan:uniform-3", "direct:uniform-3"):  # (as the cache compares them: unset entries dropped)
         assert "rounding" not in json.dumps(canonical(stages[key]["inputs"]))
+        assert "act_range" not in json.dumps(canonical(stages[key]["inputs"]))
     assert stages["direct:uniform-3-gptq"]["inputs"]["rounding"] == "gptq"
     before = {k: v["hash"] for k, v in stages.items()}
     # --rounding overrides [allocate]: the nearest plan is redone with gptq. The other plan (gptq already) records
