@@ -10,8 +10,8 @@ Two modes:
 
   * int8 (default): ``accuracy_level`` 4, MatMulNBits quantizes its input to int8 per block on the fly and runs
     the int8 dot-product kernels (VNNI where the CPU has it); no stored activation range is used. That is dynamic
-    quantization, a range per token and block of K (finer than ``act_range = dynamic``'s per token, the default),
-    so a plan's dynamic ranges are served as such, while a static plan's ranges (max, percentile, mse) are not.
+    quantization, a range per token and block of K, finer than the per-token ranges of ``act_range = dynamic`` (the
+    default), so a dynamic plan is served as it was scored; a static plan's ranges (max, percentile, mse) are not.
   * exact (``--exact``): ``accuracy_level`` 1 (float32 compute over the exactly dequantized weights) and each
     quantized linear's static 8-bit input range as Clip -> QuantizeLinear -> DequantizeLinear, which is the
     fake-quantized model's own arithmetic: its logits match ``load_packed``'s up to float summation order.
