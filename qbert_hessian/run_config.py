@@ -354,11 +354,10 @@ def check_world(config: RunConfig, world: int) -> None:
 
 # The offline default behind `qbert-hessian demo` / `make demo`: MiniLM-L6 on BBC News (5 topics, 1,780 training
 # and 445 dev articles), sized to finish in about twelve minutes on 2 CPU cores. Its plans use the defaults (GPTQ
-# rounding, dynamic 8-bit activation ranges) but calibrate GPTQ on 32 articles, not 128: a GPTQ pass (one per plan,
-# 3 plans) runs each of the 6 layers 5 times over its calibration tokens (4 Hessian groups, then the layer's output).
-# At the CPU rate of the recorded passes, 6-13 ms per calibration token (CoNLL-03's ~15 s for 128 short sentences,
-# SQuAD's 5.3 min for 128 windows of 192 tokens), 128 articles of 96 tokens would add 4-8 minutes to an 11-minute
-# demo; 32 (3,072 tokens, twice the widest layer input, so every Hessian can be full rank) add about 1-2.
+# rounding, dynamic 8-bit activation ranges) but calibrate GPTQ on 32 articles, not 128: one GPTQ pass per plan (3
+# plans), each about 15 s on 2 cores for 128 MNLI pairs of ~41 tokens and growing with the tokens, so 128 articles of
+# 96 tokens would add about two minutes; 32 (3,072 tokens, twice the widest layer input, so every Hessian can be full
+# rank) add well under one and keep the demo's margin under its 15 minutes on a slower machine.
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"name": "minilm-l6", "task": "bbc-news", "max_length": 96},
     "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-4},
