@@ -64,7 +64,9 @@ def main() -> None:
         return acc
 
     def config(**kwargs) -> AllocConfig:
-        return AllocConfig(range_method=profile.range_method, **kwargs)  # plans use the method the table has
+        # plans use the method the table has; round to nearest, as quantize_model alone does, with static max
+        # activation ranges, calibrated below (what DIRECT_QUANT.md measured; not the defaults, gptq and dynamic)
+        return AllocConfig(range_method=profile.range_method, rounding="nearest", act_range="max", **kwargs)
 
     for groups in ("1", "128"):
         for bits in (8, 4, 3, 2):

@@ -116,7 +116,9 @@ Image(plot_sensitivity(report, figures / "sensitivity.png"))"""),
 from qbert_hessian import AllocConfig, Budget, allocate_bits, uniform_plan
 from qbert_hessian.report import plan_markdown
 
-config = AllocConfig(bits=(2, 3), groups=ws["groups"])
+# rounded to nearest with static activation ranges, as quantize_model and calibrate_activations apply it below
+# (the defaults, GPTQ and dynamic per-token ranges, are applied whole by quantize_calibrated(model, plan, task))
+config = AllocConfig(bits=(2, 3), groups=ws["groups"], rounding="nearest", act_range="max")
 plan = allocate_bits(report, profile, Budget(avg_bits=2.5), config)
 Markdown(plan_markdown(plan))"""),
         "## What each budget buys\n\nThe frontier sweeps average-bit budgets with candidates 2, 3, 4 and 8 "

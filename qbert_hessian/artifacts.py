@@ -18,7 +18,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .config import PRICED_MEASURES, GPTQConfig, check_act_range, check_bits, check_range_method, check_rounding
+from .config import (
+    PRICED_MEASURES,
+    UNRECORDED,
+    GPTQConfig,
+    check_act_range,
+    check_bits,
+    check_range_method,
+    check_rounding,
+)
 from .errors import QBHError
 from .names import validate_block
 from .packed_format import PACKED_SCHEMA
@@ -353,9 +361,9 @@ class BitPlan(Artifact):
     act_bits: int | None = 8
     symmetric: bool = True
     range_method: str = "max"
-    rounding: str = "nearest"
+    rounding: str = UNRECORDED["rounding"]  # a plan without the key was made before the setting: nearest
     gptq: dict[str, Any] | None = None
-    act_range: str = "max"
+    act_range: str = UNRECORDED["act_range"]  # likewise max (not the allocator's default, which is dynamic)
     method: str = "manual"
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     measure: str | None = None

@@ -130,6 +130,11 @@ def save_packed(
                 "pass the plan the model was quantized with"
             )
         if e["kind"] != "embedding" and e["rounding"] != plan.rounding:  # tables always round to nearest
+            if (e["rounding"], plan.rounding) == ("nearest", "gptq"):  # quantize_model alone, on a GPTQ plan
+                raise QBHError(
+                    f"{key} was rounded to nearest, the plan says gptq; apply the plan with quantize_calibrated"
+                    "(model, plan, task) (GPTQ on the task's training data), or make the plan with rounding nearest"
+                )
             raise QBHError(
                 f"{key} was rounded by {e['rounding']}, the plan says {plan.rounding}; pass the plan the model was "
                 "quantized with"

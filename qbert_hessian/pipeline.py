@@ -56,7 +56,7 @@ from .artifacts import (
     fingerprint,
     sha256_file,
 )
-from .config import AllocConfig, QATConfig
+from .config import UNRECORDED, AllocConfig, QATConfig
 from .errors import QBHError
 from .run_config import ResolvedPlan, RunConfig
 from .run_folder import RunFolder
@@ -616,10 +616,19 @@ class Run:
             **self._base_inputs(),
             "plan": stages.file_fingerprint(self.files.plan(plan.name)),
             "range_method": bitplan.range_method,  # in the plan too; named so the log says what changed
-            # likewise, only away from nearest, so run folders made before roundings were a setting match
-            **({"rounding": bitplan.rounding, "gptq": bitplan.gptq} if bitplan.rounding != "nearest" else {}),
+            # likewise, only away from nearest (the rounding of folders made before it was a setting, which record
+            # none; not the default, which is gptq), so those folders match and a GPTQ plan never matches them
+            **(
+                {"rounding": bitplan.rounding, "gptq": bitplan.gptq}
+                if bitplan.rounding != UNRECORDED["rounding"]
+                else {}
+            ),
             # likewise, and only where activations are quantized (else it changes nothing)
-            **({"act_range": bitplan.act_range} if bitplan.act_range != "max" and bitplan.act_bits else {}),
+            **(
+                {"act_range": bitplan.act_range}
+                if bitplan.act_range != UNRECORDED["act_range"] and bitplan.act_bits
+                else {}
+            ),
             "calibration": self.config.run.calibration.to_dict(),
         }
         p_inputs = {**d_inputs, "qat": plan.qat.to_dict() if plan.qat is not None else None}
@@ -825,6 +834,26 @@ class Run:
                 eager=False,
                 new_head=True,
             )
+        self._check_calibration(raw)
+
+    def _check_calibration(self, raw: Any) -> None:
+        """A plan rounded by GPTQ (the default) calibrates on that many training sequences: one asking for more
+        than the training split holds is refused before any stage runs, not after the sensitivity stage. (A
+        classification or token example is one sequence; a QA example can make several windows, so QA is checked
+        when the sequences are drawn.)"""
+        if raw.family == "qa":
+            return
+        n = len(raw.train_labels)
+        allocate = self.config.allocate
+        named = [(f"plan '{p.name}'", p.alloc) for p in self.config.plans]
+        if self.config.run.frontier and allocate.measure.priced:  # the frontier's priced table is rounded too
+            named.append(("[allocate]", allocate))
+        for what, c in named:
+            if c.rounding == "gptq" and c.calib_samples > n:
+                raise QBHError(
+                    f"{what} rounds by gptq on {c.calib_samples} calibration sequences but the training split has "
+                    f'{n}; set calib_samples = {n} or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
+                )
 
     def _execute(self) -> Path:
         from .report import write_run_report

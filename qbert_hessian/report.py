@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import METRIC_COLUMNS, BitPlan, SensitivityReport, atomic_write, write_text
-from .config import ACT_PERCENTILE, PRICED_MEASURES
+from .config import ACT_PERCENTILE, PRICED_MEASURES, UNRECORDED
 from .errors import QBHError
 from .run_config import ResolvedPlan, recorded_plans
 from .run_folder import RunFolder
@@ -402,8 +402,8 @@ def _bits_text(plan: BitPlan) -> tuple[str, str, str, str]:
 
 def act_range_text(plan: BitPlan, *, short: bool = False) -> str:
     """How a plan's activation ranges are set, as plan.md (and, ``short``, the results table) say it; nothing for
-    the default EMA of max|x| (so reports made before the setting read the same)."""
-    if plan.act_bits is None or plan.act_range == "max":
+    max, an EMA of max|x| (what plans made before the setting used, so their reports read the same)."""
+    if plan.act_bits is None or plan.act_range == UNRECORDED["act_range"]:
         return ""
     if short:
         return f" ({plan.act_range})"
@@ -559,7 +559,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         seen = r.get("examples_seen")
         lines.append(
             f"| {r['method']} | {r['plan']} | {r['w_bits']} | {r['e_bits']} | {r['a_bits']} | {r['groups']} | "
-            f"{r.get('rounding', 'nearest')} | {scores} | {r['mib']:.2f} | {r['compression']:.2f}x | "
+            f"{r.get('rounding', UNRECORDED['rounding'])} | {scores} | {r['mib']:.2f} | {r['compression']:.2f}x | "
             f"{_ratio(r.get('encoder_compression'))} | "
             f"{_ratio(r.get('embedding_compression'))} | {'-' if seen is None else f'{seen:,}'} | "
             f"{'-' if r.get('seed') is None else r['seed']} |"

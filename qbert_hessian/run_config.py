@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    UNRECORDED,
     AllocConfig,
     Budget,
     CalibrationConfig,
@@ -297,8 +298,10 @@ def _plan_specs(plans_raw: Any) -> list[PlanSpec]:
 
 
 def recorded_plans(config: Mapping[str, Any]) -> tuple[ResolvedPlan, ...]:
-    """The plans of a finished run, resolved from the config its ``run.json`` records (as they were when it ran)."""
-    allocate = AllocConfig.from_dict(config.get("allocate", {}))
+    """The plans of a finished run, resolved from the config its ``run.json`` records (as they were when it ran; a
+    setting its ``[allocate]`` does not record is read as :data:`~qbert_hessian.config.UNRECORDED` says it was
+    made, not as today's default)."""
+    allocate = AllocConfig.from_dict({**UNRECORDED, **config.get("allocate", {})})
     qat = QATConfig.from_dict(config.get("qat", {}))
     run_qat = RunSettings.from_dict(config.get("run", {})).qat
     return tuple(resolve_plan(PlanSpec.from_dict(p), allocate, qat, run_qat=run_qat) for p in config["plans"])
@@ -350,12 +353,16 @@ def check_world(config: RunConfig, world: int) -> None:
 
 
 # The offline default behind `qbert-hessian demo` / `make demo`: MiniLM-L6 on BBC News (5 topics, 1,780 training
-# and 445 dev articles), sized to finish in about ten minutes on 2 CPU cores.
+# and 445 dev articles), sized to finish in about twelve minutes on 2 CPU cores. Its plans use the defaults (GPTQ
+# rounding, dynamic 8-bit activation ranges) but calibrate GPTQ on 32 articles, not 128: one GPTQ pass per plan (3
+# plans), each about 15 s on 2 cores for 128 MNLI pairs of ~41 tokens and growing with the tokens, so 128 articles of
+# 96 tokens would add about two minutes; 32 (3,072 tokens, twice the widest layer input, so every Hessian can be full
+# rank) add well under one and keep the demo's margin under its 15 minutes on a slower machine.
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"name": "minilm-l6", "task": "bbc-news", "max_length": 96},
     "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-4},
     "sensitivity": {"draws": 3, "batch_size": 16, "trace_samples": 2},
-    "allocate": {"groups": 128, "bits": [2, 3, 4, 8]},
+    "allocate": {"groups": 128, "bits": [2, 3, 4, 8], "calib_samples": 32},
     "plans": [
         {"name": "uniform-4", "uniform": 4, "qat": False},
         {"name": "uniform-2", "uniform": 2},

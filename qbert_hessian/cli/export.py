@@ -29,7 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write (Hugging Face layout)")
     p.add_argument(
-        "--exact", action="store_true", help="onnx: float32 compute with the static activation ranges (Q/DQ)"
+        "--exact",
+        action="store_true",
+        help="onnx: float32 compute with the plan's own activation ranges (static as Q/DQ, or per token)",
     )
     p.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
     add_common(p, device=False)

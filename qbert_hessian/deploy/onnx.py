@@ -9,7 +9,9 @@ replaced by a module whose ONNX form is ONNX Runtime's contrib op over the store
 Two modes:
 
   * int8 (default): ``accuracy_level`` 4, MatMulNBits quantizes its input to int8 per block on the fly and runs
-    the int8 dot-product kernels (VNNI where the CPU has it); no static activation ranges are used.
+    the int8 dot-product kernels (VNNI where the CPU has it); no stored activation range is used. That is dynamic
+    quantization, a range per token and block of K, finer than the per-token ranges of ``act_range = dynamic`` (the
+    default), so a dynamic plan is served as it was scored; a static plan's ranges (max, percentile, mse) are not.
   * exact (``--exact``): ``accuracy_level`` 1 (float32 compute over the exactly dequantized weights) and each
     quantized linear's static 8-bit input range as Clip -> QuantizeLinear -> DequantizeLinear, which is the
     fake-quantized model's own arithmetic: its logits match ``load_packed``'s up to float summation order.
@@ -216,8 +218,8 @@ def export_onnx(packed_dir: Path | str, out_dir: Path | str, *, exact: bool = Fa
     Args:
         packed_dir: a folder written by ``qbert-hessian quantize`` (``save_packed``).
         out_dir: the folder to write: ``onnx/model.onnx``, ``config.json``, the tokenizer and ``export.json``.
-        exact: float32 compute with the static activation ranges as Q/DQ (the fake-quantized model's numbers)
-            instead of int8 compute.
+        exact: float32 compute with the plan's own activation ranges (static ones as Q/DQ, dynamic ones per
+            token), the fake-quantized model's numbers, instead of int8 compute.
         force: replace an earlier export in ``out_dir``.
 
     Returns:

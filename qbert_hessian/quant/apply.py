@@ -91,7 +91,12 @@ def plan_targets(model: nn.Module, plan: BitPlan, block_map: BlockMap | None = N
 
 
 def quantize_model(model: nn.Module, plan: BitPlan, *, inplace: bool = False) -> nn.Module:
-    """Swap the plan's Linear/Embedding modules for fake-quant ones (FP32 master weights, trainable).
+    """Swap the plan's Linear/Embedding modules for fake-quant ones (FP32 master weights, trainable), their
+    weights rounded to nearest on the plan's grid.
+
+    A plan that says ``rounding = gptq`` (the default) is not finished here: GPTQ needs calibration data, so
+    :func:`quantize_calibrated` (the plan applied whole: GPTQ and activation ranges from the task's training
+    split) or :func:`~.rounding.round_gptq_` on this model does it; ``save_packed`` refuses the model until then.
 
     Args:
         model: an HF encoder classifier.

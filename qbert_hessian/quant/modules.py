@@ -59,7 +59,8 @@ class ActQuant(nn.Module):
       then :meth:`end_sampling`; ``ranges.percentile_amax``, ``ranges.mse_amax``) and then held, in QAT too
       (the weights train under it). While sampling, the input passes unquantized, so every site is calibrated on
       the model with quantized weights and FP32 activations.
-    - ``dynamic`` (ZeroQuant): a range per token computed at run time; nothing is calibrated or stored.
+    - ``dynamic`` (ZeroQuant; the default): a range per token computed at run time; nothing is calibrated or
+      stored.
 
     ``amax`` (a static range) is saved with the model.
     """

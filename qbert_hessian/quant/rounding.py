@@ -208,10 +208,15 @@ def calibration_sequences(task: Any, num: int, batch_size: int, seed: int = 0) -
     import numpy as np
 
     n = len(task.train)
+    if n == 0:
+        raise QBHError(
+            "second-order rounding (gptq) calibrates on training sequences but the task's training "
+            "split is empty; give training data (--data), or pass --rounding nearest"
+        )
     if num > n:
         raise QBHError(
             f"second-order rounding asks for {num} calibration sequences but the training split has {n}; "
-            f"pass --calib-samples {n} or fewer"
+            f"pass --calib-samples {n} or fewer, or --rounding nearest"
         )
     chosen = np.random.default_rng([seed, 25]).permutation(n)[:num].tolist()
     chosen.sort(key=lambda i: (len(task.train[int(i)]["input_ids"]), i))

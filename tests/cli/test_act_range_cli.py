@@ -1,5 +1,6 @@
 """``--act-range`` as typed: plan records it, quantize applies (or overrides) it and the packed file names it,
-evaluate scores the packed file, and run treats it as a stage input only away from its default."""
+evaluate scores the packed file, and run treats it as a stage input only away from max (what run folders made before
+the setting used; the default is dynamic)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,22 @@ def test_plan_quantize_and_evaluate_with_each_activation_range(
     from qbert_hessian.artifacts import PackedManifest
 
     args = ["plan", "--report", str(report_dir), "--uniform", "8", "--groups", "channel", "--quiet"]
-    assert main([*args, "--out", str(tmp_path / "max.json")]) == 0
+    args += ["--calib-samples", "32"]  # rounded by gptq, the default, on what the tiny data has (96 sentences)
+    assert main([*args, "--out", str(tmp_path / "default.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "max.json"), "--act-range", "max"]) == 0
     assert main([*args, "--out", str(tmp_path / "mse.json"), "--act-range", "mse"]) == 0
-    plan_max, plan_mse = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("max", "mse"))
-    assert (plan_max["act_range"], plan_mse["act_range"]) == ("max", "mse")
+    plans = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("default", "max", "mse")}
+    assert {n: p["act_range"] for n, p in plans.items()} == {"default": "dynamic", "max": "max", "mse": "mse"}
+    assert "activations: 8 bits (dynamic: per token)" in (tmp_path / "default.md").read_text()
     assert "activations: 8 bits (mse: MSE clipping)" in (tmp_path / "mse.md").read_text()
     assert "activations: 8 bits;" in (tmp_path / "max.md").read_text()
+    # the default plan stores no ranges and its predicted size says so: the packed file is that size to the byte
+    out = tmp_path / "packed-default"
+    assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "default.json", out) == 0
+    assert PackedManifest.load(out / "quantization.json").plan.act_range == "dynamic"
+    assert not [k for k in load_file(str(out / "model.safetensors")) if k.endswith(".act.amax")]
+    size = json.loads((out / "size.json").read_text())
+    assert size["packed_bytes"] == size["predicted_bytes"]
     ranges = {}
     for name, plan, extra in (
         ("max", "max.json", []),
@@ -75,6 +86,7 @@ RUN = (
     + """
 [allocate]
 groups = "channel"
+calib_samples = 32
 
 [run]
 calibration_batches = 2
@@ -87,9 +99,9 @@ name = "uniform-8"
 uniform = 8
 
 [[plans]]
-name = "uniform-8-dynamic"
+name = "uniform-8-max"
 uniform = 8
-act_range = "dynamic"
+act_range = "max"
 """
 )
 
@@ -104,28 +116,29 @@ def test_run_sets_ranges_as_plans_say_and_caches_by_act_range(tiny_checkpoint, t
     args = ["run", str(cfg), "--out", str(out), "--quiet"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
-    assert "| direct, uniform | uniform-8 | 8 | 8 | 8 | channel | nearest |" in report
-    assert "| direct, uniform | uniform-8-dynamic | 8 | 8 | 8 (dynamic) | channel | nearest |" in report
+    gptq = "gptq (32 seq, damp 0.01)"  # the default rounding
+    assert f"| direct, uniform | uniform-8 | 8 | 8 | 8 (dynamic) | channel | {gptq} |" in report  # the default
+    assert f"| direct, uniform | uniform-8-max | 8 | 8 | 8 | channel | {gptq} |" in report
     stages = RunRecord.load(out / "run.json").stages
-    # a plan at the default records no act_range among its inputs: run folders made before it still match
-    for key in ("plan:uniform-8", "direct:uniform-8", "packed:uniform-8"):
+    # a plan at max records no act_range among its inputs: run folders made before the setting still match
+    for key in ("direct:uniform-8-max", "packed:uniform-8-max"):
         assert "act_range" not in json.dumps(canonical(stages[key]["inputs"]))
-    assert stages["direct:uniform-8-dynamic"]["inputs"]["act_range"] == "dynamic"
-    packed = out / "results" / "uniform-8-dynamic" / "packed" / "quantization.json"
+    # one at the default records it, so no folder made with max passes for it
+    assert stages["direct:uniform-8"]["inputs"]["act_range"] == "dynamic"
+    assert stages["plan:uniform-8"]["inputs"]["allocate"]["act_range"] == "dynamic"
+    packed = out / "results" / "uniform-8" / "packed" / "quantization.json"
     assert PackedManifest.load(packed).plan.act_range == "dynamic"
     before = {k: v["hash"] for k, v in stages.items()}
-    # --act-range overrides [allocate]: the default plan is redone with mse. The dynamic plan keeps its own range
-    # but records [allocate] as its source, so it is planned and packed again: to the same bytes, so its metrics
+    # --act-range overrides [allocate]: the default plan is redone with mse. The max plan keeps its own range but
+    # records [allocate] as its source, so it is planned and packed again: to the same bytes, so its metrics
     # stand.
     assert main([*args, "--act-range", "mse"]) == 0
     after = {k: v["hash"] for k, v in RunRecord.load(out / "run.json").stages.items()}
     changed = {k for k in after if after[k] != before.get(k)}
     redone = {f"{s}:uniform-8" for s in ("plan", "direct", "packed", "metrics")}
     # (its metrics are re-scored when the repacked file's bytes differ at all: they usually do not)
-    assert changed - {"metrics:uniform-8-dynamic"} == redone | {
-        f"{s}:uniform-8-dynamic" for s in ("plan", "direct", "packed")
-    }
-    weights = f"results/uniform-8-dynamic/packed/{WEIGHTS_FILE}"
-    now = RunRecord.load(out / "run.json").stages["packed:uniform-8-dynamic"]["artifacts"][weights]
-    assert ("metrics:uniform-8-dynamic" in changed) == (now != stages["packed:uniform-8-dynamic"]["artifacts"][weights])
+    assert changed - {"metrics:uniform-8-max"} == redone | {f"{s}:uniform-8-max" for s in ("plan", "direct", "packed")}
+    weights = f"results/uniform-8-max/packed/{WEIGHTS_FILE}"
+    now = RunRecord.load(out / "run.json").stages["packed:uniform-8-max"]["artifacts"][weights]
+    assert ("metrics:uniform-8-max" in changed) == (now != stages["packed:uniform-8-max"]["artifacts"][weights])
     assert json.loads((out / "plans" / "uniform-8.json").read_text())["act_range"] == "mse"

@@ -67,6 +67,8 @@ trace = "none"
 
 [allocate]
 groups = "channel"
+rounding = "nearest"  # what these tests compared across ranks before GPTQ became the default
+act_range = "max"     # static ranges, averaged over the ranks (dynamic ones, the default, have none to compare)
 
 [qat]
 epochs = 1
@@ -105,6 +107,8 @@ trace = "none"
 
 [allocate]
 groups = "channel"
+rounding = "nearest"  # what these tests compared across ranks before GPTQ became the default
+act_range = "max"     # static ranges, averaged over the ranks (dynamic ones, the default, have none to compare)
 
 [run]
 qat = false

@@ -34,6 +34,8 @@ def plan_file(report_dir, tmp_path_factory):
             "--groups",
             "channel",
             "--frontier",
+            "--calib-samples",  # rounding by gptq, the default, on what the tiny data has (96 sentences)
+            "32",
             "--out",
             str(out),
             "--quiet",
@@ -62,6 +64,7 @@ def test_plan_writes_plan_markdown_and_frontier(plan_file, capsys):
     plan = json.loads(plan_file.read_text())
     assert plan["schema"] == "qbert_hessian.plan/1" and plan["method"] == "milp"
     assert plan["budget"] == {"avg_bits": 3.0}
+    assert plan["rounding"] == "gptq" and plan["gptq"]["calib_samples"] == 32  # the default rounding
     assert plan["predicted"]["encoder_avg_bits"] <= 3.0 + 1e-9
     assert {b: e["bits"] for b, e in plan["blocks"].items()}.keys() >= {"encoder.0", "encoder.1", "embeddings.word"}
     assert len(plan["source"]["sha256"]) == 64

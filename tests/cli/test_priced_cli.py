@@ -13,6 +13,7 @@ import pytest
 
 from qbert_hessian.artifacts import BitPlan, QuantProfile, RunRecord
 from qbert_hessian.cli import main
+from qbert_hessian.config import AllocConfig
 from tests.helpers import TINY_RUN_HEAD
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "sst2_minilm_measures.toml"
@@ -37,11 +38,17 @@ batch_size = 8
 ROWS = {("quadratic", "nearest"), ("measured", "gptq")}
 
 
+def _experiment_rounding() -> str:
+    """How the experiment's plans that name no rounding round: its [allocate]'s, else the default (gptq)."""
+    allocate = tomllib.loads(EXPERIMENT.read_text(encoding="utf-8")).get("allocate", {})
+    return allocate.get("rounding", AllocConfig().rounding)
+
+
 def _experiment_plans() -> str:
     """The experiment's [[plans]] tables of :data:`ROWS`, as written there."""
     out = []
     for plan in tomllib.loads(EXPERIMENT.read_text(encoding="utf-8"))["plans"]:
-        if (plan["measure"], plan.get("rounding", "nearest")) in ROWS:
+        if (plan["measure"], plan.get("rounding", _experiment_rounding())) in ROWS:
             out.append("\n[[plans]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in plan.items()))
     return "".join(out)
 
@@ -49,14 +56,16 @@ def _experiment_plans() -> str:
 @pytest.fixture(scope="module")
 def run_dir(tiny_checkpoint, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("priced")
-    (root / "run.toml").write_text(HEAD.format(model=tiny_checkpoint, data=tiny_data) + _experiment_plans())
+    head = HEAD.format(model=tiny_checkpoint, data=tiny_data)
+    head = head.replace("calib_samples = 16\n", f'calib_samples = 16\nrounding = "{_experiment_rounding()}"\n')
+    (root / "run.toml").write_text(head + _experiment_plans())
     assert main(["run", str(root / "run.toml"), "--out", str(root / "out"), "--quiet"]) == 0
     return root
 
 
 def test_experiment_holds_the_allocation_test_under_every_measure():
     plans = tomllib.loads(EXPERIMENT.read_text(encoding="utf-8"))["plans"]
-    rows = {(p["measure"], p.get("rounding", "nearest")) for p in plans}
+    rows = {(p["measure"], p.get("rounding", _experiment_rounding())) for p in plans}
     assert rows == {
         ("omega", "nearest"),
         ("trace", "nearest"),
@@ -67,7 +76,7 @@ def test_experiment_holds_the_allocation_test_under_every_measure():
         ("measured", "gptq"),
     }
     for row in rows:  # the solver's plan, reversed, two random orders: all at one size
-        mine = [p for p in plans if (p["measure"], p.get("rounding", "nearest")) == row]
+        mine = [p for p in plans if (p["measure"], p.get("rounding", _experiment_rounding())) == row]
         assert sorted(p.get("assign", "milp") for p in mine) == ["milp", "random", "random", "reversed"]
         assert {(p["avg_bits"], tuple(p["bits"])) for p in mine} == {(2.5, (2, 3))}
 
@@ -93,7 +102,7 @@ def test_run_prices_plans_by_their_measure_and_rounding(run_dir):
         plan = BitPlan.load(plan_file)
         tag = plan_file.stem.split("-2-3-")[1]
         measure, _, rounding = tag.partition("-")
-        assert plan.measure == measure and plan.rounding == (rounding or "nearest")
+        assert plan.measure == measure and plan.rounding == (rounding or _experiment_rounding())
         if measure in ("quadratic", "measured"):
             want = rf"sensitivity/profile-{measure}-{plan.rounding}(-[0-9a-f]{{8}})?\.json"
             assert re.fullmatch(want, plan.source["profile"])

@@ -1,5 +1,6 @@
-"""``--rounding gptq`` as typed: plan records it, quantize applies (or overrides) it and the packed file names it,
-run treats it as a stage input only away from its default; bad values exit 2 with one line."""
+"""``--rounding`` as typed: plans round by gptq unless told nearest, plan records it, quantize applies (or
+overrides) it and the packed file names it, run treats it as a stage input only away from nearest (what folders
+made before it was a setting hold); bad values exit 2 with one line."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_plan_quantize_and_evaluate_with_gptq_rounding(report_dir, tiny_checkpoi
     from qbert_hessian.artifacts import PackedManifest
     from qbert_hessian.packed_format import unpack_bits
 
-    nearest = _plan(report_dir, tmp_path / "nearest.json")
+    nearest = _plan(report_dir, tmp_path / "nearest.json", "--rounding", "nearest")
     assert nearest["rounding"] == "nearest" and nearest["gptq"] is None
     gptq = _plan(report_dir, tmp_path / "gptq.json", "--rounding", "gptq", "--calib-samples", "32", "--damp", "0.02")
     assert gptq["rounding"] == "gptq"
@@ -79,13 +80,36 @@ def test_plan_quantize_and_evaluate_with_gptq_rounding(report_dir, tiny_checkpoi
 def test_quantize_rounding_overrides_the_plan_and_says_so(report_dir, tiny_checkpoint, tiny_data, tmp_path):
     from qbert_hessian.artifacts import PackedManifest
 
-    _plan(report_dir, tmp_path / "plan.json")
+    _plan(report_dir, tmp_path / "plan.json", "--rounding", "nearest")
     out = tmp_path / "packed"
     extra = ["--rounding", "gptq", "--calib-samples", "16", "--damp", "0.05"]
     assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "plan.json", out, *extra) == 0
     plan = PackedManifest.load(out / "quantization.json").plan
     assert plan.rounding == "gptq" and (plan.gptq["calib_samples"], plan.gptq["damp"]) == (16, 0.05)
     assert plan.notes[-1].startswith("rounded by gptq (16 sequences, damp 0.05); the plan was made with nearest")
+
+
+def test_plans_round_by_gptq_unless_told_nearest(report_dir, tiny_checkpoint, tiny_data, tmp_path, capsys):
+    """No --rounding: the plan says gptq at its default settings; applying it needs more training sequences than the
+    tiny data has, which is one line naming both fixes, and quantize --rounding nearest applies it without data."""
+    from qbert_hessian.artifacts import PackedManifest
+
+    plan = _plan(report_dir, tmp_path / "plan.json")
+    assert plan["rounding"] == "gptq"
+    assert plan["gptq"] == {"calib_samples": 128, "damp": 0.01, "act_order": True, "block_size": 128}
+    assert "weights rounded by gptq (128 seq, damp 0.01)" in (tmp_path / "plan.md").read_text()
+    capsys.readouterr()
+    assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "plan.json", tmp_path / "q") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qbert-hessian quantize: error: second-order rounding asks for 128 calibration sequences but the training "
+        "split has 96; pass --calib-samples 96 or fewer, or --rounding nearest"
+    ]
+    assert not (tmp_path / "q").exists()
+    assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "plan.json", tmp_path / "q", "--rounding", "nearest") == 0
+    packed = PackedManifest.load(tmp_path / "q" / "quantization.json")
+    assert packed.plan.rounding == "nearest" and packed.plan.gptq is None
+    assert {e["rounding"] for e in packed.tensors.values()} == {"nearest"}
+    assert packed.plan.notes[-1].startswith("rounded by nearest rounding; the plan was made with gptq rounding")
 
 
 BAD = [
@@ -101,7 +125,7 @@ BAD = [
 def test_bad_rounding_values_exit_2_with_one_line(
     report_dir, tiny_checkpoint, tiny_data, tmp_path, capsys, extra, message
 ):
-    _plan(report_dir, tmp_path / "plan.json")
+    _plan(report_dir, tmp_path / "plan.json", "--rounding", "nearest")
     capsys.readouterr()
     assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "plan.json", tmp_path / "q", *extra) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -131,6 +155,8 @@ RUN = (
     + """
 [allocate]
 groups = "channel"
+rounding = "nearest"
+act_range = "max"  # as run folders made before either was a setting: their plans record neither
 calib_samples = 32
 
 [run]
@@ -167,6 +193,7 @@ def test_run_rounds_plans_as_they_say_and_caches_by_rounding(tiny_checkpoint, ti
     # a plan rounded to nearest records no rounding among its inputs: run folders made before it still match
     for key in ("plan:uniform-3", "direct:uniform-3"):  # (as the cache compares them: unset entries dropped)
         assert "rounding" not in json.dumps(canonical(stages[key]["inputs"]))
+        assert "act_range" not in json.dumps(canonical(stages[key]["inputs"]))
     assert stages["direct:uniform-3-gptq"]["inputs"]["rounding"] == "gptq"
     before = {k: v["hash"] for k, v in stages.items()}
     # --rounding overrides [allocate]: the nearest plan is redone with gptq. The other plan (gptq already) records

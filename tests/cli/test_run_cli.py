@@ -17,6 +17,8 @@ CONFIG = (
     + """
 [allocate]
 groups = "channel"
+rounding = "nearest"  # as every run folder made before rounding was a setting (the ledger test reads them)
+act_range = "max"     # likewise for activation ranges
 
 [qat]
 epochs = 2
@@ -199,6 +201,10 @@ def test_overrides_and_the_demo_config():
     )
     assert cfg.sensitivity.draws == 2 and cfg.qat.distill == "none" and cfg.sensitivity.max_length == 64
     assert [p.name for p in cfg.plans] == ["uniform-4", "uniform-2", "mixed-2.5"]
+    # the demo shows the defaults (GPTQ on fewer calibration articles, to keep it short)
+    assert {(p.alloc.rounding, p.alloc.act_range, p.alloc.calib_samples) for p in cfg.plans} == {
+        ("gptq", "dynamic", 32)
+    }
     with pytest.raises(QBHError, match="section.key=value"):
         apply_overrides(DEMO_CONFIG, ["draws=2"])
     with pytest.raises(QBHError, match="unknown section"):
@@ -210,6 +216,21 @@ def test_run_with_a_missing_model_exits_2_and_writes_nothing(tiny_data, tmp_path
     cfg.write_text(CONFIG.format(model=tmp_path / "nope", data=tiny_data))
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gptq_plan_asking_for_more_sequences_than_the_data_has_is_refused_before_any_stage(
+    tiny_checkpoint, tiny_data, tmp_path, capsys
+):
+    """The default rounding (gptq, 128 sequences) on the tiny data (96 training sentences): one line naming both
+    fixes before any stage runs (not after the sensitivity stage), nothing written."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(CONFIG.replace('rounding = "nearest"', "").format(model=tiny_checkpoint, data=tiny_data))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qbert-hessian run: error: plan 'uniform-4' rounds by gptq on 128 calibration sequences but the training "
+        'split has 96; set calib_samples = 96 or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -302,6 +323,31 @@ def test_the_ledger_records_what_runs_made_before_recorded(run_dir):
         entry = stages[key]
         assert sorted(_keys(canonical(entry["inputs"]))) == sorted(inputs.split()), key
         assert sorted(entry["artifacts"]) == artifacts, key
+
+
+def test_this_nearest_folder_is_not_reused_for_the_default_rounding(run_dir):
+    """This folder's TOML says rounding = "nearest" and act_range = "max", so run.json records [allocate] as folders
+    made before those were settings do (the test above); the same TOML without those lines rounds by gptq and sets
+    dynamic ranges, the defaults, and every plan's recorded inputs then differ from it, by those settings alone: its
+    plans would be made again, not reused."""
+    import tomllib
+
+    from qbert_hessian.artifacts import canonical
+    from qbert_hessian.pipeline import _changes
+
+    stages = json.loads((run_dir / "out" / "run.json").read_text())["stages"]
+    text = (run_dir / "run.toml").read_text()
+    explicit = parse_run_config(tomllib.loads(text))
+    gptq = parse_run_config(tomllib.loads(text.replace('rounding = "nearest"', "")))
+    default = parse_run_config(tomllib.loads(text.replace('rounding = "nearest"', "").replace('act_range = "max"', "")))
+    assert (explicit.allocate.rounding, default.allocate.rounding) == ("nearest", "gptq")
+    assert (explicit.allocate.act_range, default.allocate.act_range) == ("max", "dynamic")
+    for key in ("plan:uniform-4", "plan:mixed-3", "plan:mixed-3-control", "frontier"):
+        recorded = canonical(stages[key]["inputs"]["allocate"])
+        assert _changes(recorded, canonical(explicit.allocate.protocol())) == [], key
+        assert _changes(recorded, canonical(gptq.allocate.protocol())) == ["rounding: None -> 'gptq'"], key
+        changes = _changes(recorded, canonical(default.allocate.protocol()))
+        assert changes == ["act_range: None -> 'dynamic'", "rounding: None -> 'gptq'"], key
 
 
 def test_a_changed_setting_recomputes_that_stage_and_what_follows_only(run_dir, tmp_path):
@@ -400,14 +446,13 @@ def test_public_api_path_without_the_cli(tiny_checkpoint, tiny_data, tmp_path):
         Budget,
         SensitivityConfig,
         allocate_bits,
-        calibrate_activations,
         estimate_sensitivity,
         load_model,
         load_packed,
         load_task,
         measure_profile,
         profile_units,
-        quantize_model,
+        quantize_calibrated,
         save_packed,
     )
 
@@ -415,10 +460,11 @@ def test_public_api_path_without_the_cli(tiny_checkpoint, tiny_data, tmp_path):
     task = load_task("sst2", tokenizer, data_dir=tiny_data, max_length=16)
     report = estimate_sensitivity(model, task, SensitivityConfig(draws=2, batch_size=8, max_iters=10), progress=False)
     profile = measure_profile(model, profile_units(BlockMap(model), [b.name for b in report.blocks]))
-    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups="channel"))
-    q = quantize_model(model, plan)
+    config = AllocConfig(bits=(2, 4), groups="channel", calib_samples=32)  # the tiny data has 96 sentences
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), config)
+    assert plan.rounding == "gptq"  # the default: quantize_calibrated rounds by it on the task's training split
+    q = quantize_calibrated(model, plan, task, num_batches=1, batch_size=8)
     batch = task.batch("train", range(8))
-    calibrate_activations(q, [batch])
     save_packed(q, tmp_path / "packed", plan=plan, tokenizer=tokenizer)
     assert (tmp_path / "packed" / "model.safetensors").stat().st_size == plan.predicted["bytes"]
     with torch.no_grad():

@@ -30,6 +30,7 @@ trace_samples = 2
 
 [allocate]
 groups = "channel"
+calib_samples = 8  # rounding by gptq, the default, on what the tiny data has
 
 [qat]
 distill = "full"  # TernaryBERT: logits (per token, per span end), hidden states, attention maps

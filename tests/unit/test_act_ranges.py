@@ -189,13 +189,24 @@ def test_max_is_still_the_ema_of_max(tiny_bert):
         assert torch.equal(m.act.amax, ema), name
 
 
-def test_settings_are_checked_and_default_to_max():
-    assert BitPlan(model=dict(MODEL), blocks={}).act_range == "max"
-    assert "act_range" not in AllocConfig().protocol()  # run folders made before the setting still match
+def test_settings_are_checked_new_plans_are_dynamic_and_old_records_read_max():
+    from qbert_hessian.run_config import recorded_plans
+
+    assert AllocConfig().act_range == "dynamic"  # the default: per-token ranges at run time
+    assert AllocConfig().protocol()["act_range"] == "dynamic"  # recorded, so no folder made with max passes for it
+    assert PlanSpec("p", uniform=8).alloc_config(AllocConfig()).act_range == "dynamic"
+    # a plan, packed manifest or run ledger without the key was made with max, whatever the default now is
+    old = BitPlan(model=dict(MODEL), blocks=dict(BLOCKS), act_range="max").to_dict()
+    del old["act_range"]
+    assert BitPlan.from_dict(old).act_range == "max" and BitPlan(model=dict(MODEL), blocks={}).act_range == "max"
+    assert "act_range" not in AllocConfig(act_range="max").protocol()  # run folders made before the setting match
+    ledger = {"allocate": {"bits": [2, 4], "groups": 128, "act_bits": 8}, "plans": [{"name": "u", "uniform": 8}]}
+    (recorded,) = recorded_plans(ledger)
+    assert (recorded.alloc.act_range, recorded.alloc.rounding) == ("max", "nearest")
     assert AllocConfig(act_range="mse").protocol()["act_range"] == "mse"
     for bad in ("p99", "", None):
         with pytest.raises(QBHError, match="max, percentile, mse, dynamic"):
             BitPlan(model=dict(MODEL), blocks={}, act_range=bad)
         with pytest.raises(QBHError, match="act_range"):
             AllocConfig(act_range=bad)
-    assert PlanSpec("p", uniform=8, act_range="dynamic").alloc_config(AllocConfig()).act_range == "dynamic"
+    assert PlanSpec("p", uniform=8, act_range="max").alloc_config(AllocConfig()).act_range == "max"

@@ -18,7 +18,7 @@ from qbert_hessian.errors import QBHError
 from qbert_hessian.export import file_sizes, fp32_safetensors_bytes, load_packed, save_packed
 from qbert_hessian.models import BlockMap
 from qbert_hessian.packed_format import pack_bits, unpack_bits
-from qbert_hessian.quant.apply import calibrate_activations, quantize_model
+from qbert_hessian.quant.apply import calibrate_activations, quant_modules, quantize_model
 from qbert_hessian.quant.modules import ActQuant
 from qbert_hessian.quant.profile import measure_profile, profile_units
 from tests.helpers import random_batch
@@ -97,8 +97,10 @@ def test_packed_size_matches_the_plan_prediction_to_the_byte(tiny_checkpoint, tm
     batch = random_batch(model.config.vocab_size, batch_size=4, seq_len=9)
     available = [g for g in groups if str(g) in profile.units["encoder.0"].groups]
     assert len(available) >= 2  # the tiny model's FFN (37 rows) takes no per-head or 2-row grouping
-    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g, range_method=range_method)) for g in available]
-    no_act = AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None, range_method=range_method)
+    # nearest rounding, as quantize_model alone applies it (the sizes are a rounding's either way)
+    near = {"rounding": "nearest", "range_method": range_method}
+    cases = [(Budget(avg_bits=3), AllocConfig(bits=(2, 3, 4), groups=g, **near)) for g in available]
+    no_act = AllocConfig(bits=(2, 8), groups=1, embedding_bits=4, act_bits=None, **near)
     cases.append((Budget(avg_bits=5), no_act))
     for budget, config in cases:
         plan = allocate_bits(report, profile, budget, config)
@@ -285,7 +287,8 @@ def test_every_activation_range_reloads_bit_exactly_at_the_predicted_size(tiny_c
     profile = measure_profile(
         model, profile_units(BlockMap(model), ["encoder.0", "encoder.1"]), groups=(1, "channel"), bits=(2, 4)
     )
-    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups=1, act_range=act_range))
+    config = AllocConfig(bits=(2, 4), groups=1, act_range=act_range, rounding="nearest")  # as quantize_model rounds
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), config)
     assert plan.act_range == act_range
     q = quantize_model(model, plan)
     batches = [random_batch(model.config.vocab_size, batch_size=4, seq_len=9, seed=s) for s in range(2)]
@@ -305,6 +308,36 @@ def test_every_activation_range_reloads_bit_exactly_at_the_predicted_size(tiny_c
     with pytest.raises(QBHError, match=f"input range was set by {act_range}, the plan says {other}"):
         save_packed(q, tmp_path / "p2", plan=dataclasses.replace(plan, act_range=other))
     assert not (tmp_path / "p2").exists()
+
+
+def test_a_default_plan_rounds_by_gptq_and_is_saved_only_once_rounded(tiny_checkpoint, tiny_data, tmp_path):
+    """The default plan says gptq: quantize_model alone (nearest codes) is refused at save time with the fix and
+    nothing written; quantize_calibrated (GPTQ on the task's training data) saves, and the file reloads exactly."""
+    from qbert_hessian.models import load_model
+    from qbert_hessian.quant.apply import calibration_batches, quantize_calibrated
+    from qbert_hessian.tasks import load_task
+
+    model, tok = load_model(str(tiny_checkpoint))
+    task = load_task("sst2", tok, data_dir=tiny_data, max_length=16)
+    blocks = [BlockSensitivity(f"encoder.{i}", 1, [1.0 + i], 1.0 + i, 0.0, 1.0 + i, [3], [True], 0.0) for i in range(2)]
+    report = SensitivityReport(
+        model=dict(MODEL, hidden_size=16, name="tiny"), task="t", config={}, draws=[], blocks=blocks, pending=[]
+    )
+    profile = measure_profile(
+        model, profile_units(BlockMap(model), ["encoder.0", "encoder.1"]), groups=(1, "channel"), bits=(2, 4)
+    )
+    plan = allocate_bits(report, profile, Budget(avg_bits=3), AllocConfig(bits=(2, 4), groups=1, calib_samples=16))
+    assert plan.rounding == "gptq" and plan.gptq_config.calib_samples == 16
+    nearest = quantize_model(model, plan)  # what the quick start did before the default moved
+    calibrate_activations(nearest, calibration_batches(task, 2, 8))
+    with pytest.raises(QBHError, match="rounded to nearest, the plan says gptq; apply the plan with quantize_calibrat"):
+        save_packed(nearest, tmp_path / "p", plan=plan)
+    assert not (tmp_path / "p").exists()
+    q = quantize_calibrated(model, plan, task, num_batches=2, batch_size=8)
+    assert {m.rounding for _, m in quant_modules(q) if m.kind != "embedding"} == {"gptq"}
+    save_packed(q, tmp_path / "p", plan=plan)
+    batch = task.batch("dev", list(range(8)))
+    assert torch.equal(_logits(load_packed(tmp_path / "p"), batch), _logits(q, batch))
 
 
 def test_a_manifest_written_before_activation_ranges_reads_as_max(tiny_checkpoint, tmp_path):

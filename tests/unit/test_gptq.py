@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbert_hessian.artifacts import BitPlan
-from qbert_hessian.config import AllocConfig, GPTQConfig
+from qbert_hessian.config import UNRECORDED, AllocConfig, GPTQConfig
 from qbert_hessian.errors import QBHError
 from qbert_hessian.export import load_packed, save_packed
 from qbert_hessian.models import BlockMap
@@ -392,17 +392,75 @@ def test_plans_name_their_rounding_and_old_plans_round_to_nearest():
         BitPlan(model={}, blocks={}, rounding="gptq", gptq={"dampening": 0.1})
 
 
-def test_alloc_config_records_rounding_only_away_from_its_defaults():
-    # (act_range, like rounding, is recorded only away from its default: the activation-range tests check it)
-    defaults_left_out = {"rounding", "calib_samples", "damp", "act_range"}
-    assert set(AllocConfig().protocol()) == set(AllocConfig().to_dict()) - defaults_left_out
+# [allocate] as run.json recorded it for a run folder rounded to nearest before rounding was a setting (copied from
+# runs/conll03_minilm, made with [allocate] left at its defaults then): no rounding, calib_samples, damp or act_range.
+OLD_NEAREST_ALLOCATE = {
+    "bits": [2, 3, 4, 8],
+    "groups": 128,
+    "measure": "omega",
+    "method": "milp",
+    "embedding_bits": 8,
+    "position_bits": None,
+    "embedding_groups": "channel",
+    "act_bits": 8,
+    "range_method": "mse",
+}
+
+
+def test_the_default_rounding_is_gptq_and_an_old_nearest_run_folder_never_matches_it():
+    """A run folder rounded to nearest before rounding was a setting records none: its plans must be recomputed,
+    not reused, under a config that rounds by GPTQ or sets dynamic activation ranges (the defaults, or said), and
+    stay reused under an explicit ``rounding = "nearest"`` and ``act_range = "max"``; the ledger compares these
+    canonical forms."""
+    from qbert_hessian.artifacts import canonical
+
+    old = canonical(OLD_NEAREST_ALLOCATE)  # as the ledger compares it (unset settings dropped)
+    assert AllocConfig().rounding == "gptq"
+    static = {"act_range": "max"}  # the folder's activation ranges (the default, dynamic, is recorded: below)
+    nearest = AllocConfig(rounding="nearest", **static)
+    assert canonical(nearest.protocol()) == old
+    # nearest ignores the GPTQ settings; at the values records left out (128, 0.01) they stay out of the record
+    assert canonical(AllocConfig(rounding="nearest", calib_samples=128, damp=0.01, **static).protocol()) == old
+    for gptq in (
+        AllocConfig(**static),
+        AllocConfig(),
+        AllocConfig(rounding="gptq", **static),
+        AllocConfig(rounding="gptq", calib_samples=64, **static),
+    ):
+        assert canonical(gptq.protocol()) != old
+        assert gptq.protocol()["rounding"] == "gptq"
+    # a folder rounded by GPTQ at its 128 sequences and 1% dampening recorded only the rounding: it still matches
+    assert canonical(AllocConfig(**static).protocol()) == {**old, "rounding": "gptq"}
+    assert canonical(AllocConfig().protocol()) == {**old, "rounding": "gptq", "act_range": "dynamic"}
+
+
+def test_alloc_config_records_rounding_settings_only_away_from_what_old_records_mean():
+    # (act_range is recorded only away from max likewise: the activation-range tests check it)
+    left_out = {"rounding", "calib_samples", "damp", "act_range"}
+    old = AllocConfig(rounding="nearest", act_range="max")
+    assert set(old.protocol()) == set(AllocConfig().to_dict()) - left_out
+    assert set(AllocConfig(act_range="max").protocol()) == set(AllocConfig().to_dict()) - left_out | {"rounding"}
+    assert set(AllocConfig().protocol()) == set(AllocConfig().to_dict()) - left_out | {"rounding", "act_range"}
     cfg = AllocConfig(rounding="gptq", damp=0.05)
     assert cfg.protocol()["rounding"] == "gptq" and cfg.protocol()["damp"] == 0.05
     assert "calib_samples" not in cfg.protocol()
     assert AllocConfig.from_dict(cfg.to_dict()) == cfg
+    # what a record without the key means is history, not the default: moving a default must not move it
+    assert dict(UNRECORDED) == {"rounding": "nearest", "calib_samples": 128, "damp": 0.01, "act_range": "max"}
     with pytest.raises(QBHError, match="AllocConfig.rounding 'round' is not known"):
         AllocConfig(rounding="round")
     with pytest.raises(QBHError, match="AllocConfig.damp must be a positive number"):
         AllocConfig(damp=0.0)
     with pytest.raises(QBHError, match="AllocConfig.calib_samples must be a positive integer"):
         AllocConfig(calib_samples=0)
+
+
+def test_calibration_without_training_sequences_names_the_fixes():
+    from types import SimpleNamespace
+
+    from qbert_hessian.quant.rounding import calibration_sequences
+
+    with pytest.raises(QBHError, match="training split is empty; give training data .--data., or pass --rounding near"):
+        calibration_sequences(SimpleNamespace(train=[]), 128, 8)
+    with pytest.raises(QBHError, match="has 3; pass --calib-samples 3 or fewer, or --rounding nearest"):
+        calibration_sequences(SimpleNamespace(train=[{"input_ids": [1]}] * 3), 128, 8)
