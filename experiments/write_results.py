@@ -99,7 +99,11 @@ def main() -> None:
     sens = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
     times = []
     if ft:
-        times.append(f"fine-tune FP32 baseline: {ft['train_seconds']:.0f} s ({ft['train_examples']:,} examples)")
+        epochs = ft["config"]["epochs"]
+        times.append(
+            f"fine-tune FP32 baseline: {ft['train_seconds']:.0f} s ({ft['train_examples']:,} training examples, "
+            f"{epochs:g} epoch{'s' if epochs != 1 else ''})"
+        )
     times.append(
         f"sensitivity ({len(sens['blocks'])} blocks x {sens['config']['draws']} draws): {sens['seconds']:.0f} s"
     )
