@@ -353,13 +353,13 @@ def check_world(config: RunConfig, world: int) -> None:
 
 
 # The offline default behind `qbert-hessian demo` / `make demo`: MiniLM-L6 on BBC News (5 topics, 1,780 training
-# and 445 dev articles), sized to finish in about twelve minutes on 2 CPU cores. Its plans use the defaults (GPTQ
-# rounding, dynamic 8-bit activation ranges) but calibrate GPTQ on 32 articles, not 128: one GPTQ pass per plan (3
-# plans), each about 15 s on 2 cores for 128 MNLI pairs of ~41 tokens and growing with the tokens, so 128 articles of
-# 96 tokens would add about two minutes; 32 (3,072 tokens, twice the widest layer input, so every Hessian can be full
-# rank) add well under one and keep the demo's margin under its 15 minutes on a slower machine.
+# and 445 dev articles), sized so that set-up and demo finish within 15 minutes on 2 CPU cores. Its plans use the
+# defaults (GPTQ rounding, dynamic 8-bit activation ranges) but calibrate GPTQ on 32 articles, not 128 (one pass per
+# plan, about 10 s each here; 32 articles of 64 tokens are 2,048 tokens, more than the widest layer input, so every
+# Hessian can be full rank). Articles are cut at 64 tokens and each QAT run sees 1,280 of the 1,780 articles: at 96
+# tokens and the whole split the demo took 15.3 minutes (plus 2.5 of set-up).
 DEMO_CONFIG: dict[str, Any] = {
-    "model": {"name": "minilm-l6", "task": "bbc-news", "max_length": 96},
+    "model": {"name": "minilm-l6", "task": "bbc-news", "max_length": 64},
     "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-4},
     "sensitivity": {"draws": 3, "batch_size": 16, "trace_samples": 2},
     "allocate": {"groups": 128, "bits": [2, 3, 4, 8], "calib_samples": 32},
@@ -368,6 +368,6 @@ DEMO_CONFIG: dict[str, Any] = {
         {"name": "uniform-2", "uniform": 2},
         {"name": "mixed-2.5", "avg_bits": 2.5, "bits": [2, 3]},
     ],
-    "qat": {"epochs": 1, "batch_size": 16, "lr": 1e-4, "distill": True},
+    "qat": {"epochs": 1, "batch_size": 16, "lr": 1e-4, "distill": True, "max_train_samples": 1280},
     "run": {"calibration_batches": 4, "batch_size": 16},
 }
