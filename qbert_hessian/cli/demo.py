@@ -15,7 +15,7 @@ DISTRIBUTED = True  # shares its work over the processes of a torchrun / acceler
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo",
-        help="the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 12 minutes on 2 cores)",
+        help="the offline default: MiniLM-L6 on BBC News through the whole pipeline (about 10 minutes on 2 cores)",
         description=DESCRIPTION + "make demo",
     )
     add_run_options(p, out=Path("runs/demo"))
