@@ -973,6 +973,8 @@ PRICED = [
             "2,4",
             "--measure",
             "quadratic",
+            "--rounding",
+            "nearest",
         ),
         "the cost table holds measure measured with nearest rounding but the plan asks for measure quadratic with "
         "nearest rounding",
