@@ -110,8 +110,9 @@ def test_rank_rule_is_monotone_in_sensitivity_and_never_beats_milp():
 
 def test_predicted_size_adds_up():
     report = synthetic_report(3, 1, sizes=[960, 960, 1920])
-    plan = uniform_plan(*report, 4, CFG)
-    problem, _ = build_problem(*report, AllocConfig(bits=(4,), groups=1))
+    # static ranges, so the file stores one per quantized linear (dynamic ones store nothing)
+    plan = uniform_plan(*report, 4, AllocConfig(bits=(2, 4, 8), groups=1, act_range="max"))
+    problem, _ = build_problem(*report, AllocConfig(bits=(4,), groups=1, act_range="max"))
     codes = sum(n // 2 * 4 // 8 * 2 for n in (960, 960, 1920))
     scales = 2 * 2 * 3
     act_ranges = 4 * 2 * 3

@@ -210,13 +210,12 @@ def test_a_plan_with_one_width_is_its_own_reassignment_and_says_so():
 def test_a_safetensors_header_that_changes_length_is_noted():
     """Equal data can still differ in the header: an offset in its JSON can gain a digit (here around 10^4)."""
     report = synthetic_report(4, 0, sizes=[3744] * 4)
-    problem, _ = build_problem(*report, AllocConfig(bits=(2, 8), groups=1))
+    config = AllocConfig(bits=(2, 8), groups=1, act_range="max")  # stored ranges: the header holds their offsets
+    problem, _ = build_problem(*report, config)
     choices = [c for c in itertools.product(range(2), repeat=4) if sum(c) == 2]
     assert len({problem.file_bytes(c) for c in choices}) == 2  # the case exists
     for seed in range(20):
-        plan = allocate_bits(
-            *report, Budget(avg_bits=5.0), AllocConfig(bits=(2, 8), groups=1), assign="random", assign_seed=seed
-        )
+        plan = allocate_bits(*report, Budget(avg_bits=5.0), config, assign="random", assign_seed=seed)
         origin = plan.source["reassigned_from"]
         noted = [n for n in plan.notes if "packed file is" in n]
         if plan.predicted["bytes"] != origin["bytes"]:

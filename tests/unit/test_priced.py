@@ -147,7 +147,7 @@ def test_priced_allocation_equals_brute_force(measure, rounding, seed):
 
 def test_priced_reversed_control_orders_by_the_narrowest_loss():
     report, profile = priced_report(0, "quadratic")
-    config = AllocConfig(bits=(2, 4, 8), groups=1, measure="quadratic")
+    config = AllocConfig(bits=(2, 4, 8), groups=1, measure="quadratic", rounding="nearest")  # the table's rounding
     plan = allocate_bits(report, profile, Budget(avg_bits=4.0), config)
     rev = allocate_bits(report, profile, Budget(avg_bits=4.0), config, assign="reversed")
     assert rev.method == "milp-reversed" and rev.predicted["objective"] >= plan.predicted["objective"]
@@ -201,6 +201,7 @@ def test_priced_profile_round_trips_and_weight_profile_json_is_unchanged(tmp_pat
 def test_uniform_and_combinations_cover_every_choice():
     # the brute force above enumerates every combination of the table (its own reference)
     report, profile = priced_report(1, "quadratic")
-    problem, _ = build_problem(report, profile, AllocConfig(bits=(2, 4, 8), groups=1, measure="quadratic"))
+    config = AllocConfig(bits=(2, 4, 8), groups=1, measure="quadratic", rounding="nearest")  # the table's rounding
+    problem, _ = build_problem(report, profile, config)
     every = list(itertools.product(range(3), repeat=5))
     assert problem.objective(solve_brute_force(problem, Budget(avg_bits=8.0))) == min(map(problem.objective, every))
