@@ -3,12 +3,20 @@
 python experiments/table1.py      # rewrites the table1 section of experiments/RESULTS.md and of README.md
 
 Per task (SST-2, MNLI-m, CoNLL-03, SQuAD): FP32, direct 8-bit, uniform 2-bit and mixed 2/3 (direct and after QAT;
-mixed 2/3 started from GPTQ's codes and TernaryBERT's 2-2-8 where a section has them), beside Q-BERT's and
-TernaryBERT's published BERT-base numbers and their deltas to their own baselines. Ours are read from each
-section's results table by its column names, never from a run folder: the sections are the written record of
+uniform 2-bit and mixed 2/3 started from GPTQ's codes and TernaryBERT's 2-2-8 where a section has them), beside
+Q-BERT's and TernaryBERT's published BERT-base numbers and their deltas to their own baselines. Ours are read from
+each section's results table by its column names, never from a run folder: the sections are the written record of
 each run (their run folders need not exist here). Where a setting ran at several seeds (plans named
-``NAME-seedN``), ours is the mean and the sample standard deviation over the seeds. A task whose section does
-not exist gets one row saying so. Theirs are in :data:`PUBLISHED`, each with where it was checked.
+``NAME-seedN``), ours is the mean and the sample standard deviation over the seeds.
+
+A task's main section is the first of :attr:`Task.sections` that holds every required setting (else the first
+that exists); a task with none gets one row saying so. Its supplementary sections (:attr:`Task.supplements`: other
+runs of the task, each with its own FP32 row, e.g. one that trains on the full training split) add rows: for each
+setting, after the main section's row, every supplementary section that exists and has that setting adds its row,
+a QAT row labelled with the supplement's suffix (", 1 full epoch"); a label already in the table is not repeated
+(a direct row trains nothing, so the same direct setting in two sections is one row, the first's). Every delta is
+against the FP32 row of the section the row comes from, named in the table's last column. Theirs are in
+:data:`PUBLISHED`, each with where it was checked.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import importlib.util
 import re
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qbert_hessian.errors import QBHError
@@ -38,19 +46,38 @@ def _write_results():
 
 
 @dataclass(frozen=True)
+class Supplement:
+    """A section that adds rows to a task's main section: another run of the task, scored against its own FP32
+    row. ``suffix`` is appended to the labels of its QAT rows (what sets its training apart, e.g. ", 1 full
+    epoch"; "" for a run that trains as the main section does); its direct rows keep the setting's label."""
+
+    section: str
+    suffix: str
+
+
+@dataclass(frozen=True)
 class Task:
-    """One task of the table: its score column in the sections' tables and the sections that can feed it, in order
-    of preference (the first that exists is used)."""
+    """One task of the table: its score column in the sections' tables, the sections that can feed it, in order
+    of preference (the first that holds every required setting, else the first that exists, is its main section),
+    and the sections that supplement the main one, in the order their rows follow it."""
 
     name: str
     metric: str
     sections: tuple[str, ...]
+    supplements: tuple[Supplement, ...] = ()
 
+
+FULL_EPOCH = ", 1 full epoch"  # QAT over every sentence of the task's training split once
 
 TASKS = (
-    Task("SST-2", "accuracy", ("sst2_minilm",)),
+    Task(
+        "SST-2",
+        "accuracy",
+        ("sst2_minilm",),
+        (Supplement("sst2_minilm_gptq", ""), Supplement("sst2_minilm_full", FULL_EPOCH)),
+    ),
     Task("MNLI-m", "accuracy", ("mnli_minilm",)),
-    Task("CoNLL-03", "entity F1", ("conll03_minilm",)),
+    Task("CoNLL-03", "entity F1", ("conll03_minilm",), (Supplement("conll03_minilm_full", FULL_EPOCH),)),
     # trained on SQuAD's train split when that run's section exists; else the local split of 11 train articles
     Task("SQuAD v1.1", "F1", ("squad_full_minilm", "squad_minilm")),
 )
@@ -68,6 +95,11 @@ class Setting:
     paper: str | None
     required: bool
 
+    @property
+    def trained(self) -> bool:
+        """Whether its rows are QAT runs (what a supplement's suffix describes)."""
+        return self.stage.startswith("QAT")
+
 
 SETTINGS = (
     Setting("FP32", "FP32 baseline", "-", "fp32", True),
@@ -76,9 +108,13 @@ SETTINGS = (
     Setting("QAT uniform 2-bit", "QAT,", "uniform-2", "2-bit", True),
     Setting("direct mixed 2/3", "direct,", "mixed-2-3", None, True),
     Setting("QAT mixed 2/3", "QAT,", "mixed-2-3", "mp-2/3", True),
+    # the same widths rounded by GPTQ, and QAT started from those codes
+    Setting("direct uniform 2-bit, GPTQ rounding", "direct,", "uniform-2-gptq", None, False),
+    Setting("QAT uniform 2-bit from GPTQ's codes", "QAT,", "uniform-2-gptq", None, False),
     Setting("direct mixed 2/3, GPTQ rounding", "direct,", "mixed-2-3-gptq", None, False),
     Setting("QAT mixed 2/3 from GPTQ's codes", "QAT,", "mixed-2-3-gptq", None, False),
     Setting("QAT 2-2-8 (TernaryBERT's widths)", "QAT,", "ternarybert-2-2-8", "2-2-8", False),
+    Setting("QAT 2-2-8 from GPTQ's codes", "QAT,", "ternarybert-2-2-8-gptq", None, False),
 )
 
 
@@ -150,16 +186,26 @@ class Section:
 
 @dataclass
 class Row:
-    """One row of the table: a setting's score in points over its seeds, and the section's other cells."""
+    """One row of the table: a setting's score in points over its seeds, the section it comes from (``label``: the
+    setting's label with that section's suffix; ``baseline``: that section's FP32 score, what its delta is
+    against) and that section's other cells."""
 
     setting: Setting
     values: list[float]
     seeds: list[str]
     cells: dict[str, str]
+    section: str
+    label: str
+    baseline: float | None = None
 
     @property
     def mean(self) -> float:
         return statistics.fmean(self.values)
+
+    @property
+    def delta(self) -> float:
+        assert self.baseline is not None, "a row's baseline is set by build_task"
+        return self.mean - self.baseline
 
     @property
     def std(self) -> float | None:
@@ -172,6 +218,7 @@ class TaskResult:
     section: Section | None
     rows: list[Row]
     passed_over: tuple[str, ...] = ()  # preferred sections not used: "NAME not written yet" / "NAME incomplete"
+    supplements: tuple[Section, ...] = ()  # the supplementary sections that exist, in the task's order
 
 
 def parse_sections(text: str) -> dict[str, str]:
@@ -246,7 +293,7 @@ def collect(section: Section, task: Task, setting: Setting) -> Row | None:
         first = first or r
     if first is None:
         return None
-    return Row(setting, list(by_seed.values()), list(by_seed), first)
+    return Row(setting, list(by_seed.values()), list(by_seed), first, section.name, setting.label)
 
 
 def _complete(task: Task, section: Section) -> bool:
@@ -254,9 +301,33 @@ def _complete(task: Task, section: Section) -> bool:
     return all(collect(section, task, s) is not None for s in SETTINGS if s.required)
 
 
+def _baseline(task: Task, section: Section) -> float:
+    """The section's FP32 score in points: every delta of its rows is against it, so there must be one."""
+    row = collect(section, task, SETTINGS[0])
+    count = 0 if row is None else len(row.values)
+    if row is None or count != 1:
+        raise QBHError(
+            f"section '{section.name}' has {count} FP32 baseline rows; every delta is against its own section's "
+            "FP32 row, so the section needs exactly one"
+        )
+    return row.mean
+
+
+def _add(rows: list[Row], row: Row) -> None:
+    """Append a supplementary section's ``row`` unless its label is already measured; it replaces a row saying
+    the main section lacks that setting."""
+    for i, old in enumerate(rows):
+        if old.label == row.label:
+            if not old.values:
+                rows[i] = row
+            return
+    rows.append(row)
+
+
 def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
-    """The rows of ``task`` from the first of its sections that holds every required setting, else from the
-    first that exists (no rows when none does)."""
+    """The rows of ``task``: per setting, the main section's (the first of ``task.sections`` that holds every
+    required setting, else the first that exists; no rows when none does), then each supplementary section's
+    that exists, as the module docstring says."""
     chosen: tuple[str, Section] | None = None
     for candidate in (s for s in task.sections if s in sections):  # parsed in order, up to the first complete
         parsed = parse_section(candidate, sections[candidate])
@@ -270,16 +341,25 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
     name, section = chosen
     before = task.sections[: task.sections.index(name)]
     passed_over = tuple(f"{s} incomplete" if s in sections else f"{s} not written yet" for s in before)
-    rows = []
+    present = (sup for sup in task.supplements if sup.section in sections)
+    supplements = [(sup, parse_section(sup.section, sections[sup.section])) for sup in present]
+    base = _baseline(task, section)
+    bases = [_baseline(task, parsed) for _, parsed in supplements]
+    rows: list[Row] = []
     for setting in SETTINGS:
         row = collect(section, task, setting)
         if row is None and setting.required:
-            row = Row(setting, [], [], {})  # a row saying the section does not have it
+            row = Row(setting, [], [], {}, name, setting.label)  # a row saying the section does not have it
         if row is not None:
-            rows.append(row)
-    if len(rows[0].values) != 1:
-        raise QBHError(f"section '{name}' has {len(rows[0].values)} FP32 baseline rows; every delta needs one")
-    return TaskResult(task, section, rows, passed_over)
+            rows.append(replace(row, baseline=base))
+        if setting is SETTINGS[0]:
+            continue  # each supplement's FP32 row is the baseline of its own rows, not a row of the table
+        for (sup, parsed), sup_base in zip(supplements, bases, strict=True):
+            row = collect(parsed, task, setting)
+            if row is not None:
+                label = setting.label + (sup.suffix if setting.trained else "")
+                _add(rows, replace(row, label=label, baseline=sup_base))
+    return TaskResult(task, section, rows, passed_over, tuple(parsed for _, parsed in supplements))
 
 
 def _published(paper: str, task: str, setting: str | None) -> tuple[str, str]:
@@ -304,37 +384,37 @@ def _seeds(row: Row) -> str:
 
 
 def table_lines(results: list[TaskResult]) -> list[str]:
-    """The long-format table: one row per task and setting."""
+    """The long-format table: one row per task, setting and section that has it; the last column names the
+    section."""
     head = (
         "| task | setting | w / e / a bits | ours | Δ ours | Q-BERT | Δ Q-BERT | TernaryBERT | Δ TernaryBERT "
-        "| encoder comp. | embedding comp. | whole model comp. | examples seen | seeds |"
+        "| encoder comp. | embedding comp. | whole model comp. | examples seen | seeds | section |"
     )
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for res in results:
         task = f"{res.task.name} ({res.task.metric})"
         if res.section is None:
             names = " or ".join(f"`{s}`" for s in res.task.sections)
-            lines.append(f"| {task} | not run yet (no {names} section) |" + " - |" * 12)
+            lines.append(f"| {task} | not run yet (no {names} section) |" + " - |" * 13)
             continue
-        base = res.rows[0].mean
         for row in res.rows:
             if not row.values:
-                lines.append(f"| {task} | {row.setting.label} | not in `{res.section.name}` |" + " - |" * 11)
+                lines.append(f"| {task} | {row.label} | not in `{row.section}` |" + " - |" * 11 + f" {row.section} |")
                 continue
             c = row.cells
-            delta = "0" if row.setting.paper == "fp32" else f"{row.mean - base:+.2f}"
+            delta = "0" if row.setting.paper == "fp32" else f"{row.delta:+.2f}"
             theirs = [cell for paper in PAPERS for cell in _published(paper, res.task.name, row.setting.paper)]
             lines.append(
-                f"| {task} | {row.setting.label} | {c['w-bits']} / {c['e-bits']} / {c['a-bits']} | {_ours(row)} | "
+                f"| {task} | {row.label} | {c['w-bits']} / {c['e-bits']} / {c['a-bits']} | {_ours(row)} | "
                 f"{delta} | {' | '.join(theirs)} | {c['encoder comp.']} | {c['embedding comp.']} | "
-                f"{c['compression']} | {c['examples seen']} | {_seeds(row)} |"
+                f"{c['compression']} | {c['examples seen']} | {_seeds(row)} | {row.section} |"
             )
     return lines
 
 
 def results_section(results: list[TaskResult]) -> str:
     """The ``table1`` section of RESULTS.md: the table, where each task came from, and what theirs rest on."""
-    used = [r.section for r in results if r.section is not None]
+    used = [s for r in results if r.section is not None for s in (r.section, *r.supplements)]
     machines = sorted({s.machine for s in used})
     machine = machines[0] if len(machines) == 1 else "; ".join(f"{s.name}: {s.machine}" for s in used)
     fed = []
@@ -343,7 +423,9 @@ def results_section(results: list[TaskResult]) -> str:
             fed.append(f"{r.task.name}: not run yet (no {' or '.join(r.task.sections)} section)")
             continue
         note = f" ({', '.join(r.passed_over)})" if r.passed_over else ""
-        fed.append(f"{r.task.name}: {r.section.name}{note}, run by `{r.section.command}`")
+        more = " and ".join(f"{s.name} (run by `{s.command}`)" for s in r.supplements)
+        more = f", supplemented by {more}" if more else ""
+        fed.append(f"{r.task.name}: {r.section.name}{note}, run by `{r.section.command}`{more}")
     found = sorted({p.source for p in PUBLISHED.values() if p.found})
     lines = [
         "## table1: Q-BERT's Table 1 on MiniLM-L6",
@@ -353,11 +435,17 @@ def results_section(results: list[TaskResult]) -> str:
         "",
         "Ours is MiniLM-L6 (22.7M parameters); Q-BERT's and TernaryBERT's numbers are BERT-base (110M) on GLUE's, "
         "CoNLL-03's and SQuAD's full training sets. The models and the budgets differ, so **only the deltas "
-        "compare**: each in points against its own FP32 baseline (ours: the section's FP32 row). Q-BERT's 8-bit "
-        "row (w8 e8 a8) stands beside our direct (post-training) 8-bit, its 2-bit and MP 2/3 rows beside our QAT "
-        "rows, TernaryBERT's 2-2-8 beside our QAT 2-2-8. Compression is each section's: the encoder's weights, "
-        "the embedding tables and the whole packed model against FP32. Examples seen is the training budget "
-        "(QAT rows: the QAT run's; FP32: the fine-tune's; direct rows train nothing).",
+        "compare**: each in points against its own FP32 baseline (ours: the FP32 row of the row's own section, "
+        "named in the last column). Q-BERT's 8-bit row (w8 e8 a8) stands beside our direct (post-training) 8-bit, "
+        "its 2-bit and MP 2/3 rows beside our QAT uniform 2-bit and QAT mixed 2/3 (from round-to-nearest's codes), "
+        "TernaryBERT's 2-2-8 beside our QAT 2-2-8. Compression is each section's: the encoder's weights, the "
+        "embedding tables and the whole packed model against FP32. Examples seen is the training budget (QAT "
+        "rows: the QAT run's; FP32: the fine-tune's; direct rows train nothing).",
+        "",
+        "A task's rows come from its main section, then from its supplementary sections where they exist (other "
+        "runs of the task, each with its own FP32 row; Sources names them), each setting's rows together. A QAT "
+        f"row labelled '{FULL_EPOCH}' trained one epoch over the task's whole training split; a direct setting "
+        "that two sections share is shown once, from the first.",
         "",
         "Sources: " + "; ".join(fed) + ".",
         "",
@@ -381,34 +469,40 @@ def readme_table(results: list[TaskResult]) -> str:
     """The short version for README.md: per task our FP32 score and each setting's delta, Q-BERT's beside."""
     settings = ("direct 8-bit", "direct mixed 2/3", "direct mixed 2/3, GPTQ rounding", "QAT uniform 2-bit")
     settings += ("QAT mixed 2/3", "QAT mixed 2/3 from GPTQ's codes")
+    full = "QAT mixed 2/3 from GPTQ's codes" + FULL_EPOCH  # a supplement's; "-" where the task has none
     lines = [
         "| task (metric) | FP32 | direct 8-bit | direct mixed 2/3 | + GPTQ rounding | QAT 2-bit | QAT mixed 2/3 "
-        "| QAT from GPTQ | Q-BERT 2-bit | Q-BERT mixed 2/3 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| QAT from GPTQ | QAT mixed 2/3, full data | Q-BERT 2-bit | Q-BERT mixed 2/3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         task = f"{res.task.name} ({res.task.metric})"
         if res.section is None:
-            lines.append(f"| {task} |" + " not run yet |" * 9)
+            lines.append(f"| {task} |" + " not run yet |" * 10)
             continue
-        rows = {r.setting.label: r for r in res.rows}
-        base = res.rows[0].mean
-        cells = [f"{base:.2f}"]
-        for label in settings:
+        rows = {r.label: r for r in res.rows if r.values}
+        cells = [f"{res.rows[0].mean:.2f}"]
+        for label in (*settings, full):
             row = rows.get(label)
-            row = row if row is not None and row.values else None
             spread = "" if row is None or row.std is None else f" (± {row.std:.2f}, n={len(row.values)})"
-            cells.append("not run" if row is None else f"{row.mean - base:+.2f}{spread}")
+            missing = "-" if label == full else "not run"
+            cells.append(missing if row is None else f"{row.delta:+.2f}{spread}")
         cells += [_published("Q-BERT", res.task.name, s)[1] for s in ("2-bit", "mp-2/3")]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    sources = ", ".join(f"{r.task.name}: `{r.section.name}`" for r in results if r.section is not None)
+    sources = ", ".join(
+        f"{r.task.name}: " + " + ".join(f"`{s.name}`" for s in (r.section, *r.supplements))
+        for r in results
+        if r.section is not None
+    )
     return "\n".join(
         [
             *lines,
             "",
-            f"Points against each model's own FP32 baseline (sections: {sources}; ± the sample std over n seeds); "
-            "written by `python experiments/table1.py`, whose full table (TernaryBERT, compression, budgets, "
-            "seeds, sources) heads [experiments/RESULTS.md](experiments/RESULTS.md).",
+            "Points against the FP32 baseline of the section each number comes from (the FP32 column: the task's "
+            f"main section; sections: {sources}; ± the sample std over n seeds). Full data: QAT mixed 2/3 from "
+            "GPTQ's codes trained one epoch over the task's whole training split. Written by "
+            "`python experiments/table1.py`, whose full table (TernaryBERT, compression, budgets, seeds, sources) "
+            "heads [experiments/RESULTS.md](experiments/RESULTS.md).",
         ]
     )
 

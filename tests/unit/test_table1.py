@@ -1,5 +1,6 @@
 """experiments/table1.py on a small synthetic RESULTS.md: columns found by name (with and without the rounding
-column), seeds aggregated to mean ± sample std, a task without a section says so, reruns replace the section."""
+column), seeds aggregated to mean ± sample std, a task without a section says so, reruns replace the section;
+supplementary sections add their rows after the main section's, scored against their own FP32 row."""
 
 from __future__ import annotations
 
@@ -113,28 +114,28 @@ def test_columns_by_name_seeds_aggregated_and_missing_tasks_say_so(table1, tmp_p
     # SST-2: three QAT seeds -> mean 88.76, sample std 1.02 (not the population std 0.83); delta of the mean
     mixed = _row_of(text, "SST-2", "QAT mixed 2/3")
     assert mixed[3] == "88.76 ± 1.02" and mixed[4] == "-0.80"
-    assert mixed[-1].startswith("n=3: 0, 1, 2") and mixed[-2] == "8,000"
+    assert mixed[-2].startswith("n=3: 0, 1, 2") and mixed[-3] == "8,000" and mixed[-1] == "sst2_minilm"
     assert mixed[2] == "2/3 (avg 2.50) / 8 / 8" and mixed[9] == "12.76x"
     # Q-BERT's MP 2/3 beside it, its delta to Q-BERT's own baseline (92.08 - 93.00)
     assert mixed[5].startswith("92.08") and mixed[6] == "-0.92"
     # the direct row repeated under each seed's plan name is one measurement
     direct = _row_of(text, "SST-2", "direct mixed 2/3")
-    assert direct[3] == "88.42" and direct[-1] == "n=1: 0"
+    assert direct[3] == "88.42" and direct[-2] == "n=1: 0"
     assert _row_of(text, "SST-2", "QAT 2-2-8 (TernaryBERT's widths)")[3] == "85.55"
     # SQuAD from the older table (no rounding column, other column order): F1 read by name, not EM
     squad = _row_of(text, "SQuAD", "QAT mixed 2/3")
-    assert squad[3] == "53.28" and squad[4] == "-9.69" and squad[-2] == "2,816" and squad[11] == "5.84x"
+    assert squad[3] == "53.28" and squad[4] == "-9.69" and squad[-3] == "2,816" and squad[11] == "5.84x"
     assert "SQuAD v1.1: squad_minilm (squad_full_minilm not written yet)" in text
     # no section for MNLI or CoNLL-03: one row each, no numbers
     for task, name in (("MNLI-m", "mnli_minilm"), ("CoNLL-03", "conll03_minilm")):
         rows = [line for line in text.splitlines() if line.startswith(f"| {task} ")]
         assert rows == [
             f"| {task} ({'accuracy' if task == 'MNLI-m' else 'entity F1'}) | not run yet (no `{name}` "
-            "section) |" + " - |" * 12
+            "section) |" + " - |" * 13
         ]
     assert "python experiments/table1.py" in text and "x86_64 CPU, 2 threads" in text
     short = readme.read_text()
-    assert "| SST-2 (accuracy) | 89.56 | -0.34 |" in short and "-0.80 (± 1.02, n=3)" in short
+    assert "| SST-2 (accuracy) | 89.56 | -0.34 |" in short and "-0.80 (± 1.02, n=3) | not run | - |" in short
     assert "| MNLI-m (accuracy) | not run yet |" in short and short.endswith("\n\nMore.\n")
 
 
@@ -163,7 +164,8 @@ def test_rerun_replaces_the_section_at_the_top_and_prefers_the_full_squad_run(ta
     results, readme = _write(tmp_path, _sst2(), _squad("squad_full_minilm", 0.80, qat_2bit=False))
     assert table1.main(argv) == 0
     assert _row_of(results.read_text(), "SQuAD", "QAT uniform 2-bit")[2:4] == ["not in `squad_full_minilm`", "-"]
-    assert "| SQuAD v1.1 (F1) | 80.00 | -2.00 | -42.28 | not run | not run | -26.72 |" in readme.read_text()
+    row = "| SQuAD v1.1 (F1) | 80.00 | -2.00 | -42.28 | not run | not run | -26.72 | not run | - | -9.09 | -1.74 |"
+    assert row in readme.read_text()
 
 
 def test_bad_inputs_exit_2_and_write_nothing(table1, tmp_path, capsys):
