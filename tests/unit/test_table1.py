@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,167 @@ def test_bad_inputs_exit_2_and_write_nothing(table1, tmp_path, capsys):
     results, readme = _write(tmp_path, _squad("squad_minilm", 0.6297).replace("| FP32 baseline |", "| FP32 |"))
     assert table1.main(["--results", str(results), "--readme", str(readme)]) == 2
     assert "0 FP32 baseline rows" in capsys.readouterr().err
+
+
+GPTQ = "gptq (128 seq, damp 0.01)"
+W23 = "2/3 (avg 2.50)"
+SEEDS = (("", 0), ("-seed1", 1), ("-seed2", 2))
+
+
+def _fp32(score: float, seed: int = 0) -> dict:
+    fp32 = _row("FP32 baseline", "-", score, w="32", e="32", seen=134698, seed=seed)
+    fp32.update(a_bits="32", groups="-", rounding="-", compression=1.0, encoder_compression=1.0)
+    return fp32
+
+
+def _gptq(method: str, plan: str, score: float, **kw) -> dict:
+    return {**_row(method, plan, score, **kw), "rounding": GPTQ}
+
+
+def _sst2_gptq(fp32: tuple[dict, ...] = (_fp32(0.9000),)) -> str:
+    """sst2_minilm_gptq with its own FP32 (90.00, not the main section's 89.56): 8-bit and nearest's mixed 2/3 again
+    (other scores than the main section's, so a repeat would show), GPTQ's mixed 2/3 direct and at 3 QAT seeds."""
+    rows = [
+        *fp32,
+        _row("direct, uniform", "uniform-8", 0.8900, w="8"),
+        _gptq("direct, uniform", "uniform-8-gptq", 0.89, w="8"),
+    ]
+    for (suffix, seed), score in zip(SEEDS, (0.8800, 0.8900, 0.9000), strict=True):
+        rows.append(_row("direct, mixed (milp)", f"mixed-2-3{suffix}", 0.8700, w=W23))
+        rows.append(_row("QAT, mixed (milp)", f"mixed-2-3{suffix}", 0.8500, w=W23, seen=8000, seed=seed))
+        rows.append(_gptq("direct, mixed (milp)", f"mixed-2-3-gptq{suffix}", 0.8850, w=W23))
+        rows.append(_gptq("QAT, mixed (milp)", f"mixed-2-3-gptq{suffix}", score, w=W23, seen=8000, seed=seed))
+    return _section("sst2_minilm_gptq", results_table(rows))
+
+
+def _sst2_full(num_qat: int = 5, fp32: tuple[dict, ...] = (_fp32(0.9050),)) -> str:
+    """sst2_minilm_full with its own FP32 (90.50): every plan from GPTQ's codes, one epoch of all 67,349 training
+    sentences; ``num_qat``: how many of its 5 QAT runs it holds (fewer: a run stopped part-way)."""
+    runs = [
+        (f"mixed-2-3-gptq{suffix}", "mixed (milp)", W23, "8", seed, 0.8860, score)
+        for (suffix, seed), score in zip(SEEDS, (0.8960, 0.9010, 0.9060), strict=True)
+    ]
+    runs += [("uniform-2-gptq", "uniform", "2", "8", 0, 0.8600, 0.8800)]
+    runs += [("ternarybert-2-2-8-gptq", "uniform", "2", "2", 0, 0.8000, 0.8700)]
+    rows = list(fp32)
+    for plan, kind, w, e, seed, direct, qat in runs[:num_qat]:
+        rows.append(_gptq(f"direct, {kind}", plan, direct, w=w, e=e))
+        rows.append(_gptq(f"QAT, {kind}", plan, qat, w=w, e=e, seen=67349, seed=seed))
+    return _section("sst2_minilm_full", results_table(rows))
+
+
+def _rows_of(text: str, task: str) -> list[tuple[str, str]]:
+    """(setting, section) of each row of ``task`` in the long table, in order."""
+    table = text[text.index("<!-- begin table1 -->") : text.index("<!-- end table1 -->")]
+    cells = ([c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines())
+    return [(c[1], c[-1]) for c in cells if len(c) > 2 and c[0].startswith(task)]
+
+
+def _without_sources(text: str) -> list[str]:
+    """The table1 section of a RESULTS.md text, less its Sources line."""
+    table = text[text.index("<!-- begin table1 -->") : text.index("<!-- end table1 -->")]
+    return [line for line in table.splitlines() if not line.startswith("Sources: ")]
+
+
+def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, tmp_path):
+    results, readme = _write(tmp_path, _sst2(), _squad("squad_minilm", 0.6297), _sst2_gptq(), _sst2_full())
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = results.read_text()
+    full = ", 1 full epoch"
+    assert _rows_of(text, "SST-2") == [
+        ("FP32", "sst2_minilm"),  # the supplements' FP32 rows are their baselines, not rows
+        ("direct 8-bit", "sst2_minilm"),  # sst2_minilm_gptq's 8-bit is not repeated
+        ("direct uniform 2-bit", "sst2_minilm"),
+        ("QAT uniform 2-bit", "sst2_minilm"),
+        ("direct mixed 2/3", "sst2_minilm"),
+        ("QAT mixed 2/3", "sst2_minilm"),  # nor its QAT from nearest's codes (the same label)
+        ("direct uniform 2-bit, GPTQ rounding", "sst2_minilm_full"),  # a direct row trains nothing: no suffix
+        ("QAT uniform 2-bit from GPTQ's codes" + full, "sst2_minilm_full"),
+        ("direct mixed 2/3, GPTQ rounding", "sst2_minilm_gptq"),  # the first supplement's; the full run's not again
+        ("QAT mixed 2/3 from GPTQ's codes", "sst2_minilm_gptq"),
+        ("QAT mixed 2/3 from GPTQ's codes" + full, "sst2_minilm_full"),
+        ("QAT 2-2-8 (TernaryBERT's widths)", "sst2_minilm"),
+        ("QAT 2-2-8 from GPTQ's codes" + full, "sst2_minilm_full"),
+    ]
+    # the main section's rows are its own, against its FP32 (89.56)
+    assert _row_of(text, "SST-2", "direct mixed 2/3")[3:5] == ["88.42", "-1.14"]
+    assert _row_of(text, "SST-2", "QAT mixed 2/3")[3:5] == ["88.76 ± 1.02", "-0.80"]
+    # each supplement's against its own FP32 (90.00, 90.50), its seeds averaged as the main section's are
+    direct = _row_of(text, "SST-2", "direct mixed 2/3, GPTQ rounding")
+    assert direct[3:5] == ["88.50", "-1.50"] and direct[-2] == "n=1: 0"
+    gptq = _row_of(text, "SST-2", "QAT mixed 2/3 from GPTQ's codes")
+    assert gptq[3:5] == ["89.00 ± 1.00", "-1.00"] and gptq[-2].startswith("n=3: 0, 1, 2") and gptq[-3] == "8,000"
+    epoch = _row_of(text, "SST-2", "QAT mixed 2/3 from GPTQ's codes" + full)
+    assert epoch[3:5] == ["90.10 ± 0.50", "-0.40"] and epoch[-2].startswith("n=3") and epoch[-3] == "67,349"
+    assert _row_of(text, "SST-2", "QAT uniform 2-bit from GPTQ's codes" + full)[3:5] == ["88.00", "-2.50"]
+    assert _row_of(text, "SST-2", "direct uniform 2-bit, GPTQ rounding")[3:5] == ["86.00", "-4.50"]
+    ternary = _row_of(text, "SST-2", "QAT 2-2-8 from GPTQ's codes" + full)
+    assert ternary[2:5] == ["2 / 2 / 8", "87.00", "-3.50"]
+    assert "SST-2: sst2_minilm, run by `qbert-hessian run experiments/sst2_minilm.toml`, supplemented by " in text
+    assert "sst2_minilm_gptq (run by `qbert-hessian run experiments/sst2_minilm_gptq.toml`) and " in text
+    assert "sst2_minilm_full (run by `qbert-hessian run experiments/sst2_minilm_full.toml`); MNLI-m" in text
+    # README: the full-data column is the full run's mixed 2/3 from GPTQ's codes; "-" where a task has none
+    short = readme.read_text()
+    assert "| SST-2 (accuracy) | 89.56 | -0.34 | -1.14 | -1.50 | -3.09 | -0.80 (± 1.02, n=3) | " in short
+    assert "| -1.00 (± 1.00, n=3) | -0.40 (± 0.50, n=3) | -8.37 | -0.92 |" in short
+    assert (
+        "| SQuAD v1.1 (F1) | 62.97 | -2.00 | -25.25 | not run | -27.18 | -9.69 | not run | - | -9.09 | -1.74 |" in short
+    )
+    assert "SST-2: `sst2_minilm` + `sst2_minilm_gptq` + `sst2_minilm_full`, SQuAD v1.1: `squad_minilm`" in short
+
+
+def test_a_supplement_stopped_part_way_adds_what_it_has(table1, tmp_path):
+    # the full run stopped after its first QAT plan; no sst2_minilm_gptq section; the main section lacks QAT 2-bit
+    main = "\n".join(line for line in _sst2().splitlines() if "| QAT, uniform | uniform-2 |" not in line)
+    gptq = _sst2_gptq().replace("| direct, mixed (milp) | mixed-2-3 |", "| direct, uniform | uniform-2 |", 1)
+    gptq = gptq.replace("| QAT, mixed (milp) | mixed-2-3 |", "| QAT, uniform | uniform-2 |", 1)
+    results, readme = _write(tmp_path, main, _sst2_full(num_qat=1))
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = results.read_text()
+    assert _rows_of(text, "SST-2")[5:] == [
+        ("QAT mixed 2/3", "sst2_minilm"),
+        ("direct mixed 2/3, GPTQ rounding", "sst2_minilm_full"),
+        ("QAT mixed 2/3 from GPTQ's codes, 1 full epoch", "sst2_minilm_full"),
+        ("QAT 2-2-8 (TernaryBERT's widths)", "sst2_minilm"),
+    ]
+    assert _row_of(text, "SST-2", "QAT uniform 2-bit")[2:4] == ["not in `sst2_minilm`", "-"]
+    epoch = _row_of(text, "SST-2", "QAT mixed 2/3 from GPTQ's codes, 1 full epoch")
+    assert epoch[3:5] == ["89.60", "-0.90"] and epoch[-2] == "n=1: 0"
+    assert "| not run | -0.90 | -8.37 | -0.92 |" in readme.read_text()
+    # a supplement that has a setting the main section lacks, under the same label, fills that row in place
+    results, readme = _write(tmp_path, main, gptq)
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = results.read_text()
+    assert _rows_of(text, "SST-2")[3] == ("QAT uniform 2-bit", "sst2_minilm_gptq")
+    assert _row_of(text, "SST-2", "QAT uniform 2-bit")[3:5] == ["85.00", "-5.00"]
+
+
+def test_absent_or_empty_supplements_change_nothing(table1, tmp_path, monkeypatch):
+    sections = (_sst2(), _squad("squad_minilm", 0.6297))
+    argv = ["--results", str(tmp_path / "RESULTS.md"), "--readme", str(tmp_path / "README.md")]
+    _write(tmp_path, *sections)
+    assert table1.main(argv) == 0
+    declared = (tmp_path / "RESULTS.md").read_text(), (tmp_path / "README.md").read_text()
+    # a supplement holding only its FP32 row (a run just started) adds no row; only the sources name it
+    _write(tmp_path, *sections, _sst2_full(num_qat=0))
+    assert table1.main(argv) == 0
+    started = (tmp_path / "RESULTS.md").read_text()
+    assert "supplemented by sst2_minilm_full" in started
+    assert _without_sources(started) == _without_sources(declared[0])
+    # the same main sections without any supplement declared: byte for byte what they give with them declared
+    assert any(task.supplements for task in table1.TASKS)
+    monkeypatch.setattr(table1, "TASKS", tuple(replace(task, supplements=()) for task in table1.TASKS))
+    _write(tmp_path, *sections)
+    assert table1.main(argv) == 0
+    assert ((tmp_path / "RESULTS.md").read_text(), (tmp_path / "README.md").read_text()) == declared
+
+
+@pytest.mark.parametrize("section", ["sst2_minilm_gptq", "sst2_minilm_full"])
+@pytest.mark.parametrize("fp32", [(), (_fp32(0.9000), _fp32(0.9050, seed=1))], ids=["no-fp32", "two-fp32"])
+def test_a_supplement_needs_exactly_one_fp32_row(table1, tmp_path, capsys, section, fp32):
+    bad = _sst2_gptq(fp32=fp32) if section == "sst2_minilm_gptq" else _sst2_full(fp32=fp32)
+    results, readme = _write(tmp_path, _sst2(), bad)
+    before = results.read_text(), readme.read_text()
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 2
+    assert f"section '{section}' has {len(fp32)} FP32 baseline rows" in capsys.readouterr().err
+    assert (results.read_text(), readme.read_text()) == before
