@@ -22,7 +22,7 @@ HEAD = (
     TINY_RUN_HEAD
     + """
 [allocate]
-groups = "channel"
+groups = 1              # one scale per encoder matrix; embeddings per row (channel): two groupings, as there
 calib_samples = 16
 
 [run]
@@ -92,7 +92,8 @@ def test_run_prices_plans_by_their_measure_and_rounding(run_dir):
         prof = QuantProfile.load(sens / name)
         measure, rounding = name.split("-")[1:3]
         assert (prof.measure, prof.rounding) == (measure, rounding.removesuffix(".json"))
-        assert set(prof.units["encoder.0"].groups["channel"].error) == {"2", "3"}
+        assert set(prof.units["encoder.0"].groups["1"].error) == {"2", "3"}
+        assert prof.units["embeddings.word"].groups["1"].error == {}  # sized under the encoder's grouping only
     weights = json.loads((sens / "profile.json").read_text())
     assert not {"measure", "rounding", "gptq"} & set(weights)  # the omega/trace table reads as before
     sizes = {}
@@ -140,7 +141,7 @@ def test_plan_cli_prices_then_reuses_the_table(run_dir, tiny_checkpoint, tiny_da
     report = shutil.copytree(run_dir / "out" / "sensitivity", tmp_path / "report")
     for f in report.glob("profile-*.json"):
         f.unlink()
-    plan = ["plan", "--report", str(report), "--avg-bits", "2.5", "--bits", "2,3", "--groups", "channel", "--quiet"]
+    plan = ["plan", "--report", str(report), "--avg-bits", "2.5", "--bits", "2,3", "--groups", "1", "--quiet"]
     priced = [*plan, "--measure", "measured", "--rounding", "gptq", "--calib-samples", "16"]
     model = ["--model", str(tiny_checkpoint), "--data", str(tiny_data)]
     assert main([*priced, *model, "--out", str(tmp_path / "a.json")]) == 0
@@ -152,5 +153,5 @@ def test_plan_cli_prices_then_reuses_the_table(run_dir, tiny_checkpoint, tiny_da
     ran = QuantProfile.load(run_dir / "out" / "sensitivity" / table.name)
     mine = QuantProfile.load(table)
     for u in ("encoder.0", "encoder.1"):
-        want = ran.units[u].groups["channel"].error
-        assert mine.units[u].groups["channel"].error == pytest.approx(want, rel=1e-6, abs=1e-9)
+        want = ran.units[u].groups["1"].error
+        assert mine.units[u].groups["1"].error == pytest.approx(want, rel=1e-6, abs=1e-9)

@@ -205,3 +205,29 @@ def test_uniform_and_combinations_cover_every_choice():
     problem, _ = build_problem(report, profile, config)
     every = list(itertools.product(range(3), repeat=5))
     assert problem.objective(solve_brute_force(problem, Budget(avg_bits=8.0))) == min(map(problem.objective, every))
+
+
+def test_embedding_sizes_under_another_grouping_equal_the_measured_profiles(micro_bert):
+    """A priced table holds the encoder's grouping only; the embeddings' size under theirs (per row) is added from
+    their shapes and equals what measure_profile records for them, while the encoder's priced entries stay as
+    they are and a grouping that does not divide a table is recorded as unavailable."""
+    from qbert_hessian.quant.profile import measure_profile, profile_units, with_embedding_sizes
+
+    block_map = BlockMap(micro_bert)
+    units = profile_units(block_map, [f"encoder.{i}" for i in range(block_map.num_layers)])
+    draws = _draws(micro_bert.config.vocab_size)
+    priced = measure_priced_profile(micro_bert, units, draws, measure="measured", bits=(2,), groups=(1,))
+    emb = [u for u in units if not u.startswith("encoder.")]
+    assert emb and all("channel" not in priced.units[u].groups for u in emb)
+    sized = with_embedding_sizes(priced, "channel")
+    measured = measure_profile(micro_bert, units, bits=(2,), groups=("channel",))
+    for u in emb:
+        assert sized.units[u].groups["channel"].scales == measured.units[u].groups["channel"].scales
+        assert sized.units[u].groups["channel"].error == {}
+    for u in units:
+        if u.startswith("encoder."):
+            assert sized.units[u] == priced.units[u]
+    odd = with_embedding_sizes(priced, 7)  # 7 divides none of the tables' row counts here
+    for u in emb:
+        assert all(r % 7 for r, _ in priced.units[u].shapes)
+        assert "7" in odd.units[u].unavailable and "7" not in odd.units[u].groups
