@@ -13,8 +13,9 @@ A task's main section is the first of :attr:`Task.sections` that holds every req
 that exists); a task with none gets one row saying so. Its supplementary sections (:attr:`Task.supplements`: other
 runs of the task, each with its own FP32 row, e.g. one that trains on the full training split) add rows: for each
 setting, after the main section's row, every supplementary section that exists and has that setting adds its row,
-a QAT row labelled with the supplement's suffix (", 1 full epoch"); a label already in the table is not repeated
-(a direct row trains nothing, so the same direct setting in two sections is one row, the first's). Every delta is
+a QAT row labelled with the supplement's suffix (", 1 full epoch"). A QAT setting that two sections share has a
+row from each (two training runs, each against its own FP32); a direct setting that two sections share is one
+row, the first's (a direct row trains nothing). Every delta is
 against the FP32 row of the section the row comes from, named in the table's last column. Theirs are in
 :data:`PUBLISHED`, each with where it was checked.
 """
@@ -313,15 +314,17 @@ def _baseline(task: Task, section: Section) -> float:
     return row.mean
 
 
-def _add(rows: list[Row], row: Row) -> None:
-    """Append a supplementary section's ``row`` unless its label is already measured; it replaces a row saying
-    the main section lacks that setting."""
-    for i, old in enumerate(rows):
-        if old.label == row.label:
-            if not old.values:
-                rows[i] = row
-            return
-    rows.append(row)
+def _add(rows: list[Row], row: Row, trained: bool) -> None:
+    """Add a supplementary section's ``row``: in place of a row saying the main section lacks that setting; after
+    the rows of the same label when it is a QAT row (another training run of the setting, against its own FP32);
+    not at all when it is a direct row of a label already measured (direct rows train nothing)."""
+    same = [i for i, old in enumerate(rows) if old.label == row.label]
+    if not same:
+        rows.append(row)
+    elif not rows[same[0]].values:
+        rows[same[0]] = row
+    elif trained:
+        rows.insert(same[-1] + 1, row)
 
 
 def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
@@ -358,7 +361,7 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
             row = collect(parsed, task, setting)
             if row is not None:
                 label = setting.label + (sup.suffix if setting.trained else "")
-                _add(rows, replace(row, label=label, baseline=sup_base))
+                _add(rows, replace(row, label=label, baseline=sup_base), setting.trained)
     return TaskResult(task, section, rows, passed_over, tuple(parsed for _, parsed in supplements))
 
 
@@ -444,8 +447,9 @@ def results_section(results: list[TaskResult]) -> str:
         "",
         "A task's rows come from its main section, then from its supplementary sections where they exist (other "
         "runs of the task, each with its own FP32 row; Sources names them), each setting's rows together. A QAT "
-        f"row labelled '{FULL_EPOCH}' trained one epoch over the task's whole training split; a direct setting "
-        "that two sections share is shown once, from the first.",
+        f"row labelled '{FULL_EPOCH}' trained one epoch over the task's whole training split. A QAT setting that "
+        "two sections share has a row from each (two training runs, each against its own FP32); a direct setting "
+        "they share is shown once, from the first.",
         "",
         "Sources: " + "; ".join(fed) + ".",
         "",
@@ -480,7 +484,10 @@ def readme_table(results: list[TaskResult]) -> str:
         if res.section is None:
             lines.append(f"| {task} |" + " not run yet |" * 10)
             continue
-        rows = {r.label: r for r in res.rows if r.values}
+        rows: dict[str, Row] = {}
+        for r in res.rows:  # a setting measured in two sections: the main section's (the first) row
+            if r.values:
+                rows.setdefault(r.label, r)
         cells = [f"{res.rows[0].mean:.2f}"]
         for label in (*settings, full):
             row = rows.get(label)

@@ -258,7 +258,8 @@ def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, t
         ("direct uniform 2-bit", "sst2_minilm"),
         ("QAT uniform 2-bit", "sst2_minilm"),
         ("direct mixed 2/3", "sst2_minilm"),
-        ("QAT mixed 2/3", "sst2_minilm"),  # nor its QAT from nearest's codes (the same label)
+        ("QAT mixed 2/3", "sst2_minilm"),
+        ("QAT mixed 2/3", "sst2_minilm_gptq"),  # its QAT from nearest's codes: another training run, its own row
         ("direct uniform 2-bit, GPTQ rounding", "sst2_minilm_full"),  # a direct row trains nothing: no suffix
         ("QAT uniform 2-bit from GPTQ's codes" + full, "sst2_minilm_full"),
         ("direct mixed 2/3, GPTQ rounding", "sst2_minilm_gptq"),  # the first supplement's; the full run's not again
@@ -270,6 +271,8 @@ def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, t
     # the main section's rows are its own, against its FP32 (89.56)
     assert _row_of(text, "SST-2", "direct mixed 2/3")[3:5] == ["88.42", "-1.14"]
     assert _row_of(text, "SST-2", "QAT mixed 2/3")[3:5] == ["88.76 ± 1.02", "-0.80"]
+    again = [line for line in text.splitlines() if "| QAT mixed 2/3 |" in line and line.endswith("sst2_minilm_gptq |")]
+    assert len(again) == 1 and "| 85.00 ± 0.00 | -5.00 |" in again[0]  # against its own FP32 (90.00)
     # each supplement's against its own FP32 (90.00, 90.50), its seeds averaged as the main section's are
     direct = _row_of(text, "SST-2", "direct mixed 2/3, GPTQ rounding")
     assert direct[3:5] == ["88.50", "-1.50"] and direct[-2] == "n=1: 0"
