@@ -86,6 +86,16 @@ ACT_PERCENTILE = 99.99  # one value of |x| in 10^4 is clipped
 UNRECORDED = types.MappingProxyType({"rounding": "nearest", "calib_samples": 128, "damp": 0.01, "act_range": "max"})
 
 
+def without_unrecorded(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as a record holds them: those at their :data:`UNRECORDED` value left out, the others kept in
+    order. The one place of that rule, for :meth:`AllocConfig.protocol` and a plan's stage inputs in the pipeline.
+
+    Example:
+        ``without_unrecorded({"rounding": "nearest", "bits": 4}) == {"bits": 4}``
+    """
+    return {k: v for k, v in settings.items() if k not in UNRECORDED or v != UNRECORDED[k]}
+
+
 def check_act_range(value: object, what: str = "activation range") -> str:
     """``value`` if it names an activation range method, else a :class:`QBHError` naming the valid ones."""
     if not isinstance(value, str) or value not in ACT_RANGES:
@@ -639,11 +649,7 @@ class AllocConfig(_Config):
         settings were computed with (:data:`UNRECORDED`: nearest, 128, 0.01, max), so those run folders still
         match. Not the defaults: with rounding now ``gptq`` by default, leaving the default out would let a folder
         rounded to nearest (which records no rounding) pass for a GPTQ one."""
-        out = self.to_dict()
-        for name, value in UNRECORDED.items():
-            if out[name] == value:
-                del out[name]
-        return out
+        return without_unrecorded(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
