@@ -314,6 +314,34 @@ class GPTQConfig(_Config):
             raise QBHError(f"GPTQConfig.act_order must be true or false, got {self.act_order!r}")
 
 
+# The fix for too many calibration sequences, as each caller's user sets them: command-line flags, or run.toml keys
+_CALIB_FIXES = {
+    "flags": "pass --calib-samples {n} or fewer, or --rounding nearest",
+    "keys": 'set calib_samples = {n} or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)',
+}
+
+
+def check_calib_samples(calib_samples: int, available: int, *, what: str | None = None, fix: str = "flags") -> None:
+    """Refuse second-order rounding that asks for more calibration sequences than the training split holds: the
+    one check and message, for a run's plans before any stage runs and wherever the sequences are drawn.
+
+    Args:
+        calib_samples: the sequences GPTQ asks for (:attr:`GPTQConfig.calib_samples`).
+        available: the training split's sequences.
+        what: who asks (``"plan 'mixed-3'"``), named first in the message; None names no one.
+        fix: how the caller's user changes the settings: ``"flags"`` (the commands' ``--calib-samples`` and
+            ``--rounding``) or ``"keys"`` (``calib_samples`` and ``rounding`` in run.toml).
+
+    Raises:
+        QBHError: ``calib_samples`` exceeds ``available``.
+    """
+    if calib_samples > available:
+        raise QBHError(
+            f"{f'{what}: ' if what else ''}second-order rounding (gptq) asks for {calib_samples} calibration "
+            f"sequences but the training split has {available}; {_CALIB_FIXES[fix].format(n=available)}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(_Config):
     """Settings of the Q-BERT sensitivity protocol.

@@ -56,7 +56,7 @@ from .artifacts import (
     fingerprint,
     sha256_file,
 )
-from .config import AllocConfig, QATConfig, without_unrecorded
+from .config import AllocConfig, QATConfig, check_calib_samples, without_unrecorded
 from .errors import QBHError
 from .run_config import ResolvedPlan, RunConfig
 from .run_folder import RunFolder
@@ -844,11 +844,8 @@ class Run:
         if self.config.run.frontier and allocate.measure.priced:  # the frontier's priced table is rounded too
             named.append(("[allocate]", allocate))
         for what, c in named:
-            if c.rounding == "gptq" and c.calib_samples > n:
-                raise QBHError(
-                    f"{what} rounds by gptq on {c.calib_samples} calibration sequences but the training split has "
-                    f'{n}; set calib_samples = {n} or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
-                )
+            if c.rounding == "gptq":
+                check_calib_samples(c.calib_samples, n, what=what, fix="keys")
 
     def _execute(self) -> Path:
         from .report import write_run_report

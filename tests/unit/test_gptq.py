@@ -518,3 +518,24 @@ def test_calibration_without_training_sequences_names_the_fixes():
         calibration_sequences(SimpleNamespace(train=[]), 128, 8)
     with pytest.raises(QBHError, match="has 3; pass --calib-samples 3 or fewer, or --rounding nearest"):
         calibration_sequences(SimpleNamespace(train=[{"input_ids": [1]}] * 3), 128, 8)
+    assert len(calibration_sequences(SimpleNamespace(train=[{"input_ids": [1]}] * 3, batch=lambda *a: a), 3, 8)) == 1
+
+
+def test_too_many_calibration_sequences_is_one_check_with_the_fix_each_user_types():
+    """The run (before any stage) and the commands (where the sequences are drawn) refuse alike; only the fix
+    differs: run.toml keys, or the commands' flags."""
+    from qbert_hessian.config import check_calib_samples
+
+    check_calib_samples(96, 96)  # all of the split is fine
+    with pytest.raises(QBHError) as flags:
+        check_calib_samples(128, 96)
+    assert str(flags.value) == (
+        "second-order rounding (gptq) asks for 128 calibration sequences but the training split has 96; "
+        "pass --calib-samples 96 or fewer, or --rounding nearest"
+    )
+    with pytest.raises(QBHError) as keys:
+        check_calib_samples(128, 96, what="plan 'mixed-3'", fix="keys")
+    assert str(keys.value) == (
+        "plan 'mixed-3': second-order rounding (gptq) asks for 128 calibration sequences but the training split "
+        'has 96; set calib_samples = 96 or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
+    )
