@@ -86,6 +86,16 @@ ACT_PERCENTILE = 99.99  # one value of |x| in 10^4 is clipped
 UNRECORDED = types.MappingProxyType({"rounding": "nearest", "calib_samples": 128, "damp": 0.01, "act_range": "max"})
 
 
+def without_unrecorded(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as a record holds them: those at their :data:`UNRECORDED` value left out, the others kept in
+    order. The one place of that rule, for :meth:`AllocConfig.protocol` and a plan's stage inputs in the pipeline.
+
+    Example:
+        ``without_unrecorded({"rounding": "nearest", "bits": 4}) == {"bits": 4}``
+    """
+    return {k: v for k, v in settings.items() if k not in UNRECORDED or v != UNRECORDED[k]}
+
+
 def check_act_range(value: object, what: str = "activation range") -> str:
     """``value`` if it names an activation range method, else a :class:`QBHError` naming the valid ones."""
     if not isinstance(value, str) or value not in ACT_RANGES:
@@ -302,6 +312,34 @@ class GPTQConfig(_Config):
         _positive("GPTQConfig", damp=self.damp)
         if not isinstance(self.act_order, bool):
             raise QBHError(f"GPTQConfig.act_order must be true or false, got {self.act_order!r}")
+
+
+# The fix for too many calibration sequences, as each caller's user sets them: command-line flags, or run.toml keys
+_CALIB_FIXES = {
+    "flags": "pass --calib-samples {n} or fewer, or --rounding nearest",
+    "keys": 'set calib_samples = {n} or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)',
+}
+
+
+def check_calib_samples(calib_samples: int, available: int, *, what: str | None = None, fix: str = "flags") -> None:
+    """Refuse second-order rounding that asks for more calibration sequences than the training split holds: the
+    one check and message, for a run's plans before any stage runs and wherever the sequences are drawn.
+
+    Args:
+        calib_samples: the sequences GPTQ asks for (:attr:`GPTQConfig.calib_samples`).
+        available: the training split's sequences.
+        what: who asks (``"plan 'mixed-3'"``), named first in the message; None names no one.
+        fix: how the caller's user changes the settings: ``"flags"`` (the commands' ``--calib-samples`` and
+            ``--rounding``) or ``"keys"`` (``calib_samples`` and ``rounding`` in run.toml).
+
+    Raises:
+        QBHError: ``calib_samples`` exceeds ``available``.
+    """
+    if calib_samples > available:
+        raise QBHError(
+            f"{f'{what}: ' if what else ''}second-order rounding (gptq) asks for {calib_samples} calibration "
+            f"sequences but the training split has {available}; {_CALIB_FIXES[fix].format(n=available)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,11 +677,7 @@ class AllocConfig(_Config):
         settings were computed with (:data:`UNRECORDED`: nearest, 128, 0.01, max), so those run folders still
         match. Not the defaults: with rounding now ``gptq`` by default, leaving the default out would let a folder
         rounded to nearest (which records no rounding) pass for a GPTQ one."""
-        out = self.to_dict()
-        for name, value in UNRECORDED.items():
-            if out[name] == value:
-                del out[name]
-        return out
+        return without_unrecorded(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

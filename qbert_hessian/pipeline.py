@@ -56,7 +56,7 @@ from .artifacts import (
     fingerprint,
     sha256_file,
 )
-from .config import UNRECORDED, AllocConfig, QATConfig
+from .config import AllocConfig, QATConfig, check_calib_samples, without_unrecorded
 from .errors import QBHError
 from .run_config import ResolvedPlan, RunConfig
 from .run_folder import RunFolder
@@ -613,23 +613,17 @@ class Run:
         """The inputs of a plan's direct quantization and of its packed model."""
         from . import stages
 
+        rounding = without_unrecorded({"rounding": bitplan.rounding})
         d_inputs = {
             **self._base_inputs(),
             "plan": stages.file_fingerprint(self.files.plan(plan.name)),
             "range_method": bitplan.range_method,  # in the plan too; named so the log says what changed
-            # likewise, only away from nearest (the rounding of folders made before it was a setting, which record
-            # none; not the default, which is gptq), so those folders match and a GPTQ plan never matches them
-            **(
-                {"rounding": bitplan.rounding, "gptq": bitplan.gptq}
-                if bitplan.rounding != UNRECORDED["rounding"]
-                else {}
-            ),
-            # likewise, and only where activations are quantized (else it changes nothing)
-            **(
-                {"act_range": bitplan.act_range}
-                if bitplan.act_range != UNRECORDED["act_range"] and bitplan.act_bits
-                else {}
-            ),
+            # likewise the rounding and the activation range, as every record holds them (left out at the values
+            # of folders made before they were settings, so those match and a GPTQ plan never matches them), and
+            # only where they change the numbers: GPTQ's whole table goes with gptq rounding, and the range counts
+            # only where activations are quantized
+            **({**rounding, "gptq": bitplan.gptq} if rounding else {}),
+            **without_unrecorded({"act_range": bitplan.act_range} if bitplan.act_bits else {}),
             "calibration": self.config.run.calibration.to_dict(),
         }
         p_inputs = {**d_inputs, "qat": plan.qat.to_dict() if plan.qat is not None else None}
@@ -850,11 +844,8 @@ class Run:
         if self.config.run.frontier and allocate.measure.priced:  # the frontier's priced table is rounded too
             named.append(("[allocate]", allocate))
         for what, c in named:
-            if c.rounding == "gptq" and c.calib_samples > n:
-                raise QBHError(
-                    f"{what} rounds by gptq on {c.calib_samples} calibration sequences but the training split has "
-                    f'{n}; set calib_samples = {n} or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
-                )
+            if c.rounding == "gptq":
+                check_calib_samples(c.calib_samples, n, what=what, fix="keys")
 
     def _execute(self) -> Path:
         from .report import write_run_report

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import GPTQConfig
+from ..config import GPTQConfig, check_calib_samples
 from ..errors import QBHError
 from ..models import BlockMap
 from .gptq import InputHessian, round_layer
@@ -213,11 +213,7 @@ def calibration_sequences(task: Any, num: int, batch_size: int, seed: int = 0) -
             "second-order rounding (gptq) calibrates on training sequences but the task's training "
             "split is empty; give training data (--data), or pass --rounding nearest"
         )
-    if num > n:
-        raise QBHError(
-            f"second-order rounding asks for {num} calibration sequences but the training split has {n}; "
-            f"pass --calib-samples {n} or fewer, or --rounding nearest"
-        )
+    check_calib_samples(num, n)
     chosen = np.random.default_rng([seed, 25]).permutation(n)[:num].tolist()
     chosen.sort(key=lambda i: (len(task.train[int(i)]["input_ids"]), i))
     return [task.batch("train", chosen[i : i + batch_size]) for i in range(0, len(chosen), batch_size)]

@@ -101,8 +101,8 @@ def test_plans_round_by_gptq_unless_told_nearest(report_dir, tiny_checkpoint, ti
     capsys.readouterr()
     assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "plan.json", tmp_path / "q") == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "qbert-hessian quantize: error: second-order rounding asks for 128 calibration sequences but the training "
-        "split has 96; pass --calib-samples 96 or fewer, or --rounding nearest"
+        "qbert-hessian quantize: error: second-order rounding (gptq) asks for 128 calibration sequences but the "
+        "training split has 96; pass --calib-samples 96 or fewer, or --rounding nearest"
     ]
     assert not (tmp_path / "q").exists()
     assert _quantize(tiny_checkpoint, tiny_data, tmp_path / "plan.json", tmp_path / "q", "--rounding", "nearest") == 0

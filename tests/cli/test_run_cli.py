@@ -228,8 +228,9 @@ def test_a_gptq_plan_asking_for_more_sequences_than_the_data_has_is_refused_befo
     cfg.write_text(CONFIG.replace('rounding = "nearest"', "").format(model=tiny_checkpoint, data=tiny_data))
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "qbert-hessian run: error: plan 'uniform-4' rounds by gptq on 128 calibration sequences but the training "
-        'split has 96; set calib_samples = 96 or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
+        "qbert-hessian run: error: plan 'uniform-4': second-order rounding (gptq) asks for 128 calibration sequences "
+        'but the training split has 96; set calib_samples = 96 or fewer, or rounding = "nearest" ([allocate] or the '
+        "plan's own)"
     ]
     assert not (tmp_path / "out").exists()
 

@@ -455,6 +455,60 @@ def test_alloc_config_records_rounding_settings_only_away_from_what_old_records_
         AllocConfig(calib_samples=0)
 
 
+# What a plan's direct-quantization and packed stages record of its rounding and activation range, pinned for the
+# plans run folders hold: each setting enters only away from its UNRECORDED value (so folders made before it was a
+# setting stay cached), and only where it changes this stage's numbers (GPTQ's table goes with gptq rounding; the
+# activation range counts only where activations are quantized).
+GPTQ_TABLE = {"calib_samples": 128, "damp": 0.01, "act_order": True, "block_size": 128}
+PLAN_SETTINGS = [
+    ({"rounding": "nearest", "act_range": "max", "act_bits": 8}, {}),  # a folder made before either setting
+    ({"rounding": "nearest", "act_range": "max", "act_bits": None}, {}),
+    ({"rounding": "nearest", "act_range": "dynamic", "act_bits": None}, {}),  # FP32 activations: no range
+    ({"rounding": "nearest", "act_range": "dynamic", "act_bits": 8}, {"act_range": "dynamic"}),
+    ({"rounding": "nearest", "act_range": "mse", "act_bits": 4}, {"act_range": "mse"}),
+    ({"rounding": "gptq", "act_range": "max", "act_bits": 8}, {"rounding": "gptq", "gptq": GPTQ_TABLE}),
+    (  # the defaults now: both recorded, and GPTQ's whole table at its 128 sequences and 1% dampening too
+        {"rounding": "gptq", "act_range": "dynamic", "act_bits": 8},
+        {"rounding": "gptq", "gptq": GPTQ_TABLE, "act_range": "dynamic"},
+    ),
+    (
+        {"rounding": "gptq", "gptq": {"calib_samples": 32, "damp": 0.05}, "act_range": "dynamic", "act_bits": None},
+        {"rounding": "gptq", "gptq": {**GPTQ_TABLE, "calib_samples": 32, "damp": 0.05}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "recorded"), PLAN_SETTINGS, ids=[str(s) for s, _ in PLAN_SETTINGS])
+def test_a_plans_stage_inputs_record_its_rounding_and_act_range_as_old_folders_hold_them(settings, recorded, tmp_path):
+    from types import SimpleNamespace
+
+    from qbert_hessian.config import CalibrationConfig
+    from qbert_hessian.pipeline import Run
+    from qbert_hessian.stages import file_fingerprint
+
+    path = tmp_path / "plan.json"
+    path.write_text("{}")
+    run = SimpleNamespace(  # what _plan_inputs reads of a run
+        _base_inputs=lambda: {"model": "m", "data": "d", "max_length": 128},
+        files=SimpleNamespace(plan=lambda name: path),
+        config=SimpleNamespace(run=SimpleNamespace(calibration=CalibrationConfig())),
+        _scoring=dict,
+    )
+    bitplan = BitPlan(model=MODEL, blocks={"encoder.0": {"bits": 4, "groups": 128}}, range_method="mse", **settings)
+    direct, packed = Run._plan_inputs(run, SimpleNamespace(name="p", qat=None), bitplan)
+    expected = {
+        "model": "m",
+        "data": "d",
+        "max_length": 128,
+        "plan": file_fingerprint(path),
+        "range_method": "mse",
+        **recorded,
+        "calibration": {"calibration_batches": 8, "batch_size": 32, "seed": 0},
+    }
+    assert direct == expected
+    assert packed == {**expected, "qat": None}
+
+
 def test_calibration_without_training_sequences_names_the_fixes():
     from types import SimpleNamespace
 
@@ -464,3 +518,24 @@ def test_calibration_without_training_sequences_names_the_fixes():
         calibration_sequences(SimpleNamespace(train=[]), 128, 8)
     with pytest.raises(QBHError, match="has 3; pass --calib-samples 3 or fewer, or --rounding nearest"):
         calibration_sequences(SimpleNamespace(train=[{"input_ids": [1]}] * 3), 128, 8)
+    assert len(calibration_sequences(SimpleNamespace(train=[{"input_ids": [1]}] * 3, batch=lambda *a: a), 3, 8)) == 1
+
+
+def test_too_many_calibration_sequences_is_one_check_with_the_fix_each_user_types():
+    """The run (before any stage) and the commands (where the sequences are drawn) refuse alike; only the fix
+    differs: run.toml keys, or the commands' flags."""
+    from qbert_hessian.config import check_calib_samples
+
+    check_calib_samples(96, 96)  # all of the split is fine
+    with pytest.raises(QBHError) as flags:
+        check_calib_samples(128, 96)
+    assert str(flags.value) == (
+        "second-order rounding (gptq) asks for 128 calibration sequences but the training split has 96; "
+        "pass --calib-samples 96 or fewer, or --rounding nearest"
+    )
+    with pytest.raises(QBHError) as keys:
+        check_calib_samples(128, 96, what="plan 'mixed-3'", fix="keys")
+    assert str(keys.value) == (
+        "plan 'mixed-3': second-order rounding (gptq) asks for 128 calibration sequences but the training split "
+        'has 96; set calib_samples = 96 or fewer, or rounding = "nearest" ([allocate] or the plan\'s own)'
+    )
