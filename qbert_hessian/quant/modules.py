@@ -246,15 +246,22 @@ class _QuantWeight:
         return (self.weight._version, self.weight.data_ptr())
 
     def qweight(self) -> Tensor:
-        """The weight the forward pass uses: Q(W), with the straight-through gradient to W."""
-        if self._frozen is not None and self._frozen_key() == self._frozen_version:
-            return self.weight
+        """The weight the forward pass uses: Q(W), with the straight-through gradient to W.
+
+        A training forward drops the held codes (:meth:`set_quantized`, :meth:`set_rounded`): the weight is about
+        to move, and the version counter cannot be trusted to say when it has (a fused optimizer step, the
+        Trainer's default, updates the weight in place without counting a version), so from the first training
+        forward on the weight is fake-quantized (on the held grid after :meth:`set_rounded`).
+        """
         if self.training and torch.is_grad_enabled():
+            self._frozen = None
             self._cache = None
             q = self._fake_quantize()
             if self.noise > 0:
                 q = self._quant_noise(q)
             return q
+        if self._frozen is not None and self._frozen_key() == self._frozen_version:
+            return self.weight
         key = (self._frozen_key(), self.weight.dtype, self._scale_key())
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():

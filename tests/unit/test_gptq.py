@@ -374,6 +374,31 @@ def test_training_starts_from_the_rounded_weights_on_their_grid(tiny_bert):
     m.eval()
 
 
+def test_a_fused_optimizer_step_that_counts_no_version_still_trains_on_the_grid(tiny_bert):
+    """The held codes are dropped at the first training forward: a fused AdamW step (the Trainer's default) moves
+    the weight without counting a version, and the forward after it must still be fake-quantized on the held grid,
+    never the moved master weight itself."""
+    qmodel = quantize_model(tiny_bert, _plan(bits=2))
+    round_gptq_(qmodel, [random_batch(99, seed=2)])
+    m = dict(quant_modules(qmodel))["bert.encoder.layer.0.attention.self.query"]
+    held = m.quantized()
+    opt = torch.optim.AdamW([m.weight], lr=0.05, fused=True)
+    m.train()
+    with torch.enable_grad():
+        m.qweight().pow(2).sum().backward()
+    version = m.weight._version
+    opt.step()
+    assert m.weight._version == version  # the case: the step is invisible to the version counter
+    on_grid = quantize_with(m.weight.detach(), held.scale, None, 2, m.grid).dequantize()
+    assert not torch.equal(m.weight.detach(), on_grid)  # the master weight moved off the grid
+    with torch.enable_grad():
+        assert torch.equal(m.qweight().detach(), on_grid)  # training forward: fake-quantized
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m.qweight(), on_grid)  # evaluation too
+    assert torch.equal(m.quantized().codes, quantize_with(m.weight.detach(), held.scale, None, 2, m.grid).codes)
+
+
 # ---------------------------------------------------------------------------------------- plans and settings
 
 

@@ -223,6 +223,7 @@ def test_qat_after_gptq_starts_from_the_rounded_model_and_trains_on_its_grid(tin
     GPTQ chose its codes on (the scales do not move with the weight), and exports what it trained."""
     from qbert_hessian.export import load_packed, save_packed
     from qbert_hessian.quant.apply import quantize_calibrated
+    from qbert_hessian.quant.functional import quantize_with
 
     model, task = tiny_task
     blocks = {f"encoder.{i}": {"bits": 2, "groups": "channel"} for i in range(2)}
@@ -232,7 +233,17 @@ def test_qat_after_gptq_starts_from_the_rounded_model_and_trains_on_its_grid(tin
     rounded = layer.quantized()
     assert layer.rounding == "gptq" and torch.equal(layer.weight.detach(), rounded.dequantize())
     cfg = QATConfig(epochs=2, lr=3e-3, batch_size=16, warmup_ratio=0.0)
+    used: list[bool] = []  # per training forward: the weight it used lies on the grid (the Trainer's fused steps)
+
+    def on_grid(module, args, output):
+        if module.training:
+            grid = quantize_with(module.weight.detach(), module.grid_scale, module.grid_zero, 2, module.grid)
+            used.append(torch.equal(module.qweight().detach(), grid.dequantize()))
+
+    hook = layer.register_forward_hook(on_grid)
     train_qat(q, task, cfg, work_dir=tmp_path / "w", teacher=model, progress=False)
+    hook.remove()
+    assert len(used) == 12 and all(used)  # 2 epochs of 96 / 16
     trained = layer.quantized()
     assert not torch.equal(layer.weight.detach(), rounded.dequantize())  # the master weights trained
     assert torch.equal(trained.scale, rounded.scale) and not torch.equal(trained.codes, rounded.codes)
