@@ -8,7 +8,8 @@ e_{b,k} = ||Q_k(W_b) - W_b||^2 measured on the real weights with the chosen grou
 
 where s_b is Q-BERT's Omega = |mean lam| + std lam (top eigenvalue over data draws; the second-order bound
 dL <= 1/2 lam ||dW||^2) or HAWQ-V2's average trace Tr(H_b) / n_b (the expected dL for an isotropic
-perturbation). The embedding tables get their own fixed widths (Q-BERT: 8 bits); token types stay FP32.
+perturbation). The embedding tables get their own fixed widths (Q-BERT: 8 bits), sized from their shapes under
+their own grouping (never priced, so any cost table serves any embedding grouping); token types stay FP32.
 ``scipy.optimize.milp`` (HiGHS) solves it to optimality with a zero gap. Q-BERT's rank rule (bits monotone
 in Omega) and uniform plans are here for comparison.
 
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import BitPlan, Frontier, QuantProfile, SensitivityReport
-from .config import AllocConfig, Assign, Budget, Deploy, Measure, Method, check_bits
+from .config import AllocConfig, Assign, Budget, Deploy, Measure, Method, check_bits, group_layout
 from .errors import QBHError
 from .names import LINEAR_PARTS
 from .onnx_format import (
@@ -203,10 +204,29 @@ def check_profile_measure(profile: QuantProfile, config: AllocConfig) -> None:
     )
 
 
+def embedding_scales(profile: QuantProfile, unit: str, groups: object) -> list[int]:
+    """The number of scales of each matrix of embedding table ``unit`` under ``groups``: r_g * c_g of its
+    :func:`~qbert_hessian.config.group_layout` grid (``channel``: one per row). A table's size follows from its
+    shape alone, so every cost table sizes it under every grouping: a priced table (which holds the encoder's
+    grouping only) as well as ``measure_profile``'s, whose recorded scales are these counts.
+
+    Raises:
+        QBHError: ``groups`` does not divide the table, or is ``heads``, in one line naming the table and the fix.
+    """
+    return [
+        rg * cg
+        for rg, cg in (group_layout((r, c), groups, kind="embedding", name=unit) for r, c in profile.unit(unit).shapes)
+    ]
+
+
 def build_problem(
     report: SensitivityReport, profile: QuantProfile, config: AllocConfig
 ) -> tuple[Problem, dict[str, int]]:
-    """The knapsack of ``report`` and its cost table ``profile`` under ``config``, and the embedding widths."""
+    """The knapsack of ``report`` and its cost table ``profile`` under ``config``, and the embedding widths.
+
+    The encoder units' costs and sizes come from the table at ``config.groups``; the embedding tables are sized
+    from their shapes at ``config.embedding_groups`` (:func:`embedding_scales`), whatever groupings the table holds.
+    """
     if not isinstance(profile, QuantProfile):
         raise QBHError(
             "allocate needs the quantization profile: measure_profile(model, profile_units(...)) or profile.json"
@@ -234,16 +254,21 @@ def build_problem(
     act = config.act_bits is not None and config.act_range != "dynamic"  # a stored range per linear's input
     scale_bytes = 2 + (0 if profile.symmetric else 1)
 
+    def scales(unit: str, groups: object) -> list[int]:
+        if unit in emb:  # sized, never priced: from its shape, under any grouping
+            return embedding_scales(profile, unit, groups)
+        return profile.unit(unit).cost(groups).scales
+
     def data_bytes(unit: str, bits: int, groups: object) -> int:
         u = profile.unit(unit)
         codes = sum(packed_bytes(r * c, bits) for r, c in u.shapes)
-        return codes + u.cost(groups).num_scales * scale_bytes + (4 * u.num_linears if act else 0)
+        return codes + sum(scales(unit, groups)) * scale_bytes + (4 * u.num_linears if act else 0)
 
     def quantized(unit: str, bits: int, groups: object) -> dict[str, QuantizedWeight]:
         u = profile.unit(unit)
-        scales = u.cost(groups).scales
         return {
-            k: QuantizedWeight(bits, r * c, n, profile.symmetric) for k, (r, c), n in zip(u.weights, u.shapes, scales)
+            k: QuantizedWeight(bits, r * c, n, profile.symmetric)
+            for k, (r, c), n in zip(u.weights, u.shapes, scales(unit, groups))
         }
 
     fp32 = [TensorSpec(n, d, tuple(s)) for n, d, s in profile.tensors]

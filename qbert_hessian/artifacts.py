@@ -481,8 +481,9 @@ class QuantProfile(Artifact):
     setting existed) for the weight perturbation ||Q_b(W) - W||^2 of round-to-nearest, the table the ``omega`` and
     ``trace`` measures weigh by sensitivity; ``quadratic`` or ``measured`` for a priced loss change with only that
     unit quantized, made with ``rounding`` (and, for ``gptq``, the settings in ``gptq``). A priced profile holds
-    entries for its encoder units only (its embedding units carry their scales, for the sizes); a plan is only made
-    from a profile of its own measure and rounding (:func:`~qbert_hessian.allocate.build_problem`).
+    entries for its encoder units only (its embedding units carry their scales under its groupings; the allocator
+    sizes the embedding tables from their shapes under any grouping); a plan is only made from a profile of its own
+    measure and rounding (:func:`~qbert_hessian.allocate.build_problem`).
     """
 
     SCHEMA: ClassVar[str] = PROFILE_SCHEMA

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .errors import QBHError
 
@@ -36,6 +36,47 @@ def parse_groups(value: object) -> Groups:
     if g < 1 or (isinstance(value, float) and value != g):
         raise QBHError(f"groups '{value}' is not valid; use 1, a positive integer G, heads or channel")
     return g
+
+
+Kind = Literal["qkv", "attn_out", "ffn", "embedding"]  # how a matrix is grouped (``group_layout``)
+
+
+def group_layout(
+    shape: tuple[int, int], groups: Groups, *, kind: Kind, num_heads: int | None = None, name: str = "weight"
+) -> tuple[int, int]:
+    """The ``(row_groups, col_groups)`` grid of a weight of ``shape`` (out, in) under ``groups``: one scale per
+    cell (``quant/functional.py`` rounds on it). It follows from the shape alone, so the allocator sizes a matrix
+    under any grouping without torch.
+
+    Example: query (384, 384), 12 heads, ``heads`` -> (12, 1); attention output -> (1, 12); ``128`` -> (128, 1);
+    ``channel`` -> (384, 1); an embedding table (30522, 384) under ``channel`` -> (30522, 1).
+
+    Raises:
+        QBHError: the grouping does not divide the matrix, or ``heads`` without heads.
+    """
+    out_f, in_f = shape
+    groups = parse_groups(groups)
+    if groups == "channel":
+        return out_f, 1
+    if groups == "heads":
+        if kind == "embedding" or not num_heads:
+            raise QBHError(f"{name}: groups 'heads' needs attention heads; use 1, an integer or channel")
+        grid = (1, num_heads) if kind == "attn_out" else (num_heads, 1)
+    elif kind == "attn_out" and num_heads and groups % num_heads == 0 and groups > 1:
+        grid = (groups // num_heads, num_heads)
+    else:
+        grid = (int(groups), 1)
+    if out_f % grid[0] or in_f % grid[1]:
+        fix = (
+            f"a divisor of its {out_f} rows or channel"
+            if kind == "embedding"
+            else "a divisor of the matrix size, heads or channel"
+        )
+        raise QBHError(
+            f"{name}: groups={groups} do not divide its {out_f}x{in_f} weight into a {grid[0]}x{grid[1]} grid; "
+            f"choose {fix}"
+        )
+    return grid
 
 
 BIT_RANGES = {"weight": (2, 8), "embedding": (2, 8), "activation": (2, 16)}

@@ -67,7 +67,7 @@ def choose_block(in_features: int, col_groups: int, bits: int, *, symmetric: boo
 
 
 def col_groups_of(kind: str, groups: int | str, num_heads: int | None) -> int:
-    """The column groups of a weight (``quant/functional.group_layout``'s second factor) without torch: per-head
+    """The column groups of a weight (``config.group_layout``'s second factor) without its shape: per-head
     columns on the attention output (``heads``, or an integer multiple of the heads), else one."""
     if kind != "attn_out" or not num_heads:
         return 1

@@ -496,14 +496,13 @@ class Run:
         """The cost table a plan of ``config`` is made from, its plan's ``source`` and the cache inputs it adds
         (none for omega and trace, so run folders made before priced measures match)."""
         from . import stages
-        from .quant.profile import with_embedding_sizes
 
         if not config.measure.priced:
             return profile, source, {}
         path = stages.priced_profile_path(self.files.sensitivity, config)
         fp = stages.file_fingerprint(path)
         mine = {**source, "profile": path.relative_to(self.out).as_posix(), "priced": fp}
-        return with_embedding_sizes(priced[path], config.embedding_groups), mine, {"priced": fp}
+        return priced[path], mine, {"priced": fp}
 
     def _priced_profiles(self, report: SensitivityReport) -> dict[Path, QuantProfile]:
         """The priced cost tables the run's plans ask for (measure ``quadratic`` or ``measured``), one per measure,

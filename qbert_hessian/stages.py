@@ -54,7 +54,6 @@ from .quant.profile import (
     measure_priced_profile,
     measure_profile,
     profile_units,
-    with_embedding_sizes,
 )
 from .run_config import ResolvedPlan, resolve_plan
 from .run_folder import PROFILE_FILE
@@ -577,7 +576,7 @@ def plan_profile(
             and have.inputs.get("draws") == draws_fp
             and have.inputs.get("calibration") == calib
         ):
-            return with_embedding_sizes(have, config.embedding_groups)
+            return have
     what = f"{config.measure.value} losses with {config.rounding} rounding"
     if model is None:
         raise QBHError(
@@ -597,7 +596,7 @@ def plan_profile(
         raise QBHError(f"--model {model} is not the report's model ({report.model.get('name')}); pass that one")
     fp32, task = load_for_task(model, raw, max_length=int(report.config.get("max_length", 128)), eager=True)
     check_groups(fp32, [b.name for b in report.blocks if b.name.startswith("encoder.")], config.groups)
-    priced = priced_profile(
+    return priced_profile(
         fp32,
         task,
         report,
@@ -610,7 +609,6 @@ def plan_profile(
         model_fp=model_fingerprint(model),
         progress=progress,
     )
-    return with_embedding_sizes(priced, config.embedding_groups)
 
 
 # --------------------------------------------------------------------------------------------------- planning

@@ -17,7 +17,9 @@ Groupings (Shen et al. 2020, Q-BERT Sec. 3.3): ``1`` one scale per matrix; ``hea
 (query/key/value: the rows of each head; attention output: the input columns of each head; FFN matrices:
 ``num_heads`` contiguous output-row buckets, so every matrix of a layer has as many groups); an integer G
 (G groups per matrix as contiguous output-row buckets; for the attention output, when num_heads divides G,
-G / num_heads row buckets inside each head's columns); ``channel`` one scale per output row.
+G / num_heads row buckets inside each head's columns); ``channel`` one scale per output row. The grid of a
+grouping (:func:`group_layout`) follows from the shape alone, so it lives torch-free in ``config.py``, where the
+allocator sizes every matrix with it too; it is re-exported here.
 
 Activations (Zafrir et al. 2019, Q8BERT): symmetric b-bit with a static range [-amax, amax] (an EMA of max|x|,
 or a percentile or MSE clipping calibrated in ``ranges.py``), s = amax / (2^(b-1) - 1); or dynamic per token
@@ -29,16 +31,15 @@ The straight-through estimator passes gradients unchanged inside the clipping ra
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..config import Groups, check_bits, parse_groups
-from ..errors import QBHError
+from ..config import Kind as Kind
+from ..config import group_layout as group_layout
 from .ranges import check_range_method, choose_range, code_range, decode, encode, fp16_up, learned_step
 
-Kind = Literal["qkv", "attn_out", "ffn", "embedding"]
 _fp16_up = fp16_up  # the name the rest of the package and its tests know
 
 
@@ -56,37 +57,6 @@ class QuantSpec:
         check_bits(self.bits)
         object.__setattr__(self, "groups", parse_groups(self.groups))
         check_range_method(self.range_method)
-
-
-def group_layout(
-    shape: tuple[int, int], groups: Groups, *, kind: Kind, num_heads: int | None = None, name: str = "weight"
-) -> tuple[int, int]:
-    """The ``(row_groups, col_groups)`` grid of a weight of ``shape`` (out, in) under ``groups``.
-
-    Example: query (384, 384), 12 heads, ``heads`` -> (12, 1); attention output -> (1, 12); ``128`` -> (128, 1);
-    ``channel`` -> (384, 1).
-
-    Raises:
-        QBHError: the grouping does not divide the matrix, or ``heads`` without heads.
-    """
-    out_f, in_f = shape
-    groups = parse_groups(groups)
-    if groups == "channel":
-        return out_f, 1
-    if groups == "heads":
-        if kind == "embedding" or not num_heads:
-            raise QBHError(f"{name}: groups 'heads' needs attention heads; use 1, an integer or channel")
-        grid = (1, num_heads) if kind == "attn_out" else (num_heads, 1)
-    elif kind == "attn_out" and num_heads and groups % num_heads == 0 and groups > 1:
-        grid = (groups // num_heads, num_heads)
-    else:
-        grid = (int(groups), 1)
-    if out_f % grid[0] or in_f % grid[1]:
-        raise QBHError(
-            f"{name}: groups={groups} do not divide its {out_f}x{in_f} weight into a {grid[0]}x{grid[1]} grid; "
-            "choose a divisor of the matrix size, heads or channel"
-        )
-    return grid
 
 
 def to_groups(w: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -295,30 +295,6 @@ def _measured(
     return out
 
 
-def with_embedding_sizes(profile: QuantProfile, groups: object) -> QuantProfile:
-    """``profile`` with every embedding table sized under ``groups`` too (its scales; no errors). An embedding table
-    is sized by the allocator, never priced, and its size under a grouping follows from its shape alone, so a
-    priced cost table (whose groupings are the encoder's) serves a plan whose embeddings are grouped otherwise;
-    a grouping that does not divide a table is recorded under its ``unavailable``, as :func:`measure_profile`
-    does."""
-    key = str(parse_groups(groups))
-    units = dict(profile.units)
-    for name, unit in profile.units.items():
-        if name.startswith("encoder.") or key in unit.groups or key in unit.unavailable:
-            continue
-        try:
-            grids = [
-                group_layout((r, c), parse_groups(groups), kind="embedding", name=w)
-                for w, (r, c) in zip(unit.weights, unit.shapes)
-            ]
-        except QBHError as exc:
-            units[name] = dataclasses.replace(unit, unavailable={**unit.unavailable, key: str(exc)})
-            continue
-        sized = GroupCost([rg * cg for rg, cg in grids], {})
-        units[name] = dataclasses.replace(unit, groups={**unit.groups, key: sized})
-    return dataclasses.replace(profile, units=units)
-
-
 def measure_priced_profile(
     model: nn.Module,
     units: Sequence[str],

@@ -12,13 +12,23 @@ import numpy as np
 import pytest
 import torch
 
-from qbert_hessian.allocate import AllocConfig, Budget, allocate_bits, build_problem, solve_brute_force, solve_milp
-from qbert_hessian.artifacts import GroupCost, QuantProfile
+from qbert_hessian.allocate import (
+    AllocConfig,
+    Budget,
+    allocate_bits,
+    build_problem,
+    embedding_scales,
+    solve_brute_force,
+    solve_milp,
+    uniform_plan,
+)
+from qbert_hessian.artifacts import BlockSensitivity, GroupCost, QuantProfile, SensitivityReport
 from qbert_hessian.config import GPTQConfig
 from qbert_hessian.errors import QBHError
 from qbert_hessian.models import BlockMap
+from qbert_hessian.packed_format import packed_bytes
 from qbert_hessian.quant.functional import group_layout, quantize
-from qbert_hessian.quant.profile import measure_priced_profile, quantized_unit
+from qbert_hessian.quant.profile import measure_priced_profile, measure_profile, profile_units, quantized_unit
 from tests.helpers import dense_block_hessian, random_batch
 from tests.unit.test_allocate import synthetic_report
 
@@ -207,27 +217,66 @@ def test_uniform_and_combinations_cover_every_choice():
     assert problem.objective(solve_brute_force(problem, Budget(avg_bits=8.0))) == min(map(problem.objective, every))
 
 
-def test_embedding_sizes_under_another_grouping_equal_the_measured_profiles(micro_bert):
-    """A priced table holds the encoder's grouping only; the embeddings' size under theirs (per row) is added from
-    their shapes and equals what measure_profile records for them, while the encoder's priced entries stay as
-    they are and a grouping that does not divide a table is recorded as unavailable."""
-    from qbert_hessian.quant.profile import measure_profile, profile_units, with_embedding_sizes
+EMBEDDINGS = ("embeddings.word", "embeddings.position")
 
+
+@pytest.fixture(scope="module")
+def micro_tables(micro_bert):
+    """micro_bert's report (its one layer) and two cost tables of the same units: a priced one, which holds the
+    encoder's grouping (1) only, and the omega table measured under every grouping the tests plan with."""
     block_map = BlockMap(micro_bert)
-    units = profile_units(block_map, [f"encoder.{i}" for i in range(block_map.num_layers)])
+    units = profile_units(block_map, ["encoder.0"])
     draws = _draws(micro_bert.config.vocab_size)
-    priced = measure_priced_profile(micro_bert, units, draws, measure="measured", bits=(2,), groups=(1,))
-    emb = [u for u in units if not u.startswith("encoder.")]
-    assert emb and all("channel" not in priced.units[u].groups for u in emb)
-    sized = with_embedding_sizes(priced, "channel")
-    measured = measure_profile(micro_bert, units, bits=(2,), groups=("channel",))
-    for u in emb:
-        assert sized.units[u].groups["channel"].scales == measured.units[u].groups["channel"].scales
-        assert sized.units[u].groups["channel"].error == {}
-    for u in units:
-        if u.startswith("encoder."):
-            assert sized.units[u] == priced.units[u]
-    odd = with_embedding_sizes(priced, 7)  # 7 divides none of the tables' row counts here
-    for u in emb:
-        assert all(r % 7 for r, _ in priced.units[u].shapes)
-        assert "7" in odd.units[u].unavailable and "7" not in odd.units[u].groups
+    priced = measure_priced_profile(micro_bert, units, draws, measure="measured", bits=BITS, groups=(1,))
+    weights = measure_profile(micro_bert, units, bits=BITS, groups=(1, "channel", 2, 7))
+    n = sum(p.numel() for p in block_map.parameters(UNIT))
+    block = BlockSensitivity(UNIT, n, [3.0], 3.0, 0.0, 3.0, [5], [True], 0.1, normalized_trace=0.3)
+    report = SensitivityReport(model=weights.model, task="t", config={}, draws=[], blocks=[block], pending=[])
+    return report, priced, weights
+
+
+def _plan_config(profile: QuantProfile, embedding_groups: object) -> AllocConfig:
+    """A plan of ``profile``'s measure (nearest rounding): encoder groups 1, embeddings under ``embedding_groups``."""
+    measure = profile.measure or "omega"
+    return AllocConfig(bits=BITS, groups=1, measure=measure, rounding="nearest", embedding_groups=embedding_groups)
+
+
+@pytest.mark.parametrize("embedding_groups", ["channel", 2])
+def test_priced_table_sizes_the_embeddings_under_any_grouping(micro_tables, embedding_groups):
+    """The embeddings' size under their grouping follows from their shapes: a priced table, which holds none of
+    their grouping, gives the same embedding bytes and the same predicted file, choice by choice, as the omega
+    table measured under that grouping; both are the packed format's bytes of the shapes' grid."""
+    report, priced, weights = micro_tables
+    assert all(str(embedding_groups) not in priced.units[u].groups for u in EMBEDDINGS)
+    p, _ = build_problem(report, priced, _plan_config(priced, embedding_groups))
+    w, _ = build_problem(report, weights, _plan_config(weights, embedding_groups))
+    emb_bytes = 0
+    for u in EMBEDDINGS:
+        ((rows, cols),) = priced.units[u].shapes
+        scales = rows if embedding_groups == "channel" else embedding_groups
+        assert weights.units[u].groups[str(embedding_groups)].scales == [scales]  # what measure_profile records
+        assert embedding_scales(priced, u, embedding_groups) == [scales]
+        emb_bytes += packed_bytes(rows * cols, 8) + 2 * scales  # 8-bit codes, one fp16 scale per group
+    assert p.emb_bytes == w.emb_bytes == emb_bytes
+    assert p.fixed_bytes == w.fixed_bytes
+    np.testing.assert_array_equal(p.cost, w.cost)
+    assert [p.packed_bytes([k]) for k in range(len(BITS))] == [w.packed_bytes([k]) for k in range(len(BITS))]
+    plans = [uniform_plan(report, t, 2, _plan_config(t, embedding_groups)) for t in (priced, weights)]
+    assert plans[0].predicted["bytes"] == plans[1].predicted["bytes"]
+    assert plans[0].predicted["embeddings"] == plans[1].predicted["embeddings"]
+    assert plans[0].blocks["embeddings.word"]["groups"] == embedding_groups
+
+
+def test_an_embedding_grouping_that_does_not_divide_a_table_is_refused(micro_tables):
+    """7 divides neither table (30 and 16 rows): any table refuses the plan in the line measure_profile records."""
+    report, priced, weights = micro_tables
+    for table in (priced, weights):
+        with pytest.raises(QBHError) as info:
+            build_problem(report, table, _plan_config(table, 7))
+        assert str(info.value) == weights.units["embeddings.word"].unavailable["7"]
+        assert str(info.value) == (
+            "embeddings.word: groups=7 do not divide its 30x8 weight into a 7x1 grid; choose a divisor of its 30 rows "
+            "or channel"
+        )
+        with pytest.raises(QBHError, match="embeddings.word: groups 'heads' needs attention heads"):
+            build_problem(report, table, _plan_config(table, "heads"))
