@@ -750,6 +750,12 @@ class Run:
             inputs=inputs,
         )
         result.save(self.files.metrics(plan.name))
+        if training is not None:
+            from .qat import kept_score_mismatch
+
+            problem = kept_score_mismatch(training.best_metric, result.metrics, task.family)
+            if problem:
+                logger.warning("plan '%s': %s", plan.name, problem)
         return result
 
     def _onnx(self, plan: ResolvedPlan, bitplan: BitPlan) -> StageResult:

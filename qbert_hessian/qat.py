@@ -295,6 +295,37 @@ def train_qat(
     }
 
 
+def kept_score_mismatch(best_metric: float | None, metrics: Mapping[str, float], family: str) -> str | None:
+    """Where the packed checkpoint's score disagrees with the score QAT kept its model by, what to say; else None.
+
+    The Trainer scores the trained fake-quantized model on the dev split and keeps the best checkpoint by the
+    family's main metric; the packed checkpoint made from that model, scored on the same split, must score the
+    same. Float noise may flip a prediction or two, and under torchrun the activation ranges are averaged over
+    the ranks after that score was taken: a difference is reported only beyond 0.005 or two examples' worth,
+    whichever is larger. (A QAT bug that trained unrounded weights showed exactly this way: 0.007 to 0.015.)
+
+    Args:
+        best_metric: the Trainer's score of the kept model (``train_qat``'s ``best_metric``; None: nothing to
+            compare).
+        metrics: the packed checkpoint's scores (:func:`~qbert_hessian.evaluate.evaluate`).
+        family: the task family (picks the main metric).
+    """
+    from .tasks import main_metric
+
+    metric = main_metric(family)
+    if best_metric is None or metric not in metrics:
+        return None
+    packed = float(metrics[metric])
+    tolerance = max(0.005, 2 / max(1, int(metrics.get("num_examples", 1))))
+    if abs(packed - best_metric) <= tolerance:
+        return None
+    return (
+        f"the packed checkpoint scores {metric} {packed:.4f} where QAT's own evaluation of the model it kept scored "
+        f"{best_metric:.4f} (tolerance {tolerance:.4f}): the packed weights are not the model that was trained and "
+        "scored; the row holds the packed checkpoint's score; please report this with the run folder's qat.json"
+    )
+
+
 def _training_args(
     config: QATConfig,
     work: Path,

@@ -52,6 +52,7 @@ __all__ = [
     "subset",
     "dev_subset",
     "task_scores",
+    "main_metric",
     "tokenize_task",
     "trainer_setup",
 ]
@@ -153,6 +154,11 @@ class TrainerSetup:
     collator: Callable[[list[dict[str, Any]]], dict]
 
 
+def main_metric(family: str) -> str:
+    """The family's main dev metric, the one QAT keeps checkpoints by: ``accuracy``, entity ``f1`` or SQuAD ``f1``."""
+    return _FAMILY[family].main_metric
+
+
 def trainer_setup(task: Task) -> TrainerSetup:
     """The family's main dev metric (accuracy / entity F1 / SQuAD F1), its ``compute_metrics`` and collator."""
 
@@ -162,8 +168,7 @@ def trainer_setup(task: Task) -> TrainerSetup:
             predictions = predictions[0]
         return task_scores(task, "dev", predictions, pred.label_ids)
 
-    family = _FAMILY[task.family]
-    return TrainerSetup(family.main_metric, True, compute, collator(task.family, task.tokenizer))
+    return TrainerSetup(main_metric(task.family), True, compute, collator(task.family, task.tokenizer))
 
 
 def pad_stack(rows: Sequence[np.ndarray], value: float = -100) -> np.ndarray:

@@ -16,6 +16,7 @@ from qbert_hessian.qat import (
     distillation_loss,
     distillation_objective,
     hidden_state_loss,
+    kept_score_mismatch,
     output_logits,
     soft_cross_entropy,
     train_qat,
@@ -289,3 +290,24 @@ def test_qat_evaluates_in_the_datasets_order_when_training_groups_by_length(tmp_
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
             assert torch.allclose(torch.from_numpy(out.predictions[i, : len(ids[0])]), logits, atol=1e-5), i
     assert out.metrics["test_f1"] == evaluate(model, task)["f1"]
+
+
+@pytest.mark.parametrize(
+    ("family", "best", "metrics", "flagged"),
+    [
+        ("classification", 0.8934, {"accuracy": 0.8934, "f1": 0.1, "num_examples": 872}, False),
+        ("classification", 0.8934, {"accuracy": 0.8865, "num_examples": 872}, True),  # SST-2 as the bug showed
+        ("classification", 0.8934, {"accuracy": 0.8911, "num_examples": 872}, False),  # two sentences flipped
+        ("qa", 0.579, {"f1": 0.567, "exact_match": 0.579, "num_examples": 2000}, True),  # SQuAD as the bug showed
+        ("qa", 0.579, {"f1": 0.5775, "exact_match": 0.3, "num_examples": 2000}, False),
+        ("token", 0.70, {"f1": 0.64, "accuracy": 0.70, "num_examples": 24}, False),  # under two of 24 sentences
+        ("token", 0.70, {"f1": 0.50, "accuracy": 0.70, "num_examples": 24}, True),
+        ("token", None, {"f1": 0.50, "num_examples": 24}, False),  # nothing to compare
+    ],
+)
+def test_a_packed_score_that_disagrees_with_qats_kept_score_is_reported(family, best, metrics, flagged):
+    problem = kept_score_mismatch(best, metrics, family)
+    assert (problem is not None) == flagged
+    if flagged:
+        main = "accuracy" if family == "classification" else "f1"
+        assert f"{main} {metrics[main]:.4f}" in problem and f"scored {best:.4f}" in problem
