@@ -52,7 +52,6 @@ from .config import AllocConfig, Assign, Budget, Deploy, Measure, Method, check_
 from .errors import QBHError
 from .names import LINEAR_PARTS
 from .onnx_format import (
-    col_groups_of,
     graph_tolerance,
     initializer_bytes,
     nbits_tensors,
@@ -339,7 +338,7 @@ def _price_onnx(
         u = profile.unit(unit)
         out = {}
         for key, shape, kind in zip(u.weights, u.shapes, _weight_kinds(unit, profile), strict=True):
-            cols = col_groups_of(kind, groups, heads)  # type: ignore[arg-type]
+            cols = group_layout(shape, groups, kind=kind, num_heads=heads, name=key)[1]  # type: ignore[arg-type]
             out[key] = ((int(shape[0]), int(shape[1])), bits, cols, kind == "embedding")
         return out
 

@@ -66,16 +66,6 @@ def choose_block(in_features: int, col_groups: int, bits: int, *, symmetric: boo
     return min(sizes, key=lambda b: (cost(b), -b)) if sizes else None
 
 
-def col_groups_of(kind: str, groups: int | str, num_heads: int | None) -> int:
-    """The column groups of a weight (``config.group_layout``'s second factor) without its shape: per-head
-    columns on the attention output (``heads``, or an integer multiple of the heads), else one."""
-    if kind != "attn_out" or not num_heads:
-        return 1
-    if groups == "heads" or (isinstance(groups, int) and groups > 1 and groups % num_heads == 0):
-        return num_heads
-    return 1
-
-
 def _varint(n: int) -> int:
     return max(1, math.ceil(n.bit_length() / 7))
 
