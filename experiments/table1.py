@@ -9,13 +9,16 @@ each section's results table by its column names, never from a run folder: the s
 each run (their run folders need not exist here). Where a setting ran at several seeds (plans named
 ``NAME-seedN``), ours is the mean and the sample standard deviation over the seeds.
 
-A task's main section is the first of :attr:`Task.sections` that holds every required setting (else the first
-that exists); a task with none gets one row saying so. Its supplementary sections (:attr:`Task.supplements`: other
-runs of the task, each with its own FP32 row, e.g. one that trains on the full training split) add rows: for each
-setting, after the main section's row, every supplementary section that exists and has that setting adds its row,
-a QAT row labelled with the supplement's suffix (", 1 full epoch"). A QAT setting that two sections share has a
-row from each (two training runs, each against its own FP32); a direct setting that two sections share is one
-row, the first's (a direct row trains nothing). Every delta is
+A task's main section is the first of :attr:`Task.sections` that exists (a run stopped part-way included: a
+required setting it lacks gets a row saying so); a task with none gets one row saying so. Its supplementary
+sections (:attr:`Task.supplements`: other runs of the task, each with its own FP32 row, e.g. one that trains on
+the full training split) add rows: for each setting, after the main section's row, every supplementary section
+that exists and has that setting adds its row, a QAT row labelled with the supplement's suffix (", 1 full
+epoch"). A QAT setting that two sections share has a row from each (two training runs, each against its own
+FP32); a direct setting that two sections share is one row, the first's (a direct row trains nothing). A
+supplement of another model (``other_model``: SQuAD trained on the local split) adds rows only for the settings the
+main section lacks, every one of them labelled with its suffix, and stands in README's short table where the main
+section has no row, marked so. Every delta is
 against the FP32 row of the section the row comes from, named in the table's last column. Theirs are in
 :data:`PUBLISHED`, each with where it was checked.
 """
@@ -50,17 +53,22 @@ def _write_results():
 class Supplement:
     """A section that adds rows to a task's main section: another run of the task, scored against its own FP32
     row. ``suffix`` is appended to the labels of its QAT rows (what sets its training apart, e.g. ", 1 full
-    epoch"; "" for a run that trains as the main section does); its direct rows keep the setting's label."""
+    epoch"; "" for a run that trains as the main section does); its direct rows keep the setting's label.
+
+    ``other_model`` names a run of another FP32 model (``suffix`` says which): it adds rows only for the settings
+    the main section lacks, each labelled with ``suffix`` (its direct rows too: they measure another model), and
+    README's short table shows them where the main section has none, marked ``(other_model)``."""
 
     section: str
     suffix: str
+    other_model: str = ""
 
 
 @dataclass(frozen=True)
 class Task:
     """One task of the table: its score column in the sections' tables, the sections that can feed it, in order
-    of preference (the first that holds every required setting, else the first that exists, is its main section),
-    and the sections that supplement the main one, in the order their rows follow it."""
+    of preference (the first that exists is its main section), and the sections that supplement the main one, in
+    the order their rows follow it (a supplement that is the main section adds nothing)."""
 
     name: str
     metric: str
@@ -69,6 +77,7 @@ class Task:
 
 
 FULL_EPOCH = ", 1 full epoch"  # QAT over every sentence of the task's training split once
+LOCAL_SPLIT = ", local split"  # SQuAD's model trained on 11 train articles and half of dev, scored on the other half
 
 TASKS = (
     Task(
@@ -79,8 +88,13 @@ TASKS = (
     ),
     Task("MNLI-m", "accuracy", ("mnli_minilm",)),
     Task("CoNLL-03", "entity F1", ("conll03_minilm",), (Supplement("conll03_minilm_full", FULL_EPOCH),)),
-    # trained on SQuAD's train split when that run's section exists; else the local split of 11 train articles
-    Task("SQuAD v1.1", "F1", ("squad_full_minilm", "squad_minilm")),
+    # trained on SQuAD's train split when that run's section exists, the local split's run filling its gaps
+    Task(
+        "SQuAD v1.1",
+        "F1",
+        ("squad_full_minilm", "squad_minilm"),
+        (Supplement("squad_minilm", LOCAL_SPLIT, other_model="local split"),),
+    ),
 )
 
 
@@ -218,7 +232,7 @@ class TaskResult:
     task: Task
     section: Section | None
     rows: list[Row]
-    passed_over: tuple[str, ...] = ()  # preferred sections not used: "NAME not written yet" / "NAME incomplete"
+    passed_over: tuple[str, ...] = ()  # preferred sections not written yet: "NAME not written yet"
     supplements: tuple[Section, ...] = ()  # the supplementary sections that exist, in the task's order
 
 
@@ -297,11 +311,6 @@ def collect(section: Section, task: Task, setting: Setting) -> Row | None:
     return Row(setting, list(by_seed.values()), list(by_seed), first, section.name, setting.label)
 
 
-def _complete(task: Task, section: Section) -> bool:
-    """Whether ``section`` holds every required setting (a run stopped part-way does not yet)."""
-    return all(collect(section, task, s) is not None for s in SETTINGS if s.required)
-
-
 def _baseline(task: Task, section: Section) -> float:
     """The section's FP32 score in points: every delta of its rows is against it, so there must be one."""
     row = collect(section, task, SETTINGS[0])
@@ -331,20 +340,12 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
     """The rows of ``task``: per setting, the main section's (the first of ``task.sections`` that holds every
     required setting, else the first that exists; no rows when none does), then each supplementary section's
     that exists, as the module docstring says."""
-    chosen: tuple[str, Section] | None = None
-    for candidate in (s for s in task.sections if s in sections):  # parsed in order, up to the first complete
-        parsed = parse_section(candidate, sections[candidate])
-        complete = _complete(task, parsed)
-        if chosen is None or complete:
-            chosen = (candidate, parsed)
-        if complete:
-            break
-    if chosen is None:
+    name = next((s for s in task.sections if s in sections), None)
+    if name is None:
         return TaskResult(task, None, [])
-    name, section = chosen
-    before = task.sections[: task.sections.index(name)]
-    passed_over = tuple(f"{s} incomplete" if s in sections else f"{s} not written yet" for s in before)
-    present = (sup for sup in task.supplements if sup.section in sections)
+    section = parse_section(name, sections[name])
+    passed_over = tuple(f"{s} not written yet" for s in task.sections[: task.sections.index(name)])
+    present = (sup for sup in task.supplements if sup.section in sections and sup.section != name)
     supplements = [(sup, parse_section(sup.section, sections[sup.section])) for sup in present]
     base = _baseline(task, section)
     bases = [_baseline(task, parsed) for _, parsed in supplements]
@@ -357,11 +358,14 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
             rows.append(replace(row, baseline=base))
         if setting is SETTINGS[0]:
             continue  # each supplement's FP32 row is the baseline of its own rows, not a row of the table
+        lacks = row is None or not row.values
         for (sup, parsed), sup_base in zip(supplements, bases, strict=True):
+            if sup.other_model and not lacks:
+                continue
             row = collect(parsed, task, setting)
             if row is not None:
-                label = setting.label + (sup.suffix if setting.trained else "")
-                _add(rows, replace(row, label=label, baseline=sup_base), setting.trained)
+                label = setting.label + (sup.suffix if setting.trained or sup.other_model else "")
+                _add(rows, replace(row, label=label, baseline=sup_base), setting.trained or bool(sup.other_model))
     return TaskResult(task, section, rows, passed_over, tuple(parsed for _, parsed in supplements))
 
 
@@ -449,7 +453,9 @@ def results_section(results: list[TaskResult]) -> str:
         "runs of the task, each with its own FP32 row; Sources names them), each setting's rows together. A QAT "
         f"row labelled '{FULL_EPOCH}' trained one epoch over the task's whole training split. A QAT setting that "
         "two sections share has a row from each (two training runs, each against its own FP32); a direct setting "
-        "they share is shown once, from the first.",
+        f"they share is shown once, from the first. A row labelled '{LOCAL_SPLIT}' comes from SQuAD's run on the "
+        "local split (another FP32 model: trained on 11 train articles and half of dev, scored on the other half), "
+        "shown only for a setting the run on SQuAD's training split lacks.",
         "",
         "Sources: " + "; ".join(fed) + ".",
         "",
@@ -488,12 +494,18 @@ def readme_table(results: list[TaskResult]) -> str:
         for r in res.rows:  # a setting measured in two sections: the main section's (the first) row
             if r.values:
                 rows.setdefault(r.label, r)
+        present = {s.name for s in res.supplements}
+        stand_ins = [sup for sup in res.task.supplements if sup.other_model and sup.section in present]
         cells = [f"{res.rows[0].mean:.2f}"]
         for label in (*settings, full):
-            row = rows.get(label)
+            row, mark = rows.get(label), ""
+            for sup in stand_ins if row is None else ():  # another model's row, where the main section has none
+                row, mark = rows.get(label + sup.suffix), f" ({sup.other_model})"
+                if row is not None:
+                    break
             spread = "" if row is None or row.std is None else f" (± {row.std:.2f}, n={len(row.values)})"
             missing = "-" if label == full else "not run"
-            cells.append(missing if row is None else f"{row.delta:+.2f}{spread}")
+            cells.append(missing if row is None else f"{row.delta:+.2f}{spread}{mark}")
         cells += [_published("Q-BERT", res.task.name, s)[1] for s in ("2-bit", "mp-2/3")]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     sources = ", ".join(
@@ -507,7 +519,9 @@ def readme_table(results: list[TaskResult]) -> str:
             "",
             "Points against the FP32 baseline of the section each number comes from (the FP32 column: the task's "
             f"main section; sections: {sources}; ± the sample std over n seeds). Full data: QAT mixed 2/3 from "
-            "GPTQ's codes trained one epoch over the task's whole training split. Written by "
+            "GPTQ's codes trained one epoch over the task's whole training split. A cell marked (local split): where "
+            "SQuAD's run on its training split has no such row, the run on the local split (another FP32 model, "
+            "trained on 11 train articles and half of dev, scored on the other half), against its own FP32. Written by "
             "`python experiments/table1.py`, whose full table (TernaryBERT, compression, budgets, seeds, sources) "
             "heads [experiments/RESULTS.md](experiments/RESULTS.md).",
         ]

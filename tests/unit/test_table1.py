@@ -140,7 +140,7 @@ def test_columns_by_name_seeds_aggregated_and_missing_tasks_say_so(table1, tmp_p
     assert "| MNLI-m (accuracy) | not run yet |" in short and short.endswith("\n\nMore.\n")
 
 
-def test_rerun_replaces_the_section_at_the_top_and_prefers_the_full_squad_run(table1, tmp_path):
+def test_rerun_replaces_the_section_at_the_top_and_prefers_the_squad_run_on_its_training_split(table1, tmp_path):
     results, readme = _write(tmp_path, _sst2(), _squad("squad_minilm", 0.6297))
     argv = ["--results", str(results), "--readme", str(readme)]
     assert table1.main(argv) == 0
@@ -155,12 +155,27 @@ def test_rerun_replaces_the_section_at_the_top_and_prefers_the_full_squad_run(ta
     text = results.read_text()
     assert text.count("<!-- begin table1 -->") == 1 and "SQuAD v1.1: squad_full_minilm, run by" in text
     assert _row_of(text, "SQuAD", "FP32")[3] == "80.00"
-    # a preferred section without one of the table's settings (a run stopped part-way) yields to a complete one
+    # the preferred section without one of the table's settings (a run stopped part-way) still feeds the task; the
+    # local split's run (another FP32 model) adds a row for that setting only, labelled so, against its own FP32
     results.write_text(first.rstrip() + "\n\n" + _squad("squad_full_minilm", 0.80, qat_2bit=False) + "\n")
     assert table1.main(argv) == 0
     text = results.read_text()
-    assert "SQuAD v1.1: squad_minilm (squad_full_minilm incomplete), run by" in text
-    assert _row_of(text, "SQuAD", "FP32")[3] == "62.97"
+    assert "SQuAD v1.1: squad_full_minilm, run by `qbert-hessian run experiments/squad_full_minilm.toml`, " in text
+    assert "supplemented by squad_minilm (run by" in text
+    assert _rows_of(text, "SQuAD") == [
+        ("FP32", "squad_full_minilm"),
+        ("direct 8-bit", "squad_full_minilm"),
+        ("direct uniform 2-bit", "squad_full_minilm"),
+        ("QAT uniform 2-bit", "squad_full_minilm"),  # not in it
+        ("QAT uniform 2-bit, local split", "squad_minilm"),
+        ("direct mixed 2/3", "squad_full_minilm"),
+        ("QAT mixed 2/3", "squad_full_minilm"),
+    ]
+    assert _row_of(text, "SQuAD", "FP32")[3] == "80.00"
+    assert _row_of(text, "SQuAD", "QAT uniform 2-bit")[2:4] == ["not in `squad_full_minilm`", "-"]
+    assert _row_of(text, "SQuAD", "QAT uniform 2-bit, local split")[3:5] == ["35.79", "-27.18"]
+    row = "| SQuAD v1.1 (F1) | 80.00 | -2.00 | -42.28 | not run | -27.18 (local split) | -26.72 | not run | - |"
+    assert row in readme.read_text()
     # where no section is complete, the preferred one feeds the rows it has, and a row says what it lacks
     results, readme = _write(tmp_path, _sst2(), _squad("squad_full_minilm", 0.80, qat_2bit=False))
     assert table1.main(argv) == 0
