@@ -75,10 +75,19 @@ def test_experiment_holds_the_allocation_test_under_every_measure():
         ("quadratic", "gptq"),
         ("measured", "gptq"),
     }
+    direct = [p for p in plans if not p.get("qat")]
     for row in rows:  # the solver's plan, reversed, two random orders: all at one size
-        mine = [p for p in plans if (p["measure"], p.get("rounding", _experiment_rounding())) == row]
+        mine = [p for p in direct if (p["measure"], p.get("rounding", _experiment_rounding())) == row]
         assert sorted(p.get("assign", "milp") for p in mine) == ["milp", "random", "random", "reversed"]
         assert {(p["avg_bits"], tuple(p["bits"])) for p in mine} == {(2.5, (2, 3))}
+    # after QAT: a direct plan of the test again, trained at three seeds, each named after it
+    names = {p["name"]: p for p in direct}
+    for p in (p for p in plans if p.get("qat")):
+        base = names[re.sub(r"-qat(-seed\d)?$", "", p["name"])]
+        assert {k: v for k, v in p.items() if k not in ("name", "qat", "seed")} == {
+            k: v for k, v in base.items() if k != "name"
+        }
+        assert p["name"].endswith(f"-seed{p['seed']}" if p.get("seed") else "-qat")
 
 
 def test_run_prices_plans_by_their_measure_and_rounding(run_dir):
