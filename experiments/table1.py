@@ -18,7 +18,7 @@ epoch"). A QAT setting that two sections share has a row from each (two training
 FP32); a direct setting that two sections share is one row, the first's (a direct row trains nothing). A
 supplement of another model (``other_model``: SQuAD trained on the local split) adds rows only for the settings the
 main section lacks, every one of them labelled with its suffix, and stands in README's short table where the main
-section has no row, marked so. Every delta is
+section has no row, marked with that suffix. Every delta is
 against the FP32 row of the section the row comes from, named in the table's last column. Theirs are in
 :data:`PUBLISHED`, each with where it was checked.
 """
@@ -55,13 +55,18 @@ class Supplement:
     row. ``suffix`` is appended to the labels of its QAT rows (what sets its training apart, e.g. ", 1 full
     epoch"; "" for a run that trains as the main section does); its direct rows keep the setting's label.
 
-    ``other_model`` names a run of another FP32 model (``suffix`` says which): it adds rows only for the settings
-    the main section lacks, each labelled with ``suffix`` (its direct rows too: they measure another model), and
-    README's short table shows them where the main section has none, marked ``(other_model)``."""
+    ``other_model``: a run of another FP32 model (``suffix`` says which): it adds rows only for the settings the
+    main section lacks, each labelled with ``suffix`` (its direct rows too: they measure another model), and
+    README's short table shows them where the main section has none, marked with ``suffix``."""
 
     section: str
     suffix: str
-    other_model: str = ""
+    other_model: bool = False
+
+    @property
+    def mark(self) -> str:
+        """How README's short table marks a cell this supplement stands in for: " (local split)"."""
+        return f" ({self.suffix.removeprefix(', ')})"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Task:
 
 FULL_EPOCH = ", 1 full epoch"  # QAT over every sentence of the task's training split once
 LOCAL_SPLIT = ", local split"  # SQuAD's model trained on 11 train articles and half of dev, scored on the other half
+LOCAL_MODEL = "another FP32 model: trained on 11 train articles and half of dev, scored on the other half"
 
 TASKS = (
     Task(
@@ -93,7 +99,7 @@ TASKS = (
         "SQuAD v1.1",
         "F1",
         ("squad_full_minilm", "squad_minilm"),
-        (Supplement("squad_minilm", LOCAL_SPLIT, other_model="local split"),),
+        (Supplement("squad_minilm", LOCAL_SPLIT, other_model=True),),
     ),
 )
 
@@ -337,9 +343,8 @@ def _add(rows: list[Row], row: Row, trained: bool) -> None:
 
 
 def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
-    """The rows of ``task``: per setting, the main section's (the first of ``task.sections`` that holds every
-    required setting, else the first that exists; no rows when none does), then each supplementary section's
-    that exists, as the module docstring says."""
+    """The rows of ``task``: per setting, the main section's (the first of ``task.sections`` that exists; no rows
+    when none does), then each supplementary section's that exists, as the module docstring says."""
     name = next((s for s in task.sections if s in sections), None)
     if name is None:
         return TaskResult(task, None, [])
@@ -363,9 +368,10 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
             if sup.other_model and not lacks:
                 continue
             row = collect(parsed, task, setting)
+            own_row = setting.trained or sup.other_model  # another training run, or another model's measurement
             if row is not None:
-                label = setting.label + (sup.suffix if setting.trained or sup.other_model else "")
-                _add(rows, replace(row, label=label, baseline=sup_base), setting.trained or bool(sup.other_model))
+                label = setting.label + (sup.suffix if own_row else "")
+                _add(rows, replace(row, label=label, baseline=sup_base), own_row)
     return TaskResult(task, section, rows, passed_over, tuple(parsed for _, parsed in supplements))
 
 
@@ -454,8 +460,7 @@ def results_section(results: list[TaskResult]) -> str:
         f"row labelled '{FULL_EPOCH}' trained one epoch over the task's whole training split. A QAT setting that "
         "two sections share has a row from each (two training runs, each against its own FP32); a direct setting "
         f"they share is shown once, from the first. A row labelled '{LOCAL_SPLIT}' comes from SQuAD's run on the "
-        "local split (another FP32 model: trained on 11 train articles and half of dev, scored on the other half), "
-        "shown only for a setting the run on SQuAD's training split lacks.",
+        f"local split ({LOCAL_MODEL}), shown only for a setting the run on SQuAD's training split lacks.",
         "",
         "Sources: " + "; ".join(fed) + ".",
         "",
@@ -500,7 +505,7 @@ def readme_table(results: list[TaskResult]) -> str:
         for label in (*settings, full):
             row, mark = rows.get(label), ""
             for sup in stand_ins if row is None else ():  # another model's row, where the main section has none
-                row, mark = rows.get(label + sup.suffix), f" ({sup.other_model})"
+                row, mark = rows.get(label + sup.suffix), sup.mark
                 if row is not None:
                     break
             spread = "" if row is None or row.std is None else f" (± {row.std:.2f}, n={len(row.values)})"
@@ -520,8 +525,8 @@ def readme_table(results: list[TaskResult]) -> str:
             "Points against the FP32 baseline of the section each number comes from (the FP32 column: the task's "
             f"main section; sections: {sources}; ± the sample std over n seeds). Full data: QAT mixed 2/3 from "
             "GPTQ's codes trained one epoch over the task's whole training split. A cell marked (local split): where "
-            "SQuAD's run on its training split has no such row, the run on the local split (another FP32 model, "
-            "trained on 11 train articles and half of dev, scored on the other half), against its own FP32. Written by "
+            f"SQuAD's run on its training split has no such row, the run on the local split ({LOCAL_MODEL}), against "
+            "its own FP32. Written by "
             "`python experiments/table1.py`, whose full table (TernaryBERT, compression, budgets, seeds, sources) "
             "heads [experiments/RESULTS.md](experiments/RESULTS.md).",
         ]
