@@ -90,7 +90,11 @@ TASKS = (
         "SST-2",
         "accuracy",
         ("sst2_minilm",),
-        (Supplement("sst2_minilm_gptq", ""), Supplement("sst2_minilm_full", FULL_EPOCH)),
+        (
+            Supplement("sst2_minilm_gptq", ""),
+            Supplement("sst2_minilm_full", FULL_EPOCH),
+            Supplement("sst2_minilm_full_2bit", FULL_EPOCH),
+        ),
     ),
     Task("MNLI-m", "accuracy", ("mnli_minilm",)),
     Task("CoNLL-03", "entity F1", ("conll03_minilm",), (Supplement("conll03_minilm_full", FULL_EPOCH),)),

@@ -233,9 +233,12 @@ def _sst2_gptq(fp32: tuple[dict, ...] = (_fp32(0.9000),)) -> str:
     return _section("sst2_minilm_gptq", results_table(rows))
 
 
-def _sst2_full(num_qat: int = 5, fp32: tuple[dict, ...] = (_fp32(0.9050),)) -> str:
-    """sst2_minilm_full with its own FP32 (90.50): every plan from GPTQ's codes, one epoch of all 67,349 training
-    sentences; ``num_qat``: how many of its 5 QAT runs it holds (fewer: a run stopped part-way)."""
+def _sst2_full(
+    num_qat: int = 5, fp32: tuple[dict, ...] = (_fp32(0.9050),), name: str = "sst2_minilm_full", first: int = 0
+) -> str:
+    """A full-epoch section (``name``) with its own FP32 (90.50): plans from GPTQ's codes, one epoch of all 67,349
+    training sentences; of its 5 QAT runs (mixed 2/3 at 3 seeds, uniform 2-bit, 2-2-8) the ``num_qat`` from the
+    ``first`` (fewer: a run stopped part-way, or the runs split between two sections)."""
     runs = [
         (f"mixed-2-3-gptq{suffix}", "mixed (milp)", W23, "8", seed, 0.8860, score)
         for (suffix, seed), score in zip(SEEDS, (0.8960, 0.9010, 0.9060), strict=True)
@@ -243,10 +246,10 @@ def _sst2_full(num_qat: int = 5, fp32: tuple[dict, ...] = (_fp32(0.9050),)) -> s
     runs += [("uniform-2-gptq", "uniform", "2", "8", 0, 0.8600, 0.8800)]
     runs += [("ternarybert-2-2-8-gptq", "uniform", "2", "2", 0, 0.8000, 0.8700)]
     rows = list(fp32)
-    for plan, kind, w, e, seed, direct, qat in runs[:num_qat]:
+    for plan, kind, w, e, seed, direct, qat in runs[first : first + num_qat]:
         rows.append(_gptq(f"direct, {kind}", plan, direct, w=w, e=e))
         rows.append(_gptq(f"QAT, {kind}", plan, qat, w=w, e=e, seen=67349, seed=seed))
-    return _section("sst2_minilm_full", results_table(rows))
+    return _section(name, results_table(rows))
 
 
 def _rows_of(text: str, task: str) -> list[tuple[str, str]]:
@@ -263,7 +266,10 @@ def _without_sources(text: str) -> list[str]:
 
 
 def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, tmp_path):
-    results, readme = _write(tmp_path, _sst2(), _squad("squad_minilm", 0.6297), _sst2_gptq(), _sst2_full())
+    # the full epoch's mixed 2/3 seeds in one section, its 2-bit runs in another with its own FP32 (90.00)
+    full_2bit = _sst2_full(num_qat=2, first=3, fp32=(_fp32(0.9000),), name="sst2_minilm_full_2bit")
+    sections = (_sst2(), _squad("squad_minilm", 0.6297), _sst2_gptq(), _sst2_full(num_qat=3), full_2bit)
+    results, readme = _write(tmp_path, *sections)
     assert table1.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = results.read_text()
     full = ", 1 full epoch"
@@ -275,13 +281,13 @@ def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, t
         ("direct mixed 2/3", "sst2_minilm"),
         ("QAT mixed 2/3", "sst2_minilm"),
         ("QAT mixed 2/3", "sst2_minilm_gptq"),  # its QAT from nearest's codes: another training run, its own row
-        ("direct uniform 2-bit, GPTQ rounding", "sst2_minilm_full"),  # a direct row trains nothing: no suffix
-        ("QAT uniform 2-bit from GPTQ's codes" + full, "sst2_minilm_full"),
+        ("direct uniform 2-bit, GPTQ rounding", "sst2_minilm_full_2bit"),  # a direct row trains nothing: no suffix
+        ("QAT uniform 2-bit from GPTQ's codes" + full, "sst2_minilm_full_2bit"),
         ("direct mixed 2/3, GPTQ rounding", "sst2_minilm_gptq"),  # the first supplement's; the full run's not again
         ("QAT mixed 2/3 from GPTQ's codes", "sst2_minilm_gptq"),
         ("QAT mixed 2/3 from GPTQ's codes" + full, "sst2_minilm_full"),
         ("QAT 2-2-8 (TernaryBERT's widths)", "sst2_minilm"),
-        ("QAT 2-2-8 from GPTQ's codes" + full, "sst2_minilm_full"),
+        ("QAT 2-2-8 from GPTQ's codes" + full, "sst2_minilm_full_2bit"),
     ]
     # the main section's rows are its own, against its FP32 (89.56)
     assert _row_of(text, "SST-2", "direct mixed 2/3")[3:5] == ["88.42", "-1.14"]
@@ -295,13 +301,14 @@ def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, t
     assert gptq[3:5] == ["89.00 ± 1.00", "-1.00"] and gptq[-2].startswith("n=3: 0, 1, 2") and gptq[-3] == "8,000"
     epoch = _row_of(text, "SST-2", "QAT mixed 2/3 from GPTQ's codes" + full)
     assert epoch[3:5] == ["90.10 ± 0.50", "-0.40"] and epoch[-2].startswith("n=3") and epoch[-3] == "67,349"
-    assert _row_of(text, "SST-2", "QAT uniform 2-bit from GPTQ's codes" + full)[3:5] == ["88.00", "-2.50"]
-    assert _row_of(text, "SST-2", "direct uniform 2-bit, GPTQ rounding")[3:5] == ["86.00", "-4.50"]
+    assert _row_of(text, "SST-2", "QAT uniform 2-bit from GPTQ's codes" + full)[3:5] == ["88.00", "-2.00"]
+    assert _row_of(text, "SST-2", "direct uniform 2-bit, GPTQ rounding")[3:5] == ["86.00", "-4.00"]
     ternary = _row_of(text, "SST-2", "QAT 2-2-8 from GPTQ's codes" + full)
-    assert ternary[2:5] == ["2 / 2 / 8", "87.00", "-3.50"]
+    assert ternary[2:5] == ["2 / 2 / 8", "87.00", "-3.00"]
     assert "SST-2: sst2_minilm, run by `qbert-hessian run experiments/sst2_minilm.toml`, supplemented by " in text
     assert "sst2_minilm_gptq (run by `qbert-hessian run experiments/sst2_minilm_gptq.toml`) and " in text
-    assert "sst2_minilm_full (run by `qbert-hessian run experiments/sst2_minilm_full.toml`); MNLI-m" in text
+    assert "sst2_minilm_full (run by `qbert-hessian run experiments/sst2_minilm_full.toml`) and " in text
+    assert "sst2_minilm_full_2bit (run by `qbert-hessian run experiments/sst2_minilm_full_2bit.toml`); MNLI-m" in text
     # README: the full-data column is the full run's mixed 2/3 from GPTQ's codes; "-" where a task has none
     short = readme.read_text()
     assert "| SST-2 (accuracy) | 89.56 | -0.34 | -1.14 | -1.50 | -3.09 | -0.80 (± 1.02, n=3) | " in short
@@ -309,7 +316,7 @@ def test_supplements_add_rows_with_their_suffix_against_their_own_fp32(table1, t
     assert (
         "| SQuAD v1.1 (F1) | 62.97 | -2.00 | -25.25 | not run | -27.18 | -9.69 | not run | - | -9.09 | -1.74 |" in short
     )
-    assert "SST-2: `sst2_minilm` + `sst2_minilm_gptq` + `sst2_minilm_full`, SQuAD v1.1: `squad_minilm`" in short
+    assert "SST-2: `sst2_minilm` + `sst2_minilm_gptq` + `sst2_minilm_full` + `sst2_minilm_full_2bit`, SQuAD" in short
 
 
 def test_a_supplement_stopped_part_way_adds_what_it_has(table1, tmp_path):
