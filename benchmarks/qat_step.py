@@ -1,6 +1,5 @@
 """What a QAT step costs, and where the time goes: seconds per training step of ``train_qat`` under each
-distillation setting, with the embedding tables left in FP32, with SDPA attention and with batches grouped by
-length, on the same seeded training sentences.
+distillation setting, and with the embedding tables left in FP32, on the same seeded training sentences.
 
     PYTHONPATH=. python benchmarks/qat_step.py --model minilm-l6 --data ../shared/data/sst2 --max-length 64
 
@@ -8,13 +7,12 @@ Each variant trains twice, on a seeded ``--long`` steps' worth of training sente
 and on a seeded ``--short`` steps' worth of those, and its cost per step is the difference of the two
 ``train_seconds`` over the difference in steps: the Trainer's set-up, its one evaluation on a seeded ``--dev``
 sentences and its checkpoint are paid by both runs and cancel (an untimed run first pays the process's one-time
-costs). Batches are random (no length grouping, but in one variant); every variant trains on the same sentences. The
-plan is the runs' at 2 bits: every encoder linear 2-bit, 128 groups, MSE ranges, nearest rounding; embedding tables
-8-bit per row (one variant leaves them FP32); 8-bit static activations (an EMA of max|x|) calibrated on 8 training
-batches. Attention is eager, as in ``qbert-hessian run`` (its FP32 model is loaded eager for the Hessian's double
-backward; one variant uses PyTorch's SDPA kernels instead). The weights do not matter for the cost: the model's
-classification head is fresh. Prints a markdown table; time it on a quiet machine (``--threads`` sets torch's thread
-count).
+costs). Batches are random (no length grouping); every variant trains on the same sentences. The plan is the runs'
+at 2 bits: every encoder linear 2-bit, 128 groups, MSE ranges, nearest rounding; embedding tables 8-bit per row (one
+variant leaves them FP32); 8-bit static activations (an EMA of max|x|) calibrated on 8 training batches. Attention
+is eager, as in ``qbert-hessian run`` (its FP32 model is loaded eager for the Hessian's double backward; one variant
+uses PyTorch's SDPA kernels instead). The weights do not matter for the cost: the model's classification head is
+fresh. Prints a markdown table; time it on a quiet machine (``--threads`` sets torch's thread count).
 """
 
 from __future__ import annotations
@@ -36,15 +34,14 @@ from qbert_hessian.quant.apply import quantize_calibrated
 from qbert_hessian.tasks import load_raw_task, tokenize_task
 from qbert_hessian.tasks.base import dev_subset, subset
 
-# (label, distill, quantized embeddings, eager attention, batches grouped by length)
+# (label, distill, quantized embeddings, eager attention)
 VARIANTS = (
-    ("distil logits, hidden states and attention (the runs' recipe)", "full", True, True, False),
-    ("the same, batches grouped by length (as the SST-2 runs)", "full", True, True, True),
-    ("the same, embedding tables in FP32", "full", False, True, False),
-    ("distil logits and hidden states", "hidden", True, True, False),
-    ("distil logits", "logits", True, True, False),
-    ("distil logits, SDPA attention", "logits", True, False, False),
-    ("no distillation (task loss only)", "none", True, True, False),
+    ("distil logits, hidden states and attention (the runs' recipe)", "full", True, True),
+    ("the same, embedding tables in FP32", "full", False, True),
+    ("distil logits and hidden states", "hidden", True, True),
+    ("distil logits", "logits", True, True),
+    ("distil logits, SDPA attention", "logits", True, False),
+    ("no distillation (task loss only)", "none", True, True),
 )
 
 
@@ -56,15 +53,13 @@ def plan_for(layers: int, embeddings: bool) -> BitPlan:
     return BitPlan(model={}, blocks=blocks, range_method="mse", rounding="nearest", act_bits=8, act_range="max")
 
 
-def seconds(
-    model, tokenizer, raw, plan, distill: str, steps: int, args, work: Path, grouped: bool = False
-) -> tuple[float, int]:
+def seconds(model, tokenizer, raw, plan, distill: str, steps: int, args, work: Path) -> tuple[float, int]:
     """train_qat's wall time and steps on a seeded ``steps`` batches of ``raw``'s training sentences, from a fresh
-    quantized copy of ``model`` (``grouped``: batches of similar length)."""
+    quantized copy of ``model``."""
     part = subset(raw, steps * args.batch_size, seed=0)
     task = tokenize_task(part, tokenizer, max_length=args.max_length)
     q = quantize_calibrated(model, plan, task, num_batches=8, batch_size=args.batch_size, seed=0)
-    config = QATConfig(epochs=1, lr=5e-5, batch_size=args.batch_size, distill=distill, group_by_length=grouped, seed=0)
+    config = QATConfig(epochs=1, lr=5e-5, batch_size=args.batch_size, distill=distill, seed=0)
     log = train_qat(q, task, config, work_dir=work, teacher=model if distill != "none" else None, progress=False)
     return log["train_seconds"], log["steps"]
 
@@ -102,12 +97,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # one untimed run first: the first training in a process pays one-time costs (imports, thread pools)
         seconds(models[True], tokenizer, raw, plan_for(layers, True), "full", args.short, args, Path(tmp))
-        for label, distill, embeddings, eager, grouped in VARIANTS:
+        for label, distill, embeddings, eager in VARIANTS:
             plan, model = plan_for(layers, embeddings), models[eager]
-            runs = [
-                seconds(model, tokenizer, raw, plan, distill, n, args, Path(tmp), grouped)
-                for n in (args.short, args.long)
-            ]
+            runs = [seconds(model, tokenizer, raw, plan, distill, n, args, Path(tmp)) for n in (args.short, args.long)]
             (t_short, n_short), (t_long, n_long) = runs
             rows.append((label, (t_long - t_short) / (n_long - n_short), t_long))
 
