@@ -1,5 +1,5 @@
 """What a QAT step costs, and where the time goes: seconds per training step of ``train_qat`` under each
-distillation setting, and with the embedding tables left in FP32, on the same seeded training sentences.
+distillation setting, with the embedding tables left in FP32 and with SDPA attention, on the same seeded sentences.
 
     PYTHONPATH=. python benchmarks/qat_step.py --model minilm-l6 --data ../shared/data/sst2 --max-length 64
 
@@ -53,11 +53,8 @@ def plan_for(layers: int, embeddings: bool) -> BitPlan:
     return BitPlan(model={}, blocks=blocks, range_method="mse", rounding="nearest", act_bits=8, act_range="max")
 
 
-def seconds(model, tokenizer, raw, plan, distill: str, steps: int, args, work: Path) -> tuple[float, int]:
-    """train_qat's wall time and steps on a seeded ``steps`` batches of ``raw``'s training sentences, from a fresh
-    quantized copy of ``model``."""
-    part = subset(raw, steps * args.batch_size, seed=0)
-    task = tokenize_task(part, tokenizer, max_length=args.max_length)
+def seconds(model, task, plan, distill: str, args, work: Path) -> tuple[float, int]:
+    """train_qat's wall time and steps on ``task``'s training sentences, from a fresh quantized copy of ``model``."""
     q = quantize_calibrated(model, plan, task, num_batches=8, batch_size=args.batch_size, seed=0)
     config = QATConfig(epochs=1, lr=5e-5, batch_size=args.batch_size, distill=distill, seed=0)
     log = train_qat(q, task, config, work_dir=work, teacher=model if distill != "none" else None, progress=False)
@@ -78,6 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 < args.short < args.long:
         ap.error(f"--short {args.short} and --long {args.long}: need 0 < short < long")
+    if args.batch_size < 1 or args.dev < 1:
+        ap.error(f"--batch-size {args.batch_size} and --dev {args.dev}: both must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -92,14 +91,19 @@ def main() -> None:
         )
         models[eager] = model.eval()
     layers = BlockMap(models[True]).num_layers
+    # the two runs' sentences, tokenized once: a seeded ``steps`` batches' worth each
+    tasks = [
+        tokenize_task(subset(raw, n * args.batch_size, seed=0), tokenizer, max_length=args.max_length)
+        for n in (args.short, args.long)
+    ]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # one untimed run first: the first training in a process pays one-time costs (imports, thread pools)
-        seconds(models[True], tokenizer, raw, plan_for(layers, True), "full", args.short, args, Path(tmp))
+        seconds(models[True], tasks[0], plan_for(layers, True), "full", args, Path(tmp))
         for label, distill, embeddings, eager in VARIANTS:
             plan, model = plan_for(layers, embeddings), models[eager]
-            runs = [seconds(model, tokenizer, raw, plan, distill, n, args, Path(tmp)) for n in (args.short, args.long)]
+            runs = [seconds(model, task, plan, distill, args, Path(tmp)) for task in tasks]
             (t_short, n_short), (t_long, n_long) = runs
             rows.append((label, (t_long - t_short) / (n_long - n_short), t_long))
 
