@@ -17,8 +17,8 @@ that exists and has that setting adds its row, a QAT row labelled with the suppl
 epoch"). A QAT setting that two sections share has a row from each (two training runs, each against its own
 FP32); a direct setting that two sections share is one row, the first's (a direct row trains nothing). A
 supplement of another model (``other_model``: SQuAD trained on the local split) adds rows only for the settings the
-main section lacks, every one of them labelled with its suffix, and stands in README's short table where the main
-section has no row, marked with that suffix. Every delta is
+main section and the supplements before it lack, every one of them labelled with its suffix, and stands in README's
+short table where they have no row, marked with that suffix. Every delta is
 against the FP32 row of the section the row comes from, named in the table's last column. Theirs are in
 :data:`PUBLISHED`, each with where it was checked.
 """
@@ -56,8 +56,8 @@ class Supplement:
     epoch"; "" for a run that trains as the main section does); its direct rows keep the setting's label.
 
     ``other_model``: a run of another FP32 model (``suffix`` says which): it adds rows only for the settings the
-    main section lacks, each labelled with ``suffix`` (its direct rows too: they measure another model), and
-    README's short table shows them where the main section has none, marked with ``suffix``."""
+    main section and the supplements before it lack, each labelled with ``suffix`` (its direct rows too: they
+    measure another model), and README's short table shows them where those have none, marked with ``suffix``."""
 
     section: str
     suffix: str
@@ -98,12 +98,13 @@ TASKS = (
     ),
     Task("MNLI-m", "accuracy", ("mnli_minilm",)),
     Task("CoNLL-03", "entity F1", ("conll03_minilm",), (Supplement("conll03_minilm_full", FULL_EPOCH),)),
-    # trained on SQuAD's train split when that run's section exists, the local split's run filling its gaps
+    # trained on SQuAD's train split when that run's section exists (and its rerun with QAT from nearest's codes),
+    # the local split's run filling what both lack
     Task(
         "SQuAD v1.1",
         "F1",
         ("squad_full_minilm", "squad_minilm"),
-        (Supplement("squad_minilm", LOCAL_SPLIT, other_model=True),),
+        (Supplement("squad_full_minilm_nearest", ""), Supplement("squad_minilm", LOCAL_SPLIT, other_model=True)),
     ),
 )
 
@@ -367,10 +368,9 @@ def build_task(task: Task, sections: dict[str, str]) -> TaskResult:
             rows.append(replace(row, baseline=base))
         if setting is SETTINGS[0]:
             continue  # each supplement's FP32 row is the baseline of its own rows, not a row of the table
-        lacks = row is None or not row.values
         for (sup, parsed), sup_base in zip(supplements, bases, strict=True):
-            if sup.other_model and not lacks:
-                continue
+            if sup.other_model and any(r.label == setting.label and r.values for r in rows):
+                continue  # the main section or a supplement of the same model has this setting
             row = collect(parsed, task, setting)
             own_row = setting.trained or sup.other_model  # another training run, or another model's measurement
             if row is not None:
@@ -464,7 +464,7 @@ def results_section(results: list[TaskResult]) -> str:
         f"row labelled '{FULL_EPOCH}' trained one epoch over the task's whole training split. A QAT setting that "
         "two sections share has a row from each (two training runs, each against its own FP32); a direct setting "
         f"they share is shown once, from the first. A row labelled '{LOCAL_SPLIT}' comes from SQuAD's run on the "
-        f"local split ({LOCAL_MODEL}), shown only for a setting the run on SQuAD's training split lacks.",
+        f"local split ({LOCAL_MODEL}), shown only for a setting the runs on SQuAD's training split lack.",
         "",
         "Sources: " + "; ".join(fed) + ".",
         "",
@@ -529,7 +529,7 @@ def readme_table(results: list[TaskResult]) -> str:
             "Points against the FP32 baseline of the section each number comes from (the FP32 column: the task's "
             f"main section; sections: {sources}; ± the sample std over n seeds). Full data: QAT mixed 2/3 from "
             "GPTQ's codes trained one epoch over the task's whole training split. A cell marked (local split): where "
-            f"SQuAD's run on its training split has no such row, the run on the local split ({LOCAL_MODEL}), against "
+            f"SQuAD's runs on its training split have no such row, the run on the local split ({LOCAL_MODEL}), against "
             "its own FP32. Written by "
             "`python experiments/table1.py`, whose full table (TernaryBERT, compression, budgets, seeds, sources) "
             "heads [experiments/RESULTS.md](experiments/RESULTS.md).",

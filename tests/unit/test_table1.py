@@ -184,6 +184,36 @@ def test_rerun_replaces_the_section_at_the_top_and_prefers_the_squad_run_on_its_
     assert row in readme.read_text()
 
 
+def test_a_rerun_on_squads_training_split_fills_its_qat_rows_before_the_local_split(table1, tmp_path):
+    # squad_full_minilm has no QAT row; its rerun (its own FP32, 78.00) has both, from nearest's codes: they stand
+    # against that FP32, its direct rows are not repeated, and the local split's run adds nothing
+    full = "\n".join(line for line in _squad("squad_full_minilm", 0.80).splitlines() if "| QAT, " not in line)
+    rerun = _squad("squad_full_minilm_nearest", 0.78)
+    results, readme = _write(tmp_path, _sst2(), _squad("squad_minilm", 0.6297), full, rerun)
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = results.read_text()
+    assert _rows_of(text, "SQuAD") == [
+        ("FP32", "squad_full_minilm"),
+        ("direct 8-bit", "squad_full_minilm"),
+        ("direct uniform 2-bit", "squad_full_minilm"),
+        ("QAT uniform 2-bit", "squad_full_minilm_nearest"),
+        ("direct mixed 2/3", "squad_full_minilm"),
+        ("QAT mixed 2/3", "squad_full_minilm_nearest"),
+    ]
+    assert _row_of(text, "SQuAD", "QAT mixed 2/3")[3:5] == ["53.28", "-24.72"]
+    assert "supplemented by squad_full_minilm_nearest (run by" in text and "squad_minilm (run by" in text
+    row = "| SQuAD v1.1 (F1) | 80.00 | -2.00 | -42.28 | not run | -42.21 | -24.72 | not run | - |"
+    assert row in readme.read_text()
+    # a rerun stopped before its uniform 2-bit QAT: the local split's run fills that row alone
+    part = "\n".join(line for line in rerun.splitlines() if "| QAT, uniform" not in line)
+    results, readme = _write(tmp_path, _sst2(), _squad("squad_minilm", 0.6297), full, part)
+    assert table1.main(["--results", str(results), "--readme", str(readme)]) == 0
+    rows = _rows_of(results.read_text(), "SQuAD")
+    assert rows[3:5] == [("QAT uniform 2-bit", "squad_full_minilm"), ("QAT uniform 2-bit, local split", "squad_minilm")]
+    assert rows[-1] == ("QAT mixed 2/3", "squad_full_minilm_nearest")
+    assert "| -27.18 (local split) | -24.72 |" in readme.read_text()
+
+
 def test_bad_inputs_exit_2_and_write_nothing(table1, tmp_path, capsys):
     # two rows of one plan at one seed that disagree: which is the measurement is not knowable
     results, readme = _write(tmp_path, _sst2(seeds=(0, 1, 1)))
